@@ -158,7 +158,13 @@ mod tests {
             a.detail,
             "Cluster communication failure: The system is unable to communicate with one or more of the cluster peers"
         );
-        assert_eq!(lookup(20006).unwrap().uuid, "0f96695e-d954-4f6f-85c1-2ef1eae6f764");
-        assert_eq!(lookup(20007).unwrap().uuid, "e2b8e3d1-b731-4d7d-b606-4682a8f0c2e6");
+        assert_eq!(
+            lookup(20006).unwrap().uuid,
+            "0f96695e-d954-4f6f-85c1-2ef1eae6f764"
+        );
+        assert_eq!(
+            lookup(20007).unwrap().uuid,
+            "e2b8e3d1-b731-4d7d-b606-4682a8f0c2e6"
+        );
     }
 }

@@ -121,7 +121,14 @@ impl AlarmTable {
             "{}",
             alarm.detail
         );
-        Self::push_event(&mut inner, AlarmEventKind::Lowered, id, subject, &alarm.reason, unix_ms_now());
+        Self::push_event(
+            &mut inner,
+            AlarmEventKind::Lowered,
+            id,
+            subject,
+            &alarm.reason,
+            unix_ms_now(),
+        );
         true
     }
 
@@ -163,7 +170,14 @@ impl AlarmTable {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push_event(inner: &mut Inner, event: AlarmEventKind, id: u32, subject: &str, reason: &str, at_ms: u64) {
+    fn push_event(
+        inner: &mut Inner,
+        event: AlarmEventKind,
+        id: u32,
+        subject: &str,
+        reason: &str,
+        at_ms: u64,
+    ) {
         let Some(kind) = lookup(id) else { return };
         if inner.events.len() == EVENT_HISTORY {
             inner.events.pop_front();
@@ -195,7 +209,14 @@ mod tests {
         assert!(t.lower(20004, "127.0.0.2"));
         assert!(!t.lower(20004, "127.0.0.2"));
         let kinds: Vec<_> = t.events().iter().map(|e| e.event).collect();
-        assert_eq!(kinds, [AlarmEventKind::Raised, AlarmEventKind::Raised, AlarmEventKind::Lowered]);
+        assert_eq!(
+            kinds,
+            [
+                AlarmEventKind::Raised,
+                AlarmEventKind::Raised,
+                AlarmEventKind::Lowered
+            ]
+        );
     }
 
     #[test]

@@ -1,1 +1,11 @@
+//! A Causeway node's cluster role: its configuration file, the mesh to its peers, and the
+//! alarms that follow from what the mesh sees (EX-1…EX-6, EX-11, OP-1).
 #![forbid(unsafe_code)]
+
+pub mod config;
+mod node;
+mod peer_alarms;
+
+pub use config::{ConfigError, NodeConfig};
+pub use node::{ClusterStatus, Node};
+pub use peer_alarms::{peer_alarms, MANAGED_ALARMS};

@@ -137,7 +137,14 @@ fn level_name(level: &Level) -> &'static str {
 
 impl SeedLayer {
     /// Formats one event; public so tests can check the shape without a subscriber.
-    pub fn format_line(&self, unix_ms: u64, module: &str, level: &Level, fields: &[(String, String)], detail: Option<&str>) -> String {
+    pub fn format_line(
+        &self,
+        unix_ms: u64,
+        module: &str,
+        level: &Level,
+        fields: &[(String, String)],
+        detail: Option<&str>,
+    ) -> String {
         match self.format {
             LogFormat::Kv => {
                 let process = module.rsplit('.').next().unwrap_or(module);
@@ -226,7 +233,13 @@ mod tests {
     #[test]
     fn json_lines_parse() {
         let layer = SeedLayer::new("peer1", LogFormat::Json, Box::new(std::io::sink()));
-        let line = layer.format_line(0, "alarm", &Level::WARN, &[("Id".into(), "20004".into())], Some("x"));
+        let line = layer.format_line(
+            0,
+            "alarm",
+            &Level::WARN,
+            &[("Id".into(), "20004".into())],
+            Some("x"),
+        );
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["Id"], "20004");
         assert_eq!(v["level"], "WARN");

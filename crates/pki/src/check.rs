@@ -39,7 +39,11 @@ impl fmt::Display for CertStatus {
 /// Checks `chain` (leaf first) for the peer whose address in the peer list is `address`:
 /// in its validity period, chaining to `roots`, and with a CN or SAN equal to `address`
 /// (a DNS name compared case-insensitively, an IP address compared as an address).
-pub fn check_certificate(chain: &[CertificateDer<'_>], address: &str, roots: &RootCertStore) -> CertStatus {
+pub fn check_certificate(
+    chain: &[CertificateDer<'_>],
+    address: &str,
+    roots: &RootCertStore,
+) -> CertStatus {
     let Some(leaf) = chain.first() else {
         return CertStatus::Invalid("no certificate presented".into());
     };
@@ -52,12 +56,21 @@ pub fn check_certificate(chain: &[CertificateDer<'_>], address: &str, roots: &Ro
         return CertStatus::Invalid(format!("certificate expired on {}", validity.not_after));
     }
     if now < validity.not_before {
-        return CertStatus::Invalid(format!("certificate is not valid before {}", validity.not_before));
+        return CertStatus::Invalid(format!(
+            "certificate is not valid before {}",
+            validity.not_before
+        ));
     }
     match ParsedCertificate::try_from(leaf) {
         Ok(parsed) => {
             let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-            if let Err(e) = rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, roots, &chain[1..], UnixTime::now(), algs.all) {
+            if let Err(e) = rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                roots,
+                &chain[1..],
+                UnixTime::now(),
+                algs.all,
+            ) {
                 return CertStatus::Invalid(describe_tls_error(&e));
             }
         }
@@ -87,8 +100,12 @@ fn certificate_names(cert: &X509Certificate<'_>) -> Vec<String> {
             match name {
                 GeneralName::DNSName(d) => names.push(d.to_string()),
                 GeneralName::IPAddress(bytes) => match bytes.len() {
-                    4 => names.push(IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap_or_default()).to_string()),
-                    16 => names.push(IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap_or_default()).to_string()),
+                    4 => names.push(
+                        IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap_or_default()).to_string(),
+                    ),
+                    16 => names.push(
+                        IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap_or_default()).to_string(),
+                    ),
                     _ => {}
                 },
                 _ => {}
@@ -101,7 +118,9 @@ fn certificate_names(cert: &X509Certificate<'_>) -> Vec<String> {
 fn name_matches(name: &str, address: &str) -> bool {
     match (name.parse::<IpAddr>(), address.parse::<IpAddr>()) {
         (Ok(a), Ok(b)) => a == b,
-        (Err(_), Err(_)) => name.trim_end_matches('.').eq_ignore_ascii_case(address.trim_end_matches('.')),
+        (Err(_), Err(_)) => name
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(address.trim_end_matches('.')),
         _ => false,
     }
 }
@@ -111,8 +130,12 @@ pub fn describe_tls_error(e: &rustls::Error) -> String {
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
             CertificateError::UnknownIssuer => "certificate is not signed by a trusted CA".into(),
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "certificate has expired".into(),
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "certificate is not valid yet".into(),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "certificate has expired".into()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "certificate is not valid yet".into()
+            }
             CertificateError::BadSignature => "certificate signature is invalid".into(),
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 "certificate is not for TLS server and client use (extended key usage)".into()
@@ -120,7 +143,10 @@ pub fn describe_tls_error(e: &rustls::Error) -> String {
             other => format!("certificate rejected: {other:?}"),
         },
         rustls::Error::AlertReceived(alert) => match alert {
-            AlertDescription::UnknownCA | AlertDescription::BadCertificate | AlertDescription::CertificateUnknown | AlertDescription::CertificateRequired => {
+            AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateRequired => {
                 format!("the peer refused this system's certificate ({alert:?}): check that both peers trust the same CA")
             }
             other => format!("the peer ended the TLS handshake ({other:?})"),
@@ -135,7 +161,12 @@ mod tests {
     use super::*;
     use crate::{ca_init, csr, parse_subject_args, sign_csr, CaFiles};
 
-    fn issue(dir: &std::path::Path, ca: &CaFiles, name: &str, subject: &str) -> Vec<CertificateDer<'static>> {
+    fn issue(
+        dir: &std::path::Path,
+        ca: &CaFiles,
+        name: &str,
+        subject: &str,
+    ) -> Vec<CertificateDer<'static>> {
         let args: Vec<String> = subject.split(' ').map(String::from).collect();
         let (_, csr_path) = csr(dir, name, &parse_subject_args(&args).unwrap()).unwrap();
         let out = dir.join(format!("{name}.crt"));
@@ -158,13 +189,25 @@ mod tests {
         let ca = ca_init(&dir.path().join("ca"), "lab").unwrap();
         let roots = roots(&ca);
         let ip = issue(dir.path(), &ca, "p1", "CN:127.0.0.1");
-        assert_eq!(check_certificate(&ip, "127.0.0.1", &roots), CertStatus::Valid);
+        assert_eq!(
+            check_certificate(&ip, "127.0.0.1", &roots),
+            CertStatus::Valid
+        );
         let st = check_certificate(&ip, "127.0.0.2", &roots);
-        assert!(st.to_string().starts_with("Invalid (Common Name in certificate does not match"), "{st}");
+        assert!(
+            st.to_string()
+                .starts_with("Invalid (Common Name in certificate does not match"),
+            "{st}"
+        );
         assert!(st.to_string().contains("'127.0.0.2'"));
 
         // CN only (no SAN) matches too: the seed accepts CN or SAN.
-        let fqdn = issue(dir.path(), &ca, "p2", "CN:Peer2.Lab.Example subjectAltName:10.1.1.1");
+        let fqdn = issue(
+            dir.path(),
+            &ca,
+            "p2",
+            "CN:Peer2.Lab.Example subjectAltName:10.1.1.1",
+        );
         assert!(check_certificate(&fqdn, "peer2.lab.example", &roots).is_valid());
         assert!(check_certificate(&fqdn, "10.1.1.1", &roots).is_valid());
         assert!(!check_certificate(&fqdn, "peer3.lab.example", &roots).is_valid());

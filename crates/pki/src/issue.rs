@@ -50,15 +50,25 @@ pub fn ca_init(dir: &Path, common_name: &str) -> Result<CaFiles, PkiError> {
     })?;
     let key = KeyPair::generate().map_err(rcgen_err("generating the CA key"))?;
     let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, common_name);
-    params.distinguished_name.push(DnType::OrganizationName, "Causeway lab CA");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Causeway lab CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::hours(1);
     params.not_after = now + Duration::days(3650);
     params.serial_number = Some(random_serial()?);
-    let cert = params.self_signed(&key).map_err(rcgen_err("self-signing the CA"))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(rcgen_err("self-signing the CA"))?;
     write(&files.key, &key.serialize_pem(), true)?;
     write(&files.cert, &cert.pem(), false)?;
     Ok(files)
@@ -87,7 +97,9 @@ pub fn parse_subject_args(args: &[String]) -> Result<CsrSubject, PkiError> {
         };
         let value = if value.is_empty() {
             i += 1;
-            args.get(i).cloned().ok_or_else(|| PkiError::Usage(format!("{key}: has no value")))?
+            args.get(i)
+                .cloned()
+                .ok_or_else(|| PkiError::Usage(format!("{key}: has no value")))?
         } else {
             value.to_string()
         };
@@ -95,7 +107,11 @@ pub fn parse_subject_args(args: &[String]) -> Result<CsrSubject, PkiError> {
             "CN" => subject.common_name = Some(value),
             "OU" | "O" | "L" | "ST" | "C" => subject.fields.push((key.to_string(), value)),
             "subjectAltName" | "SAN" => subject.alt_names.extend(
-                value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from),
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from),
             ),
             other => {
                 return Err(PkiError::Usage(format!(
@@ -115,10 +131,11 @@ fn san(name: &str) -> Result<SanType, PkiError> {
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }
-    let dns = name
-        .to_string()
-        .try_into()
-        .map_err(|_| PkiError::Usage(format!("subjectAltName '{name}' is neither an IP address nor a DNS name")))?;
+    let dns = name.to_string().try_into().map_err(|_| {
+        PkiError::Usage(format!(
+            "subjectAltName '{name}' is neither an IP address nor a DNS name"
+        ))
+    })?;
     Ok(SanType::DnsName(dns))
 }
 
@@ -131,7 +148,9 @@ pub fn csr(dir: &Path, name: &str, subject: &CsrSubject) -> Result<(PathBuf, Pat
     let key = KeyPair::generate().map_err(rcgen_err("generating the key"))?;
     let mut params = CertificateParams::default();
     let cn = subject.common_name.clone().unwrap_or_default();
-    params.distinguished_name.push(DnType::CommonName, cn.as_str());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, cn.as_str());
     for (k, v) in &subject.fields {
         let ty = match k.as_str() {
             "OU" => DnType::OrganizationalUnitName,
@@ -147,11 +166,17 @@ pub fn csr(dir: &Path, name: &str, subject: &CsrSubject) -> Result<(PathBuf, Pat
         names.insert(0, cn.clone());
     }
     params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
-    let request = params.serialize_request(&key).map_err(rcgen_err("making the CSR"))?;
+    let request = params
+        .serialize_request(&key)
+        .map_err(rcgen_err("making the CSR"))?;
     let key_path = dir.join(format!("{name}.key"));
     let csr_path = dir.join(format!("{name}.csr"));
     write(&key_path, &key.serialize_pem(), true)?;
-    write(&csr_path, &request.pem().map_err(rcgen_err("encoding the CSR"))?, false)?;
+    write(
+        &csr_path,
+        &request.pem().map_err(rcgen_err("encoding the CSR"))?,
+        false,
+    )?;
     Ok((key_path, csr_path))
 }
 
@@ -159,10 +184,11 @@ pub fn csr(dir: &Path, name: &str, subject: &CsrSubject) -> Result<(PathBuf, Pat
 /// link (serverAuth and clientAuth). The CSR's subject and SANs are kept.
 pub fn sign_csr(csr_path: &Path, ca: &CaFiles, days: u32, out: &Path) -> Result<(), PkiError> {
     let csr_pem = String::from_utf8_lossy(&read(csr_path)?).into_owned();
-    let mut request = CertificateSigningRequestParams::from_pem(&csr_pem).map_err(|e| PkiError::Invalid {
-        path: csr_path.display().to_string(),
-        what: format!("not a valid CSR ({e})"),
-    })?;
+    let mut request =
+        CertificateSigningRequestParams::from_pem(&csr_pem).map_err(|e| PkiError::Invalid {
+            path: csr_path.display().to_string(),
+            what: format!("not a valid CSR ({e})"),
+        })?;
     let ca_key_pem = String::from_utf8_lossy(&read(&ca.key)?).into_owned();
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::Invalid {
         path: ca.key.display().to_string(),
@@ -178,11 +204,19 @@ pub fn sign_csr(csr_path: &Path, ca: &CaFiles, days: u32, out: &Path) -> Result<
     p.not_before = now - Duration::hours(1);
     p.not_after = now + Duration::days(i64::from(days));
     p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     p.serial_number = Some(random_serial()?);
     p.use_authority_key_identifier_extension = true;
-    let cert = request.signed_by(&issuer).map_err(rcgen_err("signing the CSR"))?;
+    let cert = request
+        .signed_by(&issuer)
+        .map_err(rcgen_err("signing the CSR"))?;
     write(out, &cert.pem(), false)
 }
 
@@ -208,11 +242,20 @@ mod tests {
     fn parses_the_seed_syntax() {
         let s = parse_subject_args(&args("CN: postgres")).unwrap();
         assert_eq!(s.common_name.as_deref(), Some("postgres"));
-        let s = parse_subject_args(&args("CN:peer1.lab OU:ops subjectAltName:peer1.lab,127.0.0.1")).unwrap();
+        let s = parse_subject_args(&args(
+            "CN:peer1.lab OU:ops subjectAltName:peer1.lab,127.0.0.1",
+        ))
+        .unwrap();
         assert_eq!(s.fields, vec![("OU".to_string(), "ops".to_string())]);
         assert_eq!(s.alt_names, vec!["peer1.lab", "127.0.0.1"]);
-        assert!(parse_subject_args(&args("OU:x")).unwrap_err().to_string().contains("CN"));
-        assert!(parse_subject_args(&args("XX:y CN:a")).unwrap_err().to_string().contains("XX"));
+        assert!(parse_subject_args(&args("OU:x"))
+            .unwrap_err()
+            .to_string()
+            .contains("CN"));
+        assert!(parse_subject_args(&args("XX:y CN:a"))
+            .unwrap_err()
+            .to_string()
+            .contains("XX"));
     }
 
     #[test]

@@ -10,11 +10,16 @@ use std::fmt;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::{
+    verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 use serde::{Deserialize, Serialize};
 
 /// The cluster's TLS verification mode (EX-6).
@@ -56,7 +61,11 @@ pub struct NodeIdentity {
 }
 
 impl NodeIdentity {
-    pub fn load(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Result<Self, crate::PkiError> {
+    pub fn load(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> Result<Self, crate::PkiError> {
         let chain = crate::load_certs(cert)?;
         let key = crate::load_key(key)?;
         let mut roots = RootCertStore::empty();
@@ -77,9 +86,11 @@ impl NodeIdentity {
 pub fn server_config(mode: TlsMode, id: &NodeIdentity) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = provider();
     let verifier: Arc<dyn ClientCertVerifier> = match mode {
-        TlsMode::Enforce => WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(format!("building the client verifier: {e}")))?,
+        TlsMode::Enforce => {
+            WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(format!("building the client verifier: {e}")))?
+        }
         TlsMode::Permissive => Arc::new(SignatureOnly::new(&provider, None)),
     };
     let config = ServerConfig::builder_with_provider(provider)
@@ -131,16 +142,32 @@ impl ServerCertVerifier for SignatureOnly {
     ) -> Result<ServerCertVerified, rustls::Error> {
         if let Some(roots) = &self.roots {
             let parsed = ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, roots, intermediates, now, self.algs.all)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                roots,
+                intermediates,
+                now,
+                self.algs.all,
+            )?;
         }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(message, cert, dss, &self.algs)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls13_signature(message, cert, dss, &self.algs)
     }
 
@@ -154,16 +181,31 @@ impl ClientCertVerifier for SignatureOnly {
         &[]
     }
 
-    fn verify_client_cert(&self, _end_entity: &CertificateDer<'_>, _intermediates: &[CertificateDer<'_>], _now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         // Only built with roots = None (Permissive); Enforce uses WebPkiClientVerifier.
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(message, cert, dss, &self.algs)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls13_signature(message, cert, dss, &self.algs)
     }
 

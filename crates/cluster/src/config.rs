@@ -1,0 +1,422 @@
+//! The node's configuration file (TOML). Everything is checked before any port is bound;
+//! an error names the field (`cluster.peers[2]`) and what is wrong with it.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use causeway_common::logging::LogFormat;
+use causeway_mesh::{ClusterSettings, IpVersion, Timing, TlsMode, MAX_PEERS};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{path}: {field}: {message}")]
+    Field {
+        path: String,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// Where the file was read from; relative paths in it are relative to `node.data_dir`.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// † This system's name, shown by the other peers as "Active as <name>".
+    pub system_name: String,
+    /// † This system's address exactly as written in the peer list.
+    #[serde(default)]
+    pub address: String,
+    /// Everything the node keeps: certificates, keys, the admin socket, its store.
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Cluster name (FQDN for provisioning).
+    #[serde(default)]
+    pub name: String,
+    /// Configuration primary, by peer number.
+    #[serde(default = "one")]
+    pub configuration_primary: usize,
+    #[serde(default)]
+    pub ip_version: IpVersion,
+    #[serde(default)]
+    pub tls_verification: TlsMode,
+    /// Peer 1 … Peer N addresses, in order; empty for a node that is not clustered.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default = "cluster_port")]
+    pub port: u16,
+    /// Address to listen on; this system's address when it is an IP, else every address.
+    #[serde(default)]
+    pub listen: Option<IpAddr>,
+    #[serde(default)]
+    pub timing: TimingSection,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            configuration_primary: 1,
+            ip_version: IpVersion::IPv4,
+            tls_verification: TlsMode::Permissive,
+            peers: Vec::new(),
+            port: cluster_port(),
+            listen: None,
+            timing: TimingSection::default(),
+        }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn cluster_port() -> u16 {
+    4372
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimingSection {
+    pub heartbeat_interval_ms: u64,
+    pub failure_timeout_ms: u64,
+}
+
+impl Default for TimingSection {
+    fn default() -> Self {
+        let t = Timing::default();
+        Self {
+            heartbeat_interval_ms: t.heartbeat_interval.as_millis() as u64,
+            failure_timeout_ms: t.failure_timeout.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self {
+            certificate: "node.crt".into(),
+            private_key: "node.key".into(),
+            ca: "ca.crt".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// HTTPS admin API, e.g. "127.0.0.1:8443"; off when absent. Users: `causeway admin passwd`.
+    #[serde(default)]
+    pub https_listen: Option<SocketAddr>,
+}
+
+/// A syntactically valid IP address or DNS name (RFC 1123 labels).
+pub fn valid_address(a: &str) -> bool {
+    if a.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let name = a.strip_suffix('.').unwrap_or(a);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.display().to_string(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        config.source = path.to_path_buf();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn field(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Field {
+            path: self.source.display().to_string(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Checks every value. Problems an operator fixes on the running cluster (own address
+    /// missing from the list, duplicates) are alarms (20003), not start-up errors.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.node;
+        if n.system_name.is_empty()
+            || n.system_name.len() > 64
+            || !n
+                .system_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(self.field(
+                "node.system_name",
+                format!(
+                    "'{}' must be 1 to 64 letters, digits, '-', '_' or '.'",
+                    n.system_name
+                ),
+            ));
+        }
+        if !n.address.is_empty() && !valid_address(&n.address) {
+            return Err(self.field(
+                "node.address",
+                format!("'{}' is not an IP address or FQDN", n.address),
+            ));
+        }
+        if n.data_dir.as_os_str().is_empty() {
+            return Err(self.field("node.data_dir", "must name a directory"));
+        }
+        let c = &self.cluster;
+        if !c.name.is_empty() && !valid_address(&c.name) {
+            return Err(self.field("cluster.name", format!("'{}' is not an FQDN", c.name)));
+        }
+        if c.peers.len() > MAX_PEERS {
+            return Err(self.field(
+                "cluster.peers",
+                format!("{} peers listed; at most {MAX_PEERS}", c.peers.len()),
+            ));
+        }
+        for (i, p) in c.peers.iter().enumerate() {
+            let field = format!("cluster.peers[{i}] (Peer {} address)", i + 1);
+            if !valid_address(p) {
+                return Err(self.field(field, format!("'{p}' is not an IP address or FQDN")));
+            }
+            if let Ok(ip) = p.parse::<IpAddr>() {
+                if ip.is_ipv4() != (c.ip_version == IpVersion::IPv4) {
+                    return Err(self.field(
+                        field,
+                        format!(
+                            "'{p}' is not an {} address (cluster.ip_version)",
+                            c.ip_version
+                        ),
+                    ));
+                }
+            }
+        }
+        if !c.peers.is_empty() {
+            if n.address.is_empty() {
+                return Err(self.field("node.address", "required when cluster.peers is set: this system's address as written in the peer list"));
+            }
+            if c.configuration_primary == 0 || c.configuration_primary > c.peers.len() {
+                return Err(self.field(
+                    "cluster.configuration_primary",
+                    format!(
+                        "{} is not a peer number (1 to {})",
+                        c.configuration_primary,
+                        c.peers.len()
+                    ),
+                ));
+            }
+        }
+        if c.port == 0 {
+            return Err(self.field("cluster.port", "0 is not a port"));
+        }
+        let t = &c.timing;
+        if t.heartbeat_interval_ms < 10 || t.heartbeat_interval_ms > 10_000 {
+            return Err(self.field(
+                "cluster.timing.heartbeat_interval_ms",
+                format!("{} is outside 10 to 10000", t.heartbeat_interval_ms),
+            ));
+        }
+        if t.failure_timeout_ms < 2 * t.heartbeat_interval_ms || t.failure_timeout_ms > 60_000 {
+            return Err(self.field(
+                "cluster.timing.failure_timeout_ms",
+                format!(
+                    "{} must be at least twice the heartbeat interval and at most 60000",
+                    t.failure_timeout_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `path` resolved against the data directory.
+    pub fn data_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.node.data_dir.join(path)
+        }
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.node.data_dir.join("admin.sock")
+    }
+
+    /// Problems with this system's place in the peer list (alarm 20003), if any.
+    pub fn membership_problem(&self) -> Option<String> {
+        let peers = &self.cluster.peers;
+        if peers.is_empty() {
+            return None;
+        }
+        let mut seen = HashSet::new();
+        for p in peers {
+            if !seen.insert(p.to_ascii_lowercase()) {
+                return Some(format!(
+                    "address '{p}' is listed more than once in the peer list"
+                ));
+            }
+        }
+        if self.self_index().is_none() {
+            return Some(format!(
+                "this system's address '{}' is not in the peer list",
+                self.node.address
+            ));
+        }
+        None
+    }
+
+    /// This system's peer number (1-based).
+    pub fn self_index(&self) -> Option<usize> {
+        self.cluster
+            .peers
+            .iter()
+            .position(|p| p.eq_ignore_ascii_case(&self.node.address))
+            .map(|i| i + 1)
+    }
+
+    /// The mesh settings, when this node can cluster.
+    pub fn cluster_settings(&self) -> Option<ClusterSettings> {
+        if self.membership_problem().is_some() {
+            return None;
+        }
+        let self_index = self.self_index()?;
+        let c = &self.cluster;
+        Some(ClusterSettings {
+            cluster_name: c.name.clone(),
+            peers: c.peers.clone(),
+            self_index,
+            configuration_primary: c.configuration_primary,
+            ip_version: c.ip_version,
+            tls_mode: c.tls_verification,
+            port: c.port,
+            system_name: self.node.system_name.clone(),
+            software_version: causeway_common::SOFTWARE_VERSION.to_string(),
+            timing: Timing {
+                heartbeat_interval: Duration::from_millis(c.timing.heartbeat_interval_ms),
+                failure_timeout: Duration::from_millis(c.timing.failure_timeout_ms),
+                ..Timing::default()
+            },
+        })
+    }
+
+    /// The address the cluster port listens on.
+    pub fn listen_ip(&self) -> IpAddr {
+        self.cluster
+            .listen
+            .or_else(|| self.node.address.parse().ok())
+            .unwrap_or(match self.cluster.ip_version {
+                IpVersion::IPv4 => IpAddr::from([0, 0, 0, 0]),
+                IpVersion::IPv6 => IpAddr::from([0u16; 8]),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        NodeConfig::load(&path)
+    }
+
+    const GOOD: &str = r#"
+[node]
+system_name = "peer1"
+address = "127.0.0.1"
+data_dir = "/tmp/p1"
+[cluster]
+name = "cluster.lab.example"
+peers = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+tls_verification = "Enforce"
+"#;
+
+    #[test]
+    fn a_good_file_loads() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.self_index(), Some(1));
+        assert_eq!(c.cluster.port, 4372);
+        assert_eq!(c.cluster_settings().unwrap().tls_mode, TlsMode::Enforce);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (GOOD.replace("tls_verification = \"Enforce\"", "tls_verification = \"Strict\""), "tls_verification"),
+            (GOOD.replace("\"127.0.0.3\"]", "\"bad name!\"]"), "cluster.peers[2] (Peer 3 address)"),
+            (GOOD.replace("\"127.0.0.3\"]", "\"::1\"]"), "is not an IPv4 address"),
+            (GOOD.replace("[cluster]", "[cluster]\nconfiguration_primary = 4"), "cluster.configuration_primary"),
+            (GOOD.replace("[cluster]", "[cluster]\nbogus = 1"), "bogus"),
+            (GOOD.replace("system_name = \"peer1\"", "system_name = \"\""), "node.system_name"),
+            (GOOD.replace("[cluster]", "[cluster.timing]\nheartbeat_interval_ms = 500\nfailure_timeout_ms = 600\n[cluster]"), "failure_timeout_ms"),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(field), "'{err}' does not name '{field}'");
+        }
+    }
+
+    #[test]
+    fn membership_problems_are_alarms_not_errors() {
+        let c = parse(&GOOD.replace("address = \"127.0.0.1\"", "address = \"127.0.0.9\"")).unwrap();
+        assert!(c
+            .membership_problem()
+            .unwrap()
+            .contains("'127.0.0.9' is not in the peer list"));
+        assert!(c.cluster_settings().is_none());
+        let c = parse(&GOOD.replace("\"127.0.0.3\"]", "\"127.0.0.2\"]")).unwrap();
+        assert!(c.membership_problem().unwrap().contains("more than once"));
+    }
+}

@@ -1,0 +1,343 @@
+//! Whole clusters in one process over the in-memory network, with tokio's clock paused so
+//! minutes of heartbeats take milliseconds.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_cluster::config::{AdminSection, ClusterSection, NodeSection, TlsSection};
+use causeway_cluster::{Node, NodeConfig};
+use causeway_mesh::{Clustering, MemoryNetwork, SystemResolver, TlsMode};
+
+fn ip(k: usize) -> IpAddr {
+    format!("198.18.0.{k}").parse().unwrap()
+}
+
+fn config(k: usize, n: usize, mode: TlsMode) -> NodeConfig {
+    NodeConfig {
+        node: NodeSection {
+            system_name: format!("peer{k}"),
+            address: ip(k).to_string(),
+            data_dir: format!("/nonexistent/peer{k}").into(),
+            log_format: Default::default(),
+        },
+        cluster: ClusterSection {
+            name: "cluster.lab.example".into(),
+            peers: (1..=n).map(|i| ip(i).to_string()).collect(),
+            tls_verification: mode,
+            ..ClusterSection::default()
+        },
+        tls: TlsSection::default(),
+        admin: AdminSection::default(),
+        source: "test.toml".into(),
+    }
+}
+
+struct Cluster {
+    net: MemoryNetwork,
+    nodes: Vec<Option<Arc<Node>>>,
+    n: usize,
+}
+
+impl Cluster {
+    fn start(n: usize, mode: TlsMode) -> Self {
+        Self::start_with(n, mode, |_, _| {})
+    }
+
+    fn start_with(n: usize, mode: TlsMode, tweak: impl Fn(usize, &mut NodeConfig)) -> Self {
+        let net = MemoryNetwork::new();
+        let mut c = Cluster {
+            net,
+            nodes: Vec::new(),
+            n,
+        };
+        for k in 1..=n {
+            let mut cfg = config(k, n, mode);
+            tweak(k, &mut cfg);
+            c.nodes.push(Some(c.boot(k, cfg)));
+        }
+        c
+    }
+
+    fn boot(&self, k: usize, cfg: NodeConfig) -> Arc<Node> {
+        let transport = self.net.transport(ip(k));
+        let resolver = Arc::new(SystemResolver {
+            ip_version: Default::default(),
+        });
+        Node::start(cfg, transport, resolver).0
+    }
+
+    fn node(&self, k: usize) -> &Arc<Node> {
+        self.nodes[k - 1].as_ref().expect("node is running")
+    }
+
+    fn all_ips(&self) -> Vec<IpAddr> {
+        (1..=self.n).map(ip).collect()
+    }
+
+    fn running(&self) -> impl Iterator<Item = (usize, &Arc<Node>)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.as_ref().map(|n| (i + 1, n)))
+    }
+
+    fn formed(&self) -> bool {
+        self.running()
+            .all(|(_, n)| n.mesh().unwrap().view().all_active())
+    }
+
+    async fn crash(&mut self, k: usize) {
+        if let Some(node) = self.nodes[k - 1].take() {
+            node.shutdown().await;
+        }
+    }
+}
+
+/// Polls `cond` every 50 ms (of paused time) for up to `secs`.
+async fn wait_for(secs: u64, what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn raised(node: &Node, id: u32, subject: &str) -> bool {
+    node.alarms().is_raised(id, subject)
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_and_six_peers_form_and_isolation_raises_and_lowers_20004() {
+    for n in [3, 6] {
+        let c = Cluster::start(n, TlsMode::Enforce);
+        wait_for(10, "cluster formed", || c.formed()).await;
+        for (_, node) in c.running() {
+            assert!(
+                node.alarms().active().is_empty(),
+                "alarms in a healthy cluster: {:?}",
+                node.alarms().active()
+            );
+        }
+        let victim = ip(2).to_string();
+        c.net.isolate(ip(2), &c.all_ips());
+        wait_for(5, "20004 raised for peer 2 on every other peer", || {
+            c.running()
+                .filter(|(k, _)| *k != 2)
+                .all(|(_, node)| raised(node, 20004, &victim))
+        })
+        .await;
+        for (k, node) in c.running().filter(|(k, _)| *k != 2) {
+            let status = node.cluster_status();
+            assert!(
+                matches!(&status.peers[1].clustering, Clustering::Failed(r) if r.contains("no heartbeat")),
+                "peer {k} sees {:?}",
+                status.peers[1].clustering
+            );
+        }
+        // The isolated peer sees every other peer gone.
+        wait_for(5, "isolated peer alarms every other peer", || {
+            (1..=n)
+                .filter(|&k| k != 2)
+                .all(|k| raised(c.node(2), 20004, &ip(k).to_string()))
+        })
+        .await;
+        c.net.heal_all();
+        wait_for(10, "cluster re-formed after the partition healed", || {
+            c.formed()
+        })
+        .await;
+        wait_for(3, "20004 lowered everywhere", || {
+            c.running()
+                .all(|(_, node)| node.alarms().active().is_empty())
+        })
+        .await;
+        for (_, node) in c.running() {
+            node.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_alarm_flaps_in_ten_minutes_of_steady_state_with_jitter() {
+    let c = Cluster::start(3, TlsMode::Enforce);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Some delay (well under the failure timeout) on every link.
+    for a in 1..=3 {
+        for b in 1..=3 {
+            if a != b {
+                c.net.delay(ip(a), ip(b), Duration::from_millis(20));
+            }
+        }
+    }
+    let before: Vec<usize> = c
+        .running()
+        .map(|(_, n)| n.alarms().events().len())
+        .collect();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let after: Vec<usize> = c
+        .running()
+        .map(|(_, n)| n.alarms().events().len())
+        .collect();
+    assert_eq!(before, after, "alarm events during steady state");
+    assert!(c.formed());
+    // RTT is measured: 2 × 20 ms of delay.
+    let rtt = c.node(1).cluster_status().peers[1].rtt_ms.unwrap();
+    assert!((35.0..80.0).contains(&rtt), "rtt {rtt}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_heartbeats_under_the_timeout_do_not_fail_a_peer_but_a_dead_one_does() {
+    let mut c = Cluster::start(3, TlsMode::Permissive);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    // 30 % of frames lost one way: heartbeats every 200 ms, timeout 800 ms, so a loss run
+    // long enough to fail the peer is rare but possible; the invariant is convergence.
+    c.net.loss(ip(1), ip(3), 0.3);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    c.net.loss(ip(1), ip(3), 0.0);
+    wait_for(10, "converged after loss", || c.formed()).await;
+    // A crash (sockets closed) is seen at once, and the restart rejoins by itself.
+    c.crash(3).await;
+    wait_for(2, "crash seen", || {
+        raised(c.node(1), 20004, "198.18.0.3") && raised(c.node(2), 20004, "198.18.0.3")
+    })
+    .await;
+    let node = c.boot(3, config(3, 3, TlsMode::Permissive));
+    c.nodes[2] = Some(node);
+    wait_for(10, "restarted peer active again", || c.formed()).await;
+    wait_for(3, "alarms lowered", || {
+        c.running().all(|(_, n)| n.alarms().active().is_empty())
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_that_does_not_name_the_peer_is_refused_in_enforce_only() {
+    for mode in [TlsMode::Enforce, TlsMode::Permissive] {
+        let net = MemoryNetwork::new();
+        net.set_identity(ip(3), "198.18.0.99");
+        let c = Cluster {
+            net,
+            nodes: Vec::new(),
+            n: 3,
+        };
+        let mut c = c;
+        for k in 1..=3 {
+            let node = c.boot(k, config(k, 3, mode));
+            c.nodes.push(Some(node));
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let p1 = c.node(1).cluster_status();
+        let cert = p1.peers[2].certificate.to_string();
+        assert!(
+            cert.starts_with("Invalid (Common Name in certificate does not match"),
+            "{cert}"
+        );
+        match mode {
+            TlsMode::Enforce => {
+                assert!(
+                    matches!(&p1.peers[2].clustering, Clustering::Failed(r) if r.contains("certificate")),
+                    "{:?}",
+                    p1.peers[2]
+                );
+                assert!(raised(c.node(1), 20004, "198.18.0.3"));
+                // Peer 3 is told why.
+                let p3 = c.node(3).cluster_status();
+                assert!(
+                    matches!(&p3.peers[0].clustering, Clustering::Failed(r) if r.contains("refused by the peer")),
+                    "{:?}",
+                    p3.peers[0]
+                );
+                // Peers 1 and 2 are unaffected.
+                assert!(p1.peers[1].is_active());
+            }
+            TlsMode::Permissive => {
+                assert!(p1.peers[2].is_active(), "{:?}", p1.peers[2]);
+                assert!(
+                    raised(c.node(1), 21004, "198.18.0.3"),
+                    "certificate warning in Permissive"
+                );
+            }
+        }
+        for k in 1..=3 {
+            c.crash(k).await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn configuration_drift_is_refused_with_the_field_named() {
+    type Tweak = Box<dyn Fn(&mut NodeConfig)>;
+    let cases: Vec<(Tweak, &str, u32)> = vec![
+        (
+            Box::new(|c| c.cluster.name = "other.lab.example".into()),
+            "cluster name differs",
+            20012,
+        ),
+        (
+            Box::new(|c| c.cluster.peers.swap(0, 1)),
+            "peer list differs at Peer 1 address",
+            20012,
+        ),
+        (
+            Box::new(|c| c.cluster.configuration_primary = 2),
+            "configuration primary differs",
+            20017,
+        ),
+        (
+            Box::new(|c| c.cluster.tls_verification = TlsMode::Permissive),
+            "TLS verification mode differs",
+            20012,
+        ),
+    ];
+    for (tweak, text, alarm) in cases {
+        let c = Cluster::start_with(3, TlsMode::Enforce, |k, cfg| {
+            if k == 3 {
+                tweak(cfg)
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let p1 = c.node(1).cluster_status();
+        assert!(p1.peers[1].is_active(), "peers 1 and 2 agree");
+        match &p1.peers[2].clustering {
+            Clustering::Failed(r) => assert!(r.contains(text), "'{r}' should say '{text}'"),
+            other => panic!("peer 3 should be refused ({text}), is {other:?}"),
+        }
+        assert!(
+            raised(c.node(1), alarm, "198.18.0.3"),
+            "alarm {alarm} for {text}"
+        );
+        assert!(raised(c.node(1), 20004, "198.18.0.3"));
+        for (_, n) in c.running() {
+            n.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn own_address_missing_raises_20003_and_does_not_cluster() {
+    let c = Cluster::start_with(3, TlsMode::Enforce, |k, cfg| {
+        if k == 3 {
+            cfg.node.address = "198.18.0.77".into();
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let node = c.node(3);
+    assert!(node.mesh().is_none());
+    assert!(raised(node, 20003, "peer list"));
+    assert!(node
+        .cluster_status()
+        .problem
+        .unwrap()
+        .contains("'198.18.0.77' is not in the peer list"));
+    // The others alarm the silent peer 3.
+    assert!(raised(c.node(1), 20004, "198.18.0.3"));
+    assert!(
+        raised(c.node(1), 20021, "198.18.0.3"),
+        "nothing listens at peer 3's address"
+    );
+}
