@@ -1,1 +1,251 @@
-fn main() {}
+//! `causeway`: one binary for every node, and the CLI that talks to them.
+#![forbid(unsafe_code)]
+
+mod lab;
+mod run;
+mod show;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for a bad configuration file or bad arguments (sysexits EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+/// Exit status when a port or socket cannot be opened (sysexits EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser)]
+#[command(
+    name = "causeway",
+    version,
+    about = "Clustering and high availability for real-time communication services"
+)]
+struct Cli {
+    /// The node to talk to: its data directory, or its admin socket.
+    #[arg(
+        long,
+        global = true,
+        env = "CAUSEWAY_NODE",
+        default_value = "/var/lib/causeway"
+    )]
+    node: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a configuration file without starting anything.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Keys, CSRs, and a lab CA.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Status of the node (`xstatus cluster`, `xstatus alarms`).
+    Xstatus {
+        #[command(subcommand)]
+        what: Xstatus,
+    },
+    /// Admin accounts of the node's HTTPS API.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// A local trial cluster on 127.0.0.x.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Make a lab CA (ca.crt, ca.key) in DIR.
+    #[command(name = "ca")]
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// `pki csr <key/cert basename> CN:<cn> [OU:…] [O:…] [subjectAltName:<a>,<b>]`: makes
+    /// <name>.key and <name>.csr.
+    Csr {
+        name: String,
+        #[arg(required = true, num_args = 1..)]
+        subject: Vec<String>,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Sign a CSR with the lab CA.
+    Sign {
+        csr: PathBuf,
+        #[arg(long, default_value = ".")]
+        ca_dir: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Where to write the certificate (default: the CSR's name with .crt).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    Init {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, default_value = "Causeway lab CA")]
+        cn: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Xstatus {
+    /// Every peer: address, certificate, clustering status, RTT, version, last contact.
+    Cluster {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Raised alarms and recent alarm events.
+    Alarms {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Set a user's password (read from standard input) on the node in --node.
+    Passwd { user: String },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Make a CA, certificates and configs, start the peers, wait until they see each other.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        peers: usize,
+        #[arg(long, default_value = "lab")]
+        dir: PathBuf,
+    },
+    /// Stop the lab's peers (by the PIDs in DIR/peerK/causeway.pid).
+    Down {
+        #[arg(long, default_value = "lab")]
+        dir: PathBuf,
+    },
+}
+
+/// The admin socket for `--node`: a directory means its `admin.sock`.
+fn admin_socket(node: &Path) -> PathBuf {
+    if node.is_dir() {
+        node.join("admin.sock")
+    } else {
+        node.to_path_buf()
+    }
+}
+
+/// The data directory for `--node`.
+fn data_dir(node: &Path) -> PathBuf {
+    if node.is_dir() {
+        node.to_path_buf()
+    } else {
+        node.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+}
+
+fn main() -> ExitCode {
+    causeway_pki::install_crypto_provider();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => return run::run(&config),
+        Command::CheckConfig { config } => match causeway_cluster::NodeConfig::load(&config) {
+            Ok(c) => {
+                println!("{}: valid", config.display());
+                if let Some(problem) = c.membership_problem() {
+                    println!("warning: {problem} (the node will raise alarm 20003)");
+                }
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        Command::Pki { command } => pki(command),
+        Command::Xstatus { what } => {
+            let socket = admin_socket(&cli.node);
+            match what {
+                Xstatus::Cluster { json } => show::cluster(&socket, json),
+                Xstatus::Alarms { json } => show::alarms(&socket, json),
+            }
+        }
+        Command::Admin {
+            command: AdminCommand::Passwd { user },
+        } => passwd(&data_dir(&cli.node), &user),
+        Command::Lab { command } => match command {
+            LabCommand::Up { peers, dir } => lab::up(peers, &dir),
+            LabCommand::Down { dir } => lab::down(&dir),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pki(command: PkiCommand) -> anyhow::Result<()> {
+    match command {
+        PkiCommand::Ca {
+            command: CaCommand::Init { dir, cn },
+        } => {
+            let files = causeway_pki::ca_init(&dir, &cn)?;
+            println!(
+                "CA certificate: {}\nCA key:         {}",
+                files.cert.display(),
+                files.key.display()
+            );
+        }
+        PkiCommand::Csr { name, subject, dir } => {
+            let subject = causeway_pki::parse_subject_args(&subject)?;
+            let (key, csr) = causeway_pki::csr(&dir, &name, &subject)?;
+            println!("Key: {}\nCSR: {}", key.display(), csr.display());
+        }
+        PkiCommand::Sign {
+            csr,
+            ca_dir,
+            days,
+            out,
+        } => {
+            let out = out.unwrap_or_else(|| csr.with_extension("crt"));
+            causeway_pki::sign_csr(&csr, &causeway_pki::CaFiles::in_dir(&ca_dir), days, &out)?;
+            println!("Certificate: {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+fn passwd(data_dir: &Path, user: &str) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    eprintln!("New password for '{user}' (one line on standard input):");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    causeway_admin::users::set_password(data_dir, user, password)?;
+    println!(
+        "Password set for '{user}' in {}",
+        causeway_admin::users::users_path(data_dir).display()
+    );
+    Ok(())
+}

@@ -40,6 +40,10 @@ pub struct NodeConfig {
     /// Where the file was read from; relative paths in it are relative to `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
+    /// The version announced to peers; the build's own unless overridden to rehearse a
+    /// mixed-version cluster (`CAUSEWAY_ANNOUNCE_VERSION`).
+    #[serde(skip)]
+    pub announce_version: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -340,7 +344,10 @@ impl NodeConfig {
             tls_mode: c.tls_verification,
             port: c.port,
             system_name: self.node.system_name.clone(),
-            software_version: causeway_common::SOFTWARE_VERSION.to_string(),
+            software_version: self
+                .announce_version
+                .clone()
+                .unwrap_or_else(|| causeway_common::SOFTWARE_VERSION.to_string()),
             timing: Timing {
                 heartbeat_interval: Duration::from_millis(c.timing.heartbeat_interval_ms),
                 failure_timeout: Duration::from_millis(c.timing.failure_timeout_ms),

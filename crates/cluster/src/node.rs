@@ -50,7 +50,7 @@ impl Node {
     /// unused when the configuration does not let this node cluster (alarm 20003 then).
     pub fn start(
         config: NodeConfig,
-        transport: Arc<dyn Transport>,
+        transport: Option<Arc<dyn Transport>>,
         resolver: Arc<dyn Resolver>,
     ) -> (Arc<Node>, Option<mpsc::Receiver<Inbound>>) {
         let alarms = Arc::new(AlarmTable::new());
@@ -60,12 +60,12 @@ impl Node {
         if !config.cluster.peers.is_empty() && config.cluster.name.is_empty() {
             alarms.raise(20019, "cluster.name", "cluster.name is empty");
         }
-        let (mesh, inbound) = match config.cluster_settings() {
-            Some(settings) => {
+        let (mesh, inbound) = match (config.cluster_settings(), transport) {
+            (Some(settings), Some(transport)) => {
                 let (mesh, inbound) = Mesh::start(settings, transport, resolver);
                 (Some(mesh), Some(inbound))
             }
-            None => (None, None),
+            _ => (None, None),
         };
         let node = Arc::new(Node {
             config,

@@ -30,6 +30,7 @@ fn config(k: usize, n: usize, mode: TlsMode) -> NodeConfig {
         tls: TlsSection::default(),
         admin: AdminSection::default(),
         source: "test.toml".into(),
+        announce_version: None,
     }
 }
 
@@ -64,7 +65,7 @@ impl Cluster {
         let resolver = Arc::new(SystemResolver {
             ip_version: Default::default(),
         });
-        Node::start(cfg, transport, resolver).0
+        Node::start(cfg, Some(transport), resolver).0
     }
 
     fn node(&self, k: usize) -> &Arc<Node> {
@@ -340,4 +341,35 @@ async fn own_address_missing_raises_20003_and_does_not_cluster() {
         raised(c.node(1), 20021, "198.18.0.3"),
         "nothing listens at peer 3's address"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_claiming_another_peers_number_is_refused_and_the_real_peer_stays_active() {
+    let c = Cluster::start(3, TlsMode::Permissive);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    // A fourth machine, 198.18.0.4, configured as Peer 2: it dials Peer 3 as Peer 2.
+    let mut cfg = config(2, 3, TlsMode::Permissive);
+    cfg.node.system_name = "impostor".into();
+    let resolver = Arc::new(SystemResolver {
+        ip_version: Default::default(),
+    });
+    let impostor = Node::start(cfg, Some(c.net.transport(ip(4))), resolver).0;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let seen_by_impostor = impostor.cluster_status();
+    match &seen_by_impostor.peers[2].clustering {
+        Clustering::Failed(r) => assert!(
+            r.contains("claiming to be Peer 2 (198.18.0.2) came from 198.18.0.4"),
+            "the refusal names the source: {r}"
+        ),
+        other => panic!("the impostor must be refused, is {other:?}"),
+    }
+    let p3 = c.node(3).cluster_status();
+    assert!(
+        p3.peers[1].is_active(),
+        "the real Peer 2 stays Active: {:?}",
+        p3.peers[1]
+    );
+    assert_eq!(p3.peers[1].system_name.as_deref(), Some("peer2"));
+    assert!(c.formed());
+    impostor.shutdown().await;
 }

@@ -213,3 +213,14 @@ impl ClientCertVerifier for SignatureOnly {
         self.algs.supported_schemes()
     }
 }
+
+/// TLS for the HTTPS admin API: this node's certificate, no client certificate asked for
+/// (administrators authenticate with a password).
+pub fn https_server_config(id: &NodeIdentity) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

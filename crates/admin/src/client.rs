@@ -1,0 +1,70 @@
+//! The CLI's side of the admin socket: one HTTP/1.1 GET, the JSON body back.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+/// Largest response the CLI reads.
+const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
+
+pub fn get_json(socket: &Path, path: &str) -> anyhow::Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!("connecting to the node's admin socket {}: is the node running? (start it with 'causeway run --config …' or 'causeway lab up')", socket.display())
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: causeway\r\nConnection: close\r\nAccept: application/json\r\n\r\n").context("sending the request to the node")?;
+    let mut response = Vec::new();
+    stream
+        .take(MAX_RESPONSE)
+        .read_to_end(&mut response)
+        .context("reading the node's answer")?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("the node's answer has no HTTP header")?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("the node's answer has no HTTP status")?;
+    let mut body = response[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body).context("the node's answer is badly chunked")?;
+    }
+    if status != 200 {
+        anyhow::bail!(
+            "the node answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    serde_json::from_slice(&body).context("the node's answer is not JSON")
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&data[..line_end])
+                .ok()?
+                .split(';')
+                .next()?
+                .trim(),
+            16,
+        )
+        .ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
