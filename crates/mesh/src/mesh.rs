@@ -287,13 +287,20 @@ impl Shared {
 
     /// Records a failed attempt for a peer that has no session (an Active peer keeps its
     /// status: a refused impersonator must not mark the real peer down).
+    /// Logs once per distinct reason, so a peer that stays down does not fill the log.
     fn set_failed(&self, index: usize, failure: &Failure) {
+        let mut changed = false;
         self.update(index, |slot| {
-            if slot.session.is_none() {
-                slot.status.clustering = Clustering::Failed(failure.reason.clone());
+            let failed = Clustering::Failed(failure.reason.clone());
+            if slot.session.is_none() && slot.status.clustering != failed {
+                slot.status.clustering = failed;
                 slot.status.failure = Some(failure.kind);
+                changed = true;
             }
         });
+        if changed {
+            tracing::warn!(target: LOG, peer = self.settings.address(index), peer_index = index, reason = %failure.reason, "Cluster peer connection failed");
+        }
     }
 
     fn log_refusal(&self, peer: &str, src: Option<IpAddr>, reason: &str) {
@@ -354,11 +361,7 @@ async fn dial_loop(shared: Arc<Shared>, index: usize) {
                     backoff = timing.backoff_min;
                 }
             }
-            Err(failure) => {
-                let address = shared.settings.address(index);
-                tracing::debug!(target: LOG, peer = address, reason = %failure.reason, "Cluster connection attempt failed");
-                shared.set_failed(index, &failure);
-            }
+            Err(failure) => shared.set_failed(index, &failure),
         }
         tokio::select! {
             _ = shared.cancel.cancelled() => return,

@@ -1,0 +1,422 @@
+//! Black-box tests of the real binary: clusters of `causeway run` processes on loopback
+//! addresses (each test its own 127.0.N.0/24, so nothing collides with a running lab).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_causeway");
+
+type Env = Vec<(String, String)>;
+
+struct Peer {
+    dir: PathBuf,
+    child: Option<Child>,
+    env: Env,
+}
+
+struct TestCluster {
+    _tmp: tempfile::TempDir,
+    peers: Vec<Peer>,
+}
+
+fn addr(net: u8, k: usize) -> String {
+    format!("127.0.{net}.{k}")
+}
+
+impl TestCluster {
+    /// Writes a CA, certificates and configs for `n` peers on 127.0.`net`.k and starts them.
+    /// `setup(k, config, cn, env)` may change a peer before it starts; a CN of "untrusted"
+    /// has the peer's certificate signed by another CA.
+    fn start(
+        net: u8,
+        n: usize,
+        mode: &str,
+        setup: impl Fn(usize, &mut String, &mut String, &mut Env),
+    ) -> Self {
+        causeway_pki::install_crypto_provider();
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = causeway_pki::ca_init(&tmp.path().join("ca"), "test CA").unwrap();
+        let other_ca = causeway_pki::ca_init(&tmp.path().join("other-ca"), "untrusted CA").unwrap();
+        let list: Vec<String> = (1..=n).map(|k| format!("\"{}\"", addr(net, k))).collect();
+        let mut peers = Vec::new();
+        for k in 1..=n {
+            let dir = tmp.path().join(format!("peer{k}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut config = format!(
+                "[node]\nsystem_name = \"peer{k}\"\naddress = \"{}\"\ndata_dir = \"{}\"\n\n[cluster]\nname = \"test.lab.example\"\ntls_verification = \"{mode}\"\npeers = [{}]\n",
+                addr(net, k),
+                dir.display(),
+                list.join(", ")
+            );
+            let mut cn = addr(net, k);
+            let mut env = Vec::new();
+            setup(k, &mut config, &mut cn, &mut env);
+            let signer = if cn == "untrusted" {
+                cn = addr(net, k);
+                &other_ca
+            } else {
+                &ca
+            };
+            let subject = causeway_pki::parse_subject_args(&[format!("CN:{cn}")]).unwrap();
+            let (_, csr) = causeway_pki::csr(&dir, "node", &subject).unwrap();
+            causeway_pki::sign_csr(&csr, signer, 30, &dir.join("node.crt")).unwrap();
+            std::fs::copy(&ca.cert, dir.join("ca.crt")).unwrap();
+            std::fs::write(dir.join("causeway.toml"), config).unwrap();
+            peers.push(Peer {
+                dir,
+                child: None,
+                env,
+            });
+        }
+        let mut c = TestCluster { _tmp: tmp, peers };
+        for k in 1..=n {
+            c.launch(k);
+        }
+        c
+    }
+
+    fn launch(&mut self, k: usize) {
+        let p = &mut self.peers[k - 1];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p.dir.join("causeway.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(p.dir.join("causeway.toml"))
+            .envs(p.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        p.child = Some(child);
+    }
+
+    /// SIGKILL, by the PID we started.
+    fn kill9(&mut self, k: usize) {
+        if let Some(mut child) = self.peers[k - 1].child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn xstatus(&self, k: usize, what: &str) -> Option<Value> {
+        let out = Command::new(BIN)
+            .arg("--node")
+            .arg(&self.peers[k - 1].dir)
+            .args(["xstatus", what, "--json"])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// (clustering state, its reason, "certificate state reason") of peer `of` seen by `k`.
+    fn peer_state(&self, k: usize, of: usize) -> Option<(String, String, String)> {
+        let s = self.xstatus(k, "cluster")?;
+        let p = &s["peers"][of - 1];
+        Some((
+            p["clustering"]["state"].as_str()?.to_string(),
+            p["clustering"]["reason"].as_str().unwrap_or("").to_string(),
+            format!(
+                "{} {}",
+                p["certificate"]["state"].as_str()?,
+                p["certificate"]["reason"].as_str().unwrap_or("")
+            ),
+        ))
+    }
+
+    fn alarm_raised(&self, k: usize, id: u64, subject: &str) -> bool {
+        self.xstatus(k, "alarms")
+            .and_then(|a| a["active"].as_array().cloned())
+            .is_some_and(|active| {
+                active
+                    .iter()
+                    .any(|a| a["id"] == id && a["subject"] == subject)
+            })
+    }
+
+    fn formed(&self) -> bool {
+        (1..=self.peers.len())
+            .filter(|&k| self.peers[k - 1].child.is_some())
+            .all(|k| {
+                self.xstatus(k, "cluster")
+                    .and_then(|s| s["peers"].as_array().cloned())
+                    .is_some_and(|ps| {
+                        ps.iter().all(|p| {
+                            matches!(
+                                p["clustering"]["state"].as_str(),
+                                Some("Active" | "This system")
+                            )
+                        })
+                    })
+            })
+    }
+
+    fn log(&self, k: usize) -> String {
+        std::fs::read_to_string(self.peers[k - 1].dir.join("causeway.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for p in &mut self.peers {
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn three_processes_form_kill_9_raises_20004_and_a_restart_rejoins_by_itself() {
+    let mut c = TestCluster::start(1, 3, "Enforce", |_, _, _, _| {});
+    wait_for(20, "cluster formed", || c.formed());
+    let victim = addr(1, 3);
+    c.kill9(3);
+    wait_for(5, "20004 for peer 3 on both survivors", || {
+        c.alarm_raised(1, 20004, &victim) && c.alarm_raised(2, 20004, &victim)
+    });
+    let (state, reason, _) = c.peer_state(1, 3).unwrap();
+    assert_eq!(state, "Failed");
+    assert!(!reason.is_empty());
+    assert!(
+        c.log(1).contains(
+            "Event=\"Alarm Raised\" Id=\"20004\" UUID=\"3bca6888-f622-11df-93be-07cc953d7b99\""
+        ),
+        "{}",
+        c.log(1)
+    );
+    c.launch(3);
+    wait_for(20, "peer 3 active again with no human action", || {
+        c.formed()
+    });
+    wait_for(5, "20004 lowered", || {
+        !c.alarm_raised(1, 20004, &victim) && !c.alarm_raised(2, 20004, &victim)
+    });
+    assert!(c.log(1).contains("Event=\"Alarm Lowered\" Id=\"20004\""));
+}
+
+#[test]
+fn enforce_refuses_a_certificate_that_does_not_name_the_peer_and_permissive_accepts_it() {
+    for (net, mode) in [(2u8, "Enforce"), (3, "Permissive")] {
+        let c = TestCluster::start(net, 3, mode, |k, _, cn, _| {
+            if k == 3 {
+                *cn = format!("127.0.{net}.99");
+            }
+        });
+        wait_for(20, "peers 1 and 2 see each other", || {
+            c.peer_state(1, 2).is_some_and(|s| s.0 == "Active")
+        });
+        wait_for(10, "peer 3's certificate judged", || {
+            c.peer_state(1, 3)
+                .is_some_and(|s| s.2.starts_with("Invalid"))
+        });
+        let (state, reason, cert) = c.peer_state(1, 3).unwrap();
+        assert!(
+            cert.starts_with("Invalid Common Name in certificate does not match"),
+            "{cert}"
+        );
+        if mode == "Enforce" {
+            assert_eq!(state, "Failed", "{reason}");
+            assert!(reason.contains("certificate"), "{reason}");
+            std::thread::sleep(Duration::from_secs(1));
+            assert_ne!(
+                c.peer_state(2, 3).unwrap().0,
+                "Active",
+                "no peer accepts peer 3"
+            );
+            let (s3, r3, _) = c.peer_state(3, 1).unwrap();
+            assert_eq!(s3, "Failed");
+            assert!(
+                r3.contains("refused by the peer"),
+                "peer 3 is told why: {r3}"
+            );
+        } else {
+            wait_for(10, "peer 3 active in Permissive", || {
+                c.peer_state(1, 3).is_some_and(|s| s.0 == "Active")
+            });
+            wait_for(5, "Permissive still warns about the certificate", || {
+                c.alarm_raised(1, 21004, &addr(net, 3))
+            });
+        }
+    }
+}
+
+#[test]
+fn untrusted_ca_wrong_cluster_name_other_version_and_other_order_are_refused_with_the_reason() {
+    type Setup = Box<dyn Fn(usize, &mut String, &mut String, &mut Env)>;
+    let cases: Vec<(u8, Setup, &str)> = vec![
+        (
+            4,
+            Box::new(|k, _, cn, _| {
+                if k == 2 {
+                    *cn = "untrusted".into()
+                }
+            }),
+            "trusted CA",
+        ),
+        (
+            5,
+            Box::new(|k, cfg, _, _| {
+                if k == 2 {
+                    *cfg = cfg.replace("test.lab.example", "other.lab.example")
+                }
+            }),
+            "cluster name differs",
+        ),
+        (
+            6,
+            Box::new(|k, _, _, env| {
+                if k == 2 {
+                    env.push(("CAUSEWAY_ANNOUNCE_VERSION".into(), "99.0.0".into()))
+                }
+            }),
+            "software version differs",
+        ),
+        (
+            7,
+            Box::new(|k, cfg, _, _| {
+                if k == 2 {
+                    *cfg = cfg.replace(
+                        "peers = [\"127.0.7.1\", \"127.0.7.2\"]",
+                        "peers = [\"127.0.7.2\", \"127.0.7.1\"]",
+                    )
+                }
+            }),
+            "peer list differs",
+        ),
+    ];
+    for (net, setup, expected) in cases {
+        let c = TestCluster::start(net, 2, "Enforce", setup);
+        wait_for(10, &format!("peer 1 refuses peer 2 ({expected})"), || {
+            c.peer_state(1, 2)
+                .is_some_and(|(state, reason, _)| state == "Failed" && reason.contains(expected))
+        });
+        assert!(
+            c.log(1).contains(expected),
+            "the refusal is logged: {}",
+            c.log(1)
+        );
+        if expected == "software version differs" {
+            wait_for(5, "version mismatch alarm", || {
+                c.alarm_raised(1, 21002, &addr(net, 2))
+            });
+        }
+    }
+}
+
+#[test]
+fn hostile_input_on_the_cluster_port_is_refused_and_the_peers_keep_working() {
+    let mut c = TestCluster::start(8, 2, "Permissive", |_, _, _, _| {});
+    wait_for(20, "cluster formed", || c.formed());
+    let target = format!("{}:4372", addr(8, 2));
+    // A real TLS session (Permissive accepts any certificate) that sends an oversized frame,
+    // then one that sends a truncated frame.
+    for frame in [
+        &[0xffu8, 0xff, 0xff, 0xff][..],
+        &[0, 0, 0, 100, 1, 2, 3][..],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = causeway_pki::ca_init(dir.path(), "attacker").unwrap();
+        let subject = causeway_pki::parse_subject_args(&["CN:attacker.example".into()]).unwrap();
+        let (_, csr) = causeway_pki::csr(dir.path(), "x", &subject).unwrap();
+        causeway_pki::sign_csr(&csr, &ca, 1, &dir.path().join("x.crt")).unwrap();
+        let id = causeway_pki::NodeIdentity::load(
+            &dir.path().join("x.crt"),
+            &dir.path().join("x.key"),
+            &ca.cert,
+        )
+        .unwrap();
+        let config = causeway_pki::client_config(causeway_pki::TlsMode::Permissive, &id).unwrap();
+        let name = rustls::pki_types::ServerName::try_from(addr(8, 2)).unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(&target).unwrap());
+        tls.write_all(frame).unwrap();
+        tls.flush().unwrap();
+        tls.sock
+            .set_read_timeout(Some(Duration::from_secs(7)))
+            .unwrap();
+        // The node closes the connection (at once for the oversized frame, after the hello
+        // timeout for the truncated one), without a byte of its own protocol.
+        let closed = matches!(tls.read(&mut [0u8; 16]), Ok(0) | Err(_));
+        assert!(closed, "the node must drop a hostile link");
+    }
+    wait_for(10, "oversized frame logged", || {
+        c.log(2).contains("exceeds the 16384-byte limit")
+    });
+    // Garbage instead of a TLS ClientHello.
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(&target).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff\xfe garbage");
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let _ = s.read(&mut [0u8; 64]);
+    }
+    // Slow-loris: connections that never finish a handshake. Past 8 from one source, new
+    // ones are closed at once.
+    let idle: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(&target).unwrap())
+        .collect();
+    let mut extra = TcpStream::connect(&target).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    assert!(
+        matches!(extra.read(&mut [0u8; 8]), Ok(0) | Err(_)),
+        "closed at once past the per-source cap"
+    );
+    // Real peers keep working, and a restarted real peer gets back in while the junk is open.
+    assert!(c.formed());
+    c.kill9(1);
+    c.launch(1);
+    wait_for(
+        10,
+        "peer 1 back while slow connections are held open",
+        || c.formed(),
+    );
+    wait_for(10, "refusals logged", || {
+        c.log(2).contains("Cluster connection refused")
+    });
+    drop(idle);
+}
+
+#[test]
+fn a_bad_configuration_exits_64_naming_the_field_before_binding_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!("[node]\nsystem_name = \"p1\"\naddress = \"127.0.9.1\"\ndata_dir = \"{}\"\n[cluster]\npeers = [\"127.0.9.1\", \"not a host!\"]\n", dir.path().display()),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster.peers[1] (Peer 2 address)"), "{err}");
+    // Nothing was bound: the admin socket does not exist.
+    assert!(!Path::new(&dir.path().join("admin.sock")).exists());
+}
