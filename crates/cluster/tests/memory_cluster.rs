@@ -373,3 +373,52 @@ async fn a_node_claiming_another_peers_number_is_refused_and_the_real_peer_stays
     assert!(c.formed());
     impostor.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn service_messages_reach_the_peer_in_order_and_sending_to_a_dead_peer_fails() {
+    let net = MemoryNetwork::new();
+    let resolver = Arc::new(SystemResolver {
+        ip_version: Default::default(),
+    });
+    let (a, _) = Node::start(
+        config(1, 2, TlsMode::Enforce),
+        Some(net.transport(ip(1))),
+        resolver.clone(),
+    );
+    let (b, inbound) = Node::start(
+        config(2, 2, TlsMode::Enforce),
+        Some(net.transport(ip(2))),
+        resolver,
+    );
+    let mut inbound = inbound.unwrap();
+    wait_for(10, "formed", || a.mesh().unwrap().view().all_active()).await;
+    for i in 0..100u32 {
+        a.mesh()
+            .unwrap()
+            .send(2, 7, bytes::Bytes::from(i.to_be_bytes().to_vec()))
+            .unwrap();
+    }
+    for i in 0..100u32 {
+        let m = inbound.recv().await.unwrap();
+        assert_eq!((m.from, m.channel), (1, 7));
+        assert_eq!(&m.payload[..], &i.to_be_bytes());
+    }
+    b.shutdown().await;
+    wait_for(2, "peer 2 gone", || {
+        !a.mesh().unwrap().view().peer(2).is_active()
+    })
+    .await;
+    let err = a
+        .mesh()
+        .unwrap()
+        .send(2, 7, bytes::Bytes::from_static(b"x"))
+        .unwrap_err();
+    assert_eq!(err.to_string(), "Peer 2 is not connected");
+    // A goodbye, not a timeout: the reason says the peer shut down.
+    let p2 = a.cluster_status().peers[1].clone();
+    assert!(
+        matches!(&p2.clustering, Clustering::Failed(r) if r.contains("shut down")),
+        "{:?}",
+        p2.clustering
+    );
+}

@@ -162,7 +162,8 @@ mod tests {
 
     #[test]
     fn each_difference_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut Hello)>, RefuseField, &str)> = vec![
+        type Change = Box<dyn Fn(&mut Hello)>;
+        let cases: Vec<(Change, RefuseField, &str)> = vec![
             (
                 Box::new(|h| h.cluster_name = "other".into()),
                 RefuseField::ClusterName,
