@@ -67,20 +67,18 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     let cancel = CancellationToken::new();
-    let transport: Option<Arc<dyn Transport>> = match (&identity, config.cluster.peers.is_empty()) {
-        (Some(id), false) => {
+    // The cluster port is bound only when the mesh will run: a node with alarm 20003 (not in
+    // its own peer list) must not accept connections nobody serves.
+    let transport: Option<Arc<dyn Transport>> = match (&identity, config.cluster_settings()) {
+        (Some(id), Some(settings)) => {
             let listen = std::net::SocketAddr::new(config.listen_ip(), config.cluster.port);
             let local_ip = config.node.address.parse().ok();
-            let timing = config
-                .cluster_settings()
-                .map(|s| s.timing)
-                .unwrap_or_default();
             let t = TlsTransport::bind(
                 listen,
                 local_ip,
-                config.cluster.tls_verification,
+                settings.tls_mode,
                 id.clone(),
-                timing,
+                settings.timing,
                 cancel.clone(),
             )
             .await?;
