@@ -38,6 +38,11 @@ pub fn peer_alarms(
             continue;
         }
         match &p.clustering {
+            // Peers started together refuse each other's first dials for a moment: connection
+            // failures count only once the start-up window has passed.
+            Clustering::Failed(_)
+                if !settled
+                    && matches!(p.failure, Some(FailureKind::Connect | FailureKind::Resolve)) => {}
             Clustering::Failed(reason) => {
                 out.push((
                     20004,
