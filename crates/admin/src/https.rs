@@ -27,6 +27,8 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Failed logins from one address before it is told to wait.
 const MAX_FAILURES: u32 = 5;
+const NO_USERS: &str =
+    "no admin user is configured: run 'causeway --node <data dir> admin passwd <user>' on the node";
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Completed TLS connections, handed to axum. Handshakes run concurrently (and time out) in
@@ -162,9 +164,6 @@ async fn authenticate(
             }
         }
     }
-    if !users::has_users(&auth.data_dir) {
-        return refuse(StatusCode::UNAUTHORIZED, "no admin user is configured: run 'causeway --node <data dir> admin passwd <user>' on the node");
-    }
     let credentials = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -177,6 +176,10 @@ async fn authenticate(
         })
         .and_then(|b| String::from_utf8(b).ok());
     let Some((user, password)) = credentials.as_deref().and_then(|c| c.split_once(':')) else {
+        // Only the file's existence matters here: no password hashing without credentials.
+        if !users::has_users(&auth.data_dir) {
+            return refuse(StatusCode::UNAUTHORIZED, NO_USERS);
+        }
         return refuse(StatusCode::UNAUTHORIZED, "authentication required");
     };
     // PBKDF2 is deliberately slow: keep it off the async workers.
@@ -185,10 +188,13 @@ async fn authenticate(
         user.to_string(),
         password.to_string(),
     );
-    let ok = tokio::task::spawn_blocking(move || users::verify(&dir, &u, &p))
+    let login = tokio::task::spawn_blocking(move || users::check(&dir, &u, &p))
         .await
-        .unwrap_or(false);
-    if !ok {
+        .unwrap_or(users::Login::Refused);
+    if login == users::Login::NoUsers {
+        return refuse(StatusCode::UNAUTHORIZED, NO_USERS);
+    }
+    if login != users::Login::Accepted {
         let mut failures = auth.failures.lock().unwrap_or_else(|e| e.into_inner());
         let entry = failures.entry(ip).or_insert((0, Instant::now()));
         entry.0 += 1;

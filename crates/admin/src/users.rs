@@ -97,39 +97,59 @@ pub fn set_password(data_dir: &Path, user: &str, password: &str) -> anyhow::Resu
     std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))
 }
 
-/// Whether `user`/`password` is valid. A missing or unreadable file means no user.
+/// The outcome of one login attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Login {
+    /// No user is configured on this node (no file, an unreadable one, or an empty one).
+    NoUsers,
+    Accepted,
+    Refused,
+}
+
+fn load(data_dir: &Path) -> Option<UsersFile> {
+    let bytes = std::fs::read(users_path(data_dir)).ok()?;
+    serde_json::from_slice::<UsersFile>(&bytes).ok()
+}
+
+impl StoredUser {
+    fn matches(&self, password: &str) -> bool {
+        let (Some(salt), Some(hash), Some(iterations)) = (
+            unhex(&self.salt),
+            unhex(&self.hash),
+            NonZeroU32::new(self.iterations),
+        ) else {
+            return false;
+        };
+        pbkdf2::verify(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            iterations,
+            &salt,
+            password.as_bytes(),
+            &hash,
+        )
+        .is_ok()
+    }
+}
+
+/// Checks `user`/`password` with one read of the users file.
+pub fn check(data_dir: &Path, user: &str, password: &str) -> Login {
+    let Some(file) = load(data_dir).filter(|f| !f.users.is_empty()) else {
+        return Login::NoUsers;
+    };
+    if file.users.get(user).is_some_and(|u| u.matches(password)) {
+        Login::Accepted
+    } else {
+        Login::Refused
+    }
+}
+
+/// Whether `user`/`password` is valid.
 pub fn verify(data_dir: &Path, user: &str, password: &str) -> bool {
-    let Ok(bytes) = std::fs::read(users_path(data_dir)) else {
-        return false;
-    };
-    let Ok(file) = serde_json::from_slice::<UsersFile>(&bytes) else {
-        return false;
-    };
-    let Some(u) = file.users.get(user) else {
-        return false;
-    };
-    let (Some(salt), Some(hash), Some(iterations)) = (
-        unhex(&u.salt),
-        unhex(&u.hash),
-        NonZeroU32::new(u.iterations),
-    ) else {
-        return false;
-    };
-    pbkdf2::verify(
-        pbkdf2::PBKDF2_HMAC_SHA256,
-        iterations,
-        &salt,
-        password.as_bytes(),
-        &hash,
-    )
-    .is_ok()
+    check(data_dir, user, password) == Login::Accepted
 }
 
 pub fn has_users(data_dir: &Path) -> bool {
-    std::fs::read(users_path(data_dir))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<UsersFile>(&b).ok())
-        .is_some_and(|f| !f.users.is_empty())
+    load(data_dir).is_some_and(|f| !f.users.is_empty())
 }
 
 #[cfg(test)]

@@ -101,7 +101,18 @@ impl AlarmTable {
             "{}",
             kind.detail
         );
-        Self::push_event(&mut inner, AlarmEventKind::Raised, id, subject, reason, now);
+        Self::push_event(
+            &mut inner,
+            AlarmEvent {
+                event: AlarmEventKind::Raised,
+                id,
+                uuid: kind.uuid,
+                severity: kind.severity,
+                subject: subject.to_string(),
+                reason: reason.to_string(),
+                at_ms: now,
+            },
+        );
         true
     }
 
@@ -123,11 +134,15 @@ impl AlarmTable {
         );
         Self::push_event(
             &mut inner,
-            AlarmEventKind::Lowered,
-            id,
-            subject,
-            &alarm.reason,
-            unix_ms_now(),
+            AlarmEvent {
+                event: AlarmEventKind::Lowered,
+                id,
+                uuid: alarm.uuid,
+                severity: alarm.severity,
+                subject: alarm.subject,
+                reason: alarm.reason,
+                at_ms: unix_ms_now(),
+            },
         );
         true
     }
@@ -170,27 +185,11 @@ impl AlarmTable {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push_event(
-        inner: &mut Inner,
-        event: AlarmEventKind,
-        id: u32,
-        subject: &str,
-        reason: &str,
-        at_ms: u64,
-    ) {
-        let Some(kind) = lookup(id) else { return };
+    fn push_event(inner: &mut Inner, event: AlarmEvent) {
         if inner.events.len() == EVENT_HISTORY {
             inner.events.pop_front();
         }
-        inner.events.push_back(AlarmEvent {
-            event,
-            id,
-            uuid: kind.uuid,
-            severity: kind.severity,
-            subject: subject.to_string(),
-            reason: reason.to_string(),
-            at_ms,
-        });
+        inner.events.push_back(event);
     }
 }
 

@@ -274,11 +274,20 @@ impl Shared {
         .encode()
     }
 
+    /// Applies `f` to a peer's slot; watchers are woken only when its status changed, so a
+    /// peer that stays down does not wake the alarm supervisor on every retry.
     fn update(&self, index: usize, f: impl FnOnce(&mut PeerSlot)) {
-        if let Some(slot) = self.lock().get_mut(index.wrapping_sub(1)) {
-            f(slot);
+        let changed = match self.lock().get_mut(index.wrapping_sub(1)) {
+            Some(slot) => {
+                let before = slot.status.clone();
+                f(slot);
+                slot.status != before
+            }
+            None => false,
+        };
+        if changed {
+            self.notify();
         }
-        self.notify();
     }
 
     fn set_certificate(&self, index: usize, cert: CertStatus) {
@@ -749,7 +758,6 @@ async fn session(
                         }
                     }
                     Message::App { channel, payload } => {
-                        shared.record_heartbeat(index, None, None);
                         // A consumer that went away (tests, shutdown) is not the peer's fault.
                         let _ = shared.inbound.send(Inbound { from: index, channel, payload }).await;
                     }

@@ -25,14 +25,12 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 const MAX_PENDING_PER_SOURCE: usize = 8;
 
 pub struct TlsTransport {
-    mode: TlsMode,
     identity: NodeIdentity,
     connector: TlsConnector,
     /// The address outgoing connections are bound to, so the acceptor sees our peer address.
     local_ip: Option<IpAddr>,
     timing: Timing,
     incoming: tokio::sync::Mutex<mpsc::Receiver<AcceptEvent>>,
-    local_addr: SocketAddr,
 }
 
 fn tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
@@ -72,7 +70,6 @@ impl TlsTransport {
         let listener = TcpListener::bind(listen).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("binding the cluster port {listen}: {e}"))
         })?;
-        let local_addr = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(accept_loop(
             listener,
@@ -82,22 +79,12 @@ impl TlsTransport {
             cancel,
         ));
         Ok(Arc::new(Self {
-            mode,
             identity,
             connector: TlsConnector::from(client),
             local_ip,
             timing,
             incoming: tokio::sync::Mutex::new(rx),
-            local_addr,
         }))
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    pub fn mode(&self) -> TlsMode {
-        self.mode
     }
 
     async fn connect_tcp(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
