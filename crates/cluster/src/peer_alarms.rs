@@ -38,10 +38,12 @@ pub fn peer_alarms(
             continue;
         }
         match &p.clustering {
-            // Peers started together refuse each other's first dials for a moment: connection
-            // failures count only once the start-up window has passed.
+            // Peers started together refuse each other's first dials for a moment: until the
+            // start-up window has passed, connection failures of a peer that never connected
+            // (no hello yet, so no system name) are not alarms. A peer that was up and died is.
             Clustering::Failed(_)
                 if !settled
+                    && p.system_name.is_none()
                     && matches!(p.failure, Some(FailureKind::Connect | FailureKind::Resolve)) => {}
             Clustering::Failed(reason) => {
                 out.push((
