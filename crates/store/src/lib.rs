@@ -1,0 +1,262 @@
+//! The node's local store: named tables of byte keys and values, written in atomic batches.
+//!
+//! [`RedbStore`] (one redb file per node) in the product, [`MemoryStore`] in tests. The
+//! replication engine keeps its streams here so a restart resumes where it stopped.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use redb::{ReadableDatabase, TableDefinition};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {doing}: {reason}")]
+    Io {
+        path: String,
+        doing: &'static str,
+        reason: String,
+    },
+}
+
+/// One change in an atomic batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        table: &'static str,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        table: &'static str,
+        key: Vec<u8>,
+    },
+    /// Every key of `table` that starts with `prefix`.
+    DeletePrefix {
+        table: &'static str,
+        prefix: Vec<u8>,
+    },
+}
+
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A store of named tables. Every batch is applied atomically and durably.
+pub trait Store: Send + Sync {
+    fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every row of `table` whose key starts with `prefix`, in key order.
+    fn scan(&self, table: &'static str, prefix: &[u8]) -> Result<Rows, StoreError>;
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError>;
+}
+
+pub struct RedbStore {
+    db: redb::Database,
+    path: PathBuf,
+}
+
+impl RedbStore {
+    /// Opens the store file, creating it when it does not exist.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = redb::Database::create(path).map_err(|e| StoreError::Io {
+            path: path.display().to_string(),
+            doing: "opening",
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, doing: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StoreError + '_ {
+        move |e| StoreError::Io {
+            path: self.path.display().to_string(),
+            doing,
+            reason: e.to_string(),
+        }
+    }
+}
+
+fn def(table: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+    TableDefinition::new(table)
+}
+
+impl Store for RedbStore {
+    fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let err = self.err("reading");
+        let tx = self.db.begin_read().map_err(|e| err(&e))?;
+        let t = match tx.open_table(def(table)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(err(&e)),
+        };
+        Ok(t.get(key).map_err(|e| err(&e))?.map(|v| v.value().to_vec()))
+    }
+
+    fn scan(&self, table: &'static str, prefix: &[u8]) -> Result<Rows, StoreError> {
+        let err = self.err("reading");
+        let tx = self.db.begin_read().map_err(|e| err(&e))?;
+        let t = match tx.open_table(def(table)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(&e)),
+        };
+        let mut out = Vec::new();
+        for row in t.range(prefix..).map_err(|e| err(&e))? {
+            let (k, v) = row.map_err(|e| err(&e))?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let err = self.err("writing");
+        let tx = self.db.begin_write().map_err(|e| err(&e))?;
+        for op in ops {
+            match op {
+                Op::Put { table, key, value } => {
+                    let mut t = tx.open_table(def(table)).map_err(|e| err(&e))?;
+                    t.insert(key.as_slice(), value.as_slice())
+                        .map_err(|e| err(&e))?;
+                }
+                Op::Delete { table, key } => {
+                    let mut t = tx.open_table(def(table)).map_err(|e| err(&e))?;
+                    t.remove(key.as_slice()).map_err(|e| err(&e))?;
+                }
+                Op::DeletePrefix { table, prefix } => {
+                    let mut t = tx.open_table(def(table)).map_err(|e| err(&e))?;
+                    t.retain(|k, _| !k.starts_with(prefix))
+                        .map_err(|e| err(&e))?;
+                }
+            }
+        }
+        tx.commit().map_err(|e| err(&e))
+    }
+}
+
+/// The same contract in memory. Cloning a handle is done by sharing it in an `Arc`, so a
+/// test can "restart" a node on the store it left behind.
+#[derive(Default)]
+pub struct MemoryStore {
+    tables: Mutex<BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().get(table).and_then(|t| t.get(key).cloned()))
+    }
+
+    fn scan(&self, table: &'static str, prefix: &[u8]) -> Result<Rows, StoreError> {
+        let tables = self.lock();
+        let Some(t) = tables.get(table) else {
+            return Ok(Vec::new());
+        };
+        Ok(t.range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let mut tables = self.lock();
+        for op in ops {
+            match op {
+                Op::Put { table, key, value } => {
+                    tables
+                        .entry(table)
+                        .or_default()
+                        .insert(key.clone(), value.clone());
+                }
+                Op::Delete { table, key } => {
+                    tables.entry(table).or_default().remove(key);
+                }
+                Op::DeletePrefix { table, prefix } => {
+                    tables
+                        .entry(table)
+                        .or_default()
+                        .retain(|k, _| !k.starts_with(prefix));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(store: &dyn Store) {
+        let put = |k: &str, v: &str| Op::Put {
+            table: "t",
+            key: k.as_bytes().to_vec(),
+            value: v.as_bytes().to_vec(),
+        };
+        assert_eq!(store.get("t", b"a").unwrap(), None);
+        assert!(store.scan("t", b"").unwrap().is_empty());
+        store
+            .apply(&[put("a/1", "x"), put("a/2", "y"), put("b/1", "z")])
+            .unwrap();
+        assert_eq!(store.get("t", b"a/2").unwrap(), Some(b"y".to_vec()));
+        let a = store.scan("t", b"a/").unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].0, b"a/1");
+        store
+            .apply(&[
+                Op::DeletePrefix {
+                    table: "t",
+                    prefix: b"a/".to_vec(),
+                },
+                Op::Delete {
+                    table: "t",
+                    key: b"b/1".to_vec(),
+                },
+                put("c", "w"),
+            ])
+            .unwrap();
+        assert_eq!(
+            store.scan("t", b"").unwrap(),
+            vec![(b"c".to_vec(), b"w".to_vec())]
+        );
+    }
+
+    #[test]
+    fn memory_store_keeps_the_contract() {
+        exercise(&MemoryStore::new());
+    }
+
+    #[test]
+    fn redb_store_keeps_the_contract_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        exercise(&RedbStore::open(&path).unwrap());
+        let again = RedbStore::open(&path).unwrap();
+        assert_eq!(again.get("t", b"c").unwrap(), Some(b"w".to_vec()));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_store_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        std::fs::write(&path, b"this is not a redb file, it is garbage").unwrap();
+        let err = RedbStore::open(&path)
+            .err()
+            .expect("garbage must be refused");
+        assert!(err.to_string().contains("node.redb"), "{err}");
+    }
+}
