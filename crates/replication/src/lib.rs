@@ -1,0 +1,15 @@
+//! Owner-based replication (see `docs/replication.md`): streams of records carrying
+//! `(owner, generation, seq)`, pushed by their owner at once, compared by digest on every
+//! heartbeat, fetched by range or snapshot when a peer is behind, persisted in the store.
+#![forbid(unsafe_code)]
+
+mod engine;
+mod stream;
+pub mod wire;
+
+pub use engine::{
+    config_stream, Engine, EngineSettings, NoObserver, Observer, Origin, PeerLink,
+    PeerReplication, ReplicationStatus, WriteError, WriteOutcome,
+};
+pub use stream::{overwrite_in_store, Applied, Header, LoadError, NodeId, Record, StreamId};
+pub use wire::{Change, CHANNEL};

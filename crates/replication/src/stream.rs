@@ -1,0 +1,391 @@
+//! One stream: a keyed map with one writer, its header, and how it is kept in the store.
+
+use std::collections::BTreeMap;
+
+use causeway_store::{Op, Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+pub type NodeId = u64;
+
+pub const STREAMS_TABLE: &str = "repl_streams";
+pub const RECORDS_TABLE: &str = "repl_records";
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StreamId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl StreamId {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    fn store_prefix(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.namespace.len() + self.name.len() + 2);
+        k.extend_from_slice(self.namespace.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.name.as_bytes());
+        k.push(0);
+        k
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where a stream stands: who writes it, in which generation, how far, and a hash of what it
+/// holds. Ordered by `(generation, seq)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub owner: NodeId,
+    pub generation: u64,
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl Header {
+    pub fn position(&self) -> (u64, u64) {
+        (self.generation, self.seq)
+    }
+
+    /// The first bytes of the hash, for status lines.
+    pub fn short_hash(&self) -> String {
+        self.hash[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// One key's latest state; `value: None` is a tombstone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub seq: u64,
+}
+
+/// A key as it was and as it is after a change, for the observer (logs, live apply).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub key: String,
+    pub old: Option<Vec<u8>>,
+    pub new: Option<Vec<u8>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredHeader {
+    owner: NodeId,
+    generation: u64,
+    seq: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredRecord {
+    seq: u64,
+    value: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Stream {
+    pub id: StreamId,
+    pub header: Header,
+    /// key → (seq, value or tombstone)
+    records: BTreeMap<String, (u64, Option<Vec<u8>>)>,
+    /// seq → key: what changed after a given seq, in order.
+    by_seq: BTreeMap<u64, String>,
+}
+
+fn record_hash(key: &str, value: &[u8], seq: u64) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&(key.len() as u64).to_be_bytes());
+    ctx.update(key.as_bytes());
+    ctx.update(&seq.to_be_bytes());
+    ctx.update(value);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+fn xor(into: &mut [u8; 32], h: &[u8; 32]) {
+    for (a, b) in into.iter_mut().zip(h) {
+        *a ^= b;
+    }
+}
+
+impl Stream {
+    pub fn new(id: StreamId) -> Self {
+        Self {
+            id,
+            ..Default::default()
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.records.get(key).and_then(|(_, v)| v.as_deref())
+    }
+
+    /// Live entries in key order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.records
+            .iter()
+            .filter_map(|(k, (_, v))| v.as_deref().map(|v| (k.as_str(), v)))
+    }
+
+    pub fn live_len(&self) -> usize {
+        self.entries().count()
+    }
+
+    /// Applies records in order, keeping the hash (live records only, so a snapshot without
+    /// tombstones hashes the same as the history it summarises).
+    pub fn apply(&mut self, records: &[Record]) -> Vec<Applied> {
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            let old = self.records.remove(&r.key);
+            let old_value = match old {
+                Some((old_seq, old_value)) => {
+                    self.by_seq.remove(&old_seq);
+                    if let Some(v) = &old_value {
+                        xor(&mut self.header.hash, &record_hash(&r.key, v, old_seq));
+                    }
+                    old_value
+                }
+                None => None,
+            };
+            if let Some(v) = &r.value {
+                xor(&mut self.header.hash, &record_hash(&r.key, v, r.seq));
+            }
+            self.by_seq.insert(r.seq, r.key.clone());
+            self.records.insert(r.key.clone(), (r.seq, r.value.clone()));
+            if old_value != r.value {
+                out.push(Applied {
+                    key: r.key.clone(),
+                    old: old_value,
+                    new: r.value.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Everything that changed after `after_seq`, tombstones included, in seq order.
+    pub fn since(&self, after_seq: u64) -> Vec<Record> {
+        self.by_seq
+            .range(after_seq.saturating_add(1)..)
+            .filter_map(|(seq, key)| {
+                self.records.get(key).map(|(_, v)| Record {
+                    key: key.clone(),
+                    value: v.clone(),
+                    seq: *seq,
+                })
+            })
+            .collect()
+    }
+
+    /// The live records in seq order: what a peer needs to replace its copy.
+    pub fn snapshot(&self) -> Vec<Record> {
+        self.since(0)
+            .into_iter()
+            .filter(|r| r.value.is_some())
+            .collect()
+    }
+
+    /// Forgets every record (before a snapshot replaces them). The header keeps its owner
+    /// and generation; the caller sets them.
+    pub fn clear(&mut self) -> Vec<Applied> {
+        let out = self
+            .entries()
+            .map(|(k, v)| Applied {
+                key: k.to_string(),
+                old: Some(v.to_vec()),
+                new: None,
+            })
+            .collect();
+        self.records.clear();
+        self.by_seq.clear();
+        self.header.hash = [0; 32];
+        self.header.seq = 0;
+        out
+    }
+
+    /// Store operations that persist `records` and the current header.
+    pub fn store_ops(&self, records: &[Record], replace: bool) -> Vec<Op> {
+        let prefix = self.id.store_prefix();
+        let mut ops = Vec::with_capacity(records.len() + 2);
+        if replace {
+            ops.push(Op::DeletePrefix {
+                table: RECORDS_TABLE,
+                prefix: prefix.clone(),
+            });
+        }
+        for r in records {
+            let mut key = prefix.clone();
+            key.extend_from_slice(r.key.as_bytes());
+            let value = StoredRecord {
+                seq: r.seq,
+                value: r.value.clone(),
+            };
+            ops.push(Op::Put {
+                table: RECORDS_TABLE,
+                key,
+                value: postcard::to_stdvec(&value).unwrap_or_default(),
+            });
+        }
+        let h = StoredHeader {
+            owner: self.header.owner,
+            generation: self.header.generation,
+            seq: self.header.seq,
+        };
+        ops.push(Op::Put {
+            table: STREAMS_TABLE,
+            key: self.id.store_prefix(),
+            value: postcard::to_stdvec(&h).unwrap_or_default(),
+        });
+        ops
+    }
+
+    /// Every stream kept in the store. The hash is recomputed from the records, never
+    /// read: a record changed behind the engine's back shows as a hash that differs from
+    /// the owner's at the same position.
+    pub fn load_all(store: &dyn Store) -> Result<Vec<Stream>, LoadError> {
+        let mut out = Vec::new();
+        for (key, value) in store.scan(STREAMS_TABLE, b"")? {
+            let id = parse_stream_key(&key).ok_or(LoadError::Corrupt("a stream key"))?;
+            let h: StoredHeader =
+                postcard::from_bytes(&value).map_err(|_| LoadError::Corrupt("a stream header"))?;
+            let mut s = Stream::new(id);
+            let mut records = Vec::new();
+            let prefix = s.id.store_prefix();
+            for (k, v) in store.scan(RECORDS_TABLE, &prefix)? {
+                let key = String::from_utf8(k[prefix.len()..].to_vec())
+                    .map_err(|_| LoadError::Corrupt("a record key"))?;
+                let r: StoredRecord =
+                    postcard::from_bytes(&v).map_err(|_| LoadError::Corrupt("a record"))?;
+                records.push(Record {
+                    key,
+                    value: r.value,
+                    seq: r.seq,
+                });
+            }
+            records.sort_by_key(|r| r.seq);
+            s.apply(&records);
+            s.header.owner = h.owner;
+            s.header.generation = h.generation;
+            s.header.seq = h.seq;
+            out.push(s);
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the store holds {0} that cannot be read")]
+    Corrupt(&'static str),
+}
+
+/// Changes a record's value in the store behind the engine's back, keeping its seq: what a
+/// damaged or hand-edited store looks like. For repair drills and tests (EX-13).
+pub fn overwrite_in_store(
+    store: &dyn Store,
+    id: &StreamId,
+    key: &str,
+    value: &[u8],
+) -> Result<bool, LoadError> {
+    let mut k = id.store_prefix();
+    k.extend_from_slice(key.as_bytes());
+    let Some(old) = store.get(RECORDS_TABLE, &k)? else {
+        return Ok(false);
+    };
+    let old: StoredRecord =
+        postcard::from_bytes(&old).map_err(|_| LoadError::Corrupt("a record"))?;
+    let new = StoredRecord {
+        seq: old.seq,
+        value: Some(value.to_vec()),
+    };
+    store.apply(&[Op::Put {
+        table: RECORDS_TABLE,
+        key: k,
+        value: postcard::to_stdvec(&new).unwrap_or_default(),
+    }])?;
+    Ok(true)
+}
+
+fn parse_stream_key(key: &[u8]) -> Option<StreamId> {
+    let mut parts = key.split(|b| *b == 0);
+    let ns = std::str::from_utf8(parts.next()?).ok()?;
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    Some(StreamId::new(ns, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use causeway_store::MemoryStore;
+
+    fn rec(key: &str, value: Option<&str>, seq: u64) -> Record {
+        Record {
+            key: key.into(),
+            value: value.map(|v| v.as_bytes().to_vec()),
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_hashes_like_the_history_it_summarises() {
+        let mut history = Stream::new(StreamId::new("config", "cluster"));
+        history.apply(&[rec("a", Some("1"), 1), rec("b", Some("2"), 2)]);
+        history.apply(&[rec("a", None, 3), rec("b", Some("3"), 4), rec("c", Some("x"), 5)]);
+        assert_eq!(history.since(3).len(), 3, "the tombstone travels in a range");
+        let mut copy = Stream::new(history.id.clone());
+        copy.apply(&history.snapshot());
+        assert_eq!(copy.header.hash, history.header.hash);
+        assert_eq!(copy.get("a"), None);
+        assert_eq!(copy.get("b"), Some(&b"3"[..]));
+        let mut other = Stream::new(history.id.clone());
+        other.apply(&[rec("b", Some("4"), 4), rec("c", Some("x"), 5)]);
+        assert_ne!(other.header.hash, history.header.hash, "different data, different hash");
+    }
+
+    #[test]
+    fn a_reloaded_stream_has_the_same_header_and_a_tampered_one_does_not() {
+        let store = MemoryStore::new();
+        let mut s = Stream::new(StreamId::new("config", "cluster"));
+        let records = [rec("a", Some("1"), 1), rec("b", Some("2"), 2), rec("a", None, 3)];
+        s.apply(&records);
+        s.header = Header {
+            owner: 7,
+            generation: 2,
+            seq: 3,
+            hash: s.header.hash,
+        };
+        store.apply(&s.store_ops(&records, false)).unwrap();
+        let loaded = Stream::load_all(&store).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].header, s.header);
+        assert_eq!(loaded[0].since(0), s.since(0));
+
+        let mut key = s.id.store_prefix();
+        key.extend_from_slice(b"b");
+        store
+            .apply(&[Op::Put {
+                table: RECORDS_TABLE,
+                key,
+                value: postcard::to_stdvec(&StoredRecord {
+                    seq: 2,
+                    value: Some(b"tampered".to_vec()),
+                })
+                .unwrap(),
+            }])
+            .unwrap();
+        let tampered = Stream::load_all(&store).unwrap();
+        assert_eq!(tampered[0].header.position(), s.header.position());
+        assert_ne!(tampered[0].header.hash, s.header.hash);
+    }
+}
