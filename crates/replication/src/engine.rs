@@ -254,7 +254,9 @@ impl Engine {
             primary,
             epoch,
             streams,
-            peers: (0..settings.peer_count).map(|_| PeerState::default()).collect(),
+            peers: (0..settings.peer_count)
+                .map(|_| PeerState::default())
+                .collect(),
             fetching: HashMap::new(),
             conflicts: BTreeMap::new(),
             takeover: None,
@@ -359,7 +361,8 @@ impl Engine {
         }
         // A fetch that got no complete answer is asked again by the next digest.
         let stale = self.settings.heartbeat * 10;
-        st.fetching.retain(|_, f| now.duration_since(f.since) < stale);
+        st.fetching
+            .retain(|_, f| now.duration_since(f.since) < stale);
         self.drive_takeover(&mut st, &active);
         let digest = Message::Digest {
             node_id: st.node_id,
@@ -545,7 +548,14 @@ impl Engine {
         self.progress.send_modify(|n| *n += 1);
     }
 
-    fn start_fetch(&self, st: &mut State, from: usize, id: &StreamId, mine: Header, snapshot: bool) {
+    fn start_fetch(
+        &self,
+        st: &mut State,
+        from: usize,
+        id: &StreamId,
+        mine: Header,
+        snapshot: bool,
+    ) {
         info!(target: LOG, peer = from, stream = %id, revision = mine.seq, "Starting synchronisation");
         st.fetching.insert(
             id.clone(),
@@ -572,10 +582,10 @@ impl Engine {
         let old = st.primary;
         st.primary = primary;
         st.epoch = epoch;
-        if let Err(e) = self
-            .store
-            .apply(&[put_meta("epoch", epoch), put_meta("primary", primary as u64)])
-        {
+        if let Err(e) = self.store.apply(&[
+            put_meta("epoch", epoch),
+            put_meta("primary", primary as u64),
+        ]) {
             st.store_error = Some(e.to_string());
         }
         info!(target: LOG, event = "Configuration primary changed", old_primary = old,
@@ -599,12 +609,9 @@ impl Engine {
             return;
         }
         let mine = st.streams.get(&id).map(|s| s.header).unwrap_or_default();
-        // Every reachable peer must have sent a digest since the takeover began.
-        let heard_all = active.iter().all(|p| {
-            st.peers[p - 1]
-                .last_digest
-                .is_some_and(|t| t >= started)
-        });
+        // Every reachable peer must follow this epoch (so it takes no more pushes from the
+        // old primary) and have said so in a digest, which also carries its newest header.
+        let heard_all = active.iter().all(|p| st.peers[p - 1].epoch >= epoch);
         if !heard_all && started.elapsed() < self.settings.heartbeat * 10 {
             return;
         }
@@ -669,16 +676,17 @@ impl Engine {
         } else {
             true
         };
-        let id_ok = st.peers[from - 1]
-            .node_id
-            .is_none_or(|n| n == header.owner);
+        let id_ok = st.peers[from - 1].node_id.is_none_or(|n| n == header.owner);
         let mine = st.streams.get(&id).map(|s| s.header).unwrap_or_default();
         if !sender_ok || !id_ok {
             drop(st);
             return self.reject(
                 from,
                 "push",
-                &format!("Peer {from} is not the owner of {id} (the configuration primary is Peer {})", self.primary()),
+                &format!(
+                    "Peer {from} is not the owner of {id} (the configuration primary is Peer {})",
+                    self.primary()
+                ),
             );
         }
         if header.generation < mine.generation {
@@ -803,7 +811,11 @@ impl Engine {
         let mut st = self.lock();
         if st.fetching.get(&id).map(|f| f.from) != Some(from) {
             drop(st);
-            return self.reject(from, "records", &format!("{id} was not asked of Peer {from}"));
+            return self.reject(
+                from,
+                "records",
+                &format!("{id} was not asked of Peer {from}"),
+            );
         }
         let mine = st.streams.get(&id).map(|s| s.header).unwrap_or_default();
         if header.generation < mine.generation && !replace {
@@ -812,7 +824,10 @@ impl Engine {
             return self.reject(
                 from,
                 "records",
-                &format!("{id} generation {} is older than this peer's {}", header.generation, mine.generation),
+                &format!(
+                    "{id} generation {} is older than this peer's {}",
+                    header.generation, mine.generation
+                ),
             );
         }
         if !replace && mine.position() != (header.generation, after_seq) {
@@ -959,50 +974,55 @@ impl Engine {
             .validate(id, &changes)
             .map_err(WriteError::Invalid)?;
         let active = self.link.active_peers();
-        let mut st = self.lock();
-        if is_config(id) {
-            if st.primary != self.settings.self_index {
-                return Err(WriteError::NotPrimary(st.primary));
+        // The guard lives in this block only: the future stays Send across the wait below.
+        let (header, applied) = {
+            let mut st = self.lock();
+            if is_config(id) {
+                if st.primary != self.settings.self_index {
+                    return Err(WriteError::NotPrimary(st.primary));
+                }
+                if st.takeover.is_some() || st.fetching.contains_key(id) {
+                    return Err(WriteError::TakingOver(self.settings.self_index));
+                }
             }
-            if st.takeover.is_some() || st.fetching.contains_key(id) {
-                return Err(WriteError::TakingOver(self.settings.self_index));
+            let node_id = st.node_id;
+            let stream = st
+                .streams
+                .entry(id.clone())
+                .or_insert_with(|| Stream::new(id.clone()));
+            let prev = stream.header.position();
+            let records: Vec<Record> = changes
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| Record {
+                    key: c.key,
+                    value: c.value,
+                    seq: prev.1 + 1 + i as u64,
+                })
+                .collect();
+            let applied = stream.apply(&records);
+            stream.header.owner = node_id;
+            stream.header.seq = prev.1 + records.len() as u64;
+            let header = stream.header;
+            let ops = stream.store_ops(&records, false);
+            if !self.persist(&mut st, &ops) {
+                return Err(WriteError::Store(
+                    st.store_error.clone().unwrap_or_default(),
+                ));
             }
-        }
-        let node_id = st.node_id;
-        let stream = st
-            .streams
-            .entry(id.clone())
-            .or_insert_with(|| Stream::new(id.clone()));
-        let prev = stream.header.position();
-        let records: Vec<Record> = changes
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| Record {
-                key: c.key,
-                value: c.value,
-                seq: prev.1 + 1 + i as u64,
-            })
-            .collect();
-        let applied = stream.apply(&records);
-        stream.header.owner = node_id;
-        stream.header.seq = prev.1 + records.len() as u64;
-        let header = stream.header;
-        let ops = stream.store_ops(&records, false);
-        if !self.persist(&mut st, &ops) {
-            return Err(WriteError::Store(st.store_error.clone().unwrap_or_default()));
-        }
-        // Pushed under the lock: pushes of one stream leave in seq order.
-        let push = Message::Push {
-            stream: id.clone(),
-            prev,
-            header,
-            records,
-        }
-        .encode();
-        for p in &active {
-            self.link.send(*p, push.clone());
-        }
-        drop(st);
+            // Pushed under the lock: pushes of one stream leave in seq order.
+            let push = Message::Push {
+                stream: id.clone(),
+                prev,
+                header,
+                records,
+            }
+            .encode();
+            for p in &active {
+                self.link.send(*p, push.clone());
+            }
+            (header, applied)
+        };
         if !applied.is_empty() {
             self.observer.applied(id, &applied, origin);
         }
@@ -1156,7 +1176,10 @@ impl Engine {
                     out.push((
                         20016,
                         format!("Peer {}", st.primary),
-                        format!("the configuration primary (Peer {}) is unreachable", st.primary),
+                        format!(
+                            "the configuration primary (Peer {}) is unreachable",
+                            st.primary
+                        ),
                     ));
                 }
             }
@@ -1204,19 +1227,23 @@ impl Engine {
             }
             let h = p.headers.get(&id).copied();
             let reachable = active.contains(&index);
+            // An ack is newer than the last digest: a peer that acked the latest push is in
+            // sync though its digest still shows the revision before.
+            let acked = p.acked.get(&id).copied().unwrap_or_default();
             let state = match (reachable, p.last_digest.is_some(), h) {
                 (false, _, _) => "Unreachable".to_string(),
                 (true, false, _) => "No digest".to_string(),
                 (true, true, h) => {
                     let h = h.unwrap_or_default();
-                    if h.position() == mine.position() {
-                        if h.hash == mine.hash {
-                            "In sync".to_string()
-                        } else {
-                            "Differs".to_string()
-                        }
+                    if h.position() == mine.position() && h.hash != mine.hash {
+                        "Differs".to_string()
+                    } else if h.position() == mine.position() || acked == mine.position() {
+                        "In sync".to_string()
                     } else if h.generation != mine.generation {
-                        format!("Generation {} (this peer: {})", h.generation, mine.generation)
+                        format!(
+                            "Generation {} (this peer: {})",
+                            h.generation, mine.generation
+                        )
                     } else if h.seq < mine.seq {
                         format!("Behind by {}", mine.seq - h.seq)
                     } else {

@@ -8,8 +8,8 @@ mod stream;
 pub mod wire;
 
 pub use engine::{
-    config_stream, Engine, EngineSettings, NoObserver, Observer, Origin, PeerLink,
-    PeerReplication, ReplicationStatus, WriteError, WriteOutcome,
+    config_stream, Engine, EngineSettings, NoObserver, Observer, Origin, PeerLink, PeerReplication,
+    ReplicationStatus, WriteError, WriteOutcome,
 };
 pub use stream::{overwrite_in_store, Applied, Header, LoadError, NodeId, Record, StreamId};
 pub use wire::{Change, CHANNEL};
