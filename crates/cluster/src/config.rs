@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub tls: TlsSection,
     #[serde(default)]
     pub admin: AdminSection,
+    #[serde(default)]
+    pub licences: LicenceSection,
     /// Where the file was read from; relative paths in it are relative to `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
@@ -151,6 +153,16 @@ pub struct AdminSection {
     pub https_listen: Option<SocketAddr>,
 }
 
+/// † Licences installed on this peer; the cluster's capacity is their sum.
+#[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LicenceSection {
+    #[serde(default)]
+    pub rich_media_sessions: u32,
+    #[serde(default)]
+    pub room_systems: u32,
+}
+
 /// A syntactically valid IP address or DNS name (RFC 1123 labels).
 pub fn valid_address(a: &str) -> bool {
     if a.parse::<IpAddr>().is_ok() {
@@ -181,6 +193,16 @@ impl NodeConfig {
         config.source = path.to_path_buf();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Writes the file back where it was read from (whole-file replace, so a crash leaves
+    /// the old or the new file, never half of one). Comments in the file are not kept.
+    pub fn save(&self) -> Result<(), String> {
+        let text = toml::to_string(self).map_err(|e| e.to_string())?;
+        let tmp = self.source.with_extension("toml.new");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, &self.source))
+            .map_err(|e| format!("writing {}: {e}", self.source.display()))
     }
 
     fn field(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {

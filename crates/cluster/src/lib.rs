@@ -5,7 +5,9 @@
 pub mod config;
 mod node;
 mod peer_alarms;
+pub mod xconfig;
 
 pub use config::{ConfigError, NodeConfig};
-pub use node::{ClusterStatus, Node};
+pub use node::{ClusterStatus, Node, NodeStore, SetOutcome};
 pub use peer_alarms::{peer_alarms, MANAGED_ALARMS};
+pub use xconfig::ConfigItem;

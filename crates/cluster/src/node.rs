@@ -1,25 +1,40 @@
-//! A running node: the mesh (when the node is clustered) and the alarms that follow from it.
+//! A running node: the mesh (when the node is clustered), the replicated configuration on
+//! it, and the alarms that follow from both.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use causeway_alarms::AlarmTable;
 use causeway_mesh::{
-    Clustering, Inbound, IpVersion, Mesh, PeerStatus, Resolver, TlsMode, Transport,
+    BoxFuture, Clustering, Inbound, IpVersion, Mesh, PeerStatus, Resolver, TlsMode, Transport,
 };
+use causeway_replication::{
+    config_stream, Applied, Change, Engine, EngineSettings, Observer, Origin, PeerLink,
+    ReplicationStatus, StreamId, WriteError, CHANNEL,
+};
+use causeway_store::{MemoryStore, RedbStore, Store};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 use crate::peer_alarms::{peer_alarms, MANAGED_ALARMS};
+use crate::xconfig::{self, ConfigItem};
 
 /// Peers that dial us get this long after start before their silence is an alarm.
 const SETTLE: Duration = Duration::from_secs(3);
 /// RTT and clock skew change on every heartbeat without a state change: re-check this often.
 const RECHECK: Duration = Duration::from_secs(1);
+/// Replication alarms the supervisor keeps equal to what the engine reports.
+const REPLICATION_ALARMS: &[u32] = &[20006, 20009, 20011, 20014, 20016, 20017];
+const CONFIG_LOG: &str = "management.configuration";
 
 /// What `xstatus cluster` prints.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -35,49 +50,192 @@ pub struct ClusterStatus {
     /// Why this node is not clustering, when it is not.
     pub problem: Option<String>,
     pub peers: Vec<PeerStatus>,
+    #[serde(default)]
+    pub replication: Option<ReplicationStatus>,
+}
+
+/// The node's store, and what went wrong opening it (alarm 20014).
+pub struct NodeStore {
+    pub store: Arc<dyn Store>,
+    pub problem: Option<String>,
+}
+
+impl NodeStore {
+    /// Opens `data_dir/node.redb`. An unreadable store is kept aside (for a post-mortem) and
+    /// replaced by an empty one, which the primary then fills: the node heals by itself.
+    pub fn open(data_dir: &Path) -> NodeStore {
+        let path = data_dir.join("node.redb");
+        let opened = RedbStore::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                causeway_replication::check_store(&s)
+                    .map(|_| s)
+                    .map_err(|e| e.to_string())
+            });
+        let why = match opened {
+            Ok(s) => {
+                return NodeStore {
+                    store: Arc::new(s),
+                    problem: None,
+                }
+            }
+            Err(why) => why,
+        };
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let aside = data_dir.join(format!("node.redb.damaged-{stamp}"));
+        let moved = std::fs::rename(&path, &aside).is_ok();
+        match RedbStore::open(&path) {
+            Ok(s) if moved => NodeStore {
+                store: Arc::new(s),
+                problem: Some(format!(
+                    "the store {} could not be read ({why}); it was kept as {} and this peer takes the configuration from the primary",
+                    path.display(),
+                    aside.display()
+                )),
+            },
+            result => NodeStore {
+                store: Arc::new(MemoryStore::new()),
+                problem: Some(format!(
+                    "the store {} could not be read ({}); this peer runs without one until it is repaired: check the disk, move the file away and restart",
+                    path.display(),
+                    result.err().map(|e| e.to_string()).unwrap_or(why)
+                )),
+            },
+        }
+    }
+
+    /// A store in memory (tests; a node that must not touch the disk).
+    pub fn memory(store: Arc<MemoryStore>) -> NodeStore {
+        NodeStore {
+            store,
+            problem: None,
+        }
+    }
 }
 
 pub struct Node {
     config: NodeConfig,
     alarms: Arc<AlarmTable>,
-    mesh: Option<Mesh>,
+    mesh: Option<Arc<Mesh>>,
+    engine: Arc<Engine>,
+    observer: Arc<ConfigObserver>,
+    store_problem: Option<String>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// Answer to `xconfiguration set`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SetOutcome {
+    pub path: String,
+    pub value: String,
+    /// The revision of the cluster configuration that holds the change (cluster-wide items).
+    pub revision: Option<u64>,
+    /// Peers that hold the change, of how many (cluster-wide items).
+    pub confirmed: Option<(usize, usize)>,
+    pub restart_required: bool,
 }
 
 impl Node {
     /// Starts the cluster role. `transport` is the mesh's transport, already listening; it is
     /// unused when the configuration does not let this node cluster (alarm 20003 then).
+    /// Service messages on channels other than replication's come out of the receiver.
     pub fn start(
         config: NodeConfig,
         transport: Option<Arc<dyn Transport>>,
         resolver: Arc<dyn Resolver>,
+        store: NodeStore,
     ) -> (Arc<Node>, Option<mpsc::Receiver<Inbound>>) {
         let alarms = Arc::new(AlarmTable::new());
         if let Some(problem) = config.membership_problem() {
             alarms.raise(20003, "peer list", &problem);
+            alarms.raise(20015, "peer list", &problem);
         }
         if !config.cluster.peers.is_empty() && config.cluster.name.is_empty() {
             alarms.raise(20019, "cluster.name", "cluster.name is empty");
         }
+        let addresses = Arc::new(AddressMap::default());
+        let resolver: Arc<dyn Resolver> = Arc::new(MappedResolver {
+            map: addresses.clone(),
+            inner: resolver,
+        });
         let (mesh, inbound) = match (config.cluster_settings(), transport) {
             (Some(settings), Some(transport)) => {
                 let (mesh, inbound) = Mesh::start(settings, transport, resolver);
-                (Some(mesh), Some(inbound))
+                (Some(Arc::new(mesh)), Some(inbound))
             }
             _ => (None, None),
         };
+        // A node outside its own peer list (20003) keeps its configuration but neither
+        // replicates nor accepts changes until the list is fixed.
+        let (settings, link): (EngineSettings, Arc<dyn PeerLink>) = match &mesh {
+            Some(m) => {
+                let s = m.settings();
+                (
+                    EngineSettings::new(s.self_index, s.peers.len(), s.configuration_primary),
+                    Arc::new(MeshLink(m.clone())),
+                )
+            }
+            None => (EngineSettings::new(1, 1, 1), Arc::new(NoPeers)),
+        };
+        let observer = Arc::new(ConfigObserver {
+            alarms: alarms.clone(),
+            file: config.source.clone(),
+            file_lock: Mutex::new(()),
+            addresses: addresses.clone(),
+        });
+        let mut store_problem = store.problem;
+        let engine = match Engine::open(
+            settings.clone(),
+            store.store,
+            link.clone(),
+            observer.clone(),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                // check_store passed or the store is in memory: this is a read error now.
+                let why = format!("reading the replicated state failed ({e}); this peer runs on an empty copy until restarted");
+                store_problem = Some(why);
+                Engine::open(
+                    settings,
+                    Arc::new(MemoryStore::new()),
+                    link,
+                    observer.clone(),
+                )
+                .expect("an empty memory store always opens")
+            }
+        };
+        if let Some(why) = &store_problem {
+            warn!(target: "developer.replication", reason = %why, "Replicated store replaced");
+            alarms.raise(20014, "store", why);
+        }
+        addresses.load(&engine.entries(&config_stream()));
         let node = Arc::new(Node {
             config,
             alarms,
             mesh,
+            engine,
+            observer,
+            store_problem,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
+        let services = inbound.map(|inbound| {
+            let (tx, rx) = mpsc::channel(1024);
+            node.tasks.spawn(route_inbound(node.clone(), inbound, tx));
+            rx
+        });
         if node.mesh.is_some() {
+            let engine = node.engine.clone();
+            let cancel = node.cancel.clone();
+            node.tasks
+                .spawn(async move { engine.run(cancel.cancelled_owned()).await });
             node.tasks.spawn(supervise(node.clone()));
         }
-        (node, inbound)
+        (node, services)
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -89,7 +247,11 @@ impl Node {
     }
 
     pub fn mesh(&self) -> Option<&Mesh> {
-        self.mesh.as_ref()
+        self.mesh.as_deref()
+    }
+
+    pub fn replication(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     pub fn cluster_status(&self) -> ClusterStatus {
@@ -113,12 +275,124 @@ impl Node {
             system_name: self.config.node.system_name.clone(),
             software_version: causeway_common::SOFTWARE_VERSION.to_string(),
             cluster_name: c.name.clone(),
-            configuration_primary: c.configuration_primary,
+            configuration_primary: match &self.mesh {
+                Some(_) => self.engine.primary(),
+                None => c.configuration_primary,
+            },
             tls_verification: c.tls_verification,
             ip_version: c.ip_version,
             this_peer: self.mesh.as_ref().map(|m| m.settings().self_index),
             problem: self.config.membership_problem(),
             peers,
+            replication: self.mesh.as_ref().map(|_| self.engine.status()),
+        }
+    }
+
+    /// Every configuration item: peer-specific (†) first, then cluster-wide.
+    pub fn configuration(&self) -> Vec<ConfigItem> {
+        let file = NodeConfig::load(&self.config.source).unwrap_or_else(|_| self.config.clone());
+        let entries: Vec<(String, String)> = self
+            .engine
+            .entries(&config_stream())
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
+        let mut items = xconfig::peer_items(&self.config, &file, self.engine.primary());
+        items.extend(xconfig::cluster_items(&entries, &self.config));
+        items
+    }
+
+    /// `xconfiguration set` (`value: None` clears a cluster-wide item back to its default).
+    pub async fn set_configuration(
+        &self,
+        path: &str,
+        value: Option<&str>,
+    ) -> Result<SetOutcome, String> {
+        if xconfig::is_peer_specific(path) {
+            let value =
+                value.ok_or_else(|| format!("{path} is peer-specific (†): give a value"))?;
+            return self.set_peer_item(path, value);
+        }
+        let canonical = xconfig::canonical(path, value)?;
+        if self.mesh.is_none() && !self.config.cluster.peers.is_empty() {
+            return Err(format!(
+                "this peer is not clustering ({}): fix cluster.peers first",
+                self.config.membership_problem().unwrap_or_default()
+            ));
+        }
+        let change = Change {
+            key: path.to_string(),
+            value: canonical.clone().map(String::into_bytes),
+        };
+        let out = self
+            .engine
+            .write(&config_stream(), vec![change])
+            .await
+            .map_err(|e| match e {
+                WriteError::Invalid(why) => why,
+                other => other.to_string(),
+            })?;
+        Ok(SetOutcome {
+            path: path.to_string(),
+            value: canonical
+                .map(|v| xconfig::shown(path, &v))
+                .unwrap_or_default(),
+            revision: Some(out.seq),
+            confirmed: Some((out.confirmed, out.peers)),
+            restart_required: xconfig::restart_required(path),
+        })
+    }
+
+    fn set_peer_item(&self, path: &str, value: &str) -> Result<SetOutcome, String> {
+        let _guard = self.observer.lock_file();
+        let mut file = NodeConfig::load(&self.config.source).map_err(|e| e.to_string())?;
+        let before = xconfig::peer_items(&file, &file, self.engine.primary())
+            .into_iter()
+            .find(|i| i.path == path)
+            .map(|i| i.value)
+            .unwrap_or_default();
+        xconfig::set_peer_item(&mut file, path, value)?;
+        file.save()
+            .map_err(|e| format!("{path}: saving the change failed: {e}"))?;
+        log_change(path, &before, value.trim());
+        self.alarms.raise(
+            20007,
+            path,
+            &format!(
+                "{path} changed from '{before}' to '{}': restart this peer for it to take effect",
+                value.trim()
+            ),
+        );
+        Ok(SetOutcome {
+            path: path.to_string(),
+            value: value.trim().to_string(),
+            revision: None,
+            confirmed: None,
+            restart_required: true,
+        })
+    }
+
+    /// EX-13 on a subordinate.
+    pub async fn force_config_update(&self) -> Result<ReplicationStatus, String> {
+        self.clustered()?;
+        self.engine.force_config_update().await?;
+        Ok(self.engine.status())
+    }
+
+    /// EX-7: make `peer` the configuration primary on every reachable peer.
+    pub async fn set_primary(&self, peer: usize) -> Result<ReplicationStatus, String> {
+        self.clustered()?;
+        self.engine.set_primary(peer).await?;
+        Ok(self.engine.status())
+    }
+
+    fn clustered(&self) -> Result<(), String> {
+        match &self.mesh {
+            Some(_) => Ok(()),
+            None => Err(match self.config.membership_problem() {
+                Some(p) => format!("this peer is not clustering ({p}): fix cluster.peers first"),
+                None => "this system is not in a cluster (cluster.peers is empty)".to_string(),
+            }),
         }
     }
 
@@ -133,7 +407,27 @@ impl Node {
     }
 }
 
-/// Keeps the peer alarms equal to what the mesh view calls for.
+/// Replication frames to the engine; everything else to the services.
+async fn route_inbound(
+    node: Arc<Node>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    services: mpsc::Sender<Inbound>,
+) {
+    loop {
+        let message = tokio::select! {
+            _ = node.cancel.cancelled() => return,
+            m = inbound.recv() => match m { Some(m) => m, None => return },
+        };
+        if message.channel == CHANNEL {
+            node.engine.handle(message.from, &message.payload);
+        } else if services.try_send(message).is_err() {
+            // Nobody reads service messages yet (or they are behind): drop, never block
+            // replication behind them.
+        }
+    }
+}
+
+/// Keeps the peer and replication alarms equal to what the mesh and the engine call for.
 async fn supervise(node: Arc<Node>) {
     let Some(mesh) = node.mesh.as_ref() else {
         return;
@@ -142,17 +436,229 @@ async fn supervise(node: Arc<Node>) {
     let mut changes = mesh.changes();
     let mut recheck = tokio::time::interval(RECHECK);
     let timing = mesh.settings().timing.clone();
+    let mut managed: Vec<u32> = MANAGED_ALARMS.to_vec();
+    managed.extend_from_slice(REPLICATION_ALARMS);
     loop {
         let view = mesh.view();
         let settled = started.elapsed() >= SETTLE;
-        let wanted = peer_alarms(&view, &timing, settled, &|id, subject| {
+        let mut wanted = peer_alarms(&view, &timing, settled, &|id, subject| {
             node.alarms.is_raised(id, subject)
         });
-        node.alarms.reconcile(MANAGED_ALARMS, &wanted);
+        wanted.extend(node.engine.alarms(settled));
+        // A replaced store stays alarmed until this peer holds the primary's configuration.
+        if let Some(why) = &node.store_problem {
+            let status = node.engine.status();
+            if status.database_status != "Active" || status.revision == 0 {
+                wanted.push((20014, "store".into(), why.clone()));
+            }
+        }
+        node.alarms.reconcile(&managed, &wanted);
         tokio::select! {
             _ = node.cancel.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
             _ = recheck.tick() => {}
         }
+    }
+}
+
+struct MeshLink(Arc<Mesh>);
+
+impl PeerLink for MeshLink {
+    fn send(&self, peer: usize, payload: Bytes) -> bool {
+        self.0.send(peer, CHANNEL, payload).is_ok()
+    }
+
+    fn active_peers(&self) -> Vec<usize> {
+        self.0
+            .view()
+            .peers
+            .iter()
+            .filter(|p| p.is_active())
+            .map(|p| p.index)
+            .collect()
+    }
+}
+
+struct NoPeers;
+
+impl PeerLink for NoPeers {
+    fn send(&self, _: usize, _: Bytes) -> bool {
+        false
+    }
+    fn active_peers(&self) -> Vec<usize> {
+        Vec::new()
+    }
+}
+
+/// The cluster address mapping (EX-9): peer names to addresses, consulted before DNS.
+#[derive(Default)]
+struct AddressMap(RwLock<HashMap<String, IpAddr>>);
+
+const MAPPING_PREFIX: &str = "cluster.address_mapping.";
+
+impl AddressMap {
+    fn load(&self, entries: &[(String, Vec<u8>)]) {
+        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        map.clear();
+        for (k, v) in entries {
+            self.parse_into(&mut map, k, Some(v));
+        }
+    }
+
+    fn update(&self, key: &str, value: Option<&[u8]>) {
+        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        self.parse_into(&mut map, key, value);
+    }
+
+    fn parse_into(&self, map: &mut HashMap<String, IpAddr>, key: &str, value: Option<&[u8]>) {
+        let Some(name) = key.strip_prefix(MAPPING_PREFIX) else {
+            return;
+        };
+        let ip = value
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok());
+        match ip {
+            Some(ip) => map.insert(name.to_ascii_lowercase(), ip),
+            None => map.remove(&name.to_ascii_lowercase()),
+        };
+    }
+
+    fn get(&self, host: &str) -> Option<IpAddr> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host.to_ascii_lowercase())
+            .copied()
+    }
+}
+
+struct MappedResolver {
+    map: Arc<AddressMap>,
+    inner: Arc<dyn Resolver>,
+}
+
+impl Resolver for MappedResolver {
+    fn resolve<'a>(&'a self, host: &'a str) -> BoxFuture<'a, Result<IpAddr, String>> {
+        match self.map.get(host) {
+            Some(ip) => Box::pin(async move { Ok(ip) }),
+            None => self.inner.resolve(host),
+        }
+    }
+}
+
+fn log_change(path: &str, old: &str, new: &str) {
+    let text = |v: &str| {
+        if v.is_empty() {
+            "(unset)".to_string()
+        } else {
+            xconfig::shown(path, v)
+        }
+    };
+    info!(target: CONFIG_LOG, event = "System Configuration Changed",
+        "xconfiguration {path} - changed from: {} to: {}", text(old), text(new));
+}
+
+/// Checks configuration changes, logs them, applies what can be applied live, and keeps
+/// the node's file in step with the replicated items it also holds.
+struct ConfigObserver {
+    alarms: Arc<AlarmTable>,
+    file: std::path::PathBuf,
+    /// Every rewrite of the node's file goes through this lock.
+    file_lock: Mutex<()>,
+    addresses: Arc<AddressMap>,
+}
+
+impl ConfigObserver {
+    fn lock_file(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.file_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rewrites one setting of the node's file; false (and a log line) when it cannot.
+    fn edit_file(&self, what: &str, edit: impl FnOnce(&mut NodeConfig) -> bool) -> bool {
+        let _guard = self.lock_file();
+        let mut file = match NodeConfig::load(&self.file) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(target: CONFIG_LOG, reason = %e, setting = what, "Could not update the node's file");
+                return false;
+            }
+        };
+        if !edit(&mut file) {
+            return false;
+        }
+        match file.save() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(target: CONFIG_LOG, reason = %e, setting = what, "Could not update the node's file");
+                false
+            }
+        }
+    }
+}
+
+impl Observer for ConfigObserver {
+    fn validate(&self, stream: &StreamId, changes: &[Change]) -> Result<(), String> {
+        if *stream != config_stream() {
+            return Ok(());
+        }
+        for c in changes {
+            let value = match &c.value {
+                None => None,
+                Some(v) => {
+                    Some(std::str::from_utf8(v).map_err(|_| format!("{}: not UTF-8 text", c.key))?)
+                }
+            };
+            let canonical = xconfig::canonical(&c.key, value)?;
+            if canonical.as_deref() != value {
+                return Err(format!("{}: not in canonical form", c.key));
+            }
+        }
+        Ok(())
+    }
+
+    fn applied(&self, stream: &StreamId, applied: &[Applied], _origin: Origin) {
+        if *stream != config_stream() {
+            return;
+        }
+        for a in applied {
+            let text = |v: &Option<Vec<u8>>| {
+                v.as_deref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default()
+            };
+            let (old, new) = (text(&a.old), text(&a.new));
+            log_change(&a.key, &old, &new);
+            if a.key.starts_with(MAPPING_PREFIX) {
+                self.addresses.update(&a.key, a.new.as_deref());
+            }
+            if a.key == "cluster.tls_verification" {
+                let mode = match new.as_str() {
+                    "Enforce" => TlsMode::Enforce,
+                    _ => TlsMode::Permissive,
+                };
+                let changed = self.edit_file(&a.key, |f| {
+                    let changed = f.cluster.tls_verification != mode;
+                    f.cluster.tls_verification = mode;
+                    changed
+                });
+                if changed {
+                    self.alarms.raise(
+                        20007,
+                        &a.key,
+                        &format!("{} changed from '{old}' to '{new}': restart this peer for it to take effect", a.key),
+                    );
+                }
+            }
+        }
+    }
+
+    fn primary_changed(&self, primary: usize, epoch: u64) {
+        info!(target: CONFIG_LOG, event = "System Configuration Changed", epoch = epoch,
+            "xconfiguration cluster.configuration_primary - changed to: {primary}");
+        self.edit_file("cluster.configuration_primary", |f| {
+            let changed = f.cluster.configuration_primary != primary;
+            f.cluster.configuration_primary = primary;
+            changed
+        });
     }
 }

@@ -4,9 +4,7 @@
 use causeway_mesh::{CertStatus, Clustering, FailureKind, MeshView, RefuseField, Timing};
 
 /// The alarm IDs this module decides; the node leaves every other ID alone.
-pub const MANAGED_ALARMS: &[u32] = &[
-    20004, 20005, 20012, 20017, 20021, 21001, 21002, 21003, 21004,
-];
+pub const MANAGED_ALARMS: &[u32] = &[20004, 20005, 20012, 20021, 21001, 21002, 21003, 21004];
 
 /// `(id, subject, reason)` for every alarm the view calls for. `raised(id, subject)` says
 /// whether an alarm is raised now. `settled` is false during the first seconds after start,
@@ -61,9 +59,6 @@ pub fn peer_alarms(
                     Some(FailureKind::Refused(
                         RefuseField::SoftwareVersion | RefuseField::ProtocolVersion,
                     )) => out.push((21002, subject.clone(), reason.clone())),
-                    Some(FailureKind::Refused(RefuseField::ConfigurationPrimary)) => {
-                        out.push((20017, subject.clone(), reason.clone()))
-                    }
                     Some(FailureKind::Refused(
                         RefuseField::ClusterName
                         | RefuseField::PeerList

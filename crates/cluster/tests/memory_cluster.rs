@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_cluster::config::{AdminSection, ClusterSection, NodeSection, TlsSection};
-use causeway_cluster::{Node, NodeConfig};
+use causeway_cluster::{Node, NodeConfig, NodeStore};
 use causeway_mesh::{Clustering, MemoryNetwork, SystemResolver, TlsMode};
+use causeway_store::MemoryStore;
 
 fn ip(k: usize) -> IpAddr {
     format!("198.18.0.{k}").parse().unwrap()
@@ -29,6 +30,7 @@ fn config(k: usize, n: usize, mode: TlsMode) -> NodeConfig {
         },
         tls: TlsSection::default(),
         admin: AdminSection::default(),
+        licences: Default::default(),
         source: "test.toml".into(),
         announce_version: None,
     }
@@ -37,7 +39,13 @@ fn config(k: usize, n: usize, mode: TlsMode) -> NodeConfig {
 struct Cluster {
     net: MemoryNetwork,
     nodes: Vec<Option<Arc<Node>>>,
+    /// Each node's store, kept across restarts like its disk.
+    stores: Vec<Arc<MemoryStore>>,
     n: usize,
+}
+
+fn fresh_store() -> NodeStore {
+    NodeStore::memory(Arc::new(MemoryStore::new()))
 }
 
 impl Cluster {
@@ -50,6 +58,7 @@ impl Cluster {
         let mut c = Cluster {
             net,
             nodes: Vec::new(),
+            stores: (0..n).map(|_| Arc::new(MemoryStore::new())).collect(),
             n,
         };
         for k in 1..=n {
@@ -65,7 +74,8 @@ impl Cluster {
         let resolver = Arc::new(SystemResolver {
             ip_version: Default::default(),
         });
-        Node::start(cfg, Some(transport), resolver).0
+        let store = NodeStore::memory(self.stores[k - 1].clone());
+        Node::start(cfg, Some(transport), resolver, store).0
     }
 
     fn node(&self, k: usize) -> &Arc<Node> {
@@ -224,6 +234,7 @@ async fn a_certificate_that_does_not_name_the_peer_is_refused_in_enforce_only() 
         let c = Cluster {
             net,
             nodes: Vec::new(),
+            stores: (0..3).map(|_| Arc::new(MemoryStore::new())).collect(),
             n: 3,
         };
         let mut c = c;
@@ -283,11 +294,6 @@ async fn configuration_drift_is_refused_with_the_field_named() {
             Box::new(|c| c.cluster.peers.swap(0, 1)),
             "peer list differs at Peer 1 address",
             20012,
-        ),
-        (
-            Box::new(|c| c.cluster.configuration_primary = 2),
-            "configuration primary differs",
-            20017,
         ),
         (
             Box::new(|c| c.cluster.tls_verification = TlsMode::Permissive),
@@ -353,7 +359,7 @@ async fn a_node_claiming_another_peers_number_is_refused_and_the_real_peer_stays
     let resolver = Arc::new(SystemResolver {
         ip_version: Default::default(),
     });
-    let impostor = Node::start(cfg, Some(c.net.transport(ip(4))), resolver).0;
+    let impostor = Node::start(cfg, Some(c.net.transport(ip(4))), resolver, fresh_store()).0;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let seen_by_impostor = impostor.cluster_status();
     match &seen_by_impostor.peers[2].clustering {
@@ -384,11 +390,13 @@ async fn service_messages_reach_the_peer_in_order_and_sending_to_a_dead_peer_fai
         config(1, 2, TlsMode::Enforce),
         Some(net.transport(ip(1))),
         resolver.clone(),
+        fresh_store(),
     );
     let (b, inbound) = Node::start(
         config(2, 2, TlsMode::Enforce),
         Some(net.transport(ip(2))),
         resolver,
+        fresh_store(),
     );
     let mut inbound = inbound.unwrap();
     wait_for(10, "formed", || a.mesh().unwrap().view().all_active()).await;
@@ -421,4 +429,106 @@ async fn service_messages_reach_the_peer_in_order_and_sending_to_a_dead_peer_fai
         "{:?}",
         p2.clustering
     );
+}
+
+fn value_on(node: &Node, path: &str) -> String {
+    node.configuration()
+        .into_iter()
+        .find(|i| i.path == path)
+        .map(|i| i.value)
+        .unwrap_or_else(|| panic!("{path} is listed"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cluster_wide_change_through_a_subordinate_reaches_every_peer_and_survives_restart() {
+    let mut c = Cluster::start(3, TlsMode::Enforce);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    let out = c
+        .node(2)
+        .set_configuration("sip.domains", Some("Example.com, example.org"))
+        .await
+        .unwrap();
+    assert_eq!(out.value, "example.com,example.org");
+    assert_eq!(out.confirmed.map(|(n, of)| n * 2 > of), Some(true));
+    for (k, n) in c.running() {
+        assert_eq!(
+            value_on(n, "sip.domains"),
+            "example.com,example.org",
+            "Peer {k}"
+        );
+    }
+    // Invalid values are refused on any peer, naming the field; nothing changes.
+    let err = c
+        .node(3)
+        .set_configuration("limits.calls.max", Some("lots"))
+        .await
+        .unwrap_err();
+    assert!(err.starts_with("limits.calls.max:"), "{err}");
+    assert_eq!(value_on(c.node(1), "limits.calls.max"), "0");
+    // Peer-specific items are not replicated; the primary is shown from replication.
+    let items = c.node(3).configuration();
+    let name = items.iter().find(|i| i.path == "system.name").unwrap();
+    assert!(name.peer_specific && name.value == "peer3");
+    // Restart Peer 3 on its store: it has the configuration before it hears from anyone.
+    c.nodes[2].take().unwrap().shutdown().await;
+    c.node(1)
+        .set_configuration("sip.domains", Some("example.net"))
+        .await
+        .unwrap();
+    c.nodes[2] = Some(c.boot(3, config(3, 3, TlsMode::Enforce)));
+    assert_eq!(
+        value_on(c.node(3), "sip.domains"),
+        "example.com,example.org"
+    );
+    wait_for(10, "Peer 3 catches up", || {
+        value_on(c.node(3), "sip.domains") == "example.net"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (k, n) in c.running() {
+        let r = n.cluster_status().replication.unwrap();
+        assert_eq!(r.database_status, "Active", "Peer {k}: {r:?}");
+        assert!(
+            n.alarms().active().is_empty(),
+            "Peer {k}: {:?}",
+            n.alarms().active()
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn peers_that_disagree_on_the_primary_still_cluster_raise_20017_and_set_primary_settles_it() {
+    let c = Cluster::start_with(3, TlsMode::Enforce, |k, cfg| {
+        if k == 3 {
+            cfg.cluster.configuration_primary = 2;
+        }
+    });
+    wait_for(10, "cluster formed", || c.formed()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        raised(c.node(1), 20017, "Peer 3"),
+        "{:?}",
+        c.node(1).alarms().active()
+    );
+    assert!(
+        raised(c.node(3), 20017, "Peer 1"),
+        "{:?}",
+        c.node(3).alarms().active()
+    );
+    c.node(3).set_primary(1).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (k, n) in c.running() {
+        assert_eq!(n.cluster_status().configuration_primary, 1, "Peer {k}");
+        assert!(
+            !n.alarms().active().iter().any(|a| a.id == 20017),
+            "Peer {k}: {:?}",
+            n.alarms().active()
+        );
+    }
+    // A change now goes through the agreed primary.
+    c.node(3)
+        .set_configuration("limits.calls.max", Some("100"))
+        .await
+        .unwrap();
+    assert_eq!(value_on(c.node(2), "limits.calls.max"), "100");
 }

@@ -11,6 +11,8 @@ pub enum RefuseField {
     ClusterName,
     SoftwareVersion,
     PeerList,
+    /// No longer sent (the primary moves at run time); kept so the variants after it keep
+    /// their wire numbers.
     ConfigurationPrimary,
     IpVersion,
     TlsMode,
@@ -97,14 +99,9 @@ pub fn check_hello(ours: &Hello, theirs: &Hello) -> Result<(), Refusal> {
             ),
         ));
     }
-    if ours.configuration_primary != theirs.configuration_primary {
-        return differs(
-            RefuseField::ConfigurationPrimary,
-            "configuration primary",
-            &ours.configuration_primary,
-            &theirs.configuration_primary,
-        );
-    }
+    // The configuration primary is not compared: it moves at run time (EX-7) and a peer
+    // that missed the move must still get in to learn it. Replication raises 20017 while
+    // two peers disagree.
     if ours.ip_version != theirs.ip_version {
         return differs(
             RefuseField::IpVersion,
@@ -183,11 +180,6 @@ mod tests {
                 Box::new(|h| h.peers.pop().map(drop).unwrap_or(())),
                 RefuseField::PeerList,
                 "peer list differs: 3 peers on Peer 1, 2 on Peer 2",
-            ),
-            (
-                Box::new(|h| h.configuration_primary = 2),
-                RefuseField::ConfigurationPrimary,
-                "configuration primary differs: '1' on Peer 1, '2' on Peer 2",
             ),
             (
                 Box::new(|h| h.ip_version = IpVersion::IPv6),

@@ -11,5 +11,10 @@ pub use engine::{
     config_stream, Engine, EngineSettings, NoObserver, Observer, Origin, PeerLink, PeerReplication,
     ReplicationStatus, WriteError, WriteOutcome,
 };
+/// Reads every stream of `store` as the engine would: an error means the store is damaged.
+pub fn check_store(store: &dyn causeway_store::Store) -> Result<(), LoadError> {
+    stream::Stream::load_all(store).map(|_| ())
+}
+
 pub use stream::{overwrite_in_store, Applied, Header, LoadError, NodeId, Record, StreamId};
 pub use wire::{Change, CHANNEL};

@@ -1,0 +1,453 @@
+//! The typed configuration tree behind `xconfiguration get|set` (EX-2).
+//!
+//! Cluster-wide items live in the replicated configuration stream, one record per path,
+//! the value in its canonical text form. Peer-specific items (marked † as in the seed) live
+//! in the node's own file and take effect on restart (alarm 20007).
+
+use std::net::IpAddr;
+
+use causeway_mesh::TlsMode;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{valid_address, NodeConfig};
+
+/// How a value is checked and written back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Comma-separated DNS domains, each once.
+    Domains,
+    /// A password; never shown back.
+    Secret,
+    /// `host:port` (host an IP or a DNS name).
+    HostPort,
+    /// `<pattern> <zone>`: a destination pattern (`*` may end it) and the zone it goes to.
+    Rule,
+    /// A whole number; 0 means no limit.
+    Limit,
+    /// `Permissive` or `Enforce`.
+    TlsMode,
+    /// An IP address.
+    Ip,
+}
+
+struct ItemDef {
+    /// `<name>` stands for an operator-chosen name (a family of items).
+    path: &'static str,
+    kind: Kind,
+    restart: bool,
+    about: &'static str,
+}
+
+const CLUSTER_ITEMS: &[ItemDef] = &[
+    ItemDef {
+        path: "sip.domains",
+        kind: Kind::Domains,
+        restart: false,
+        about: "SIP domains this cluster is authoritative for",
+    },
+    ItemDef {
+        path: "sip.users.<name>",
+        kind: Kind::Secret,
+        restart: false,
+        about: "a SIP user's password (digest authentication)",
+    },
+    ItemDef {
+        path: "zones.<name>.address",
+        kind: Kind::HostPort,
+        restart: false,
+        about: "a neighbour zone's SIP address",
+    },
+    ItemDef {
+        path: "routing.rules.<name>",
+        kind: Kind::Rule,
+        restart: false,
+        about: "a search rule: destination pattern and target zone",
+    },
+    ItemDef {
+        path: "limits.calls.max",
+        kind: Kind::Limit,
+        restart: false,
+        about: "concurrent calls across the cluster (0: no limit)",
+    },
+    ItemDef {
+        path: "limits.bandwidth.total_kbps",
+        kind: Kind::Limit,
+        restart: false,
+        about: "total call bandwidth across the cluster, kbit/s (0: no limit)",
+    },
+    ItemDef {
+        path: "limits.bandwidth.per_call_kbps",
+        kind: Kind::Limit,
+        restart: false,
+        about: "bandwidth of one call, kbit/s (0: no limit)",
+    },
+    ItemDef {
+        path: "cluster.tls_verification",
+        kind: Kind::TlsMode,
+        restart: true,
+        about: "TLS verification between peers: Permissive or Enforce",
+    },
+    ItemDef {
+        path: "cluster.address_mapping.<name>",
+        kind: Kind::Ip,
+        restart: false,
+        about: "the address a peer name maps to, consulted before DNS",
+    },
+];
+
+/// Peer-specific items (†), read from and written to the node's own file.
+const PEER_ITEMS: &[(&str, &str)] = &[
+    ("system.name", "this system's name"),
+    (
+        "system.address",
+        "this system's address, as in the peer list",
+    ),
+    ("cluster.name", "the cluster's name (FQDN)"),
+    (
+        "cluster.peers",
+        "Peer 1 … Peer N addresses, comma-separated",
+    ),
+    (
+        "cluster.configuration_primary",
+        "the configuration primary's peer number (change it with `xcommand SetPrimary`)",
+    ),
+    ("tls.certificate", "this peer's certificate file"),
+    ("tls.private_key", "this peer's private key file"),
+    ("tls.ca", "the trusted CA file"),
+    (
+        "licences.rich_media_sessions",
+        "rich media session licences on this peer",
+    ),
+    (
+        "licences.room_systems",
+        "room system registration licences on this peer",
+    ),
+];
+
+/// One line of `xconfiguration get`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigItem {
+    pub path: String,
+    pub value: String,
+    /// † : set on each peer separately.
+    pub peer_specific: bool,
+    /// A change takes effect only after a restart (20007).
+    pub restart_required: bool,
+    /// Set on this peer but not yet in effect (peer-specific items, until restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+    pub about: String,
+}
+
+fn name_ok(name: &str, dots: bool) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || (dots && c == '.'))
+}
+
+/// The cluster-wide item a path names, or why none does.
+fn cluster_item(path: &str) -> Option<&'static ItemDef> {
+    CLUSTER_ITEMS
+        .iter()
+        .find(|d| match d.path.split_once("<name>") {
+            None => d.path == path,
+            Some((prefix, suffix)) => path
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix(suffix))
+                .is_some_and(|name| name_ok(name, suffix.is_empty())),
+        })
+}
+
+pub fn is_peer_specific(path: &str) -> bool {
+    PEER_ITEMS.iter().any(|(p, _)| *p == path)
+}
+
+fn unknown(path: &str) -> String {
+    let known: Vec<&str> = CLUSTER_ITEMS
+        .iter()
+        .map(|d| d.path)
+        .chain(PEER_ITEMS.iter().map(|(p, _)| *p))
+        .collect();
+    format!(
+        "{path}: no such configuration item (known: {})",
+        known.join(", ")
+    )
+}
+
+/// Checks a cluster-wide value and returns its canonical form; the error names the path.
+/// `None` deletes the item (back to its default).
+pub fn canonical(path: &str, value: Option<&str>) -> Result<Option<String>, String> {
+    let def = cluster_item(path).ok_or_else(|| {
+        if is_peer_specific(path) {
+            format!("{path} is peer-specific (†): it is not replicated")
+        } else {
+            unknown(path)
+        }
+    })?;
+    let Some(value) = value else { return Ok(None) };
+    let v = value.trim();
+    if v.len() > 1024 {
+        return Err(format!("{path}: longer than 1024 characters"));
+    }
+    let bad = |why: &str| Err(format!("{path}: '{v}' {why}"));
+    let out = match def.kind {
+        Kind::Domains => {
+            let mut seen: Vec<String> = Vec::new();
+            for d in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+                let d = d.to_ascii_lowercase();
+                if d.parse::<IpAddr>().is_ok() || !valid_address(&d) {
+                    return bad(&format!(
+                        "is not a list of domains: '{d}' is not a DNS domain"
+                    ));
+                }
+                if seen.contains(&d) {
+                    return bad(&format!("lists '{d}' twice"));
+                }
+                seen.push(d);
+            }
+            seen.join(",")
+        }
+        Kind::Secret => {
+            if v.is_empty() || v.chars().any(char::is_control) {
+                return Err(format!(
+                    "{path}: a password must be 1 to 1024 printable characters"
+                ));
+            }
+            v.to_string()
+        }
+        Kind::HostPort => {
+            let ok = v.rsplit_once(':').is_some_and(|(h, p)| {
+                let h = h.trim_start_matches('[').trim_end_matches(']');
+                valid_address(h) && p.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return bad("is not host:port (for example sip.example.com:5061)");
+            }
+            v.to_ascii_lowercase()
+        }
+        Kind::Rule => {
+            let parts: Vec<&str> = v.split_whitespace().collect();
+            let pattern_ok = |p: &str| {
+                let body = p.strip_suffix('*').unwrap_or(p);
+                !p.is_empty()
+                    && !body.contains('*')
+                    && body
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "@.+-_".contains(c))
+            };
+            match parts.as_slice() {
+                [pattern, zone] if pattern_ok(pattern) && name_ok(zone, false) => {
+                    format!("{pattern} {zone}")
+                }
+                _ => return bad("is not '<pattern> <zone>' (for example '+4420* london')"),
+            }
+        }
+        Kind::Limit => match v.parse::<u32>() {
+            Ok(n) => n.to_string(),
+            Err(_) => return bad("is not a whole number from 0 to 4294967295"),
+        },
+        Kind::TlsMode => match v.to_ascii_lowercase().as_str() {
+            "permissive" => "Permissive".to_string(),
+            "enforce" | "enforcing" => "Enforce".to_string(),
+            _ => return bad("is not Permissive or Enforce"),
+        },
+        Kind::Ip => match v.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => return bad("is not an IP address"),
+        },
+    };
+    Ok(Some(out))
+}
+
+pub fn restart_required(path: &str) -> bool {
+    cluster_item(path).is_some_and(|d| d.restart)
+}
+
+/// What `get` shows for a stored value: secrets hidden.
+pub fn shown(path: &str, value: &str) -> String {
+    match cluster_item(path) {
+        Some(d) if d.kind == Kind::Secret => "********".to_string(),
+        _ => value.to_string(),
+    }
+}
+
+/// The cluster-wide items: every fixed path (set or default) and every set family member.
+pub fn cluster_items(entries: &[(String, String)], file: &NodeConfig) -> Vec<ConfigItem> {
+    let mut out = Vec::new();
+    for def in CLUSTER_ITEMS {
+        if def.path.contains("<name>") {
+            for (k, v) in entries {
+                if cluster_item(k).is_some_and(|d| std::ptr::eq(d, def)) {
+                    out.push(item(k, &shown(k, v), def));
+                }
+            }
+        } else {
+            let value = entries
+                .iter()
+                .find(|(k, _)| k == def.path)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| default_value(def.path, file));
+            out.push(item(def.path, &value, def));
+        }
+    }
+    out
+}
+
+fn item(path: &str, value: &str, def: &ItemDef) -> ConfigItem {
+    ConfigItem {
+        path: path.to_string(),
+        value: value.to_string(),
+        peer_specific: false,
+        restart_required: def.restart,
+        pending: None,
+        about: def.about.to_string(),
+    }
+}
+
+fn default_value(path: &str, file: &NodeConfig) -> String {
+    match path {
+        "cluster.tls_verification" => tls_text(file.cluster.tls_verification),
+        "limits.calls.max" | "limits.bandwidth.total_kbps" | "limits.bandwidth.per_call_kbps" => {
+            "0".to_string()
+        }
+        _ => String::new(),
+    }
+}
+
+pub fn tls_text(mode: TlsMode) -> String {
+    match mode {
+        TlsMode::Permissive => "Permissive",
+        TlsMode::Enforce => "Enforce",
+    }
+    .to_string()
+}
+
+/// The peer-specific items as `running` holds them, with `file`'s value as pending where it
+/// differs (set, not yet restarted). `primary` is the replicated primary (EX-7).
+pub fn peer_items(running: &NodeConfig, file: &NodeConfig, primary: usize) -> Vec<ConfigItem> {
+    PEER_ITEMS
+        .iter()
+        .map(|(path, about)| {
+            let value = peer_value(running, path, primary);
+            let on_file = peer_value(file, path, primary);
+            ConfigItem {
+                path: path.to_string(),
+                pending: (on_file != value).then_some(on_file),
+                value,
+                peer_specific: true,
+                restart_required: *path != "cluster.configuration_primary",
+                about: about.to_string(),
+            }
+        })
+        .collect()
+}
+
+fn peer_value(c: &NodeConfig, path: &str, primary: usize) -> String {
+    match path {
+        "system.name" => c.node.system_name.clone(),
+        "system.address" => c.node.address.clone(),
+        "cluster.name" => c.cluster.name.clone(),
+        "cluster.peers" => c.cluster.peers.join(","),
+        "cluster.configuration_primary" => primary.to_string(),
+        "tls.certificate" => c.tls.certificate.display().to_string(),
+        "tls.private_key" => c.tls.private_key.display().to_string(),
+        "tls.ca" => c.tls.ca.display().to_string(),
+        "licences.rich_media_sessions" => c.licences.rich_media_sessions.to_string(),
+        "licences.room_systems" => c.licences.room_systems.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Applies a peer-specific change to `file` and checks the whole file as `causeway run`
+/// would; the error names the item.
+pub fn set_peer_item(file: &mut NodeConfig, path: &str, value: &str) -> Result<(), String> {
+    let v = value.trim();
+    let number = |what: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("{path}: '{v}' is not a whole number of {what}"))
+    };
+    match path {
+        "system.name" => file.node.system_name = v.to_string(),
+        "system.address" => file.node.address = v.to_string(),
+        "cluster.name" => file.cluster.name = v.to_string(),
+        "cluster.peers" => {
+            file.cluster.peers = v
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect()
+        }
+        "cluster.configuration_primary" => {
+            return Err(format!(
+                "{path}: moves for the whole cluster at once: run `causeway xcommand SetPrimary <peer>`"
+            ))
+        }
+        "tls.certificate" => file.tls.certificate = v.into(),
+        "tls.private_key" => file.tls.private_key = v.into(),
+        "tls.ca" => file.tls.ca = v.into(),
+        "licences.rich_media_sessions" => file.licences.rich_media_sessions = number("licences")?,
+        "licences.room_systems" => file.licences.room_systems = number("licences")?,
+        _ => return Err(unknown(path)),
+    }
+    file.validate().map_err(|e| match e {
+        crate::ConfigError::Field { field, message, .. } => {
+            format!("{path}: '{v}' refused: {field}: {message}")
+        }
+        other => format!("{path}: '{v}' refused: {other}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_checked_and_canonical_and_errors_name_the_field() {
+        assert_eq!(
+            canonical("sip.domains", Some(" Example.com, example.org ")).unwrap(),
+            Some("example.com,example.org".into())
+        );
+        let e = canonical("sip.domains", Some("example.com,bad domain")).unwrap_err();
+        assert!(
+            e.starts_with("sip.domains:") && e.contains("bad domain"),
+            "{e}"
+        );
+        assert!(canonical("sip.domains", Some("a.example,a.example")).is_err());
+        assert_eq!(
+            canonical("cluster.tls_verification", Some("enforcing")).unwrap(),
+            Some("Enforce".into())
+        );
+        assert!(canonical("limits.calls.max", Some("-1"))
+            .unwrap_err()
+            .starts_with("limits.calls.max:"));
+        assert_eq!(
+            canonical("routing.rules.10", Some("+4420*   london")).unwrap(),
+            Some("+4420* london".into())
+        );
+        assert!(canonical("routing.rules.10", Some("+44*20 london")).is_err());
+        assert!(canonical("zones.london.address", Some("sip.example.com:5061")).is_ok());
+        assert!(canonical("zones.london.address", Some("sip.example.com")).is_err());
+        assert!(canonical("zones.lon.don.address", Some("a:1")).is_err());
+        assert_eq!(
+            canonical(
+                "cluster.address_mapping.peer1.lab.example",
+                Some("127.0.0.1")
+            )
+            .unwrap(),
+            Some("127.0.0.1".into())
+        );
+        assert!(canonical("sip.users.alice", Some("s3cret")).is_ok());
+        assert_eq!(shown("sip.users.alice", "s3cret"), "********");
+        let e = canonical("sip.nonsense", Some("1")).unwrap_err();
+        assert!(
+            e.contains("no such configuration item") && e.contains("sip.domains"),
+            "{e}"
+        );
+        let e = canonical("system.name", Some("x")).unwrap_err();
+        assert!(e.contains("peer-specific"), "{e}");
+        assert_eq!(canonical("sip.domains", None).unwrap(), None);
+    }
+}
