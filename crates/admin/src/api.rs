@@ -1,9 +1,11 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::routing::get;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use causeway_cluster::{ClusterStatus, Node};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// Largest request body the API reads.
@@ -17,6 +19,15 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/api/v1/status/cluster", get(cluster))
         .route("/api/v1/status/alarms", get(alarms))
+        .route(
+            "/api/v1/configuration",
+            get(configuration).post(set_configuration),
+        )
+        .route(
+            "/api/v1/command/forceconfigupdate",
+            post(force_config_update),
+        )
+        .route("/api/v1/command/setprimary", post(set_primary))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(node)
 }
@@ -31,4 +42,51 @@ async fn alarms(State(node): State<Arc<Node>>) -> Json<Value> {
         "active": node.alarms().active(),
         "events": node.alarms().events(),
     }))
+}
+
+/// A refusal: 409 with `{"error": "..."}`, the message naming what to do.
+type Answer = Result<Json<Value>, (StatusCode, Json<Value>)>;
+
+fn refused(why: String) -> (StatusCode, Json<Value>) {
+    (StatusCode::CONFLICT, Json(json!({ "error": why })))
+}
+
+async fn configuration(State(node): State<Arc<Node>>) -> Json<Value> {
+    Json(json!({
+        "system_name": node.config().node.system_name,
+        "items": node.configuration(),
+    }))
+}
+
+#[derive(Deserialize)]
+struct SetRequest {
+    path: String,
+    /// Absent or null: back to the default.
+    value: Option<String>,
+}
+
+async fn set_configuration(State(node): State<Arc<Node>>, Json(req): Json<SetRequest>) -> Answer {
+    node.set_configuration(&req.path, req.value.as_deref())
+        .await
+        .map(|out| Json(json!(out)))
+        .map_err(refused)
+}
+
+async fn force_config_update(State(node): State<Arc<Node>>) -> Answer {
+    node.force_config_update()
+        .await
+        .map(|s| Json(json!(s)))
+        .map_err(refused)
+}
+
+#[derive(Deserialize)]
+struct SetPrimaryRequest {
+    peer: usize,
+}
+
+async fn set_primary(State(node): State<Arc<Node>>, Json(req): Json<SetPrimaryRequest>) -> Answer {
+    node.set_primary(req.peer)
+        .await
+        .map(|s| Json(json!(s)))
+        .map_err(refused)
 }

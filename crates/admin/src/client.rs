@@ -11,11 +11,40 @@ use anyhow::Context as _;
 const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
 
 pub fn get_json(socket: &Path, path: &str) -> anyhow::Result<serde_json::Value> {
+    request(socket, "GET", path, None)
+}
+
+/// POSTs `body`; a refusal (the node's `{"error": …}`) comes back as the error, as the
+/// node worded it.
+pub fn post_json(
+    socket: &Path,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    request(socket, "POST", path, Some(body))
+}
+
+fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!("connecting to the node's admin socket {}: is the node running? (start it with 'causeway run --config …' or 'causeway lab up')", socket.display())
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: causeway\r\nConnection: close\r\nAccept: application/json\r\n\r\n").context("sending the request to the node")?;
+    // Writes wait up to 5 s for a majority, forwarded ones up to 7 s more.
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let content = if body.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: causeway\r\nConnection: close\r\nAccept: application/json\r\n{content}\r\n{body}").context("sending the request to the node")?;
     let mut response = Vec::new();
     stream
         .take(MAX_RESPONSE)
@@ -37,6 +66,14 @@ pub fn get_json(socket: &Path, path: &str) -> anyhow::Result<serde_json::Value> 
         .contains("transfer-encoding: chunked")
     {
         body = dechunk(&body).context("the node's answer is badly chunked")?;
+    }
+    if status == 409 {
+        if let Some(why) = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+        {
+            anyhow::bail!("{why}");
+        }
     }
     if status != 200 {
         anyhow::bail!(

@@ -56,6 +56,16 @@ enum Command {
         #[command(subcommand)]
         what: Xstatus,
     },
+    /// The configuration: `get [PATH]`, `set PATH VALUE`, `unset PATH` (EX-2).
+    Xconfiguration {
+        #[command(subcommand)]
+        command: Xconfiguration,
+    },
+    /// Cluster operations: `ForceConfigUpdate` (EX-13), `SetPrimary <peer>` (EX-7).
+    Xcommand {
+        #[command(subcommand)]
+        command: Xcommand,
+    },
     /// Admin accounts of the node's HTTPS API.
     Admin {
         #[command(subcommand)]
@@ -123,6 +133,32 @@ enum Xstatus {
 }
 
 #[derive(Subcommand)]
+enum Xconfiguration {
+    /// Every item († peer-specific), the items under PATH, or one item's value.
+    Get {
+        path: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set an item. Cluster-wide items go to every peer (through the primary); peer-specific
+    /// (†) ones are written to this peer's file and need a restart.
+    Set { path: String, value: String },
+    /// Put a cluster-wide item back to its default (remove a named one).
+    Unset { path: String },
+}
+
+#[derive(Subcommand)]
+enum Xcommand {
+    /// On a subordinate: discard its cluster-wide configuration and take the primary's.
+    #[command(name = "ForceConfigUpdate", alias = "forceconfigupdate")]
+    ForceConfigUpdate,
+    /// Make Peer N the configuration primary on every reachable peer (works while the old
+    /// primary is down).
+    #[command(name = "SetPrimary", alias = "setprimary")]
+    SetPrimary { peer: usize },
+}
+
+#[derive(Subcommand)]
 enum AdminCommand {
     /// Set a user's password (read from standard input) on the node in --node.
     Passwd { user: String },
@@ -186,6 +222,23 @@ fn main() -> ExitCode {
             match what {
                 Xstatus::Cluster { json } => show::cluster(&socket, json),
                 Xstatus::Alarms { json } => show::alarms(&socket, json),
+            }
+        }
+        Command::Xconfiguration { command } => {
+            let socket = admin_socket(&cli.node);
+            match command {
+                Xconfiguration::Get { path, json } => show::configuration(&socket, path, json),
+                Xconfiguration::Set { path, value } => {
+                    show::set_configuration(&socket, &path, Some(&value))
+                }
+                Xconfiguration::Unset { path } => show::set_configuration(&socket, &path, None),
+            }
+        }
+        Command::Xcommand { command } => {
+            let socket = admin_socket(&cli.node);
+            match command {
+                Xcommand::ForceConfigUpdate => show::force_config_update(&socket),
+                Xcommand::SetPrimary { peer } => show::set_primary(&socket, peer),
             }
         }
         Command::Admin {

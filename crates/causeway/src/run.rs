@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use causeway_cluster::{Node, NodeConfig};
+use causeway_cluster::{Node, NodeConfig, NodeStore};
 use causeway_mesh::{SystemResolver, TlsTransport, Transport};
 use causeway_pki::NodeIdentity;
 use tokio_util::sync::CancellationToken;
@@ -89,7 +89,8 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     let resolver = Arc::new(SystemResolver {
         ip_version: config.cluster.ip_version,
     });
-    let (node, _inbound) = Node::start(config.clone(), transport, resolver);
+    let store = NodeStore::open(&data_dir);
+    let (node, _services) = Node::start(config.clone(), transport, resolver, store);
     let app = causeway_admin::router(node.clone());
     let unix =
         causeway_admin::serve_unix(&config.admin_socket(), app.clone(), cancel.clone()).await?;

@@ -3,9 +3,11 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use causeway_cluster::ClusterStatus;
+use causeway_cluster::{ClusterStatus, ConfigItem};
 use causeway_common::time::utc_time;
 use causeway_mesh::{CertStatus, Clustering};
+use causeway_replication::ReplicationStatus;
+use serde_json::json;
 
 pub fn cluster(socket: &Path, json: bool) -> anyhow::Result<()> {
     let value = causeway_admin::client::get_json(socket, "/api/v1/status/cluster")?;
@@ -36,6 +38,10 @@ pub fn render_cluster(s: &ClusterStatus) -> String {
     row(&mut out, "Cluster IP version", &s.ip_version);
     if let Some(problem) = &s.problem {
         let _ = writeln!(out, "\n! Invalid clustering configuration: {problem}");
+    }
+    if let Some(r) = &s.replication {
+        let _ = writeln!(out);
+        out.push_str(&render_replication(r));
     }
     for p in &s.peers {
         let _ = writeln!(out);
@@ -120,5 +126,142 @@ pub fn alarms(socket: &Path, json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn render_replication(r: &ReplicationStatus) -> String {
+    let mut out = String::new();
+    let when = |t: Option<u64>| t.map(utc_time).unwrap_or_else(|| "-".into());
+    let _ = writeln!(
+        out,
+        "{:<38}{}",
+        "Cluster database status", r.database_status
+    );
+    let _ = writeln!(
+        out,
+        "{:<38}{} (generation {}, digest {}, {} items)",
+        "Configuration revision", r.revision, r.generation, r.digest, r.records
+    );
+    let _ = writeln!(out, "{:<38}{}", "Last check", when(r.last_check_unix_ms));
+    let _ = writeln!(out, "{:<38}{}", "Next check", when(r.next_check_unix_ms));
+    let _ = writeln!(
+        out,
+        "{:<38}{}",
+        "Last synchronisation",
+        when(r.last_synchronisation_unix_ms)
+    );
+    for p in &r.peers {
+        let _ = writeln!(
+            out,
+            "  Peer {}: {:<28} revision {}   digest {}   primary {}",
+            p.index,
+            p.state,
+            p.revision
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
+            p.digest.as_deref().unwrap_or("-"),
+            p.primary
+                .map(|v| format!("Peer {v}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    if r.rejected_messages > 0 {
+        let _ = writeln!(
+            out,
+            "  Rejected replication messages: {}",
+            r.rejected_messages
+        );
+    }
+    out
+}
+
+pub fn configuration(socket: &Path, path: Option<String>, json: bool) -> anyhow::Result<()> {
+    let value = causeway_admin::client::get_json(socket, "/api/v1/configuration")?;
+    let items: Vec<ConfigItem> = serde_json::from_value(value["items"].clone())?;
+    let selected: Vec<&ConfigItem> = match &path {
+        None => items.iter().collect(),
+        Some(p) => items
+            .iter()
+            .filter(|i| i.path == *p || i.path.starts_with(&format!("{p}.")))
+            .collect(),
+    };
+    if selected.is_empty() {
+        anyhow::bail!(
+            "{}: no such configuration item (run `causeway xconfiguration get` for the list)",
+            path.unwrap_or_default()
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&selected)?);
+        return Ok(());
+    }
+    // One item asked for by its exact path: its value alone, for scripts.
+    if let (Some(p), [item]) = (&path, selected.as_slice()) {
+        if item.path == *p {
+            println!("{}", item.value);
+            return Ok(());
+        }
+    }
+    println!(
+        "Configuration of {} († peer-specific: set on each peer)",
+        value["system_name"].as_str().unwrap_or("?")
+    );
+    println!();
+    for i in selected {
+        let mark = if i.peer_specific { "†" } else { " " };
+        let pending = i
+            .pending
+            .as_deref()
+            .map(|p| format!("   (set to '{p}': restart required)"))
+            .unwrap_or_default();
+        println!("{mark} {:<40}{}{pending}", i.path, i.value);
+    }
+    Ok(())
+}
+
+pub fn set_configuration(socket: &Path, path: &str, value: Option<&str>) -> anyhow::Result<()> {
+    let out = causeway_admin::client::post_json(
+        socket,
+        "/api/v1/configuration",
+        &json!({ "path": path, "value": value }),
+    )?;
+    let shown = out["value"].as_str().unwrap_or("");
+    match (out["revision"].as_u64(), out["confirmed"].as_array()) {
+        (Some(rev), Some(c)) => {
+            let (n, of) = (c[0].as_u64().unwrap_or(0), c[1].as_u64().unwrap_or(0));
+            println!("{path}: {shown} (revision {rev}, held by {n} of {of} peers)");
+            if n * 2 <= of {
+                println!("warning: not yet on a majority of peers: the others take it when they are back");
+            }
+        }
+        _ => println!("{path}: {shown}"),
+    }
+    if out["restart_required"].as_bool() == Some(true) {
+        println!("Restart required (alarm 20007): the change takes effect when this peer restarts");
+    }
+    Ok(())
+}
+
+pub fn force_config_update(socket: &Path) -> anyhow::Result<()> {
+    let out =
+        causeway_admin::client::post_json(socket, "/api/v1/command/forceconfigupdate", &json!({}))?;
+    let r: ReplicationStatus = serde_json::from_value(out)?;
+    println!("ForceConfigUpdate: this peer now holds the primary's configuration");
+    print!("{}", render_replication(&r));
+    Ok(())
+}
+
+pub fn set_primary(socket: &Path, peer: usize) -> anyhow::Result<()> {
+    let out = causeway_admin::client::post_json(
+        socket,
+        "/api/v1/command/setprimary",
+        &json!({ "peer": peer }),
+    )?;
+    let r: ReplicationStatus = serde_json::from_value(out)?;
+    println!(
+        "SetPrimary: Peer {peer} is the configuration primary (epoch {})",
+        r.epoch
+    );
+    print!("{}", render_replication(&r));
     Ok(())
 }
