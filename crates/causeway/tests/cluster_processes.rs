@@ -420,3 +420,113 @@ fn a_bad_configuration_exits_64_naming_the_field_before_binding_anything() {
     // Nothing was bound: the admin socket does not exist.
     assert!(!Path::new(&dir.path().join("admin.sock")).exists());
 }
+
+impl TestCluster {
+    /// Runs the CLI against peer `k`: (success, stdout, stderr).
+    fn cli(&self, k: usize, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(BIN)
+            .arg("--node")
+            .arg(&self.peers[k - 1].dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn get(&self, k: usize, path: &str) -> Option<String> {
+        let (ok, out, _) = self.cli(k, &["xconfiguration", "get", path]);
+        ok.then(|| out.trim_end().to_string())
+    }
+
+    fn database_status(&self, k: usize) -> Option<String> {
+        self.xstatus(k, "cluster")?["replication"]["database_status"]
+            .as_str()
+            .map(str::to_string)
+    }
+}
+
+#[test]
+fn configuration_replicates_survives_kill_9_a_damaged_store_and_a_primary_move() {
+    let mut c = TestCluster::start(9, 3, "Enforce", |_, _, _, _| {});
+    wait_for(20, "cluster formed", || c.formed());
+    // Set on the primary, read on a subordinate.
+    let (ok, out, err) = c.cli(
+        1,
+        &[
+            "xconfiguration",
+            "set",
+            "sip.domains",
+            "example.com,example.org",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        c.get(2, "sip.domains").as_deref(),
+        Some("example.com,example.org")
+    );
+    assert!(c.log(3).contains(
+        "Detail=\"xconfiguration sip.domains - changed from: (unset) to: example.com,example.org\" Event=\"System Configuration Changed\""
+    ), "{}", c.log(3));
+    // Invalid value: refused, field named, nothing changed.
+    let (ok, _, err) = c.cli(2, &["xconfiguration", "set", "limits.calls.max", "lots"]);
+    assert!(!ok);
+    assert!(err.contains("limits.calls.max:"), "{err}");
+    // Peer 3 killed; 50 changes through a subordinate; Peer 3 restarts and catches up.
+    c.kill9(3);
+    for n in 0..50 {
+        let (ok, out, err) = c.cli(
+            2,
+            &["xconfiguration", "set", "limits.calls.max", &n.to_string()],
+        );
+        assert!(ok, "change {n}: {out}{err}");
+    }
+    c.launch(3);
+    wait_for(20, "Peer 3 caught up", || {
+        c.get(3, "limits.calls.max").as_deref() == Some("49")
+    });
+    // Peer 2's store damaged while it is down: kept aside, replaced, refilled, 20014 lowered.
+    c.kill9(2);
+    let store = c.peers[1].dir.join("node.redb");
+    std::fs::write(&store, b"this is not a redb file").unwrap();
+    c.launch(2);
+    wait_for(20, "Peer 2 refilled from the primary", || {
+        c.get(2, "sip.domains").as_deref() == Some("example.com,example.org")
+            && c.get(2, "limits.calls.max").as_deref() == Some("49")
+    });
+    let kept = std::fs::read_dir(&c.peers[1].dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("node.redb.damaged-")
+        });
+    assert!(kept, "the damaged store is kept for a post-mortem");
+    wait_for(10, "20014 lowered once in sync", || {
+        !c.alarm_raised(2, 20014, "store") && c.database_status(2).as_deref() == Some("Active")
+    });
+    // Primary killed; the primary moved with one command on Peer 3; a write through Peer 2.
+    c.kill9(1);
+    let (ok, out, err) = c.cli(3, &["xcommand", "SetPrimary", "3"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = c.cli(2, &["xconfiguration", "set", "limits.calls.max", "77"]);
+    assert!(ok, "{out}{err}");
+    // The old primary returns, follows Peer 3, and takes the change made while it was down.
+    c.launch(1);
+    wait_for(20, "old primary follows", || {
+        c.get(1, "limits.calls.max").as_deref() == Some("77")
+            && c.get(1, "cluster.configuration_primary").as_deref() == Some("3")
+    });
+    assert_eq!(
+        c.get(1, "sip.domains").as_deref(),
+        Some("example.com,example.org")
+    );
+    let (ok, _, err) = c.cli(3, &["xcommand", "ForceConfigUpdate"]);
+    assert!(!ok && err.contains("primary"), "{err}");
+    let (ok, out, err) = c.cli(1, &["xcommand", "ForceConfigUpdate"]);
+    assert!(ok, "{out}{err}");
+}
