@@ -52,6 +52,9 @@ pub struct ClusterStatus {
     pub peers: Vec<PeerStatus>,
     #[serde(default)]
     pub replication: Option<ReplicationStatus>,
+    /// A warning to show above everything (a pending leave, EX-15).
+    #[serde(default)]
+    pub banner: Option<String>,
 }
 
 /// The node's store, and what went wrong opening it (alarm 20014).
@@ -137,6 +140,8 @@ pub struct SetOutcome {
     /// Peers that hold the change, of how many (cluster-wide items).
     pub confirmed: Option<(usize, usize)>,
     pub restart_required: bool,
+    #[serde(default)]
+    pub warning: Option<String>,
 }
 
 impl Node {
@@ -188,6 +193,10 @@ impl Node {
             addresses: addresses.clone(),
         });
         let mut store_problem = store.problem;
+        if let Err(e) = settle_membership(&config, store.store.as_ref()) {
+            store_problem
+                .get_or_insert(format!("reading or resetting the cluster data failed: {e}"));
+        }
         let engine = match Engine::open(
             settings.clone(),
             store.store,
@@ -285,7 +294,19 @@ impl Node {
             problem: self.config.membership_problem(),
             peers,
             replication: self.mesh.as_ref().map(|_| self.engine.status()),
+            banner: self.leave_banner(),
         }
+    }
+
+    /// The banner shown before a restart that leaves the cluster (EX-15).
+    pub fn leave_banner(&self) -> Option<String> {
+        let file = NodeConfig::load(&self.config.source).ok()?;
+        (file.cluster.peers.is_empty() && !self.config.cluster.peers.is_empty()).then(|| {
+            format!(
+                "Every peer address has been cleared: when this peer restarts it leaves the cluster and its cluster data is reset to factory defaults (network settings, admin accounts, certificates and licences are kept). To cancel, restore the peer list: causeway xconfiguration set cluster.peers {}",
+                self.config.cluster.peers.join(",")
+            )
+        })
     }
 
     /// Every configuration item: peer-specific (†) first, then cluster-wide.
@@ -340,35 +361,37 @@ impl Node {
             revision: Some(out.seq),
             confirmed: Some((out.confirmed, out.peers)),
             restart_required: xconfig::restart_required(path),
+            warning: None,
         })
     }
 
     fn set_peer_item(&self, path: &str, value: &str) -> Result<SetOutcome, String> {
         let _guard = self.observer.lock_file();
         let mut file = NodeConfig::load(&self.config.source).map_err(|e| e.to_string())?;
-        let before = xconfig::peer_items(&file, &file, self.engine.primary())
-            .into_iter()
-            .find(|i| i.path == path)
-            .map(|i| i.value)
-            .unwrap_or_default();
+        let before = item_value(&file, path, self.engine.primary());
         xconfig::set_peer_item(&mut file, path, value)?;
         file.save()
             .map_err(|e| format!("{path}: saving the change failed: {e}"))?;
-        log_change(path, &before, value.trim());
-        self.alarms.raise(
-            20007,
-            path,
-            &format!(
-                "{path} changed from '{before}' to '{}': restart this peer for it to take effect",
-                value.trim()
-            ),
-        );
+        let after = item_value(&file, path, self.engine.primary());
+        log_change(path, &before, &after);
+        // Back to what is running (a cancelled leave, an undone edit): nothing to restart for.
+        let restart_required = after != item_value(&self.config, path, self.engine.primary());
+        if restart_required {
+            self.alarms.raise(
+                20007,
+                path,
+                &format!("{path} changed from '{before}' to '{after}': restart this peer for it to take effect"),
+            );
+        } else {
+            self.alarms.lower(20007, path);
+        }
         Ok(SetOutcome {
             path: path.to_string(),
-            value: value.trim().to_string(),
+            value: after,
             revision: None,
             confirmed: None,
-            restart_required: true,
+            restart_required,
+            warning: self.leave_banner(),
         })
     }
 
@@ -405,6 +428,53 @@ impl Node {
             mesh.shutdown().await;
         }
     }
+}
+
+fn item_value(config: &NodeConfig, path: &str, primary: usize) -> String {
+    xconfig::peer_items(config, config, primary)
+        .into_iter()
+        .find(|i| i.path == path)
+        .map(|i| i.value)
+        .unwrap_or_default()
+}
+
+/// EX-15: a store that belonged to a cluster, on a node whose peer list is now empty, is
+/// reset to factory defaults (the operator cleared the list and restarted). A standalone
+/// node joining a cluster as a subordinate is reset too: it takes the primary's
+/// configuration, never offers its own. Otherwise the store remembers its cluster.
+fn settle_membership(
+    config: &NodeConfig,
+    store: &dyn Store,
+) -> Result<(), causeway_store::StoreError> {
+    use causeway_replication::lifecycle;
+    let stored = lifecycle::membership(store)?;
+    if config.cluster.peers.is_empty() {
+        if let Some(was) = stored {
+            lifecycle::factory_reset(store)?;
+            warn!(target: "management.node", event = "Cluster data reset", previous_cluster = %was,
+                "This peer left the cluster: its cluster data was reset to factory defaults");
+        }
+        return Ok(());
+    }
+    let now = format!("{}|{}", config.cluster.name, config.cluster.peers.join(","));
+    let joining_as_subordinate = stored.is_none()
+        && config
+            .self_index()
+            .is_some_and(|i| i != config.cluster.configuration_primary);
+    if joining_as_subordinate
+        && !lifecycle::dump(store)?
+            .tables
+            .iter()
+            .all(|(_, r)| r.is_empty())
+    {
+        lifecycle::factory_reset(store)?;
+        info!(target: "management.node", event = "Cluster data reset", cluster = %config.cluster.name,
+            "This peer joined the cluster as a subordinate: its own configuration was replaced by the primary's");
+    }
+    if stored.as_deref() != Some(now.as_str()) {
+        lifecycle::set_membership(store, &now)?;
+    }
+    Ok(())
 }
 
 /// Replication frames to the engine; everything else to the services.

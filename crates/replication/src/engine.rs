@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::stream::{Applied, Header, LoadError, NodeId, Record, Stream, StreamId};
 use crate::wire::{Change, Message, RECORDS_PER_FRAME};
 
-const META_TABLE: &str = "repl_meta";
+pub(crate) const META_TABLE: &str = "repl_meta";
 const LOG: &str = "developer.replication";
 
 /// The configuration stream: owned by the configuration primary.
@@ -533,10 +533,15 @@ impl Engine {
                 continue;
             }
             // Who may bring this stream up to date: its owner (the primary, for the
-            // configuration) or, when this node is the primary, whichever peer holds more
-            // (a primary that lost its store, or one taking over, EX-7).
+            // configuration) or, when this node is the primary and has lost what it wrote
+            // (an empty store, or one restored from a backup), a peer holding more of this
+            // node's own writes. Taking over from another primary is `drive_takeover`'s.
             let eligible = if is_config(&id) {
-                from == st.primary || st.primary == self.settings.self_index
+                from == st.primary
+                    || (st.primary == self.settings.self_index
+                        && (mine.position() == (0, 0)
+                            || (theirs.owner == st.node_id
+                                && theirs.generation == mine.generation)))
             } else {
                 from_owner
             };
@@ -973,6 +978,9 @@ impl Engine {
         self.observer
             .validate(id, &changes)
             .map_err(WriteError::Invalid)?;
+        if is_config(id) {
+            self.wait_for_digests().await;
+        }
         let active = self.link.active_peers();
         // The guard lives in this block only: the future stays Send across the wait below.
         let (header, applied) = {
@@ -1033,6 +1041,30 @@ impl Engine {
             confirmed,
             peers,
         })
+    }
+
+    /// A primary that just started may have lost writes the peers hold (a store restored
+    /// from a backup): before its first write it hears every reachable peer's digest, which
+    /// starts that fetch, and waits for the fetch. Bounded by a few heartbeats.
+    async fn wait_for_digests(&self) {
+        let deadline = Instant::now() + self.settings.heartbeat * 5;
+        let mut progress = self.progress.subscribe();
+        loop {
+            let active = self.link.active_peers();
+            let ready = {
+                let st = self.lock();
+                active.iter().all(|p| st.peers[p - 1].last_digest.is_some())
+                    && !st.fetching.contains_key(&config_stream())
+            };
+            if ready {
+                return;
+            }
+            tokio::select! {
+                _ = progress.changed() => {}
+                _ = tokio::time::sleep(self.settings.heartbeat / 4) => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
     }
 
     /// Waits until a majority (this node included) holds `(generation, seq)` of `id`, or

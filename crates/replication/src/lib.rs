@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod engine;
+pub mod lifecycle;
 mod stream;
 pub mod wire;
 

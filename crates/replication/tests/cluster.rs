@@ -580,3 +580,59 @@ async fn an_invalid_value_is_refused_with_the_field_named_on_any_peer() {
         "nothing written"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_primary_restored_from_an_older_backup_gets_its_later_writes_back_from_the_peers() {
+    use causeway_replication::lifecycle;
+    let mut c = Cluster::new(3);
+    settle().await;
+    for n in 0..10 {
+        c.engine(1)
+            .write(&config_stream(), set(&format!("k{n}"), "old"))
+            .await
+            .unwrap();
+    }
+    let backup = lifecycle::dump(c.stores[0].as_ref()).unwrap();
+    for n in 5..20 {
+        assert!(c
+            .engine(1)
+            .write(&config_stream(), set(&format!("k{n}"), "new"))
+            .await
+            .unwrap()
+            .majority());
+    }
+    c.kill(1);
+    lifecycle::restore(c.stores[0].as_ref(), &backup).unwrap();
+    c.start(1);
+    assert_eq!(c.engine(1).header(&config_stream()).seq, 10);
+    let h = c.converge(2, Duration::from_secs(3)).await;
+    assert_eq!(h.seq, 25, "nothing acknowledged is lost");
+    assert_eq!(get(&c, 1, "k7").as_deref(), Some("new"));
+    assert_eq!(get(&c, 1, "k19").as_deref(), Some("new"));
+    assert_eq!(get(&c, 1, "k2").as_deref(), Some("old"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_primary_that_lost_its_store_is_refilled_by_the_peers() {
+    let mut c = Cluster::new(3);
+    settle().await;
+    for n in 0..10 {
+        c.engine(1)
+            .write(&config_stream(), set(&format!("k{n}"), "v"))
+            .await
+            .unwrap();
+    }
+    c.kill(1);
+    causeway_replication::lifecycle::factory_reset(c.stores[0].as_ref()).unwrap();
+    c.start(1);
+    let h = c.converge(2, Duration::from_secs(3)).await;
+    assert_eq!(h.seq, 10);
+    assert_eq!(get(&c, 1, "k9").as_deref(), Some("v"));
+    // And it goes on as the primary.
+    let out = c
+        .engine(1)
+        .write(&config_stream(), set("after", "1"))
+        .await
+        .unwrap();
+    assert_eq!(out.seq, 11);
+}
