@@ -28,6 +28,7 @@ pub fn router(node: Arc<Node>) -> Router {
             post(force_config_update),
         )
         .route("/api/v1/command/setprimary", post(set_primary))
+        .route("/api/v1/backup", get(backup))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(node)
 }
@@ -89,4 +90,8 @@ async fn set_primary(State(node): State<Arc<Node>>, Json(req): Json<SetPrimaryRe
         .await
         .map(|s| Json(json!(s)))
         .map_err(refused)
+}
+
+async fn backup(State(node): State<Arc<Node>>) -> Answer {
+    node.backup().map(|b| Json(json!(b))).map_err(refused)
 }

@@ -66,6 +66,19 @@ enum Command {
         #[command(subcommand)]
         command: Xcommand,
     },
+    /// Save the running node's file and cluster data to FILE (EX-17).
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put a backup back on the stopped node in --node; start it afterwards.
+    Restore { file: PathBuf },
+    /// Destroy the cluster data of the stopped node in --node; on start it rejoins and takes
+    /// the configuration from the primary. Needs --confirm.
+    Purge {
+        #[arg(long)]
+        confirm: bool,
+    },
     /// Admin accounts of the node's HTTPS API.
     Admin {
         #[command(subcommand)]
@@ -241,6 +254,9 @@ fn main() -> ExitCode {
                 Xcommand::SetPrimary { peer } => show::set_primary(&socket, peer),
             }
         }
+        Command::Backup { out } => show::backup(&admin_socket(&cli.node), &out),
+        Command::Restore { file } => show::restore(&data_dir(&cli.node), &file),
+        Command::Purge { confirm } => show::purge(&data_dir(&cli.node), confirm),
         Command::Admin {
             command: AdminCommand::Passwd { user },
         } => passwd(&data_dir(&cli.node), &user),

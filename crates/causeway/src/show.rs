@@ -25,6 +25,9 @@ pub fn render_cluster(s: &ClusterStatus) -> String {
     let row = |out: &mut String, k: &str, v: &dyn std::fmt::Display| {
         let _ = writeln!(out, "{k:<38}{v}");
     };
+    if let Some(banner) = &s.banner {
+        let _ = writeln!(out, "!!! {banner}\n");
+    }
     let _ = writeln!(out, "Clustering");
     let _ = writeln!(out);
     let name = if s.cluster_name.is_empty() {
@@ -236,6 +239,9 @@ pub fn set_configuration(socket: &Path, path: &str, value: Option<&str>) -> anyh
         }
         _ => println!("{path}: {shown}"),
     }
+    if let Some(w) = out["warning"].as_str() {
+        println!("!!! {w}");
+    }
     if out["restart_required"].as_bool() == Some(true) {
         println!("Restart required (alarm 20007): the change takes effect when this peer restarts");
     }
@@ -263,5 +269,61 @@ pub fn set_primary(socket: &Path, peer: usize) -> anyhow::Result<()> {
         r.epoch
     );
     print!("{}", render_replication(&r));
+    Ok(())
+}
+
+pub fn backup(socket: &Path, out: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let value = causeway_admin::client::get_json(socket, "/api/v1/backup")?;
+    let backup: causeway_cluster::backup::Backup = serde_json::from_value(value)?;
+    let text = serde_json::to_string_pretty(&backup)?;
+    let tmp = out.with_extension("partial");
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, out))
+        .with_context(|| format!("writing {}", out.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))?;
+    println!(
+        "Backup of {}: {} cluster data rows and {} written to {}",
+        backup.system_name,
+        backup.rows,
+        backup.config_path.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+pub fn restore(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let backup: causeway_cluster::backup::Backup = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a Causeway backup", file.display()))?;
+    let done = causeway_cluster::backup::restore(data_dir, &backup).map_err(anyhow::Error::msg)?;
+    println!(
+        "Restored {} cluster data rows and {} from the backup of {}",
+        done.rows,
+        done.config_path.display(),
+        backup.system_name
+    );
+    if let Some(kept) = done.previous_config {
+        println!("The file it replaced is kept as {}", kept.display());
+    }
+    println!("Start the node: peers holding newer configuration bring it up to date.");
+    Ok(())
+}
+
+pub fn purge(data_dir: &Path, confirm: bool) -> anyhow::Result<()> {
+    if !confirm {
+        anyhow::bail!(
+            "this destroys the cluster data of the node in {} (its file, certificates and admin accounts stay): run again with --confirm",
+            data_dir.display()
+        );
+    }
+    let rows = causeway_cluster::backup::purge(data_dir).map_err(anyhow::Error::msg)?;
+    println!(
+        "Purged {rows} cluster data rows in {}: start the node and it rejoins, taking the configuration from the primary",
+        data_dir.display()
+    );
     Ok(())
 }

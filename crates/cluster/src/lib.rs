@@ -2,6 +2,7 @@
 //! alarms that follow from what the mesh sees (EX-1…EX-6, EX-11, OP-1).
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod config;
 mod node;
 mod peer_alarms;

@@ -124,6 +124,7 @@ pub struct Node {
     alarms: Arc<AlarmTable>,
     mesh: Option<Arc<Mesh>>,
     engine: Arc<Engine>,
+    store: Arc<dyn Store>,
     observer: Arc<ConfigObserver>,
     store_problem: Option<String>,
     cancel: CancellationToken,
@@ -197,9 +198,10 @@ impl Node {
             store_problem
                 .get_or_insert(format!("reading or resetting the cluster data failed: {e}"));
         }
+        let mut store = store.store;
         let engine = match Engine::open(
             settings.clone(),
-            store.store,
+            store.clone(),
             link.clone(),
             observer.clone(),
         ) {
@@ -208,13 +210,9 @@ impl Node {
                 // check_store passed or the store is in memory: this is a read error now.
                 let why = format!("reading the replicated state failed ({e}); this peer runs on an empty copy until restarted");
                 store_problem = Some(why);
-                Engine::open(
-                    settings,
-                    Arc::new(MemoryStore::new()),
-                    link,
-                    observer.clone(),
-                )
-                .expect("an empty memory store always opens")
+                store = Arc::new(MemoryStore::new());
+                Engine::open(settings, store.clone(), link, observer.clone())
+                    .expect("an empty memory store always opens")
             }
         };
         if let Some(why) = &store_problem {
@@ -227,6 +225,7 @@ impl Node {
             alarms,
             mesh,
             engine,
+            store,
             observer,
             store_problem,
             cancel: CancellationToken::new(),
@@ -393,6 +392,11 @@ impl Node {
             restart_required,
             warning: self.leave_banner(),
         })
+    }
+
+    /// EX-17: this node's file and cluster data, read consistently from the running node.
+    pub fn backup(&self) -> Result<crate::backup::Backup, String> {
+        crate::backup::Backup::take(&self.config, self.store.as_ref())
     }
 
     /// EX-13 on a subordinate.
