@@ -43,7 +43,7 @@ pub fn factory_reset(store: &dyn Store) -> Result<(), StoreError> {
 /// A copy of every row of the cluster tables.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dump {
-    pub tables: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
+    pub tables: Vec<(String, causeway_store::Rows)>,
 }
 
 impl Dump {
