@@ -29,6 +29,10 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/api/v1/command/setprimary", post(set_primary))
         .route("/api/v1/backup", get(backup))
+        .route(
+            "/api/v1/command/forcesystemkeyupdate",
+            post(force_system_key_update),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(node)
 }
@@ -94,4 +98,10 @@ async fn set_primary(State(node): State<Arc<Node>>, Json(req): Json<SetPrimaryRe
 
 async fn backup(State(node): State<Arc<Node>>) -> Answer {
     node.backup().map(|b| Json(json!(b))).map_err(refused)
+}
+
+async fn force_system_key_update(State(node): State<Arc<Node>>) -> Answer {
+    node.force_system_key_update()
+        .map(|done| Json(json!({ "result": done })))
+        .map_err(refused)
 }

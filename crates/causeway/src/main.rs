@@ -169,6 +169,9 @@ enum Xcommand {
     /// primary is down).
     #[command(name = "SetPrimary", alias = "setprimary")]
     SetPrimary { peer: usize },
+    /// Make a new system key for this peer and reseal its stored values with it (EX-14).
+    #[command(name = "ForceSystemKeyUpdate", alias = "forcesystemkeyupdate")]
+    ForceSystemKeyUpdate,
 }
 
 #[derive(Subcommand)]
@@ -252,6 +255,7 @@ fn main() -> ExitCode {
             match command {
                 Xcommand::ForceConfigUpdate => show::force_config_update(&socket),
                 Xcommand::SetPrimary { peer } => show::set_primary(&socket, peer),
+                Xcommand::ForceSystemKeyUpdate => show::force_system_key_update(&socket),
             }
         }
         Command::Backup { out } => show::backup(&admin_socket(&cli.node), &out),

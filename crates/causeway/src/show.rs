@@ -327,3 +327,16 @@ pub fn purge(data_dir: &Path, confirm: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+pub fn force_system_key_update(socket: &Path) -> anyhow::Result<()> {
+    let out = causeway_admin::client::post_json(
+        socket,
+        "/api/v1/command/forcesystemkeyupdate",
+        &json!({}),
+    )?;
+    println!(
+        "ForceSystemKeyUpdate: {}",
+        out["result"].as_str().unwrap_or("done")
+    );
+    Ok(())
+}

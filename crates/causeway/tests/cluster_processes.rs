@@ -620,3 +620,50 @@ fn leave_warns_cancels_and_resets_on_restart_and_backup_purge_restore_rejoin() {
     });
     assert_eq!(c.get(2, "sip.domains").as_deref(), Some("example.com"));
 }
+
+#[test]
+fn secrets_are_sealed_at_rest_and_force_system_key_update_reseals_or_raises_21005() {
+    let mut c = TestCluster::start(11, 2, "Enforce", |_, _, _, _| {});
+    wait_for(20, "cluster formed", || c.formed());
+    let (ok, out, err) = c.cli(1, &["xconfiguration", "set", "sip.users.alice", "Sup3rSecretPw"]);
+    assert!(ok, "{out}{err}");
+    let digest = |c: &TestCluster, k: usize| {
+        c.xstatus(k, "cluster")
+            .map(|s| s["replication"]["digest"].clone())
+    };
+    wait_for(5, "replicated", || digest(&c, 2) == digest(&c, 1));
+    assert_eq!(c.get(2, "sip.users.alice").as_deref(), Some("********"));
+    for k in 1..=2 {
+        let raw = std::fs::read(c.peers[k - 1].dir.join("node.redb")).unwrap();
+        assert!(
+            !raw.windows(13).any(|w| w == b"Sup3rSecretPw"),
+            "Peer {k}'s store holds the secret in clear"
+        );
+    }
+    // A key change that cannot be written raises 21005; fixed and run again, it is lowered.
+    let blocker = c.peers[1].dir.join("system.key.new");
+    std::fs::create_dir(&blocker).unwrap();
+    let (ok, _, err) = c.cli(2, &["xcommand", "ForceSystemKeyUpdate"]);
+    assert!(!ok && err.contains("ForceSystemKeyUpdate"), "{err}");
+    assert!(c.alarm_raised(2, 21005, "system key"));
+    std::fs::remove_dir(&blocker).unwrap();
+    let key_before = std::fs::read(c.peers[1].dir.join("system.key")).unwrap();
+    let (ok, out, err) = c.cli(2, &["xcommand", "ForceSystemKeyUpdate"]);
+    assert!(ok && out.contains("records"), "{out}{err}");
+    assert!(!c.alarm_raised(2, 21005, "system key"));
+    assert_ne!(std::fs::read(c.peers[1].dir.join("system.key")).unwrap(), key_before);
+    // Restarted on the new key: its data reads back, still the primary's.
+    c.kill9(2);
+    c.launch(2);
+    wait_for(20, "Peer 2 back", || c.formed());
+    assert!(!c.log(2).contains("damaged"), "{}", c.log(2));
+    assert_eq!(digest(&c, 2), digest(&c, 1));
+    // Its key lost while stopped: the store cannot be opened, is kept aside, and refilled.
+    c.kill9(2);
+    std::fs::remove_file(c.peers[1].dir.join("system.key")).unwrap();
+    c.launch(2);
+    wait_for(20, "Peer 2 refilled after losing its key", || {
+        c.formed() && digest(&c, 2) == digest(&c, 1)
+    });
+    assert!(c.log(2).contains("system key"), "{}", c.log(2));
+}

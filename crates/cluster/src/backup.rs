@@ -2,12 +2,14 @@
 //!
 //! A backup is taken from the running node (a consistent read of its store) and holds its
 //! own file and its cluster data. Restore and purge work on a stopped node: they open its
-//! store directly. Secrets in the cluster data stay as they are at rest; admin accounts,
-//! certificates and keys are not in the backup.
+//! store directly. Values in the cluster data stay sealed with the node's system key (EX-14),
+//! which is not in the backup: a backup restores on the node it was taken from, with the
+//! key it had then. Admin accounts, certificates and keys are not in the backup.
 
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use causeway_replication::keyring::KeyFiles;
 use causeway_replication::lifecycle::{self, Dump};
 use causeway_store::{RedbStore, Store};
 use serde::{Deserialize, Serialize};
@@ -101,7 +103,10 @@ pub fn restore(data_dir: &Path, backup: &Backup) -> Result<Restored, String> {
         ));
     }
     let store = open_stopped(data_dir)?;
-    lifecycle::restore(&store, &dump)?;
+    // Values are sealed with this node's system key: a backup taken before a key change
+    // (or on another node) is refused here, naming the key it needs.
+    let (keyring, _) = KeyFiles::in_dir(data_dir).load_or_create()?;
+    lifecycle::restore(&store, &dump, Some(&keyring))?;
     let path = backup.config_path.clone();
     let current = std::fs::read_to_string(&path).ok();
     let mut previous_config = None;

@@ -12,6 +12,7 @@ use causeway_alarms::AlarmTable;
 use causeway_mesh::{
     BoxFuture, Clustering, Inbound, IpVersion, Mesh, PeerStatus, Resolver, TlsMode, Transport,
 };
+use causeway_replication::keyring::{KeyFiles, Keyring};
 use causeway_replication::{
     config_stream, Applied, Change, Engine, EngineSettings, Observer, Origin, PeerLink,
     ReplicationStatus, StreamId, WriteError, CHANNEL,
@@ -57,21 +58,43 @@ pub struct ClusterStatus {
     pub banner: Option<String>,
 }
 
-/// The node's store, and what went wrong opening it (alarm 20014).
+/// The node's store, its system key, and what went wrong opening them (alarm 20014).
 pub struct NodeStore {
     pub store: Arc<dyn Store>,
     pub problem: Option<String>,
+    pub keys: Option<NodeKeys>,
+}
+
+/// The system key (EX-14) and its files.
+pub struct NodeKeys {
+    files: KeyFiles,
+    keyring: Arc<Keyring>,
+    /// A key change was interrupted: reseal with the current key and finish it.
+    change_pending: bool,
 }
 
 impl NodeStore {
     /// Opens `data_dir/node.redb`. An unreadable store is kept aside (for a post-mortem) and
     /// replaced by an empty one, which the primary then fills: the node heals by itself.
     pub fn open(data_dir: &Path) -> NodeStore {
+        let files = KeyFiles::in_dir(data_dir);
+        let (keys, key_problem) = match files.load_or_create() {
+            Ok((keyring, change_pending)) => (
+                Some(NodeKeys {
+                    files,
+                    keyring: Arc::new(keyring),
+                    change_pending,
+                }),
+                None,
+            ),
+            Err(e) => (None, Some(format!("the system key: {e}"))),
+        };
+        let keyring = keys.as_ref().map(|k| k.keyring.clone());
         let path = data_dir.join("node.redb");
         let opened = RedbStore::open(&path)
             .map_err(|e| e.to_string())
             .and_then(|s| {
-                causeway_replication::check_store(&s)
+                causeway_replication::check_store(&s, keyring.as_deref())
                     .map(|_| s)
                     .map_err(|e| e.to_string())
             });
@@ -79,7 +102,8 @@ impl NodeStore {
             Ok(s) => {
                 return NodeStore {
                     store: Arc::new(s),
-                    problem: None,
+                    problem: key_problem,
+                    keys,
                 }
             }
             Err(why) => why,
@@ -98,6 +122,7 @@ impl NodeStore {
                     path.display(),
                     aside.display()
                 )),
+                keys,
             },
             result => NodeStore {
                 store: Arc::new(MemoryStore::new()),
@@ -106,6 +131,7 @@ impl NodeStore {
                     path.display(),
                     result.err().map(|e| e.to_string()).unwrap_or(why)
                 )),
+                keys,
             },
         }
     }
@@ -115,6 +141,7 @@ impl NodeStore {
         NodeStore {
             store,
             problem: None,
+            keys: None,
         }
     }
 }
@@ -125,6 +152,7 @@ pub struct Node {
     mesh: Option<Arc<Mesh>>,
     engine: Arc<Engine>,
     store: Arc<dyn Store>,
+    keys: Mutex<Option<NodeKeys>>,
     observer: Arc<ConfigObserver>,
     store_problem: Option<String>,
     cancel: CancellationToken,
@@ -198,6 +226,9 @@ impl Node {
             store_problem
                 .get_or_insert(format!("reading or resetting the cluster data failed: {e}"));
         }
+        let keys = store.keys;
+        let mut settings = settings;
+        settings.keyring = keys.as_ref().map(|k| k.keyring.clone());
         let mut store = store.store;
         let engine = match Engine::open(
             settings.clone(),
@@ -226,11 +257,16 @@ impl Node {
             mesh,
             engine,
             store,
+            keys: Mutex::new(keys),
             observer,
             store_problem,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
+        if node.keys_lock().as_ref().is_some_and(|k| k.change_pending) {
+            // Interrupted key change: finish it with the key it was changing to.
+            let _ = node.change_system_key(false);
+        }
         let services = inbound.map(|inbound| {
             let (tx, rx) = mpsc::channel(1024);
             node.tasks.spawn(route_inbound(node.clone(), inbound, tx));
@@ -397,6 +433,52 @@ impl Node {
     /// EX-17: this node's file and cluster data, read consistently from the running node.
     pub fn backup(&self) -> Result<crate::backup::Backup, String> {
         crate::backup::Backup::take(&self.config, self.store.as_ref())
+    }
+
+    fn keys_lock(&self) -> std::sync::MutexGuard<'_, Option<NodeKeys>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// EX-14 `xcommand ForceSystemKeyUpdate`: a new system key, every value resealed with it.
+    pub fn force_system_key_update(&self) -> Result<String, String> {
+        self.change_system_key(true)
+    }
+
+    /// `fresh`: make a new key; otherwise finish the change to the key already current.
+    fn change_system_key(&self, fresh: bool) -> Result<String, String> {
+        let mut keys = self.keys_lock();
+        let Some(k) = keys.as_mut() else {
+            return Err("this node has no system key file (its store is in memory)".into());
+        };
+        let result = (|| {
+            let keyring = if fresh {
+                Arc::new(k.files.begin_change()?)
+            } else {
+                k.keyring.clone()
+            };
+            let records = self.engine.reseal(keyring.clone())?;
+            k.files.finish_change()?;
+            k.keyring = keyring;
+            k.change_pending = false;
+            Ok::<_, String>(records)
+        })();
+        match result {
+            Ok(records) => {
+                self.alarms.lower(21005, "system key");
+                info!(target: "management.node", event = "System key updated", key = %k.keyring.current_id(),
+                    records = records, "System key updated");
+                Ok(format!(
+                    "system key {} now seals {records} records",
+                    k.keyring.current_id()
+                ))
+            }
+            Err(why) => {
+                self.alarms.raise(21005, "system key", &why);
+                Err(format!(
+                    "{why}: fix the cause, then run `causeway xcommand ForceSystemKeyUpdate` again"
+                ))
+            }
+        }
     }
 
     /// EX-13 on a subordinate.

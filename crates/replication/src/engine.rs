@@ -12,6 +12,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::keyring::Keyring;
 use crate::stream::{Applied, Header, LoadError, NodeId, Record, Stream, StreamId};
 use crate::wire::{Change, Message, RECORDS_PER_FRAME};
 
@@ -67,6 +68,8 @@ pub struct EngineSettings {
     pub heartbeat: Duration,
     /// How long a write waits for a majority before it answers anyway.
     pub ack_timeout: Duration,
+    /// Seals values at rest (EX-14); none in tests that look at the raw store.
+    pub keyring: Option<Arc<Keyring>>,
 }
 
 impl EngineSettings {
@@ -77,6 +80,7 @@ impl EngineSettings {
             primary,
             heartbeat: Duration::from_millis(200),
             ack_timeout: Duration::from_secs(5),
+            keyring: None,
         }
     }
 }
@@ -159,6 +163,8 @@ pub struct Engine {
     link: Arc<dyn PeerLink>,
     observer: Arc<dyn Observer>,
     state: Mutex<State>,
+    /// Replaced whole by a key change.
+    keyring: std::sync::RwLock<Option<Arc<Keyring>>>,
     /// Bumped on every ack or digest: writes waiting for a majority look again.
     progress: watch::Sender<u64>,
 }
@@ -244,7 +250,8 @@ impl Engine {
             Some(p) if epoch > 0 && (1..=settings.peer_count as u64).contains(&p) => p as usize,
             _ => settings.primary,
         };
-        let streams = Stream::load_all(store.as_ref())?
+        let keyring = settings.keyring.clone();
+        let streams = Stream::load_all(store.as_ref(), keyring.as_deref())?
             .into_iter()
             .map(|s| (s.id.clone(), s))
             .collect();
@@ -274,8 +281,33 @@ impl Engine {
             link,
             observer,
             state: Mutex::new(state),
+            keyring: std::sync::RwLock::new(keyring),
             progress: watch::channel(0).0,
         }))
+    }
+
+    fn keyring(&self) -> Option<Arc<Keyring>> {
+        self.keyring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// EX-14: seals every value again with `keyring` in one store transaction, then uses it
+    /// for every later write. Returns how many records were sealed.
+    pub fn reseal(&self, keyring: Arc<Keyring>) -> Result<usize, String> {
+        let st = self.lock();
+        let mut ops = Vec::new();
+        let mut records = 0;
+        for stream in st.streams.values() {
+            let all = stream.since(0);
+            records += all.len();
+            ops.extend(stream.store_ops(&all, true, Some(&keyring)));
+        }
+        self.store.apply(&ops).map_err(|e| e.to_string())?;
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = Some(keyring);
+        drop(st);
+        Ok(records)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -637,7 +669,7 @@ impl Engine {
         stream.header.owner = st.node_id;
         stream.header.generation = epoch.max(stream.header.generation);
         let header = stream.header;
-        let ops = stream.store_ops(&[], false);
+        let ops = stream.store_ops(&[], false, self.keyring().as_deref());
         st.takeover = None;
         self.persist(st, &ops);
         info!(target: LOG, event = "Configuration primary takeover completed", epoch = epoch,
@@ -720,7 +752,7 @@ impl Engine {
         stream.header.generation = header.generation;
         stream.header.seq = header.seq;
         let hash_ok = stream.header.hash == header.hash;
-        let ops = stream.store_ops(&records, false);
+        let ops = stream.store_ops(&records, false, self.keyring().as_deref());
         if !self.persist(&mut st, &ops) {
             return;
         }
@@ -880,7 +912,7 @@ impl Engine {
         stream.header.seq = upto;
         let done = upto == header.seq;
         let hash_ok = stream.header.hash == header.hash;
-        let ops = stream.store_ops(&records, replace);
+        let ops = stream.store_ops(&records, replace, self.keyring().as_deref());
         if !self.persist(&mut st, &ops) {
             st.fetching.remove(&id);
             return;
@@ -1012,7 +1044,7 @@ impl Engine {
             stream.header.owner = node_id;
             stream.header.seq = prev.1 + records.len() as u64;
             let header = stream.header;
-            let ops = stream.store_ops(&records, false);
+            let ops = stream.store_ops(&records, false, self.keyring().as_deref());
             if !self.persist(&mut st, &ops) {
                 return Err(WriteError::Store(
                     st.store_error.clone().unwrap_or_default(),

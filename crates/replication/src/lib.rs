@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod engine;
+pub mod keyring;
 pub mod lifecycle;
 mod stream;
 pub mod wire;
@@ -13,8 +14,11 @@ pub use engine::{
     ReplicationStatus, WriteError, WriteOutcome,
 };
 /// Reads every stream of `store` as the engine would: an error means the store is damaged.
-pub fn check_store(store: &dyn causeway_store::Store) -> Result<(), LoadError> {
-    stream::Stream::load_all(store).map(|_| ())
+pub fn check_store(
+    store: &dyn causeway_store::Store,
+    keyring: Option<&keyring::Keyring>,
+) -> Result<(), LoadError> {
+    stream::Stream::load_all(store, keyring).map(|_| ())
 }
 
 pub use stream::{overwrite_in_store, Applied, Header, LoadError, NodeId, Record, StreamId};

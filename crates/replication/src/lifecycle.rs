@@ -62,7 +62,11 @@ pub fn dump(store: &dyn Store) -> Result<Dump, StoreError> {
 
 /// Replaces the cluster tables with `dump`, in one transaction. Tables the dump names that
 /// are not cluster tables are refused, so a crafted file cannot write elsewhere.
-pub fn restore(store: &dyn Store, dump: &Dump) -> Result<(), String> {
+pub fn restore(
+    store: &dyn Store,
+    dump: &Dump,
+    keyring: Option<&crate::keyring::Keyring>,
+) -> Result<(), String> {
     let mut ops: Vec<Op> = CLUSTER_TABLES
         .iter()
         .map(|t| Op::DeletePrefix {
@@ -86,7 +90,8 @@ pub fn restore(store: &dyn Store, dump: &Dump) -> Result<(), String> {
     // Read it back in memory first: a damaged backup leaves the store as it was.
     let trial = causeway_store::MemoryStore::new();
     trial.apply(&ops).map_err(|e| e.to_string())?;
-    crate::check_store(&trial).map_err(|e| format!("the backup's data cannot be read: {e}"))?;
+    crate::check_store(&trial, keyring)
+        .map_err(|e| format!("the backup's data cannot be read: {e}"))?;
     store.apply(&ops).map_err(|e| e.to_string())
 }
 
@@ -111,19 +116,21 @@ mod tests {
         factory_reset(&store).unwrap();
         assert_eq!(dump(&store).unwrap().rows(), 0);
         assert_eq!(membership(&store).unwrap(), None);
-        restore(&store, &copy).unwrap();
+        restore(&store, &copy, None).unwrap();
         assert_eq!(dump(&store).unwrap(), copy);
         // A stream header that cannot be read: refused, and the store is left as it was.
         let mut bad = copy.clone();
         bad.tables[0]
             .1
             .push((b"no separators".to_vec(), b"x".to_vec()));
-        assert!(restore(&store, &bad)
+        assert!(restore(&store, &bad, None)
             .unwrap_err()
             .contains("cannot be read"));
         assert_eq!(dump(&store).unwrap(), copy);
         let mut bad = copy.clone();
         bad.tables.push(("admin_users".into(), vec![]));
-        assert!(restore(&store, &bad).unwrap_err().contains("admin_users"));
+        assert!(restore(&store, &bad, None)
+            .unwrap_err()
+            .contains("admin_users"));
     }
 }

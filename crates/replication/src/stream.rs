@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 
 use causeway_store::{Op, Store, StoreError};
+
+use crate::keyring::Keyring;
 use serde::{Deserialize, Serialize};
 
 pub type NodeId = u64;
@@ -88,6 +90,8 @@ struct StoredHeader {
 struct StoredRecord {
     seq: u64,
     value: Option<Vec<u8>>,
+    /// `value` is sealed with the node's system key (see `keyring`).
+    sealed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -213,7 +217,12 @@ impl Stream {
     }
 
     /// Store operations that persist `records` and the current header.
-    pub fn store_ops(&self, records: &[Record], replace: bool) -> Vec<Op> {
+    pub fn store_ops(
+        &self,
+        records: &[Record],
+        replace: bool,
+        keyring: Option<&Keyring>,
+    ) -> Vec<Op> {
         let prefix = self.id.store_prefix();
         let mut ops = Vec::with_capacity(records.len() + 2);
         if replace {
@@ -227,7 +236,11 @@ impl Stream {
             key.extend_from_slice(r.key.as_bytes());
             let value = StoredRecord {
                 seq: r.seq,
-                value: r.value.clone(),
+                value: match (keyring, &r.value) {
+                    (Some(k), Some(v)) => Some(k.seal(v)),
+                    (_, v) => v.clone(),
+                },
+                sealed: keyring.is_some(),
             };
             ops.push(Op::Put {
                 table: RECORDS_TABLE,
@@ -251,7 +264,10 @@ impl Stream {
     /// Every stream kept in the store. The hash is recomputed from the records, never
     /// read: a record changed behind the engine's back shows as a hash that differs from
     /// the owner's at the same position.
-    pub fn load_all(store: &dyn Store) -> Result<Vec<Stream>, LoadError> {
+    pub fn load_all(
+        store: &dyn Store,
+        keyring: Option<&Keyring>,
+    ) -> Result<Vec<Stream>, LoadError> {
         let mut out = Vec::new();
         for (key, value) in store.scan(STREAMS_TABLE, b"")? {
             let id = parse_stream_key(&key).ok_or(LoadError::Corrupt("a stream key"))?;
@@ -265,9 +281,18 @@ impl Stream {
                     .map_err(|_| LoadError::Corrupt("a record key"))?;
                 let r: StoredRecord =
                     postcard::from_bytes(&v).map_err(|_| LoadError::Corrupt("a record"))?;
+                let value = match (r.sealed, r.value) {
+                    (true, Some(sealed)) => {
+                        let ring = keyring.ok_or(LoadError::Sealed(
+                            "a value is sealed and no system key was given".into(),
+                        ))?;
+                        Some(ring.open(&sealed).map_err(LoadError::Sealed)?)
+                    }
+                    (_, v) => v,
+                };
                 records.push(Record {
                     key,
-                    value: r.value,
+                    value,
                     seq: r.seq,
                 });
             }
@@ -288,6 +313,8 @@ pub enum LoadError {
     Store(#[from] StoreError),
     #[error("the store holds {0} that cannot be read")]
     Corrupt(&'static str),
+    #[error("the system key: {0}")]
+    Sealed(String),
 }
 
 /// Changes a record's value in the store behind the engine's back, keeping its seq: what a
@@ -308,6 +335,7 @@ pub fn overwrite_in_store(
     let new = StoredRecord {
         seq: old.seq,
         value: Some(value.to_vec()),
+        sealed: false,
     };
     store.apply(&[Op::Put {
         table: RECORDS_TABLE,
@@ -380,8 +408,8 @@ mod tests {
             seq: 3,
             hash: s.header.hash,
         };
-        store.apply(&s.store_ops(&records, false)).unwrap();
-        let loaded = Stream::load_all(&store).unwrap();
+        store.apply(&s.store_ops(&records, false, None)).unwrap();
+        let loaded = Stream::load_all(&store, None).unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].header, s.header);
         assert_eq!(loaded[0].since(0), s.since(0));
@@ -395,11 +423,12 @@ mod tests {
                 value: postcard::to_stdvec(&StoredRecord {
                     seq: 2,
                     value: Some(b"tampered".to_vec()),
+                    sealed: false,
                 })
                 .unwrap(),
             }])
             .unwrap();
-        let tampered = Stream::load_all(&store).unwrap();
+        let tampered = Stream::load_all(&store, None).unwrap();
         assert_eq!(tampered[0].header.position(), s.header.position());
         assert_ne!(tampered[0].header.hash, s.header.hash);
     }

@@ -602,7 +602,7 @@ async fn a_primary_restored_from_an_older_backup_gets_its_later_writes_back_from
             .majority());
     }
     c.kill(1);
-    lifecycle::restore(c.stores[0].as_ref(), &backup).unwrap();
+    lifecycle::restore(c.stores[0].as_ref(), &backup, None).unwrap();
     c.start(1);
     assert_eq!(c.engine(1).header(&config_stream()).seq, 10);
     let h = c.converge(2, Duration::from_secs(3)).await;
@@ -635,4 +635,73 @@ async fn a_primary_that_lost_its_store_is_refilled_by_the_peers() {
         .await
         .unwrap();
     assert_eq!(out.seq, 11);
+}
+
+#[tokio::test(start_paused = true)]
+async fn values_are_sealed_at_rest_with_the_system_key_and_a_key_change_reseals_them() {
+    use causeway_replication::keyring::KeyFiles;
+    let dir = tempfile::tempdir().unwrap();
+    let files = KeyFiles::in_dir(dir.path());
+    let (ring, _) = files.load_or_create().unwrap();
+    let ring = Arc::new(ring);
+    let store = Arc::new(MemoryStore::new());
+    let open = |keyring: Option<Arc<causeway_replication::keyring::Keyring>>| {
+        let mut settings = EngineSettings::new(1, 1, 1);
+        settings.keyring = keyring;
+        Engine::open(
+            settings,
+            store.clone(),
+            Arc::new(NoLink),
+            Arc::new(Recorder::default()),
+        )
+    };
+    let engine = open(Some(ring.clone())).unwrap();
+    engine
+        .write(&config_stream(), set("sip.users.alice", "s3cret"))
+        .await
+        .unwrap();
+    let plain_hash = engine.header(&config_stream()).hash;
+    let raw = causeway_replication::lifecycle::dump(store.as_ref()).unwrap();
+    let in_clear = raw
+        .tables
+        .iter()
+        .flat_map(|(_, rows)| rows)
+        .any(|(_, v)| v.windows(6).any(|w| w == b"s3cret"));
+    assert!(!in_clear, "the secret is not in the store in clear");
+    drop(engine);
+    assert!(open(None).is_err(), "unreadable without the key");
+    let engine = open(Some(ring.clone())).unwrap();
+    assert_eq!(
+        engine.get(&config_stream(), "sip.users.alice").as_deref(),
+        Some(&b"s3cret"[..])
+    );
+    assert_eq!(
+        engine.header(&config_stream()).hash,
+        plain_hash,
+        "peers compare plain values"
+    );
+    // Key change: every value resealed; the old key alone no longer reads the store.
+    let next = Arc::new(files.begin_change().unwrap());
+    assert_eq!(engine.reseal(next.clone()).unwrap(), 1);
+    files.finish_change().unwrap();
+    drop(engine);
+    let (after, _) = files.load_or_create().unwrap();
+    let engine = open(Some(Arc::new(after))).unwrap();
+    assert_eq!(
+        engine.get(&config_stream(), "sip.users.alice").as_deref(),
+        Some(&b"s3cret"[..])
+    );
+    drop(engine);
+    let err = open(Some(ring)).err().unwrap().to_string();
+    assert!(err.contains("does not have"), "{err}");
+}
+
+struct NoLink;
+impl PeerLink for NoLink {
+    fn send(&self, _: usize, _: Bytes) -> bool {
+        false
+    }
+    fn active_peers(&self) -> Vec<usize> {
+        Vec::new()
+    }
 }

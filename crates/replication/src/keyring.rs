@@ -1,0 +1,235 @@
+//! The node's system key (EX-14): every replicated value is sealed with it at rest
+//! (AES-256-GCM), so a copy of the store file, or a backup, reveals no secret without the
+//! key. The hash peers compare is over the plain values, so peers with different keys agree.
+//!
+//! Sealed value: `[key id: 4][nonce: 12][ciphertext + tag]`. The key id (the first bytes of
+//! the key's SHA-256) picks the key, so a store half-way through a key change stays readable.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+
+pub type KeyId = [u8; 4];
+
+pub struct SystemKey {
+    id: KeyId,
+    key: LessSafeKey,
+}
+
+impl SystemKey {
+    pub fn from_bytes(bytes: &[u8]) -> Result<SystemKey, String> {
+        let unbound = UnboundKey::new(&AES_256_GCM, bytes)
+            .map_err(|_| format!("a system key is 32 bytes, this one is {}", bytes.len()))?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let mut id = [0u8; 4];
+        id.copy_from_slice(&digest.as_ref()[..4]);
+        Ok(SystemKey {
+            id,
+            key: LessSafeKey::new(unbound),
+        })
+    }
+
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+}
+
+/// The key values are sealed with, and older keys still accepted when reading.
+pub struct Keyring {
+    current: SystemKey,
+    older: Vec<SystemKey>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Keyring(current {})", hex(&self.current.id))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Keyring {
+    pub fn new(current: SystemKey, older: Vec<SystemKey>) -> Keyring {
+        Keyring { current, older }
+    }
+
+    pub fn current_id(&self) -> String {
+        hex(&self.current.id)
+    }
+
+    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        // SystemRandom fails only without an OS RNG, where nothing else works either; a
+        // zero nonce then is still unique per key id only by chance, so say so loudly.
+        if SystemRandom::new().fill(&mut nonce).is_err() {
+            tracing::error!(target: "developer.replication", "No random source for a nonce");
+        }
+        let mut out = Vec::with_capacity(4 + NONCE_LEN + plain.len() + 16);
+        out.extend_from_slice(&self.current.id);
+        out.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        match self.current.key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::empty(),
+            &mut body,
+        ) {
+            Ok(()) => out.extend_from_slice(&body),
+            Err(_) => out.truncate(0),
+        }
+        out
+    }
+
+    pub fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, String> {
+        if sealed.len() < 4 + NONCE_LEN + 16 {
+            return Err("a sealed value is too short".into());
+        }
+        let (id, rest) = sealed.split_at(4);
+        let (nonce, body) = rest.split_at(NONCE_LEN);
+        let key = std::iter::once(&self.current)
+            .chain(&self.older)
+            .find(|k| k.id == id)
+            .ok_or_else(|| {
+                format!(
+                    "a value is sealed with system key {}, which this node does not have",
+                    hex(id)
+                )
+            })?;
+        let mut nonce_bytes = [0u8; NONCE_LEN];
+        nonce_bytes.copy_from_slice(nonce);
+        let mut buf = body.to_vec();
+        let plain = key
+            .key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce_bytes),
+                Aad::empty(),
+                &mut buf,
+            )
+            .map_err(|_| "a sealed value fails its integrity check".to_string())?;
+        Ok(plain.to_vec())
+    }
+}
+
+/// `data_dir/system.key`, and `system.key.new` while a key change is under way.
+pub struct KeyFiles {
+    pub current: PathBuf,
+    pub next: PathBuf,
+}
+
+impl KeyFiles {
+    pub fn in_dir(data_dir: &Path) -> KeyFiles {
+        KeyFiles {
+            current: data_dir.join("system.key"),
+            next: data_dir.join("system.key.new"),
+        }
+    }
+
+    /// Loads the keyring, creating the key on first start. A `system.key.new` left by an
+    /// interrupted key change becomes the current key (the caller re-seals and finishes).
+    /// Returns the keyring and whether a key change must be finished.
+    pub fn load_or_create(&self) -> Result<(Keyring, bool), String> {
+        let read = |p: &Path| -> Result<Option<SystemKey>, String> {
+            match std::fs::read(p) {
+                Ok(b) => SystemKey::from_bytes(&b)
+                    .map(Some)
+                    .map_err(|e| format!("{}: {e}", p.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("reading {}: {e}", p.display())),
+            }
+        };
+        let current = read(&self.current)?;
+        let next = read(&self.next)?;
+        match (current, next) {
+            (Some(cur), Some(next)) => Ok((Keyring::new(next, vec![cur]), true)),
+            (None, Some(next)) => Ok((Keyring::new(next, Vec::new()), true)),
+            (Some(cur), None) => Ok((Keyring::new(cur, Vec::new()), false)),
+            (None, None) => {
+                let key = write_new_key(&self.current)?;
+                Ok((Keyring::new(key, Vec::new()), false))
+            }
+        }
+    }
+
+    /// Writes a fresh key to `system.key.new` and returns the keyring to re-seal with.
+    pub fn begin_change(&self) -> Result<Keyring, String> {
+        let next = write_new_key(&self.next)?;
+        let older = match std::fs::read(&self.current) {
+            Ok(b) => vec![SystemKey::from_bytes(&b)?],
+            Err(_) => Vec::new(),
+        };
+        Ok(Keyring::new(next, older))
+    }
+
+    /// After every value is re-sealed: the new key becomes `system.key`.
+    pub fn finish_change(&self) -> Result<(), String> {
+        std::fs::rename(&self.next, &self.current).map_err(|e| {
+            format!(
+                "renaming {} to {}: {e}",
+                self.next.display(),
+                self.current.display()
+            )
+        })
+    }
+}
+
+fn write_new_key(path: &Path) -> Result<SystemKey, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "no random source to make a system key".to_string())?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    f.write_all(&bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    SystemKey::from_bytes(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_values_open_with_the_same_or_an_older_key_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = KeyFiles::in_dir(dir.path());
+        let (ring, pending) = files.load_or_create().unwrap();
+        assert!(!pending);
+        let sealed = ring.seal(b"s3cret");
+        assert!(!sealed.windows(6).any(|w| w == b"s3cret"), "not in clear");
+        assert_eq!(ring.open(&sealed).unwrap(), b"s3cret");
+        let mut flipped = sealed.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(ring.open(&flipped).unwrap_err().contains("integrity"));
+
+        let next = files.begin_change().unwrap();
+        assert_eq!(
+            next.open(&sealed).unwrap(),
+            b"s3cret",
+            "old values stay readable"
+        );
+        // Interrupted here: the next start takes system.key.new and finishes.
+        let (resumed, pending) = files.load_or_create().unwrap();
+        assert!(pending);
+        assert_eq!(resumed.current_id(), next.current_id());
+        files.finish_change().unwrap();
+        let (after, pending) = files.load_or_create().unwrap();
+        assert!(!pending);
+        let resealed = after.seal(b"s3cret");
+        assert_eq!(next.open(&resealed).unwrap(), b"s3cret");
+        assert!(after.open(&sealed).unwrap_err().contains("does not have"));
+    }
+}
