@@ -625,7 +625,10 @@ fn leave_warns_cancels_and_resets_on_restart_and_backup_purge_restore_rejoin() {
 fn secrets_are_sealed_at_rest_and_force_system_key_update_reseals_or_raises_21005() {
     let mut c = TestCluster::start(11, 2, "Enforce", |_, _, _, _| {});
     wait_for(20, "cluster formed", || c.formed());
-    let (ok, out, err) = c.cli(1, &["xconfiguration", "set", "sip.users.alice", "Sup3rSecretPw"]);
+    let (ok, out, err) = c.cli(
+        1,
+        &["xconfiguration", "set", "sip.users.alice", "Sup3rSecretPw"],
+    );
     assert!(ok, "{out}{err}");
     let digest = |c: &TestCluster, k: usize| {
         c.xstatus(k, "cluster")
@@ -651,7 +654,10 @@ fn secrets_are_sealed_at_rest_and_force_system_key_update_reseals_or_raises_2100
     let (ok, out, err) = c.cli(2, &["xcommand", "ForceSystemKeyUpdate"]);
     assert!(ok && out.contains("records"), "{out}{err}");
     assert!(!c.alarm_raised(2, 21005, "system key"));
-    assert_ne!(std::fs::read(c.peers[1].dir.join("system.key")).unwrap(), key_before);
+    assert_ne!(
+        std::fs::read(c.peers[1].dir.join("system.key")).unwrap(),
+        key_before
+    );
     // Restarted on the new key: its data reads back, still the primary's.
     c.kill9(2);
     c.launch(2);

@@ -220,6 +220,7 @@ impl Node {
             file: config.source.clone(),
             file_lock: Mutex::new(()),
             addresses: addresses.clone(),
+            mesh: mesh.clone(),
         });
         let mut store_problem = store.problem;
         if let Err(e) = settle_membership(&config, store.store.as_ref()) {
@@ -722,6 +723,8 @@ struct ConfigObserver {
     /// Every rewrite of the node's file goes through this lock.
     file_lock: Mutex<()>,
     addresses: Arc<AddressMap>,
+    /// Redialled when the address mapping changes, so a mapped name is used at once.
+    mesh: Option<Arc<Mesh>>,
 }
 
 impl ConfigObserver {
@@ -786,6 +789,9 @@ impl Observer for ConfigObserver {
             log_change(&a.key, &old, &new);
             if a.key.starts_with(MAPPING_PREFIX) {
                 self.addresses.update(&a.key, a.new.as_deref());
+                if let Some(mesh) = &self.mesh {
+                    mesh.redial_now("cluster address mapping changed");
+                }
             }
             if a.key == "cluster.tls_verification" {
                 let mode = match new.as_str() {

@@ -532,3 +532,89 @@ async fn peers_that_disagree_on_the_primary_still_cluster_raise_20017_and_set_pr
         .unwrap();
     assert_eq!(value_on(c.node(2), "limits.calls.max"), "100");
 }
+
+/// Resolves IP literals only: names resolve through the cluster address mapping or not at
+/// all, and no test query leaves the machine.
+struct NoDns;
+
+impl causeway_mesh::Resolver for NoDns {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> causeway_mesh::BoxFuture<'a, Result<IpAddr, String>> {
+        Box::pin(async move {
+            host.parse()
+                .map_err(|_| format!("'{host}' does not resolve"))
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn peers_listed_by_name_join_once_the_address_mapping_names_them_and_an_impostor_is_refused()
+{
+    let net = MemoryNetwork::new();
+    let (name1, name3) = ("peer1.test.invalid", "peer3.test.invalid");
+    net.set_identity(ip(1), name1);
+    net.set_identity(ip(3), name3);
+    let cfg = |k: usize| {
+        let mut c = config(k, 3, TlsMode::Enforce);
+        c.cluster.peers = vec![name1.into(), ip(2).to_string(), name3.into()];
+        c.node.address = c.cluster.peers[k - 1].clone();
+        c
+    };
+    let boot = |k: usize, at: usize| {
+        Node::start(
+            cfg(k),
+            Some(net.transport(ip(at))),
+            Arc::new(NoDns),
+            fresh_store(),
+        )
+        .0
+    };
+    let nodes: Vec<Arc<Node>> = (1..=3).map(|k| boot(k, k)).collect();
+    wait_for(10, "Peers 1 and 2 connected", || {
+        nodes[0].cluster_status().peers[1].is_active()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        raised(&nodes[0], 20005, name3),
+        "{name3} does not resolve: {:?}",
+        nodes[0].alarms().active()
+    );
+    for (path, at) in [(name3, 3), (name1, 1)] {
+        nodes[0]
+            .set_configuration(
+                &format!("cluster.address_mapping.{path}"),
+                Some(&ip(at).to_string()),
+            )
+            .await
+            .unwrap();
+    }
+    wait_for(10, "every peer Active through the mapping", || {
+        nodes.iter().all(|n| n.mesh().unwrap().view().all_active())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!raised(&nodes[0], 20005, name3));
+    // A system at another address with a certificate for Peer 1's name: refused, because
+    // the mapping says where Peer 1 is.
+    net.set_identity(ip(4), name1);
+    let impostor = boot(1, 4);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    match &impostor.cluster_status().peers[1].clustering {
+        Clustering::Failed(r) => assert!(
+            r.contains("which resolves to 198.18.0.1") && r.contains("came from 198.18.0.4"),
+            "{r}"
+        ),
+        other => panic!("the impostor must be refused, is {other:?}"),
+    }
+    assert!(
+        nodes[1].cluster_status().peers[0].is_active(),
+        "the real Peer 1 stays"
+    );
+    impostor.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

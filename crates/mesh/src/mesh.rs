@@ -25,6 +25,8 @@ use crate::wire::{Hello, Message, MAX_FRAME, PROTOCOL_VERSION};
 const LOG: &str = "network.cluster";
 /// Links still in their hello at once; the TLS transport has its own, tighter caps.
 const MAX_PENDING_HELLOS: usize = 64;
+/// How long accepting a peer listed by name waits for the name to resolve.
+const RESOLVE_ON_ACCEPT: Duration = Duration::from_secs(1);
 /// A session that stayed up this long resets the dialer's backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
 /// Frames queued towards one peer before `send` reports the queue full.
@@ -117,6 +119,8 @@ struct Shared {
     inbound: mpsc::Sender<Inbound>,
     next_session: AtomicU64,
     refusal_log: Mutex<LogBudget>,
+    /// Wakes every dialer at once (EX-10: names retried on demand).
+    redial: tokio::sync::Notify,
     cancel: CancellationToken,
 }
 
@@ -163,6 +167,7 @@ impl Mesh {
                 used: 0,
                 suppressed: 0,
             }),
+            redial: tokio::sync::Notify::new(),
             cancel: CancellationToken::new(),
         });
         let tasks = TaskTracker::new();
@@ -180,6 +185,15 @@ impl Mesh {
             "Cluster mesh started"
         );
         (Mesh { shared, tasks }, inbound_rx)
+    }
+
+    /// Dials every peer that is not connected now, resolving its name again (EX-10: on
+    /// demand, e.g. after the cluster address mapping changed). Dialers otherwise retry on
+    /// their own with a backoff of at most `timing.backoff_max`.
+    pub fn redial_now(&self, why: &str) {
+        tracing::info!(target: LOG, reason = why,
+            "Triggering forced peer update of peers which failed DNS");
+        self.shared.redial.notify_waiters();
     }
 
     /// Every peer as this node sees it now.
@@ -375,6 +389,7 @@ async fn dial_loop(shared: Arc<Shared>, index: usize) {
         tokio::select! {
             _ = shared.cancel.cancelled() => return,
             _ = sleep(jitter.spread(backoff)) => {}
+            _ = shared.redial.notified() => backoff = timing.backoff_min,
         }
         backoff = (backoff * 2).min(timing.backoff_max);
     }
@@ -613,8 +628,22 @@ async fn accept_hello(shared: &Shared, mut link: Link) -> Option<(usize, Link, H
     let ours = shared.our_hello();
     let index = usize::from(theirs.peer_index);
     let in_range = index >= 1 && index <= s.peers.len() && index != s.self_index;
+    // A peer listed by name: where the name points now (the address mapping, then DNS).
+    let expected = match in_range.then(|| s.address(index).parse::<IpAddr>()) {
+        Some(Err(_)) => {
+            let lookup = shared.resolver.resolve(s.address(index));
+            match tokio::time::timeout(RESOLVE_ON_ACCEPT, lookup).await {
+                Ok(Ok(ip)) => {
+                    shared.update(index, |slot| slot.status.resolved = Some(ip));
+                    Some(ip)
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     let checked = check_hello(&ours, &theirs)
-        .and_then(|()| check_source(s, index, src))
+        .and_then(|()| check_source(s, index, src, expected))
         .and_then(|()| {
             let cert = shared
                 .transport
@@ -649,14 +678,26 @@ async fn accept_hello(shared: &Shared, mut link: Link) -> Option<(usize, Link, H
     Some((index, link, theirs))
 }
 
-/// A connection claiming peer `index` must come from that peer's address when the address is
-/// an IP literal: otherwise there is NAT between the peers (EX-11) or an impersonator.
-fn check_source(s: &ClusterSettings, index: usize, src: Option<IpAddr>) -> Result<(), Refusal> {
+/// A connection claiming peer `index` must come from that peer's address: its IP literal,
+/// or what its name resolves to now (`resolved`; a name that does not resolve is left to
+/// the certificate check). Otherwise there is NAT between the peers (EX-11) or an
+/// impersonator.
+fn check_source(
+    s: &ClusterSettings,
+    index: usize,
+    src: Option<IpAddr>,
+    resolved: Option<IpAddr>,
+) -> Result<(), Refusal> {
     let address = s.address(index);
-    match (address.parse::<IpAddr>(), src) {
-        (Ok(expected), Some(actual)) if expected != actual => Err(Refusal::new(
+    let (expected, how) = match (address.parse::<IpAddr>(), resolved) {
+        (Ok(ip), _) => (ip, String::new()),
+        (Err(_), Some(ip)) => (ip, format!(", which resolves to {ip}")),
+        (Err(_), None) => return Ok(()),
+    };
+    match src {
+        Some(actual) if actual != expected => Err(Refusal::new(
             RefuseField::SourceAddress,
-            format!("a connection claiming to be Peer {index} ({address}) came from {actual}: NAT between the peers, or another system using Peer {index}'s number"),
+            format!("a connection claiming to be Peer {index} ({address}{how}) came from {actual}: NAT between the peers, or another system using Peer {index}'s number"),
         )),
         _ => Ok(()),
     }
