@@ -618,3 +618,45 @@ async fn peers_listed_by_name_join_once_the_address_mapping_names_them_and_an_im
         n.shutdown().await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn restarting_every_peer_in_any_order_converges_with_no_alarm_left() {
+    let mut c = Cluster::start(3, TlsMode::Enforce);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    c.node(1)
+        .set_configuration("sip.domains", Some("example.com"))
+        .await
+        .unwrap();
+    for order in [[3, 2, 1], [2, 1, 3], [1, 3, 2]] {
+        for k in 1..=3 {
+            if let Some(n) = c.nodes[k - 1].take() {
+                n.shutdown().await;
+            }
+        }
+        for (step, k) in order.into_iter().enumerate() {
+            c.nodes[k - 1] = Some(c.boot(k, config(k, 3, TlsMode::Enforce)));
+            // Every restarted peer has the configuration from its own store at once.
+            assert_eq!(value_on(c.node(k), "sip.domains"), "example.com");
+            if step == 0 && k != 1 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let err = c
+                    .node(k)
+                    .set_configuration("limits.calls.max", Some("5"))
+                    .await
+                    .unwrap_err();
+                assert!(err.contains("Peer 1"), "the unreachable primary is named: {err}");
+                assert!(raised(c.node(k), 20016, "Peer 1"));
+            }
+        }
+        wait_for(10, "formed again", || c.formed()).await;
+        c.node(order[0])
+            .set_configuration("limits.calls.max", Some(&format!("{}", order[0])))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for (k, n) in c.running() {
+            assert_eq!(value_on(n, "limits.calls.max"), order[0].to_string(), "Peer {k}");
+            assert!(n.alarms().active().is_empty(), "Peer {k} after {order:?}: {:?}", n.alarms().active());
+        }
+    }
+}

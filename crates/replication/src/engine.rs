@@ -70,6 +70,9 @@ pub struct EngineSettings {
     pub ack_timeout: Duration,
     /// Seals values at rest (EX-14); none in tests that look at the raw store.
     pub keyring: Option<Arc<Keyring>>,
+    /// How often the synchronisation check is reported in the log, as the seed does (the
+    /// check itself runs on every heartbeat).
+    pub sync_report: Duration,
 }
 
 impl EngineSettings {
@@ -81,6 +84,7 @@ impl EngineSettings {
             heartbeat: Duration::from_millis(200),
             ack_timeout: Duration::from_secs(5),
             keyring: None,
+            sync_report: Duration::from_secs(120),
         }
     }
 }
@@ -155,6 +159,7 @@ struct State {
     primary_lost_since: Option<Instant>,
     last_check: Option<SystemTime>,
     last_sync: Option<SystemTime>,
+    next_report: Instant,
 }
 
 pub struct Engine {
@@ -274,6 +279,7 @@ impl Engine {
             primary_lost_since: Some(now),
             last_check: None,
             last_sync: None,
+            next_report: now + settings.sync_report,
         };
         Ok(Arc::new(Engine {
             settings,
@@ -396,6 +402,10 @@ impl Engine {
         st.fetching
             .retain(|_, f| now.duration_since(f.since) < stale);
         self.drive_takeover(&mut st, &active);
+        if now >= st.next_report {
+            st.next_report = now + self.settings.sync_report;
+            self.report_sync(&st, &active);
+        }
         let digest = Message::Digest {
             node_id: st.node_id,
             primary: st.primary as u16,
@@ -410,6 +420,68 @@ impl Engine {
         drop(st);
         for p in active {
             self.link.send(p, digest.clone());
+        }
+    }
+
+    /// The seed's periodic synchronisation lines: what this peer's configuration is doing.
+    fn report_sync(&self, st: &State, active: &[usize]) {
+        let id = config_stream();
+        let mine = st.streams.get(&id).map(|s| s.header).unwrap_or_default();
+        let me = self.settings.self_index;
+        info!(target: LOG, "Starting synchronisation");
+        info!(target: LOG, configuration_master_index = st.primary - 1, local_peer_index = me - 1,
+            revision = mine.seq, digest = %mine.short_hash(), "Cluster configuration");
+        let behind = |p: &usize| {
+            let ps = &st.peers[p - 1];
+            let acked = ps.acked.get(&id).copied().unwrap_or_default();
+            let seen = ps.headers.get(&id).map(|h| h.position()).unwrap_or_default();
+            acked.max(seen) < mine.position()
+        };
+        let outcome = if st.primary == me {
+            let lagging: Vec<String> = active
+                .iter()
+                .filter(|p| behind(p))
+                .map(|p| format!("Peer {p}"))
+                .collect();
+            if lagging.is_empty() {
+                Ok("This peer is the cluster master, local configuration has already been replicated to the other peers".to_string())
+            } else {
+                Ok(format!(
+                    "This peer is the cluster master, bringing {} up to date",
+                    lagging.join(", ")
+                ))
+            }
+        } else if !active.contains(&st.primary) {
+            Err(format!(
+                "This peer is not the cluster master, and the cluster master (Peer {}) is unreachable",
+                st.primary
+            ))
+        } else if let Some(why) = st.conflicts.get(&id) {
+            Err(format!("This peer is not the cluster master, and {why}"))
+        } else {
+            let theirs = st.peers[st.primary - 1]
+                .headers
+                .get(&id)
+                .map(|h| h.position())
+                .unwrap_or_default();
+            if theirs <= mine.position() {
+                Ok("This peer is not the cluster master, local configuration is already up to date".to_string())
+            } else {
+                Ok(format!(
+                    "This peer is not the cluster master, fetching the configuration from Peer {}",
+                    st.primary
+                ))
+            }
+        };
+        match outcome {
+            Ok(detail) => {
+                info!(target: LOG, "{detail}");
+                info!(target: LOG, "Synchronisation completed successfully");
+            }
+            Err(detail) => {
+                warn!(target: LOG, "{detail}");
+                warn!(target: LOG, "Synchronisation failed");
+            }
         }
     }
 
