@@ -644,7 +644,10 @@ async fn restarting_every_peer_in_any_order_converges_with_no_alarm_left() {
                     .set_configuration("limits.calls.max", Some("5"))
                     .await
                     .unwrap_err();
-                assert!(err.contains("Peer 1"), "the unreachable primary is named: {err}");
+                assert!(
+                    err.contains("Peer 1"),
+                    "the unreachable primary is named: {err}"
+                );
                 assert!(raised(c.node(k), 20016, "Peer 1"));
             }
         }
@@ -655,8 +658,93 @@ async fn restarting_every_peer_in_any_order_converges_with_no_alarm_left() {
             .unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
         for (k, n) in c.running() {
-            assert_eq!(value_on(n, "limits.calls.max"), order[0].to_string(), "Peer {k}");
-            assert!(n.alarms().active().is_empty(), "Peer {k} after {order:?}: {:?}", n.alarms().active());
+            assert_eq!(
+                value_on(n, "limits.calls.max"),
+                order[0].to_string(),
+                "Peer {k}"
+            );
+            assert!(
+                n.alarms().active().is_empty(),
+                "Peer {k} after {order:?}: {:?}",
+                n.alarms().active()
+            );
         }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_address_changes_from_ip_to_name_one_peer_at_a_time_without_losing_the_cluster() {
+    let net = MemoryNetwork::new();
+    let names: Vec<String> = (1..=3).map(|k| format!("peer{k}.test.invalid")).collect();
+    // Certificates that name both the IP and the name, as an operator issues them for this.
+    for k in 1..=3 {
+        net.set_identity(ip(k), &format!("{},{}", ip(k), names[k - 1]));
+    }
+    let stores: Vec<Arc<MemoryStore>> = (0..3).map(|_| Arc::new(MemoryStore::new())).collect();
+    // `renamed`: the peers whose entry this node's list already spells by name.
+    let boot = |k: usize, renamed: &[usize]| {
+        let mut c = config(k, 3, TlsMode::Enforce);
+        for r in renamed {
+            c.cluster.peers[r - 1] = names[r - 1].clone();
+        }
+        c.node.address = c.cluster.peers[k - 1].clone();
+        let store = NodeStore::memory(stores[k - 1].clone());
+        Node::start(c, Some(net.transport(ip(k))), Arc::new(NoDns), store).0
+    };
+    let mut nodes: Vec<Arc<Node>> = (1..=3).map(|k| boot(k, &[])).collect();
+    let formed = |nodes: &[Arc<Node>]| nodes.iter().all(|n| n.mesh().unwrap().view().all_active());
+    wait_for(10, "formed on IPs", || formed(&nodes)).await;
+    for k in 1..=3 {
+        nodes[0]
+            .set_configuration(
+                &format!("cluster.address_mapping.{}", names[k - 1]),
+                Some(&ip(k).to_string()),
+            )
+            .await
+            .unwrap();
+    }
+    // Every peer in turn: its list changed to names for all three, restarted. The others
+    // still spell the entries as IPs and keep talking to it.
+    for k in 1..=3 {
+        nodes[k - 1].shutdown().await;
+        nodes[k - 1] = boot(k, &[1, 2, 3]);
+        wait_for(10, &format!("formed after Peer {k} moved to names"), || {
+            formed(&nodes)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for (i, n) in nodes.iter().enumerate() {
+            assert!(
+                !n.alarms()
+                    .active()
+                    .iter()
+                    .any(|a| a.id == 20012 || a.id == 20004),
+                "Peer {}: {:?}",
+                i + 1,
+                n.alarms().active()
+            );
+        }
+    }
+    // A name that does not resolve to Peer 2's address is still a different peer list.
+    nodes[2].shutdown().await;
+    let mut c = config(3, 3, TlsMode::Enforce);
+    c.cluster.peers = names.clone();
+    c.cluster.peers[1] = "peer9.test.invalid".into();
+    c.node.address = names[2].clone();
+    let odd = Node::start(
+        c,
+        Some(net.transport(ip(3))),
+        Arc::new(NoDns),
+        NodeStore::memory(stores[2].clone()),
+    )
+    .0;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    match &nodes[0].cluster_status().peers[2].clustering {
+        Clustering::Failed(r) => assert!(r.contains("peer list differs at Peer 2"), "{r}"),
+        other => panic!("a list naming another system must be refused, is {other:?}"),
+    }
+    odd.shutdown().await;
+    for n in nodes.iter().take(2) {
+        n.shutdown().await;
     }
 }

@@ -39,8 +39,14 @@ impl Refusal {
 
 /// Compares the cluster-wide settings of two hellos, in the order of `docs/mesh.md`. The
 /// reason names the field and both values by peer number, so it reads the same on both
-/// sides of the link.
-pub fn check_hello(ours: &Hello, theirs: &Hello) -> Result<(), Refusal> {
+/// sides of the link. `same_system(i)` says whether peer-list entry `i` (0-based), spelled
+/// differently on the two sides, names one system anyway (EX-8: an address being changed
+/// one peer at a time, e.g. from its IP to its name).
+pub fn check_hello(
+    ours: &Hello,
+    theirs: &Hello,
+    same_system: &dyn Fn(usize) -> bool,
+) -> Result<(), Refusal> {
     let me = format!("Peer {}", ours.peer_index);
     let them = format!("Peer {}", theirs.peer_index);
     let differs = |field, name: &str, a: &dyn std::fmt::Display, b: &dyn std::fmt::Display| {
@@ -87,12 +93,13 @@ pub fn check_hello(ours: &Hello, theirs: &Hello) -> Result<(), Refusal> {
         .peers
         .iter()
         .zip(&theirs.peers)
-        .position(|(a, b)| !a.eq_ignore_ascii_case(b))
+        .enumerate()
+        .position(|(i, (a, b))| !a.eq_ignore_ascii_case(b) && !same_system(i))
     {
         return Err(Refusal::new(
             RefuseField::PeerList,
             format!(
-                "peer list differs at Peer {} address: '{}' on {me}, '{}' on {them} (every peer must list the same addresses in the same order)",
+                "peer list differs at Peer {} address: '{}' on {me}, '{}' on {them} (every peer must list the same addresses in the same order; a name and an address may differ only when the name resolves to that address)",
                 i + 1,
                 ours.peers[i],
                 theirs.peers[i]
@@ -154,7 +161,7 @@ mod tests {
 
     #[test]
     fn same_cluster_is_accepted() {
-        assert_eq!(check_hello(&hello(1), &hello(2)), Ok(()));
+        assert_eq!(check_hello(&hello(1), &hello(2), &|_| false), Ok(()));
     }
 
     #[test]
@@ -195,7 +202,7 @@ mod tests {
         for (change, field, text) in cases {
             let mut theirs = hello(2);
             change(&mut theirs);
-            let r = check_hello(&hello(1), &theirs).unwrap_err();
+            let r = check_hello(&hello(1), &theirs, &|_| false).unwrap_err();
             assert_eq!(r.field, field);
             assert!(r.reason.starts_with(text), "{} vs {text}", r.reason);
         }
@@ -204,7 +211,7 @@ mod tests {
     #[test]
     fn impossible_indexes_are_refused() {
         for index in [0, 1, 4] {
-            let r = check_hello(&hello(1), &hello(index)).unwrap_err();
+            let r = check_hello(&hello(1), &hello(index), &|_| false).unwrap_err();
             assert_eq!(r.field, RefuseField::PeerIndex);
         }
     }

@@ -477,7 +477,8 @@ async fn connect_once(shared: &Shared, index: usize) -> Result<(Link, Hello), Fa
     };
     match reply {
         Message::Hello(theirs) => {
-            let checked = check_hello(&ours, &theirs).and_then(|()| {
+            let same = same_systems(shared, &ours.peers, &theirs.peers).await;
+            let checked = check_hello(&ours, &theirs, &|i| same[i]).and_then(|()| {
                 if usize::from(theirs.peer_index) == index {
                     Ok(())
                 } else {
@@ -642,7 +643,8 @@ async fn accept_hello(shared: &Shared, mut link: Link) -> Option<(usize, Link, H
         }
         _ => None,
     };
-    let checked = check_hello(&ours, &theirs)
+    let same = same_systems(shared, &ours.peers, &theirs.peers).await;
+    let checked = check_hello(&ours, &theirs, &|i| same[i])
         .and_then(|()| check_source(s, index, src, expected))
         .and_then(|()| {
             let cert = shared
@@ -676,6 +678,33 @@ async fn accept_hello(shared: &Shared, mut link: Link) -> Option<(usize, Link, H
         return None;
     }
     Some((index, link, theirs))
+}
+
+/// For each peer-list entry: spelled differently here and there, but resolving (address
+/// mapping, then DNS) to one IP. Entries spelled alike are not looked up.
+async fn same_systems(shared: &Shared, ours: &[String], theirs: &[String]) -> Vec<bool> {
+    let mut out = vec![false; ours.len()];
+    if ours.len() != theirs.len() {
+        return out;
+    }
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        if a.eq_ignore_ascii_case(b) {
+            continue;
+        }
+        let (x, y) = (
+            resolve_briefly(shared, a).await,
+            resolve_briefly(shared, b).await,
+        );
+        out[i] = x.is_some() && x == y;
+    }
+    out
+}
+
+async fn resolve_briefly(shared: &Shared, host: &str) -> Option<IpAddr> {
+    tokio::time::timeout(RESOLVE_ON_ACCEPT, shared.resolver.resolve(host))
+        .await
+        .ok()?
+        .ok()
 }
 
 /// A connection claiming peer `index` must come from that peer's address: its IP literal,

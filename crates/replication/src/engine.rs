@@ -434,7 +434,11 @@ impl Engine {
         let behind = |p: &usize| {
             let ps = &st.peers[p - 1];
             let acked = ps.acked.get(&id).copied().unwrap_or_default();
-            let seen = ps.headers.get(&id).map(|h| h.position()).unwrap_or_default();
+            let seen = ps
+                .headers
+                .get(&id)
+                .map(|h| h.position())
+                .unwrap_or_default();
             acked.max(seen) < mine.position()
         };
         let outcome = if st.primary == me {
