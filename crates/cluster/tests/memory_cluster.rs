@@ -748,3 +748,61 @@ async fn a_peer_address_changes_from_ip_to_name_one_peer_at_a_time_without_losin
         n.shutdown().await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fourth_peer_is_added_and_a_standalone_system_joining_takes_the_primarys_configuration(
+) {
+    let mut c = Cluster::start(3, TlsMode::Enforce);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    c.node(1)
+        .set_configuration("sip.domains", Some("example.com"))
+        .await
+        .unwrap();
+    // The new system ran on its own first and has a configuration of its own.
+    let newcomer_store = Arc::new(MemoryStore::new());
+    {
+        let mut alone = config(4, 4, TlsMode::Enforce);
+        alone.cluster.peers.clear();
+        let n = Node::start(
+            alone,
+            None,
+            Arc::new(NoDns),
+            NodeStore::memory(newcomer_store.clone()),
+        )
+        .0;
+        n.set_configuration("sip.domains", Some("standalone.example"))
+            .await
+            .unwrap();
+        n.set_configuration("limits.calls.max", Some("7"))
+            .await
+            .unwrap();
+        n.shutdown().await;
+    }
+    // Every existing peer gets the four-peer list and is restarted, then the newcomer starts.
+    c.n = 4;
+    c.stores.push(newcomer_store);
+    for k in 1..=3 {
+        c.nodes[k - 1].take().unwrap().shutdown().await;
+        c.nodes[k - 1] = Some(c.boot(k, config(k, 4, TlsMode::Enforce)));
+    }
+    c.nodes.push(Some(c.boot(4, config(4, 4, TlsMode::Enforce))));
+    wait_for(10, "four peers formed", || c.formed()).await;
+    wait_for(10, "the newcomer holds the primary's configuration", || {
+        value_on(c.node(4), "sip.domains") == "example.com"
+    })
+    .await;
+    assert_eq!(
+        value_on(c.node(4), "limits.calls.max"),
+        "0",
+        "its own items are gone, not merged"
+    );
+    assert_eq!(
+        value_on(c.node(1), "sip.domains"),
+        "example.com",
+        "the primary never takes the newcomer's copy"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (k, n) in c.running() {
+        assert!(n.alarms().active().is_empty(), "Peer {k}: {:?}", n.alarms().active());
+    }
+}
