@@ -46,6 +46,7 @@ async fn alarms(State(node): State<Arc<Node>>) -> Json<Value> {
         "system_name": node.config().node.system_name,
         "active": node.alarms().active(),
         "events": node.alarms().events(),
+        "peers": node.peer_alarms(),
     }))
 }
 

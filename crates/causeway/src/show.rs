@@ -116,6 +116,27 @@ pub fn alarms(socket: &Path, json: bool) -> anyhow::Result<()> {
         println!("       Action:  {}", s("action"));
         println!("       UUID:    {}", s("uuid"));
     }
+    let peers: Vec<causeway_cluster::PeerAlarm> =
+        serde_json::from_value(value["peers"].clone()).unwrap_or_default();
+    if !peers.is_empty() {
+        println!("\nAlarms on the other peers: {} raised", peers.len());
+        for a in &peers {
+            let note = if a.reachable {
+                ""
+            } else {
+                "  (unreachable: as last reported)"
+            };
+            println!(
+                "  Peer {}  {:<6} {:<9} {}  {}{note}",
+                a.peer,
+                a.id,
+                a.severity,
+                utc_time(a.raised_at_ms),
+                a.title
+            );
+            println!("         Subject: {}   Reason: {}", a.subject, a.reason);
+        }
+    }
     let events = value["events"].as_array().cloned().unwrap_or_default();
     if !events.is_empty() {
         println!("\nRecent events");

@@ -9,6 +9,6 @@ mod peer_alarms;
 pub mod xconfig;
 
 pub use config::{ConfigError, NodeConfig};
-pub use node::{ClusterStatus, Node, NodeStore, SetOutcome};
+pub use node::{ClusterStatus, Node, NodeStore, PeerAlarm, SetOutcome};
 pub use peer_alarms::{peer_alarms, MANAGED_ALARMS};
 pub use xconfig::ConfigItem;

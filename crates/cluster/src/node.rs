@@ -1,7 +1,7 @@
 //! A running node: the mesh (when the node is clustered), the replicated configuration on
 //! it, and the alarms that follow from both.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -279,6 +279,7 @@ impl Node {
             node.tasks
                 .spawn(async move { engine.run(cancel.cancelled_owned()).await });
             node.tasks.spawn(supervise(node.clone()));
+            node.tasks.spawn(share_alarms(node.clone()));
         }
         (node, services)
     }
@@ -436,6 +437,49 @@ impl Node {
         crate::backup::Backup::take(&self.config, self.store.as_ref())
     }
 
+    /// The alarms the other peers reported (OP-1: alarms visible cluster-wide), each with
+    /// whether that peer is reachable now (if not, they are as it last reported them).
+    pub fn peer_alarms(&self) -> Vec<PeerAlarm> {
+        let Some(mesh) = &self.mesh else {
+            return Vec::new();
+        };
+        let me = mesh.settings().self_index;
+        let view = mesh.view();
+        let mut out = Vec::new();
+        for id in self.engine.streams(ALARM_NAMESPACE) {
+            let Some(peer) = id
+                .name
+                .strip_prefix("peer")
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            if peer == me || peer == 0 || peer > view.peers.len() {
+                continue;
+            }
+            let reachable = view.peer(peer).is_active();
+            for (_, value) in self.engine.entries(&id) {
+                let Ok(a) = postcard::from_bytes::<SharedAlarm>(&value) else {
+                    continue;
+                };
+                let Some(kind) = causeway_alarms::lookup(a.id) else {
+                    continue;
+                };
+                out.push(PeerAlarm {
+                    peer,
+                    reachable,
+                    id: a.id,
+                    title: kind.title.to_string(),
+                    severity: format!("{:?}", kind.severity),
+                    subject: a.subject,
+                    reason: a.reason,
+                    raised_at_ms: a.raised_at_ms,
+                });
+            }
+        }
+        out
+    }
+
     fn keys_lock(&self) -> std::sync::MutexGuard<'_, Option<NodeKeys>> {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -562,6 +606,84 @@ fn settle_membership(
         lifecycle::set_membership(store, &now)?;
     }
     Ok(())
+}
+
+const ALARM_NAMESPACE: &str = "alarms";
+
+/// One alarm as a peer shares it: the catalogue gives the rest.
+#[derive(Serialize, Deserialize)]
+struct SharedAlarm {
+    id: u32,
+    subject: String,
+    reason: String,
+    raised_at_ms: u64,
+}
+
+/// An alarm raised on another peer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerAlarm {
+    pub peer: usize,
+    /// False: the peer is unreachable and this is what it last reported.
+    pub reachable: bool,
+    pub id: u32,
+    pub title: String,
+    pub severity: String,
+    pub subject: String,
+    pub reason: String,
+    pub raised_at_ms: u64,
+}
+
+/// Keeps this peer's alarm stream equal to its alarm table, so every peer shows them.
+async fn share_alarms(node: Arc<Node>) {
+    let Some(mesh) = &node.mesh else { return };
+    let own = StreamId::new(
+        ALARM_NAMESPACE,
+        &format!("peer{}", mesh.settings().self_index),
+    );
+    loop {
+        let wanted: BTreeMap<String, Vec<u8>> = node
+            .alarms
+            .active()
+            .into_iter()
+            .map(|a| {
+                let shared = SharedAlarm {
+                    id: a.id,
+                    subject: a.subject.clone(),
+                    reason: a.reason,
+                    raised_at_ms: a.raised_at_ms,
+                };
+                (
+                    format!("{}|{}", a.id, a.subject),
+                    postcard::to_stdvec(&shared).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let have: BTreeMap<String, Vec<u8>> = node.engine.entries(&own).into_iter().collect();
+        let mut changes: Vec<Change> = wanted
+            .iter()
+            .filter(|(k, v)| have.get(*k) != Some(*v))
+            .map(|(k, v)| Change {
+                key: k.clone(),
+                value: Some(v.clone()),
+            })
+            .collect();
+        changes.extend(
+            have.keys()
+                .filter(|k| !wanted.contains_key(*k))
+                .map(|k| Change {
+                    key: k.clone(),
+                    value: None,
+                }),
+        );
+        if !changes.is_empty() {
+            // Pushed at once; the answer (a majority or not) does not matter here.
+            let _ = node.engine.write(&own, changes).await;
+        }
+        tokio::select! {
+            _ = node.cancel.cancelled() => return,
+            _ = tokio::time::sleep(RECHECK) => {}
+        }
+    }
 }
 
 /// Replication frames to the engine; everything else to the services.

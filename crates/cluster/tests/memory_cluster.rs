@@ -750,8 +750,7 @@ async fn a_peer_address_changes_from_ip_to_name_one_peer_at_a_time_without_losin
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_fourth_peer_is_added_and_a_standalone_system_joining_takes_the_primarys_configuration(
-) {
+async fn a_fourth_peer_is_added_and_a_standalone_system_joining_takes_the_primarys_configuration() {
     let mut c = Cluster::start(3, TlsMode::Enforce);
     wait_for(10, "cluster formed", || c.formed()).await;
     c.node(1)
@@ -785,7 +784,8 @@ async fn a_fourth_peer_is_added_and_a_standalone_system_joining_takes_the_primar
         c.nodes[k - 1].take().unwrap().shutdown().await;
         c.nodes[k - 1] = Some(c.boot(k, config(k, 4, TlsMode::Enforce)));
     }
-    c.nodes.push(Some(c.boot(4, config(4, 4, TlsMode::Enforce))));
+    c.nodes
+        .push(Some(c.boot(4, config(4, 4, TlsMode::Enforce))));
     wait_for(10, "four peers formed", || c.formed()).await;
     wait_for(10, "the newcomer holds the primary's configuration", || {
         value_on(c.node(4), "sip.domains") == "example.com"
@@ -803,6 +803,34 @@ async fn a_fourth_peer_is_added_and_a_standalone_system_joining_takes_the_primar
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
     for (k, n) in c.running() {
-        assert!(n.alarms().active().is_empty(), "Peer {k}: {:?}", n.alarms().active());
+        assert!(
+            n.alarms().active().is_empty(),
+            "Peer {k}: {:?}",
+            n.alarms().active()
+        );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn alarms_are_visible_on_every_peer_and_cleared_everywhere() {
+    let mut c = Cluster::start(3, TlsMode::Enforce);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    let victim = ip(3).to_string();
+    c.nodes[2].take().unwrap().shutdown().await;
+    let seen_on_1 = |c: &Cluster| {
+        c.node(1)
+            .peer_alarms()
+            .into_iter()
+            .any(|a| a.peer == 2 && a.id == 20004 && a.subject == victim && a.reachable)
+    };
+    wait_for(10, "Peer 2's 20004 shown on Peer 1", || seen_on_1(&c)).await;
+    assert!(c.node(2).peer_alarms().iter().any(|a| a.peer == 1
+        && a.id == 20004
+        && a.title.contains("Cluster communication failure")));
+    c.nodes[2] = Some(c.boot(3, config(3, 3, TlsMode::Enforce)));
+    wait_for(10, "cluster formed again", || c.formed()).await;
+    wait_for(10, "cleared on every peer", || {
+        c.running().all(|(_, n)| n.peer_alarms().is_empty())
+    })
+    .await;
 }

@@ -351,6 +351,16 @@ impl Engine {
             .and_then(|s| s.get(key).map(<[u8]>::to_vec))
     }
 
+    /// The streams of a namespace this node holds (its own and its peers').
+    pub fn streams(&self, namespace: &str) -> Vec<StreamId> {
+        self.lock()
+            .streams
+            .keys()
+            .filter(|id| id.namespace == namespace)
+            .cloned()
+            .collect()
+    }
+
     /// Every live entry of a stream, in key order.
     pub fn entries(&self, stream: &StreamId) -> Vec<(String, Vec<u8>)> {
         self.lock()
@@ -637,7 +647,16 @@ impl Engine {
                     st.conflicts.remove(&id);
                 }
             }
-            if theirs.position() <= mine.position() || st.fetching.contains_key(&id) {
+            if st.fetching.contains_key(&id) {
+                continue;
+            }
+            // A stream whose writer started over (a peer that lost its store, with a new
+            // node id): take the new writer's copy whole, whatever its position.
+            if !is_config(&id) && from_owner && mine.owner != 0 && theirs.owner != mine.owner {
+                self.start_fetch(&mut st, from, &id, mine, true);
+                continue;
+            }
+            if theirs.position() <= mine.position() {
                 continue;
             }
             // Who may bring this stream up to date: its owner (the primary, for the

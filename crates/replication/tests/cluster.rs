@@ -705,3 +705,60 @@ impl PeerLink for NoLink {
         Vec::new()
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_peer_owns_a_stream_of_its_own_and_a_writer_that_started_over_replaces_it() {
+    let mut c = Cluster::new(3);
+    settle().await;
+    let own = |k: usize| StreamId::new("alarms", &format!("peer{k}"));
+    for k in 1..=3 {
+        c.engine(k)
+            .write(&own(k), set("20004|198.18.0.9", &format!("from {k}")))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for reader in 1..=3 {
+        for k in 1..=3 {
+            assert_eq!(
+                c.engine(reader).get(&own(k), "20004|198.18.0.9").as_deref(),
+                Some(format!("from {k}").as_bytes()),
+                "Peer {reader} holds Peer {k}'s stream"
+            );
+        }
+    }
+    // Nobody but its owner writes a stream: a push of Peer 3's stream from Peer 2 is refused.
+    let h = c.engine(1).header(&own(3));
+    let forged = Message::Push {
+        stream: own(3),
+        prev: h.position(),
+        header: Header {
+            seq: h.seq + 1,
+            ..h
+        },
+        records: vec![causeway_replication::Record {
+            key: "forged".into(),
+            value: Some(b"x".to_vec()),
+            seq: h.seq + 1,
+        }],
+    };
+    c.engine(1).handle(2, &forged.encode());
+    assert_eq!(c.engine(1).get(&own(3), "forged"), None);
+    // Peer 3 loses its store and starts over with one different entry.
+    c.kill(3);
+    causeway_replication::lifecycle::factory_reset(c.stores[2].as_ref()).unwrap();
+    c.start(3);
+    c.engine(3)
+        .write(&own(3), set("20006|Peer 1", "fresh"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for reader in 1..=2 {
+        assert_eq!(
+            c.engine(reader).entries(&own(3)),
+            vec![("20006|Peer 1".to_string(), b"fresh".to_vec())],
+            "Peer {reader} replaced Peer 3's old stream"
+        );
+    }
+    assert_eq!(c.engine(1).streams("alarms").len(), 3);
+}
