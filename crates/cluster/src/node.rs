@@ -36,6 +36,8 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// Replication alarms the supervisor keeps equal to what the engine reports.
 const REPLICATION_ALARMS: &[u32] = &[20006, 20009, 20011, 20014, 20016, 20017];
 const CONFIG_LOG: &str = "management.configuration";
+/// Most replication frames handled (and saved) together.
+const INBOUND_BATCH: usize = 256;
 
 /// What `xstatus cluster` prints.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -470,7 +472,7 @@ impl Node {
                     reachable,
                     id: a.id,
                     title: kind.title.to_string(),
-                    severity: format!("{:?}", kind.severity),
+                    severity: format!("{:?}", kind.severity).to_lowercase(),
                     subject: a.subject,
                     reason: a.reason,
                     raised_at_ms: a.raised_at_ms,
@@ -693,15 +695,29 @@ async fn route_inbound(
     services: mpsc::Sender<Inbound>,
 ) {
     loop {
-        let message = tokio::select! {
+        let first = tokio::select! {
             _ = node.cancel.cancelled() => return,
             m = inbound.recv() => match m { Some(m) => m, None => return },
         };
-        if message.channel == CHANNEL {
-            node.engine.handle(message.from, &message.payload);
-        } else if services.try_send(message).is_err() {
-            // Nobody reads service messages yet (or they are behind): drop, never block
-            // replication behind them.
+        // Whatever else has arrived goes with it: the engine saves a batch of pushes in one
+        // store transaction.
+        let mut replication = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next {
+            if message.channel == CHANNEL {
+                replication.push((message.from, message.payload));
+            } else if services.try_send(message).is_err() {
+                // Nobody reads service messages yet (or they are behind): drop, never block
+                // replication behind them.
+            }
+            next = if replication.len() < INBOUND_BATCH {
+                inbound.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !replication.is_empty() {
+            node.engine.handle_batch(&replication);
         }
     }
 }

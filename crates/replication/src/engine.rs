@@ -137,6 +137,22 @@ struct Fetching {
     since: Instant,
 }
 
+/// What a batch of pushes saves and answers once, after one store transaction.
+#[derive(Default)]
+struct Deferred {
+    ops: Vec<Op>,
+    acks: Vec<(usize, Message)>,
+    applied: Vec<(StreamId, Vec<Applied>, usize)>,
+}
+
+/// A write waiting for the next group commit.
+struct PendingWrite {
+    id: StreamId,
+    changes: Vec<Change>,
+    origin: Origin,
+    done: oneshot::Sender<Result<Header, WriteError>>,
+}
+
 struct Takeover {
     epoch: u64,
     started: Instant,
@@ -170,6 +186,9 @@ pub struct Engine {
     state: Mutex<State>,
     /// Replaced whole by a key change.
     keyring: std::sync::RwLock<Option<Arc<Keyring>>>,
+    /// Writes queued for the next group commit, and who commits them.
+    pending: Mutex<Vec<PendingWrite>>,
+    committer: tokio::sync::Mutex<()>,
     /// Bumped on every ack or digest: writes waiting for a majority look again.
     progress: watch::Sender<u64>,
 }
@@ -288,6 +307,8 @@ impl Engine {
             observer,
             state: Mutex::new(state),
             keyring: std::sync::RwLock::new(keyring),
+            pending: Mutex::new(Vec::new()),
+            committer: tokio::sync::Mutex::new(()),
             progress: watch::channel(0).0,
         }))
     }
@@ -501,6 +522,36 @@ impl Engine {
 
     /// Handles one frame from peer `from`. Malformed frames are dropped and logged.
     pub fn handle(self: &Arc<Self>, from: usize, payload: &[u8]) {
+        self.handle_one(from, payload, None);
+    }
+
+    /// Handles frames that arrived together: the pushes among them are saved in one store
+    /// transaction (one fsync) and acknowledged after it, so a receiver keeps up with a
+    /// primary that commits in groups.
+    pub fn handle_batch(self: &Arc<Self>, frames: &[(usize, Bytes)]) {
+        let mut deferred = Deferred::default();
+        for (from, payload) in frames {
+            self.handle_one(*from, payload, Some(&mut deferred));
+        }
+        if deferred.ops.is_empty() {
+            return;
+        }
+        let saved = {
+            let mut st = self.lock();
+            self.persist(&mut st, &deferred.ops)
+        };
+        if !saved {
+            return;
+        }
+        for (to, ack) in &deferred.acks {
+            self.send(*to, ack);
+        }
+        for (id, applied, from) in &deferred.applied {
+            self.observer.applied(id, applied, Origin::Peer(*from));
+        }
+    }
+
+    fn handle_one(self: &Arc<Self>, from: usize, payload: &[u8], defer: Option<&mut Deferred>) {
         if from == 0 || from > self.settings.peer_count || from == self.settings.self_index {
             return;
         }
@@ -523,7 +574,7 @@ impl Engine {
                 prev,
                 header,
                 records,
-            } => self.on_push(from, stream, prev, header, records),
+            } => self.on_push(from, stream, prev, header, records, defer),
             Message::Fetch {
                 stream,
                 generation,
@@ -801,6 +852,7 @@ impl Engine {
         prev: (u64, u64),
         header: Header,
         records: Vec<Record>,
+        defer: Option<&mut Deferred>,
     ) {
         let mut st = self.lock();
         let sender_ok = if is_config(&id) {
@@ -848,19 +900,27 @@ impl Engine {
         stream.header.seq = header.seq;
         let hash_ok = stream.header.hash == header.hash;
         let ops = stream.store_ops(&records, false, self.keyring().as_deref());
+        let ack = Message::Ack {
+            stream: id.clone(),
+            generation: header.generation,
+            seq: header.seq,
+        };
+        if let Some(d) = defer {
+            // Saved, acknowledged and reported with the rest of the batch.
+            d.ops.extend(ops);
+            self.note_hash(&mut st, &id, from, hash_ok);
+            d.acks.push((from, ack));
+            if !applied.is_empty() {
+                d.applied.push((id, applied, from));
+            }
+            return;
+        }
         if !self.persist(&mut st, &ops) {
             return;
         }
         self.note_hash(&mut st, &id, from, hash_ok);
         drop(st);
-        self.send(
-            from,
-            &Message::Ack {
-                stream: id.clone(),
-                generation: header.generation,
-                seq: header.seq,
-            },
-        );
+        self.send(from, &ack);
         if !applied.is_empty() {
             self.observer.applied(&id, &applied, Origin::Peer(from));
         }
@@ -1108,59 +1168,27 @@ impl Engine {
         if is_config(id) {
             self.wait_for_digests().await;
         }
-        let active = self.link.active_peers();
-        // The guard lives in this block only: the future stays Send across the wait below.
-        let (header, applied) = {
-            let mut st = self.lock();
-            if is_config(id) {
-                if st.primary != self.settings.self_index {
-                    return Err(WriteError::NotPrimary(st.primary));
-                }
-                if st.takeover.is_some() || st.fetching.contains_key(id) {
-                    return Err(WriteError::TakingOver(self.settings.self_index));
-                }
+        let (done, mut result) = oneshot::channel();
+        self.pending_lock().push(PendingWrite {
+            id: id.clone(),
+            changes,
+            origin,
+            done,
+        });
+        // Group commit: whoever holds the committer lock commits every write queued so
+        // far in one store transaction (one fsync); the others find theirs done.
+        let header = loop {
+            if let Ok(r) = result.try_recv() {
+                break r?;
             }
-            let node_id = st.node_id;
-            let stream = st
-                .streams
-                .entry(id.clone())
-                .or_insert_with(|| Stream::new(id.clone()));
-            let prev = stream.header.position();
-            let records: Vec<Record> = changes
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| Record {
-                    key: c.key,
-                    value: c.value,
-                    seq: prev.1 + 1 + i as u64,
-                })
-                .collect();
-            let applied = stream.apply(&records);
-            stream.header.owner = node_id;
-            stream.header.seq = prev.1 + records.len() as u64;
-            let header = stream.header;
-            let ops = stream.store_ops(&records, false, self.keyring().as_deref());
-            if !self.persist(&mut st, &ops) {
-                return Err(WriteError::Store(
-                    st.store_error.clone().unwrap_or_default(),
-                ));
+            let _committer = self.committer.lock().await;
+            if let Ok(r) = result.try_recv() {
+                break r?;
             }
-            // Pushed under the lock: pushes of one stream leave in seq order.
-            let push = Message::Push {
-                stream: id.clone(),
-                prev,
-                header,
-                records,
-            }
-            .encode();
-            for p in &active {
-                self.link.send(*p, push.clone());
-            }
-            (header, applied)
+            // Let writers that are ready now join this commit.
+            tokio::task::yield_now().await;
+            self.commit_pending();
         };
-        if !applied.is_empty() {
-            self.observer.applied(id, &applied, origin);
-        }
         let (confirmed, peers) = self.wait_majority(id, header.generation, header.seq).await;
         Ok(WriteOutcome {
             generation: header.generation,
@@ -1168,6 +1196,97 @@ impl Engine {
             confirmed,
             peers,
         })
+    }
+
+    fn pending_lock(&self) -> MutexGuard<'_, Vec<PendingWrite>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits every queued write: applied in queue order, persisted in one transaction,
+    /// pushed as one frame per stream, then each writer told where its change landed.
+    fn commit_pending(&self) {
+        let batch = std::mem::take(&mut *self.pending_lock());
+        if batch.is_empty() {
+            return;
+        }
+        let active = self.link.active_peers();
+        let keyring = self.keyring();
+        let mut st = self.lock();
+        let node_id = st.node_id;
+        let me = self.settings.self_index;
+        let mut ops = Vec::new();
+        let mut pushes: BTreeMap<StreamId, ((u64, u64), Header, Vec<Record>)> = BTreeMap::new();
+        let mut results = Vec::with_capacity(batch.len());
+        for w in batch {
+            if is_config(&w.id) {
+                if st.primary != me {
+                    let e = WriteError::NotPrimary(st.primary);
+                    results.push((w, Err(e)));
+                    continue;
+                }
+                if st.takeover.is_some() || st.fetching.contains_key(&w.id) {
+                    results.push((w, Err(WriteError::TakingOver(me))));
+                    continue;
+                }
+            }
+            let stream = st
+                .streams
+                .entry(w.id.clone())
+                .or_insert_with(|| Stream::new(w.id.clone()));
+            let prev = stream.header.position();
+            let records: Vec<Record> = w
+                .changes
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Record {
+                    key: c.key.clone(),
+                    value: c.value.clone(),
+                    seq: prev.1 + 1 + i as u64,
+                })
+                .collect();
+            let applied = stream.apply(&records);
+            stream.header.owner = node_id;
+            stream.header.seq = prev.1 + records.len() as u64;
+            let header = stream.header;
+            ops.extend(stream.store_ops(&records, false, keyring.as_deref()));
+            let push = pushes
+                .entry(w.id.clone())
+                .or_insert_with(|| (prev, header, Vec::new()));
+            push.1 = header;
+            push.2.extend(records);
+            results.push((w, Ok((header, applied))));
+        }
+        let saved = self.persist(&mut st, &ops);
+        if saved {
+            // Pushed under the lock: pushes of one stream leave in seq order.
+            for (id, (prev, header, records)) in pushes {
+                let push = Message::Push {
+                    stream: id,
+                    prev,
+                    header,
+                    records,
+                }
+                .encode();
+                for p in &active {
+                    self.link.send(*p, push.clone());
+                }
+            }
+        }
+        let store_error = st.store_error.clone().unwrap_or_default();
+        drop(st);
+        for (w, result) in results {
+            let answer = match result {
+                Ok((header, applied)) if saved => {
+                    if !applied.is_empty() {
+                        self.observer.applied(&w.id, &applied, w.origin);
+                    }
+                    Ok(header)
+                }
+                Ok(_) => Err(WriteError::Store(store_error.clone())),
+                Err(e) => Err(e),
+            };
+            let _ = w.done.send(answer);
+        }
     }
 
     /// A primary that just started may have lost writes the peers hold (a store restored
