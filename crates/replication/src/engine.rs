@@ -1215,7 +1215,9 @@ impl Engine {
         let node_id = st.node_id;
         let me = self.settings.self_index;
         let mut ops = Vec::new();
-        let mut pushes: BTreeMap<StreamId, ((u64, u64), Header, Vec<Record>)> = BTreeMap::new();
+        // Per stream: the position the batch continues from, where it ends, its records.
+        type Batch = ((u64, u64), Header, Vec<Record>);
+        let mut pushes: BTreeMap<StreamId, Batch> = BTreeMap::new();
         let mut results = Vec::with_capacity(batch.len());
         for w in batch {
             if is_config(&w.id) {
