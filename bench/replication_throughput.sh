@@ -6,7 +6,7 @@ set -eu
 cd "$(dirname "$0")/.."
 cargo build --release -q -p causeway-replication --example throughput
 echo "machine: $(nproc) cores, $(uname -r)"
-target/release/examples/throughput | head -3
-for w in 16 64 256; do
-    WRITERS=$w target/release/examples/throughput | tail -1
+target/release/examples/throughput
+for w in 16 256; do
+    CONCURRENT_ONLY=1 WRITERS=$w target/release/examples/throughput
 done

@@ -79,41 +79,44 @@ async fn main() {
     let primary = engines[0].clone();
     println!("3 engines, durable redb commits, in-process links");
 
-    let n = 2000;
-    let t = Instant::now();
-    for i in 0..n {
-        primary
-            .write(
-                &config_stream(),
-                vec![change(format!("k{i}"), i.to_string())],
-            )
-            .await
-            .expect("write");
-    }
-    let secs = t.elapsed().as_secs_f64();
-    println!(
-        "one change per write, one writer: {n} writes in {secs:.2} s = {:.0} acknowledged writes/s",
-        n as f64 / secs
-    );
+    // CONCURRENT_ONLY=1: only the concurrent writers (the script varies WRITERS).
+    if std::env::var("CONCURRENT_ONLY").is_err() {
+        let n = 2000;
+        let t = Instant::now();
+        for i in 0..n {
+            primary
+                .write(
+                    &config_stream(),
+                    vec![change(format!("k{i}"), i.to_string())],
+                )
+                .await
+                .expect("write");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "one change per write, one writer: {n} writes in {secs:.2} s = {:.0} acknowledged writes/s",
+            n as f64 / secs
+        );
 
-    let batches = 200;
-    let per = 100;
-    let t = Instant::now();
-    for b in 0..batches {
-        let changes = (0..per)
-            .map(|i| change(format!("b{b}.{i}"), "v".into()))
-            .collect();
-        primary
-            .write(&config_stream(), changes)
-            .await
-            .expect("write");
+        let batches = 200;
+        let per = 100;
+        let t = Instant::now();
+        for b in 0..batches {
+            let changes = (0..per)
+                .map(|i| change(format!("b{b}.{i}"), "v".into()))
+                .collect();
+            primary
+                .write(&config_stream(), changes)
+                .await
+                .expect("write");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "batches of {per}: {} changes in {secs:.2} s = {:.0} acknowledged changes/s",
+            batches * per,
+            (batches * per) as f64 / secs
+        );
     }
-    let secs = t.elapsed().as_secs_f64();
-    println!(
-        "batches of {per}: {} changes in {secs:.2} s = {:.0} acknowledged changes/s",
-        batches * per,
-        (batches * per) as f64 / secs
-    );
 
     let writers: usize = std::env::var("WRITERS")
         .ok()
