@@ -10,13 +10,13 @@ time from its "Node started" line to its "Synchronisation completed successfully
 Usage: bench/replication.py [--peers 3,6] [--changes 1000] [--missed 10000]
 Uses target/release/causeway and 127.0.0.1..N (stop any running lab first). Every process it
 starts is stopped by PID; nothing but loopback is touched."""
-import argparse, datetime, json, os, re, signal, socket, subprocess, sys, tempfile, time
+import argparse, datetime, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "causeway")
 CHANGED = re.compile(r'^(\S+) .*Detail="xconfiguration limits\.calls\.max - changed from: \S+ to: (\d+)"')
 STARTED = re.compile(r'^(\S+) .*Detail="Node started"')
-SYNCED = re.compile(r'^(\S+) .*Detail="Synchronisation completed successfully"')
+SYNCED = re.compile(r'^(\S+) .*Detail="Synchronisation completed successfully".*Stream="config/cluster"')
 
 
 def sh(*args):
@@ -112,6 +112,8 @@ def latency(n, changes):
         return samples, elapsed
     finally:
         sh("lab", "down", "--dir", d)
+        if not os.environ.get("KEEP_LAB"):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def catch_up(missed):
@@ -140,6 +142,8 @@ def catch_up(missed):
         return synced - started
     finally:
         sh("lab", "down", "--dir", d)
+        if not os.environ.get("KEEP_LAB"):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def main():

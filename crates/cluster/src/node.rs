@@ -750,7 +750,14 @@ async fn supervise(node: Arc<Node>) {
         node.alarms.reconcile(&managed, &wanted);
         tokio::select! {
             _ = node.cancel.cancelled() => return,
-            r = changes.changed() => if r.is_err() { return },
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // A peer came or went: digests now, not at the next heartbeat, so a peer
+                // that was away starts catching up at once.
+                node.engine.tick();
+            }
             _ = recheck.tick() => {}
         }
     }

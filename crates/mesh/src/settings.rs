@@ -47,7 +47,8 @@ impl Default for Timing {
             connect_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(50),
-            backoff_max: Duration::from_secs(2),
+            // A restarted peer waits for the others to dial it: at most this long.
+            backoff_max: Duration::from_secs(1),
             rtt_warning: Duration::from_millis(80),
             clock_skew_warning: Duration::from_secs(2),
         }
