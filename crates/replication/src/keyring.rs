@@ -63,10 +63,18 @@ impl Keyring {
 
     pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
-        // SystemRandom fails only without an OS RNG, where nothing else works either; a
-        // zero nonce then is still unique per key id only by chance, so say so loudly.
+        // A nonce must never repeat under one key. SystemRandom fails only without an OS
+        // random source; then the clock and a counter still make it unique.
         if SystemRandom::new().fill(&mut nonce).is_err() {
-            tracing::error!(target: "developer.replication", "No random source for a nonce");
+            tracing::error!(target: "developer.replication", "No random source: sealing with a clock-and-counter nonce");
+            static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            nonce[..8].copy_from_slice(&nanos.to_be_bytes());
+            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            nonce[8..].copy_from_slice(&n.to_be_bytes());
         }
         let mut out = Vec::with_capacity(4 + NONCE_LEN + plain.len() + 16);
         out.extend_from_slice(&self.current.id);
