@@ -171,6 +171,8 @@ struct State {
     forward_waiters: HashMap<u64, oneshot::Sender<Result<u64, String>>>,
     next_forward_id: u64,
     store_error: Option<String>,
+    /// A save failed after the change was applied in memory (see `persist`).
+    diverged: bool,
     rejected: u64,
     primary_lost_since: Option<Instant>,
     last_check: Option<SystemTime>,
@@ -294,6 +296,7 @@ impl Engine {
             forward_waiters: HashMap::new(),
             next_forward_id: 1,
             store_error: None,
+            diverged: false,
             rejected: 0,
             primary_lost_since: Some(now),
             last_check: None,
@@ -432,6 +435,9 @@ impl Engine {
         let stale = self.settings.heartbeat * 10;
         st.fetching
             .retain(|_, f| now.duration_since(f.since) < stale);
+        if st.diverged {
+            self.reload(&mut st);
+        }
         self.drive_takeover(&mut st, &active);
         if now >= st.next_report {
             st.next_report = now + self.settings.sync_report;
@@ -831,6 +837,13 @@ impl Engine {
         }
     }
 
+    fn reload(&self, st: &mut State) {
+        if let Ok(streams) = Stream::load_all(self.store.as_ref(), self.keyring().as_deref()) {
+            st.streams = streams.into_iter().map(|s| (s.id.clone(), s)).collect();
+            st.diverged = false;
+        }
+    }
+
     fn persist(&self, st: &mut State, ops: &[Op]) -> bool {
         match self.store.apply(ops) {
             Ok(()) => {
@@ -840,6 +853,11 @@ impl Engine {
             Err(e) => {
                 warn!(target: LOG, reason = %e, "Saving replicated changes failed");
                 st.store_error = Some(e.to_string());
+                // Memory now holds changes the store does not: go back to what the store
+                // holds, so digests show what is really saved and it is fetched again. If the
+                // store cannot even be read, the next heartbeat tries again.
+                st.diverged = true;
+                self.reload(st);
                 false
             }
         }

@@ -11,7 +11,7 @@ use causeway_replication::{
     config_stream, overwrite_in_store, Applied, Change, Engine, EngineSettings, Header, Observer,
     Origin, PeerLink, StreamId, WriteError,
 };
-use causeway_store::{MemoryStore, Store};
+use causeway_store::{MemoryStore, Op, Rows, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 type Frame = (usize, usize, Bytes);
@@ -92,7 +92,7 @@ struct Node {
 
 struct Cluster {
     net: Arc<Net>,
-    stores: Vec<Arc<MemoryStore>>,
+    stores: Vec<Arc<FlakyStore>>,
     nodes: Arc<Mutex<Vec<Option<Node>>>>,
     primary_in_files: usize,
 }
@@ -125,7 +125,7 @@ impl Cluster {
         });
         let mut c = Cluster {
             net,
-            stores: (0..size).map(|_| Arc::new(MemoryStore::new())).collect(),
+            stores: (0..size).map(|_| Arc::new(FlakyStore::default())).collect(),
             nodes,
             primary_in_files: 1,
         };
@@ -761,4 +761,67 @@ async fn every_peer_owns_a_stream_of_its_own_and_a_writer_that_started_over_repl
         );
     }
     assert_eq!(c.engine(1).streams("alarms").len(), 3);
+}
+
+/// A store whose writes can be made to fail, like a full or failing disk.
+#[derive(Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl Store for FlakyStore {
+    fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(table, key)
+    }
+    fn scan(&self, table: &'static str, prefix: &[u8]) -> Result<Rows, StoreError> {
+        self.inner.scan(table, prefix)
+    }
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Io {
+                path: "flaky".into(),
+                doing: "committing",
+                reason: "No space left on device".into(),
+            });
+        }
+        self.inner.apply(ops)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subordinate_whose_disk_fails_raises_20009_acks_nothing_unsaved_and_catches_up_after() {
+    use std::sync::atomic::Ordering;
+    let mut c = Cluster::new(3);
+    settle().await;
+    c.stores[2].failing.store(true, Ordering::SeqCst);
+    for n in 0..5 {
+        let out = c
+            .engine(1)
+            .write(&config_stream(), set(&format!("k{n}"), "v"))
+            .await
+            .unwrap();
+        assert_eq!(
+            out.confirmed, 2,
+            "Peer 3 saved nothing, so it acknowledged nothing"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        c.engine(3).alarms(true).iter().any(|a| a.0 == 20009),
+        "{:?}",
+        c.engine(3).alarms(true)
+    );
+    assert_eq!(
+        c.engine(3).header(&config_stream()).seq,
+        0,
+        "what is shown is what is saved"
+    );
+    c.stores[2].failing.store(false, Ordering::SeqCst);
+    c.converge(1, Duration::from_secs(3)).await;
+    assert!(c.engine(3).alarms(true).is_empty());
+    // Saved for real: a restart reads it back.
+    c.kill(3);
+    c.start(3);
+    assert_eq!(c.engine(3).header(&config_stream()).seq, 5);
 }
