@@ -69,10 +69,13 @@ struct SetRequest {
     path: String,
     /// Absent or null: back to the default.
     value: Option<String>,
+    /// Set it even when a check warns against it.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn set_configuration(State(node): State<Arc<Node>>, Json(req): Json<SetRequest>) -> Answer {
-    node.set_configuration(&req.path, req.value.as_deref())
+    node.set_configuration_with(&req.path, req.value.as_deref(), req.force)
         .await
         .map(|out| Json(json!(out)))
         .map_err(refused)

@@ -155,7 +155,13 @@ enum Xconfiguration {
     },
     /// Set an item. Cluster-wide items go to every peer (through the primary); peer-specific
     /// (†) ones are written to this peer's file and need a restart.
-    Set { path: String, value: String },
+    Set {
+        path: String,
+        value: String,
+        /// Set it even when a check warns against it (Enforce with a failing certificate).
+        #[arg(long)]
+        force: bool,
+    },
     /// Put a cluster-wide item back to its default (remove a named one).
     Unset { path: String },
 }
@@ -244,10 +250,12 @@ fn main() -> ExitCode {
             let socket = admin_socket(&cli.node);
             match command {
                 Xconfiguration::Get { path, json } => show::configuration(&socket, path, json),
-                Xconfiguration::Set { path, value } => {
-                    show::set_configuration(&socket, &path, Some(&value))
+                Xconfiguration::Set { path, value, force } => {
+                    show::set_configuration(&socket, &path, Some(&value), force)
                 }
-                Xconfiguration::Unset { path } => show::set_configuration(&socket, &path, None),
+                Xconfiguration::Unset { path } => {
+                    show::set_configuration(&socket, &path, None, false)
+                }
             }
         }
         Command::Xcommand { command } => {

@@ -243,11 +243,16 @@ pub fn configuration(socket: &Path, path: Option<String>, json: bool) -> anyhow:
     Ok(())
 }
 
-pub fn set_configuration(socket: &Path, path: &str, value: Option<&str>) -> anyhow::Result<()> {
+pub fn set_configuration(
+    socket: &Path,
+    path: &str,
+    value: Option<&str>,
+    force: bool,
+) -> anyhow::Result<()> {
     let out = causeway_admin::client::post_json(
         socket,
         "/api/v1/configuration",
-        &json!({ "path": path, "value": value }),
+        &json!({ "path": path, "value": value, "force": force }),
     )?;
     let shown = out["value"].as_str().unwrap_or("");
     match (out["revision"].as_u64(), out["confirmed"].as_array()) {

@@ -368,12 +368,26 @@ impl Node {
         path: &str,
         value: Option<&str>,
     ) -> Result<SetOutcome, String> {
+        self.set_configuration_with(path, value, false).await
+    }
+
+    /// `force`: set it even when a check says it would break something (switching to
+    /// Enforce while a peer's certificate would be refused).
+    pub async fn set_configuration_with(
+        &self,
+        path: &str,
+        value: Option<&str>,
+        force: bool,
+    ) -> Result<SetOutcome, String> {
         if xconfig::is_peer_specific(path) {
             let value =
                 value.ok_or_else(|| format!("{path} is peer-specific (†): give a value"))?;
             return self.set_peer_item(path, value);
         }
         let canonical = xconfig::canonical(path, value)?;
+        if path == "cluster.tls_verification" && canonical.as_deref() == Some("Enforce") && !force {
+            self.check_enforce_would_hold()?;
+        }
         if self.mesh.is_none() && !self.config.cluster.peers.is_empty() {
             return Err(format!(
                 "this peer is not clustering ({}): fix cluster.peers first",
@@ -402,6 +416,31 @@ impl Node {
             restart_required: xconfig::restart_required(path),
             warning: None,
         })
+    }
+
+    /// EX-6: before switching to Enforce, every certificate this peer has seen must pass.
+    fn check_enforce_would_hold(&self) -> Result<(), String> {
+        let Some(mesh) = &self.mesh else {
+            return Ok(());
+        };
+        let failing: Vec<String> = mesh
+            .view()
+            .peers
+            .iter()
+            .filter_map(|p| match &p.certificate {
+                causeway_mesh::CertStatus::Invalid(why) => {
+                    Some(format!("Peer {} ({}): {why}", p.index, p.address))
+                }
+                _ => None,
+            })
+            .collect();
+        if failing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "cluster.tls_verification: under Enforce these certificates would be refused: {}. Issue certificates that name each peer's address, or set it anyway with --force",
+            failing.join("; ")
+        ))
     }
 
     fn set_peer_item(&self, path: &str, value: &str) -> Result<SetOutcome, String> {

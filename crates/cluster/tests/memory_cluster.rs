@@ -834,3 +834,37 @@ async fn alarms_are_visible_on_every_peer_and_cleared_everywhere() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn switching_to_enforce_warns_first_when_a_certificate_would_be_refused() {
+    let net = MemoryNetwork::new();
+    net.set_identity(ip(3), "198.18.0.99");
+    let mut c = Cluster {
+        net,
+        nodes: Vec::new(),
+        stores: (0..3).map(|_| Arc::new(MemoryStore::new())).collect(),
+        n: 3,
+    };
+    for k in 1..=3 {
+        let node = c.boot(k, config(k, 3, TlsMode::Permissive));
+        c.nodes.push(Some(node));
+    }
+    wait_for(10, "formed under Permissive", || c.formed()).await;
+    let err = c
+        .node(2)
+        .set_configuration("cluster.tls_verification", Some("Enforce"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("Peer 3 (198.18.0.3)") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(value_on(c.node(1), "cluster.tls_verification"), "Permissive");
+    let out = c
+        .node(2)
+        .set_configuration_with("cluster.tls_verification", Some("Enforce"), true)
+        .await
+        .unwrap();
+    assert!(out.restart_required);
+    assert_eq!(value_on(c.node(1), "cluster.tls_verification"), "Enforce");
+}
