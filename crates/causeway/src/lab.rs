@@ -92,6 +92,7 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
         causeway_admin::users::set_password(&pd, "admin", &password)?;
     }
     write_private(&dir.join("admin-password"), &format!("{password}\n"))?;
+    let mut children = Vec::with_capacity(peers);
     for k in 1..=peers {
         let pd = peer_dir(&dir, k);
         let log = std::fs::File::create(pd.join("causeway.log"))
@@ -109,8 +110,16 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("starting peer {k}"))?;
         std::fs::write(pid_file(&dir, k), format!("{}\n", child.id()))
             .context("writing the PID file")?;
+        children.push(child);
     }
-    wait_until_formed(&dir, peers)?;
+    if let Err(e) = wait_until_formed(&dir, &mut children) {
+        // Nothing half-started is left behind: stop every peer this command started.
+        for child in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        return Err(e);
+    }
     println!();
     println!("Cluster '{CLUSTER_NAME}' is up: every peer sees every other peer Active.");
     println!();
@@ -132,19 +141,19 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_until_formed(dir: &Path, peers: usize) -> anyhow::Result<()> {
+/// Waits until every peer sees every other Active. A peer that exits is found by its
+/// `Child` (not by /proc, where a process just forked still shows this command's line).
+fn wait_until_formed(dir: &Path, children: &mut [std::process::Child]) -> anyhow::Result<()> {
+    let peers = children.len();
     let started = Instant::now();
     let mut last_shown = usize::MAX;
     loop {
         let mut active = 0;
-        for k in 1..=peers {
-            let pid = std::fs::read_to_string(pid_file(dir, k))
-                .ok()
-                .and_then(|p| p.trim().parse().ok())
-                .unwrap_or(0);
-            if pid == 0 || !is_our_peer(pid, dir, k) {
+        for (i, child) in children.iter_mut().enumerate() {
+            let k = i + 1;
+            if let Ok(Some(status)) = child.try_wait() {
                 bail!(
-                    "peer {k} exited during start-up; its log says:\n{}",
+                    "peer {k} exited during start-up ({status}); its log says:\n{}",
                     std::fs::read_to_string(peer_dir(dir, k).join("causeway.log"))
                         .unwrap_or_default()
                 );

@@ -859,7 +859,10 @@ async fn switching_to_enforce_warns_first_when_a_certificate_would_be_refused() 
         err.contains("Peer 3 (198.18.0.3)") && err.contains("--force"),
         "{err}"
     );
-    assert_eq!(value_on(c.node(1), "cluster.tls_verification"), "Permissive");
+    assert_eq!(
+        value_on(c.node(1), "cluster.tls_verification"),
+        "Permissive"
+    );
     let out = c
         .node(2)
         .set_configuration_with("cluster.tls_verification", Some("Enforce"), true)

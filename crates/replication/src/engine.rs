@@ -130,6 +130,9 @@ struct PeerState {
     last_digest: Option<Instant>,
     last_digest_wall: Option<SystemTime>,
     active_since: Option<Instant>,
+    /// Since when this peer's digests name another primary or epoch (20017 after a while,
+    /// so the moment of a `SetPrimary` is not an alarm).
+    mismatch_since: Option<Instant>,
 }
 
 struct Fetching {
@@ -673,6 +676,13 @@ impl Engine {
         {
             self.adopt_primary(&mut st, primary, epoch, from);
         }
+        let differs = primary != st.primary || epoch != st.epoch;
+        let p = &mut st.peers[from - 1];
+        p.mismatch_since = if differs {
+            p.mismatch_since.or(Some(Instant::now()))
+        } else {
+            None
+        };
         let heads: Vec<(StreamId, Header)> = st.peers[from - 1]
             .headers
             .iter()
@@ -1496,7 +1506,10 @@ impl Engine {
                     format!("no replication digest from Peer {p} for {grace:?}"),
                 ));
             }
-            if ps.last_digest.is_some() && (ps.primary != st.primary || ps.epoch != st.epoch) {
+            if ps
+                .mismatch_since
+                .is_some_and(|t| t.elapsed() >= self.settings.heartbeat * 5)
+            {
                 out.push((
                     20017,
                     format!("Peer {p}"),
