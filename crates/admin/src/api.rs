@@ -29,6 +29,7 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/api/v1/command/setprimary", post(set_primary))
         .route("/api/v1/backup", get(backup))
+        .route("/api/v1/command/resolvepeers", post(resolve_peers))
         .route(
             "/api/v1/command/forcesystemkeyupdate",
             post(force_system_key_update),
@@ -106,6 +107,12 @@ async fn backup(State(node): State<Arc<Node>>) -> Answer {
 
 async fn force_system_key_update(State(node): State<Arc<Node>>) -> Answer {
     node.force_system_key_update()
+        .map(|done| Json(json!({ "result": done })))
+        .map_err(refused)
+}
+
+async fn resolve_peers(State(node): State<Arc<Node>>) -> Answer {
+    node.resolve_peers()
         .map(|done| Json(json!({ "result": done })))
         .map_err(refused)
 }

@@ -175,6 +175,9 @@ enum Xcommand {
     /// primary is down).
     #[command(name = "SetPrimary", alias = "setprimary")]
     SetPrimary { peer: usize },
+    /// Resolve the names of peers that are not Active and dial them now (EX-10).
+    #[command(name = "ResolvePeers", alias = "resolvepeers")]
+    ResolvePeers,
     /// Make a new system key for this peer and reseal its stored values with it (EX-14).
     #[command(name = "ForceSystemKeyUpdate", alias = "forcesystemkeyupdate")]
     ForceSystemKeyUpdate,
@@ -263,7 +266,12 @@ fn main() -> ExitCode {
             match command {
                 Xcommand::ForceConfigUpdate => show::force_config_update(&socket),
                 Xcommand::SetPrimary { peer } => show::set_primary(&socket, peer),
-                Xcommand::ForceSystemKeyUpdate => show::force_system_key_update(&socket),
+                Xcommand::ForceSystemKeyUpdate => {
+                    show::simple_command(&socket, "forcesystemkeyupdate", "ForceSystemKeyUpdate")
+                }
+                Xcommand::ResolvePeers => {
+                    show::simple_command(&socket, "resolvepeers", "ResolvePeers")
+                }
             }
         }
         Command::Backup { out } => show::backup(&admin_socket(&cli.node), &out),

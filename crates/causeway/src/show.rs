@@ -354,15 +354,10 @@ pub fn purge(data_dir: &Path, confirm: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn force_system_key_update(socket: &Path) -> anyhow::Result<()> {
-    let out = causeway_admin::client::post_json(
-        socket,
-        "/api/v1/command/forcesystemkeyupdate",
-        &json!({}),
-    )?;
-    println!(
-        "ForceSystemKeyUpdate: {}",
-        out["result"].as_str().unwrap_or("done")
-    );
+/// A command whose answer is one line of text.
+pub fn simple_command(socket: &Path, route: &str, name: &str) -> anyhow::Result<()> {
+    let out =
+        causeway_admin::client::post_json(socket, &format!("/api/v1/command/{route}"), &json!({}))?;
+    println!("{name}: {}", out["result"].as_str().unwrap_or("done"));
     Ok(())
 }

@@ -567,6 +567,28 @@ impl Node {
         }
     }
 
+    /// EX-10 on demand: resolve and dial again, now, every peer that is not Active.
+    pub fn resolve_peers(&self) -> Result<String, String> {
+        let mesh = self.mesh.as_ref().ok_or_else(|| {
+            self.clustered()
+                .err()
+                .unwrap_or_else(|| "this peer is not clustering".into())
+        })?;
+        let waiting: Vec<String> = mesh
+            .view()
+            .peers
+            .iter()
+            .filter(|p| p.clustering != Clustering::ThisSystem && !p.is_active())
+            .map(|p| format!("Peer {} ({})", p.index, p.address))
+            .collect();
+        mesh.redial_now("operator request");
+        Ok(if waiting.is_empty() {
+            "every peer is Active: nothing to resolve".to_string()
+        } else {
+            format!("resolving and dialling again: {}", waiting.join(", "))
+        })
+    }
+
     /// EX-13 on a subordinate.
     pub async fn force_config_update(&self) -> Result<ReplicationStatus, String> {
         self.clustered()?;

@@ -871,3 +871,102 @@ async fn switching_to_enforce_warns_first_when_a_certificate_would_be_refused() 
     assert!(out.restart_required);
     assert_eq!(value_on(c.node(1), "cluster.tls_verification"), "Enforce");
 }
+
+/// Resolves one name only once `known` is set: a DNS record that appears later.
+struct LateDns {
+    name: &'static str,
+    ip: IpAddr,
+    known: std::sync::atomic::AtomicBool,
+}
+
+impl causeway_mesh::Resolver for LateDns {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> causeway_mesh::BoxFuture<'a, Result<IpAddr, String>> {
+        Box::pin(async move {
+            if host == self.name && self.known.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(self.ip);
+            }
+            host.parse()
+                .map_err(|_| format!("'{host}' does not resolve"))
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn resolve_peers_dials_a_name_that_resolves_now_without_waiting_for_the_backoff() {
+    let net = MemoryNetwork::new();
+    let name3 = "peer3.test.invalid";
+    net.set_identity(ip(3), name3);
+    let dns = Arc::new(LateDns {
+        name: name3,
+        ip: ip(3),
+        known: false.into(),
+    });
+    let nodes: Vec<Arc<Node>> = (1..=3)
+        .map(|k| {
+            let mut c = config(k, 3, TlsMode::Enforce);
+            c.cluster.peers[2] = name3.into();
+            c.node.address = c.cluster.peers[k - 1].clone();
+            Node::start(c, Some(net.transport(ip(k))), dns.clone(), fresh_store()).0
+        })
+        .collect();
+    // Long enough for every dialer to be at its longest backoff.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!nodes[0].cluster_status().peers[2].is_active());
+    dns.known.store(true, std::sync::atomic::Ordering::SeqCst);
+    for n in &nodes[..2] {
+        let said = n.resolve_peers().unwrap();
+        assert!(said.contains("Peer 3 (peer3.test.invalid)"), "{said}");
+    }
+    // Well under the 0.8 s a dialer at its longest backoff would still wait.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for n in &nodes {
+        assert!(
+            n.mesh().unwrap().view().all_active(),
+            "{:?}",
+            n.cluster_status().peers
+        );
+    }
+    assert!(nodes[0]
+        .resolve_peers()
+        .unwrap()
+        .contains("nothing to resolve"));
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_is_removed_by_shortening_every_remaining_peers_list() {
+    let mut c = Cluster::start(3, TlsMode::Enforce);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    c.node(1)
+        .set_configuration("sip.domains", Some("example.com"))
+        .await
+        .unwrap();
+    c.nodes[2].take().unwrap().shutdown().await;
+    c.n = 2;
+    for k in 1..=2 {
+        c.nodes[k - 1].take().unwrap().shutdown().await;
+        c.nodes[k - 1] = Some(c.boot(k, config(k, 2, TlsMode::Enforce)));
+    }
+    c.nodes.truncate(2);
+    wait_for(10, "two peers formed", || c.formed()).await;
+    c.node(2)
+        .set_configuration("limits.calls.max", Some("3"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (k, n) in c.running() {
+        assert_eq!(n.cluster_status().peers.len(), 2);
+        assert_eq!(value_on(n, "sip.domains"), "example.com", "Peer {k}");
+        assert_eq!(value_on(n, "limits.calls.max"), "3", "Peer {k}");
+        assert!(
+            n.alarms().active().is_empty(),
+            "Peer {k}: {:?}",
+            n.alarms().active()
+        );
+    }
+}
