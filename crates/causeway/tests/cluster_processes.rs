@@ -525,8 +525,12 @@ fn configuration_replicates_survives_kill_9_a_damaged_store_and_a_primary_move()
         c.get(1, "sip.domains").as_deref(),
         Some("example.com,example.org")
     );
-    let (ok, _, err) = c.cli(3, &["xcommand", "ForceConfigUpdate"]);
-    assert!(!ok && err.contains("primary"), "{err}");
+    let (ok, out, err) = c.cli(3, &["xcommand", "ForceConfigUpdate"]);
+    assert!(
+        !ok && err.contains("primary"),
+        "ok={ok} out={out} err={err} status={:?}",
+        c.xstatus(3, "cluster").map(|s| s["replication"].clone())
+    );
     let (ok, out, err) = c.cli(1, &["xcommand", "ForceConfigUpdate"]);
     assert!(ok, "{out}{err}");
 }
