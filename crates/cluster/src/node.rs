@@ -156,7 +156,8 @@ pub struct Node {
     store: Arc<dyn Store>,
     keys: Mutex<Option<NodeKeys>>,
     observer: Arc<ConfigObserver>,
-    store_problem: Option<String>,
+    /// Why the store was replaced at start (20014), until this peer is back in sync.
+    store_problem: Mutex<Option<String>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -207,7 +208,7 @@ impl Node {
         };
         // A node outside its own peer list (20003) keeps its configuration but neither
         // replicates nor accepts changes until the list is fixed.
-        let (settings, link): (EngineSettings, Arc<dyn PeerLink>) = match &mesh {
+        let (mut settings, link): (EngineSettings, Arc<dyn PeerLink>) = match &mesh {
             Some(m) => {
                 let s = m.settings();
                 (
@@ -230,7 +231,6 @@ impl Node {
                 .get_or_insert(format!("reading or resetting the cluster data failed: {e}"));
         }
         let keys = store.keys;
-        let mut settings = settings;
         settings.keyring = keys.as_ref().map(|k| k.keyring.clone());
         let mut store = store.store;
         let engine = match Engine::open(
@@ -262,7 +262,7 @@ impl Node {
             store,
             keys: Mutex::new(keys),
             observer,
-            store_problem,
+            store_problem: Mutex::new(store_problem),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -801,10 +801,13 @@ async fn supervise(node: Arc<Node>) {
             node.alarms.is_raised(id, subject)
         });
         wanted.extend(node.engine.alarms(settled));
-        // A replaced store stays alarmed until this peer holds the primary's configuration.
-        if let Some(why) = &node.store_problem {
-            let status = node.engine.status();
-            if status.database_status != "Active" || status.revision == 0 {
+        // A replaced store stays alarmed until this peer is first in sync again.
+        {
+            let mut problem = node.store_problem.lock().unwrap_or_else(|p| p.into_inner());
+            if problem.is_some() && node.engine.status().database_status == "Active" {
+                *problem = None;
+            }
+            if let Some(why) = problem.as_ref() {
                 wanted.push((20014, "store".into(), why.clone()));
             }
         }
