@@ -1,0 +1,209 @@
+//! Writing messages: a response to a request (RFC 3261 §8.2.6), and a request or response
+//! forwarded with a few edits (§16.6) while every other header is copied byte for byte.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::message::{split_list, unfold, HeaderKind, Message};
+
+/// A response to `req`: its Via, From, Call-ID and CSeq copied, its To copied with
+/// `to_tag` added when it has none (RFC 3261 §8.2.6.2), then `extra` header lines.
+pub fn response(
+    req: &Message,
+    status: u16,
+    reason: &str,
+    to_tag: Option<&str>,
+    extra: &[String],
+) -> Bytes {
+    let mut out = BytesMut::with_capacity(512 + req.headers().len() * 64);
+    out.put_slice(format!("SIP/2.0 {status} {reason}\r\n").as_bytes());
+    for h in req.headers() {
+        let copy = matches!(
+            h.kind,
+            HeaderKind::Via | HeaderKind::From | HeaderKind::CallId | HeaderKind::CSeq
+        ) || (h.kind == HeaderKind::RecordRoute && (101..300).contains(&status));
+        if copy {
+            put_header(&mut out, req, h);
+        } else if h.kind == HeaderKind::To {
+            out.put_slice(b"To: ");
+            out.put_slice(req.header_value(h));
+            if let Some(tag) = to_tag {
+                let value = unfold(req.header_value(h));
+                if status > 100 && !has_tag(&value) {
+                    out.put_slice(format!(";tag={tag}").as_bytes());
+                }
+            }
+            out.put_slice(b"\r\n");
+        }
+    }
+    for line in extra {
+        out.put_slice(line.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"Content-Length: 0\r\n\r\n");
+    out.freeze()
+}
+
+/// Whether a To/From value carries a tag parameter (outside the URI's brackets).
+pub fn has_tag(value: &str) -> bool {
+    let params = match value.rfind('>') {
+        Some(i) => &value[i..],
+        None => value,
+    };
+    params
+        .split(';')
+        .skip(1)
+        .any(|p| p.trim().to_ascii_lowercase().starts_with("tag="))
+}
+
+fn put_header(out: &mut BytesMut, msg: &Message, h: &crate::message::Header) {
+    out.put_slice(msg.header_name(h));
+    out.put_slice(b": ");
+    out.put_slice(msg.header_value(h));
+    out.put_slice(b"\r\n");
+}
+
+/// What a forwarded message changes; everything else is copied as it arrived.
+#[derive(Default, Debug, Clone)]
+pub struct Edit {
+    /// A new Request-URI (requests only).
+    pub uri: Option<String>,
+    /// Header lines put first (`Via: …`, `Record-Route: …`), in this order.
+    pub prepend: Vec<String>,
+    /// Drop the first Via value (a proxy forwarding a response, §16.7 step 3).
+    pub pop_via: bool,
+    /// Drop the first Route value (it named this proxy, §16.4).
+    pub pop_route: bool,
+    /// Replace Max-Forwards (or add it) with this value.
+    pub max_forwards: Option<u32>,
+}
+
+/// The message with `edit` applied. A message without Content-Length gets one, so it can go
+/// out on a stream whatever it came in on.
+pub fn rewrite(msg: &Message, edit: &Edit) -> Bytes {
+    let raw = msg.raw();
+    let mut out = BytesMut::with_capacity(raw.len() + 256);
+    match (msg.method(), &edit.uri) {
+        (Some(method), Some(uri)) => {
+            out.put_slice(format!("{method} {uri} SIP/2.0\r\n").as_bytes());
+        }
+        _ => {
+            let end = raw
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .unwrap_or(raw.len());
+            out.put_slice(&raw[..end]);
+            out.put_slice(b"\r\n");
+        }
+    }
+    for line in &edit.prepend {
+        out.put_slice(line.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    let (mut via_done, mut route_done) = (!edit.pop_via, !edit.pop_route);
+    let mut has_length = false;
+    let mut has_max_forwards = false;
+    for h in msg.headers() {
+        match h.kind {
+            HeaderKind::Via if !via_done => {
+                via_done = true;
+                put_rest(&mut out, "Via", &unfold(msg.header_value(h)));
+            }
+            HeaderKind::Route if !route_done => {
+                route_done = true;
+                put_rest(&mut out, "Route", &unfold(msg.header_value(h)));
+            }
+            HeaderKind::MaxForwards if edit.max_forwards.is_some() => {
+                if !has_max_forwards {
+                    let n = edit.max_forwards.unwrap_or(70);
+                    out.put_slice(format!("Max-Forwards: {n}\r\n").as_bytes());
+                }
+                has_max_forwards = true;
+            }
+            _ => {
+                has_length |= h.kind == HeaderKind::ContentLength;
+                put_header(&mut out, msg, h);
+            }
+        }
+    }
+    if let (Some(n), false) = (edit.max_forwards, has_max_forwards) {
+        out.put_slice(format!("Max-Forwards: {n}\r\n").as_bytes());
+    }
+    let body = msg.body();
+    if !has_length {
+        out.put_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    }
+    out.put_slice(b"\r\n");
+    out.put_slice(&body);
+    out.freeze()
+}
+
+/// A list header without its first value; nothing when that was the only one.
+fn put_rest(out: &mut BytesMut, name: &str, value: &str) {
+    let values = split_list(value);
+    if values.len() > 1 {
+        out.put_slice(format!("{name}: {}\r\n", values[1..].join(", ")).as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Limits, Transport};
+
+    fn parse(text: &str) -> Message {
+        Message::parse(
+            Bytes::from(text.replace('\n', "\r\n")),
+            Transport::Datagram,
+            &Limits::default(),
+        )
+        .unwrap()
+    }
+
+    const INVITE: &str = "INVITE sip:bob@example.com SIP/2.0\nVia: SIP/2.0/UDP a.example;branch=z9hG4bK1, SIP/2.0/UDP b.example;branch=z9hG4bK2\nVia: SIP/2.0/UDP c.example;branch=z9hG4bK3\nRoute: <sip:p1.example;lr>, <sip:p2.example;lr>\nMax-Forwards: 70\nFrom: <sip:alice@example.com>;tag=1\nTo: <sip:bob@example.com>\nCall-ID: c1\nCSeq: 1 INVITE\nX-Custom:   kept  as is\n\nbody";
+
+    #[test]
+    fn a_response_copies_the_dialog_headers_and_tags_to() {
+        let req = parse(INVITE);
+        let resp = response(&req, 180, "Ringing", Some("t9"), &["Contact: <sip:b@h>".into()]);
+        let text = String::from_utf8(resp.to_vec()).unwrap();
+        assert!(text.starts_with("SIP/2.0 180 Ringing\r\n"));
+        assert!(text.contains("To: <sip:bob@example.com>;tag=t9\r\n"));
+        assert!(text.contains("Via: SIP/2.0/UDP c.example;branch=z9hG4bK3\r\n"));
+        assert!(text.contains("Contact: <sip:b@h>\r\n"));
+        assert!(!text.contains("Route"));
+        let parsed = Message::parse(resp, Transport::Stream, &Limits::default()).unwrap();
+        assert_eq!(parsed.status(), Some(180));
+        assert!(has_tag("<sip:a@b;tag=x>;tag=y"));
+        assert!(!has_tag("<sip:a@b;tag=x>"));
+    }
+
+    #[test]
+    fn rewrite_pops_the_first_list_value_and_keeps_the_rest_verbatim() {
+        let req = parse(INVITE);
+        let out = rewrite(
+            &req,
+            &Edit {
+                uri: Some("sip:bob@10.0.0.9:5062".into()),
+                prepend: vec!["Via: SIP/2.0/UDP me;branch=z9hG4bKme".into()],
+                pop_via: false,
+                pop_route: true,
+                max_forwards: Some(69),
+            },
+        );
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.starts_with("INVITE sip:bob@10.0.0.9:5062 SIP/2.0\r\nVia: SIP/2.0/UDP me;branch=z9hG4bKme\r\n"));
+        assert!(text.contains("Route: <sip:p2.example;lr>\r\n"));
+        assert!(!text.contains("p1.example"));
+        assert!(text.contains("Max-Forwards: 69\r\n"));
+        assert!(text.contains("X-Custom: kept  as is\r\n"));
+        assert!(text.ends_with("Content-Length: 4\r\n\r\nbody"));
+        let parsed = Message::parse(out, Transport::Stream, &Limits::default()).unwrap();
+        assert_eq!(parsed.values(HeaderKind::Via).len(), 4);
+
+        let resp = parse("SIP/2.0 200 OK\nVia: SIP/2.0/UDP me;branch=z9hG4bKme, SIP/2.0/UDP a;branch=z9hG4bK1\nFrom: <sip:a@b>;tag=1\nTo: <sip:b@b>;tag=2\nCall-ID: c\nCSeq: 1 INVITE\nContent-Length: 0\n\n");
+        let out = rewrite(&resp, &Edit { pop_via: true, ..Edit::default() });
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.contains("Via: SIP/2.0/UDP a;branch=z9hG4bK1\r\n"));
+        assert!(!text.contains("me;"));
+    }
+}
