@@ -224,6 +224,7 @@ impl Node {
             file_lock: Mutex::new(()),
             addresses: addresses.clone(),
             mesh: mesh.clone(),
+            watchers: RwLock::new(Vec::new()),
         });
         let mut store_problem = store.problem;
         if let Err(e) = settle_membership(&config, store.store.as_ref()) {
@@ -284,6 +285,16 @@ impl Node {
             node.tasks.spawn(share_alarms(node.clone()));
         }
         (node, services)
+    }
+
+    /// Tells `watcher` of every change applied to any replicated stream from now on (a
+    /// service keeps its own index of its streams this way).
+    pub fn watch(&self, watcher: Arc<dyn Observer>) {
+        self.observer
+            .watchers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(watcher);
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -934,6 +945,8 @@ struct ConfigObserver {
     addresses: Arc<AddressMap>,
     /// Redialled when the address mapping changes, so a mapped name is used at once.
     mesh: Option<Arc<Mesh>>,
+    /// Services that follow replicated streams of their own (`Node::watch`).
+    watchers: RwLock<Vec<Arc<dyn Observer>>>,
 }
 
 impl ConfigObserver {
@@ -984,7 +997,10 @@ impl Observer for ConfigObserver {
         Ok(())
     }
 
-    fn applied(&self, stream: &StreamId, applied: &[Applied], _origin: Origin) {
+    fn applied(&self, stream: &StreamId, applied: &[Applied], origin: Origin) {
+        for w in self.watchers.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            w.applied(stream, applied, origin);
+        }
         if *stream != config_stream() {
             return;
         }

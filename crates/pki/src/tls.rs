@@ -224,3 +224,20 @@ pub fn https_server_config(id: &NodeIdentity) -> Result<Arc<ServerConfig>, rustl
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// TLS for SIP (port 5061): this node's certificate, no client certificate asked for
+/// (endpoints authenticate with digest); outbound connections check the server's
+/// certificate against the CA this node trusts.
+pub fn sip_tls_configs(
+    id: &NodeIdentity,
+) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), rustls::Error> {
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(id.roots.clone())
+        .with_no_client_auth();
+    Ok((Arc::new(server), Arc::new(client)))
+}

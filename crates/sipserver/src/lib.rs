@@ -1,0 +1,16 @@
+//! The clustered SIP registrar and proxy (SV-1…SV-4; see `docs/sip.md`).
+#![forbid(unsafe_code)]
+
+pub mod admission;
+mod auth;
+pub mod location;
+pub mod metrics;
+mod proxy;
+mod registrar;
+mod respond;
+mod service;
+pub mod status;
+pub mod transport;
+
+pub use service::{SipService, SipSettings};
+pub use transport::{Caps, Proto};

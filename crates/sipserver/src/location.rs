@@ -1,0 +1,276 @@
+//! The location service (SV-2): every binding of every peer, indexed by AOR.
+//!
+//! Each peer owns the replicated stream `registrations/peerN` and writes into it only the
+//! bindings it accepted; every peer holds every stream, so a lookup is local. A binding is
+//! keyed `AOR|id` (id: `+sip.instance`/`reg-id` when given, else the contact URI). When the
+//! same key is in several streams (the endpoint moved to another peer, or a peer removed a
+//! binding another peer holds), the copy registered last wins; a removal is a record with
+//! `removed` set that shadows older copies until they expire. Expiry is absolute wall-clock
+//! time, so every peer agrees on it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::RwLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::transport::Proto;
+
+pub const NAMESPACE: &str = "registrations";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub aor: String,
+    /// The contact URI (without header parameters).
+    pub uri: String,
+    /// Header parameters to echo (q, +sip.instance, reg-id, methods …), without expires.
+    pub params: String,
+    pub expires_at_ms: u64,
+    pub registered_at_ms: u64,
+    pub call_id: String,
+    pub cseq: u32,
+    pub path: Vec<String>,
+    pub instance: Option<String>,
+    pub reg_id: Option<u32>,
+    /// q in thousandths (1000 = 1.0).
+    pub q: u16,
+    /// The peer that accepted the REGISTER, and how the endpoint reached it.
+    pub owner: usize,
+    pub proto: Proto,
+    pub received: SocketAddr,
+    /// The connection on the owner (TCP/TLS): requests go through the owner to use it.
+    pub conn: Option<u64>,
+    /// A removal that shadows older copies of this key in other peers' streams.
+    pub removed: bool,
+}
+
+impl Binding {
+    pub fn key(&self) -> String {
+        binding_key(&self.aor, self.instance.as_deref(), self.reg_id, &self.uri)
+    }
+
+    pub fn live(&self, now_ms: u64) -> bool {
+        !self.removed && self.expires_at_ms > now_ms
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Binding> {
+        postcard::from_bytes(bytes).ok()
+    }
+}
+
+pub fn binding_key(aor: &str, instance: Option<&str>, reg_id: Option<u32>, uri: &str) -> String {
+    match instance {
+        Some(i) => format!("{aor}|{i};reg-id={}", reg_id.unwrap_or(0)),
+        None => format!("{aor}|{uri}"),
+    }
+}
+
+pub fn stream_name(peer: usize) -> String {
+    format!("peer{peer}")
+}
+
+/// Which peer owns a stream named `peerN`.
+pub fn stream_owner(name: &str) -> Option<usize> {
+    name.strip_prefix("peer")?.parse().ok()
+}
+
+/// Every binding record of every stream: AOR → key → (stream owner → record).
+#[derive(Default)]
+pub struct Location {
+    by_aor: RwLock<HashMap<String, HashMap<String, Vec<(usize, Binding)>>>>,
+}
+
+impl Location {
+    /// A record of stream `owner` changed (`None`: deleted).
+    pub fn apply(&self, owner: usize, key: &str, value: Option<&[u8]>) {
+        let Some(aor) = key.split('|').next() else {
+            return;
+        };
+        let mut by_aor = self.by_aor.write().unwrap_or_else(|p| p.into_inner());
+        match value.and_then(Binding::decode) {
+            Some(b) => {
+                let copies = by_aor
+                    .entry(aor.to_string())
+                    .or_default()
+                    .entry(key.to_string())
+                    .or_default();
+                match copies.iter_mut().find(|(o, _)| *o == owner) {
+                    Some(slot) => slot.1 = b,
+                    None => copies.push((owner, b)),
+                }
+            }
+            None => {
+                if let Some(keys) = by_aor.get_mut(aor) {
+                    if let Some(copies) = keys.get_mut(key) {
+                        copies.retain(|(o, _)| *o != owner);
+                        if copies.is_empty() {
+                            keys.remove(key);
+                        }
+                    }
+                    if keys.is_empty() {
+                        by_aor.remove(aor);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The current bindings of `aor`: per key the newest copy, if it is live; highest q
+    /// first.
+    pub fn lookup(&self, aor: &str, now_ms: u64) -> Vec<Binding> {
+        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Binding> = by_aor
+            .get(aor)
+            .into_iter()
+            .flat_map(|keys| keys.values())
+            .filter_map(|copies| newest(copies))
+            .filter(|b| b.live(now_ms))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.q.cmp(&a.q).then(a.registered_at_ms.cmp(&b.registered_at_ms)));
+        out
+    }
+
+    /// The newest copy of one key, live or not (a registrar checks Call-ID/CSeq against it).
+    pub fn newest_of(&self, aor: &str, key: &str) -> Option<Binding> {
+        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
+        by_aor.get(aor)?.get(key).and_then(|c| newest(c)).cloned()
+    }
+
+    /// Keys of stream `owner` that must go: expired (or a removal past what it shadowed),
+    /// or superseded by a newer copy in another stream.
+    pub fn stale_of(&self, owner: usize, now_ms: u64) -> Vec<String> {
+        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for keys in by_aor.values() {
+            for (key, copies) in keys {
+                let Some((_, mine)) = copies.iter().find(|(o, _)| *o == owner) else {
+                    continue;
+                };
+                let superseded = copies
+                    .iter()
+                    .any(|(o, b)| *o != owner && b.registered_at_ms > mine.registered_at_ms);
+                if mine.expires_at_ms <= now_ms || superseded {
+                    out.push(key.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Every live binding (for `xstatus registrations`), sorted by AOR.
+    pub fn all(&self, now_ms: u64) -> Vec<Binding> {
+        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Binding> = by_aor
+            .values()
+            .flat_map(|keys| keys.values())
+            .filter_map(|c| newest(c))
+            .filter(|b| b.live(now_ms))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.uri.cmp(&b.uri)));
+        out
+    }
+
+    /// Live bindings per owner, and the number of AORs with one.
+    pub fn counts(&self, now_ms: u64) -> (HashMap<usize, usize>, usize) {
+        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
+        let mut per_owner = HashMap::new();
+        let mut aors = 0;
+        for keys in by_aor.values() {
+            let mut any = false;
+            for b in keys.values().filter_map(|c| newest(c)).filter(|b| b.live(now_ms)) {
+                *per_owner.entry(b.owner).or_insert(0) += 1;
+                any = true;
+            }
+            aors += usize::from(any);
+        }
+        (per_owner, aors)
+    }
+
+    /// Drops every record of stream `owner` (its stream was replaced whole).
+    pub fn clear_owner(&self, owner: usize) {
+        let mut by_aor = self.by_aor.write().unwrap_or_else(|p| p.into_inner());
+        for keys in by_aor.values_mut() {
+            for copies in keys.values_mut() {
+                copies.retain(|(o, _)| *o != owner);
+            }
+            keys.retain(|_, c| !c.is_empty());
+        }
+        by_aor.retain(|_, k| !k.is_empty());
+    }
+}
+
+fn newest(copies: &[(usize, Binding)]) -> Option<&Binding> {
+    copies
+        .iter()
+        .map(|(_, b)| b)
+        .max_by_key(|b| (b.registered_at_ms, b.owner))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(owner: usize, at: u64, expires: u64) -> Binding {
+        Binding {
+            aor: "sip:alice@lab.example".into(),
+            uri: "sip:alice@10.0.0.5:5060".into(),
+            params: String::new(),
+            expires_at_ms: expires,
+            registered_at_ms: at,
+            call_id: "c".into(),
+            cseq: 1,
+            path: vec![],
+            instance: None,
+            reg_id: None,
+            q: 1000,
+            owner,
+            proto: Proto::Udp,
+            received: "10.0.0.5:5060".parse().unwrap(),
+            conn: None,
+            removed: false,
+        }
+    }
+
+    #[test]
+    fn the_newest_copy_wins_and_the_old_owner_sees_its_copy_is_stale() {
+        let loc = Location::default();
+        let old = binding(1, 100, 10_000);
+        let key = old.key();
+        loc.apply(1, &key, Some(&old.encode()));
+        assert_eq!(loc.lookup("sip:alice@lab.example", 200)[0].owner, 1);
+        let moved = binding(3, 500, 20_000);
+        loc.apply(3, &key, Some(&moved.encode()));
+        let found = loc.lookup("sip:alice@lab.example", 600);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].owner, 3);
+        assert_eq!(loc.stale_of(1, 600), vec![key.clone()]);
+        assert!(loc.stale_of(3, 600).is_empty());
+        // A removal on peer 2 shadows peer 3's copy; once expired, both go.
+        let mut removal = binding(2, 900, 20_000);
+        removal.removed = true;
+        loc.apply(2, &key, Some(&removal.encode()));
+        assert!(loc.lookup("sip:alice@lab.example", 1_000).is_empty());
+        assert_eq!(loc.stale_of(3, 1_000), vec![key.clone()]);
+        loc.apply(1, &key, None);
+        loc.apply(3, &key, None);
+        assert_eq!(loc.stale_of(2, 20_001), vec![key.clone()]);
+        loc.apply(2, &key, None);
+        assert_eq!(loc.counts(0).1, 0);
+    }
+
+    #[test]
+    fn expired_bindings_are_not_found() {
+        let loc = Location::default();
+        let b = binding(1, 100, 1_000);
+        loc.apply(1, &b.key(), Some(&b.encode()));
+        assert_eq!(loc.lookup(&b.aor, 999).len(), 1);
+        assert!(loc.lookup(&b.aor, 1_000).is_empty());
+        assert_eq!(loc.stale_of(1, 1_000), vec![b.key()]);
+    }
+}

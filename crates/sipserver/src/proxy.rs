@@ -1,0 +1,842 @@
+//! The transaction-stateful proxy (SV-3, RFC 3261 §16–17): a server transaction per
+//! request received, a client transaction per branch forwarded, parallel forking, the best
+//! final response chosen (§16.7), CANCEL, retransmissions on UDP, 408 on timeout.
+//!
+//! A request for a registered AOR goes to each binding: straight to the contact for UDP,
+//! on the endpoint's own connection when this peer holds it, and through the peer that
+//! holds it otherwise (a Route to that peer carrying the connection as a flow token,
+//! `cw-flow`, RFC 5626 style). Record-Route keeps every peer that did so on the dialog.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use causeway_common::time::unix_ms_now;
+use causeway_sip::build::{self, Edit};
+use causeway_sip::{HeaderKind, Message, NameAddr, SipUri, Via};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::service::{SipService, LOG};
+use crate::transport::{Incoming, Proto, Source, Target};
+
+const T1: Duration = Duration::from_millis(500);
+const T2: Duration = Duration::from_secs(4);
+/// How long an INVITE branch may ring before it is cancelled (Timer C, §16.6 step 11).
+const TIMER_C: Duration = Duration::from_secs(180);
+/// How long a finished transaction absorbs retransmissions (Timer J, 64·T1).
+const LINGER: Duration = Duration::from_secs(32);
+const COOKIE: &str = "z9hG4bK";
+const FLOW_PARAM: &str = "cw-flow";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BranchState {
+    Trying,
+    Proceeding,
+    Done,
+}
+
+struct ServerTx {
+    source: Source,
+    /// Kept until a final response: CANCEL and our own responses are built from it.
+    request: Option<Message>,
+    last_response: Option<Bytes>,
+    final_status: Option<u16>,
+    finished_at: Option<Instant>,
+    created: Instant,
+    branches: Vec<String>,
+    best: Option<Message>,
+    cancelled: bool,
+    /// The call this INVITE was admitted as (SV-4), released if the INVITE fails.
+    call: Option<String>,
+}
+
+struct ClientTx {
+    server: String,
+    target: Target,
+    /// The request as sent: retransmitted, and the source of its ACK and CANCEL.
+    sent: Message,
+    state: BranchState,
+    invite: bool,
+    started: Instant,
+}
+
+#[derive(Default)]
+pub struct ProxyState {
+    servers: HashMap<String, ServerTx>,
+    clients: HashMap<String, ClientTx>,
+}
+
+fn server_key(via: &Via, method: &str) -> String {
+    let class = match method {
+        "ACK" | "INVITE" => "INVITE",
+        m => m,
+    };
+    format!(
+        "{}|{}:{}|{class}",
+        via.branch().unwrap_or(""),
+        via.host.to_ascii_lowercase(),
+        via.port.unwrap_or(0)
+    )
+}
+
+fn uri_target(uri: &SipUri) -> Option<Target> {
+    let proto = match uri.transport() {
+        Some(t) => Proto::parse(&t)?,
+        None => Proto::Udp,
+    };
+    let ip = uri.ip()?;
+    let port = uri
+        .port
+        .unwrap_or(if proto == Proto::Tls { 5061 } else { 5060 });
+    Some(Target {
+        proto,
+        addr: SocketAddr::new(ip, port),
+        conn: None,
+    })
+}
+
+/// Where a response goes next: the Via's `received`/`rport` when present, else sent-by.
+fn via_target(via: &Via) -> Option<Target> {
+    let proto = Proto::parse(&via.transport)?;
+    let ip = match via.param("received").flatten() {
+        Some(r) => r.parse().ok()?,
+        None => via.host.trim_start_matches('[').trim_end_matches(']').parse().ok()?,
+    };
+    let port = via
+        .param("rport")
+        .flatten()
+        .and_then(|p| p.parse().ok())
+        .or(via.port)
+        .unwrap_or(if proto == Proto::Tls { 5061 } else { 5060 });
+    Some(Target {
+        proto,
+        addr: SocketAddr::new(ip, port),
+        conn: None,
+    })
+}
+
+/// Methods that create a dialog and so are record-routed when they have no To tag.
+fn creates_dialog(method: &str) -> bool {
+    matches!(method, "INVITE" | "SUBSCRIBE" | "REFER" | "NOTIFY")
+}
+
+/// Where one forwarded copy goes: the Request-URI it carries, the next hop, Route lines to
+/// put first.
+struct Hop {
+    uri: Option<String>,
+    target: Target,
+    routes: Vec<String>,
+    /// The endpoint's connection on this peer: recorded in our Record-Route.
+    flow: Option<u64>,
+}
+
+impl SipService {
+    pub(crate) async fn handle_request(self: Arc<Self>, incoming: Incoming) {
+        let Incoming { msg, source } = incoming;
+        let Some(method) = msg.method().map(str::to_string) else {
+            return;
+        };
+        let via = match msg.value(HeaderKind::Via).map(|v| {
+            let first = causeway_sip::split_list(&v).into_iter().next().unwrap_or_default();
+            Via::parse(&first)
+        }) {
+            Some(Ok(v)) => v,
+            _ => {
+                if method != "ACK" {
+                    self.respond(&msg, &source, 400, "Bad Request (Via)", &[]);
+                }
+                return;
+            }
+        };
+        let key = server_key(&via, &method);
+        match method.as_str() {
+            "ACK" => {
+                let st = self.proxy_lock();
+                if let Some(tx) = st.servers.get(&key) {
+                    if tx.final_status.is_some_and(|s| s >= 300) {
+                        // The ACK of our own non-2xx answer ends here (§16.7 step 8 / 17.2.1).
+                        return;
+                    }
+                }
+                drop(st);
+                // An ACK for a 2xx is a request of its own: forwarded without a transaction.
+                self.forward_stateless(&msg, &source);
+                return;
+            }
+            "CANCEL" => return self.cancel(&msg, &source, &key),
+            _ => {}
+        }
+        {
+            let st = self.proxy_lock();
+            if let Some(tx) = st.servers.get(&key) {
+                // A retransmission: the last response again, if there was one (§17.2).
+                if let Some(r) = &tx.last_response {
+                    self.transports.send(&source_target(&tx.source), r.clone());
+                }
+                return;
+            }
+        }
+        // §16.3: Max-Forwards.
+        let max_forwards = match msg.max_forwards() {
+            Ok(m) => m.unwrap_or(70),
+            Err(_) => return,
+        };
+        // §16.4: Routes naming this peer are ours to remove; a flow token says which
+        // connection the request continues on.
+        let routes = msg.values(HeaderKind::Route);
+        let mut popped = 0;
+        let mut flow = None;
+        for r in &routes {
+            match NameAddr::parse(r) {
+                Ok(na) if self.is_me(&na.uri) => {
+                    popped += 1;
+                    if let Some(Some(f)) = na.uri.param(FLOW_PARAM) {
+                        flow = f.parse::<u64>().ok();
+                    }
+                }
+                _ => break,
+            }
+        }
+        let uri = match msg.uri().map(SipUri::parse) {
+            Some(Ok(u)) => u,
+            _ => {
+                self.respond(&msg, &source, 416, "Unsupported URI Scheme", &[]);
+                return;
+            }
+        };
+        let remaining_routes = routes.len() - popped;
+        let to_us = uri.user.is_none() && self.is_local_domain(&uri.host);
+        if remaining_routes == 0 && method == "REGISTER" && self.is_local_domain(&uri.host) {
+            return self.register(&msg, &source).await;
+        }
+        if remaining_routes == 0 && to_us && (method == "OPTIONS" || max_forwards == 0) {
+            // Addressed to this peer itself (a keep-alive ping, or the end of the line).
+            if method == "OPTIONS" {
+                self.respond(&msg, &source, 200, "OK", &["Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, REGISTER, SUBSCRIBE, NOTIFY, REFER, INFO, UPDATE, PRACK".into()]);
+            } else {
+                self.respond(&msg, &source, 483, "Too Many Hops", &[]);
+            }
+            return;
+        }
+        if max_forwards == 0 {
+            self.respond(&msg, &source, 483, "Too Many Hops", &[]);
+            return;
+        }
+        let has_to_tag = msg
+            .value(HeaderKind::To)
+            .is_some_and(|t| build::has_tag(&t));
+        let hops: Vec<Hop> = if remaining_routes > 0 {
+            // Loose routing to the next Route: the Request-URI stays.
+            let next = NameAddr::parse(&routes[popped]).ok();
+            match next.as_ref().and_then(|n| uri_target(&n.uri)) {
+                Some(target) => vec![Hop {
+                    uri: None,
+                    target,
+                    routes: vec![],
+                    flow: None,
+                }],
+                None => {
+                    self.respond(&msg, &source, 404, "Not Found (next Route cannot be reached)", &[]);
+                    return;
+                }
+            }
+        } else if let Some(conn) = flow.filter(|c| source.conn != Some(*c)) {
+            // In-dialog towards an endpoint whose connection this peer holds.
+            match self.connection_target(conn) {
+                Some(target) => vec![Hop {
+                    uri: None,
+                    target,
+                    routes: vec![],
+                    flow: Some(conn),
+                }],
+                None => {
+                    self.respond(&msg, &source, 430, "Flow Failed", &[]);
+                    return;
+                }
+            }
+        } else if uri.user.is_some() && self.is_local_domain(&uri.host) {
+            let aor = self.canonical_aor(&uri);
+            let bindings = self.location.lookup(&aor, unix_ms_now());
+            if bindings.is_empty() {
+                let user = uri.user.as_deref().unwrap_or("");
+                if self.config().users.contains_key(user) {
+                    self.respond(&msg, &source, 480, "Temporarily Unavailable", &[]);
+                } else {
+                    self.respond(&msg, &source, 404, "Not Found", &[]);
+                }
+                return;
+            }
+            bindings
+                .iter()
+                .filter_map(|b| self.binding_hop(b, flow))
+                .collect()
+        } else {
+            match uri_target(&uri) {
+                Some(target) => vec![Hop {
+                    uri: None,
+                    target,
+                    routes: vec![],
+                    flow: None,
+                }],
+                None => {
+                    self.respond(&msg, &source, 404, "Not Found (no route to the Request-URI)", &[]);
+                    return;
+                }
+            }
+        };
+        if hops.is_empty() {
+            self.respond(&msg, &source, 480, "Temporarily Unavailable", &[]);
+            return;
+        }
+        let initial_invite = method == "INVITE" && !has_to_tag;
+        let call = if initial_invite && !self.from_peer(source.remote.ip()) {
+            match self.admit_call(&msg).await {
+                Ok(call) => Some(call),
+                Err(retry_after) => {
+                    self.respond(
+                        &msg,
+                        &source,
+                        503,
+                        "Service Unavailable (call limit reached)",
+                        &[format!("Retry-After: {retry_after}")],
+                    );
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        if method == "BYE" {
+            self.release_call(&msg).await;
+        }
+        let record_route = creates_dialog(&method) && !has_to_tag;
+        let invite = method == "INVITE";
+        // The Routes that named this peer go first; each copy is written from what is left.
+        let mut stripped = msg.clone();
+        for _ in 0..popped {
+            let bytes = build::rewrite(&stripped, &Edit { pop_route: true, ..Edit::default() });
+            match Message::parse(bytes, causeway_sip::Transport::Stream, &Default::default()) {
+                Ok(m) => stripped = m,
+                Err(_) => return,
+            }
+        }
+        let now = Instant::now();
+        let mut st = self.proxy_lock();
+        let mut branch_ids = Vec::with_capacity(hops.len());
+        for hop in hops {
+            let branch = format!("{COOKIE}cw{}", self.unique());
+            let out_proto = hop.target.proto;
+            let mut prepend = vec![format!(
+                "Via: SIP/2.0/{} {};branch={branch}",
+                out_proto.name(),
+                self.local_address(out_proto)
+            )];
+            if record_route {
+                prepend.push(self.record_route(out_proto, hop.flow));
+                if out_proto != source.proto {
+                    prepend.push(self.record_route(source.proto, None));
+                }
+            }
+            prepend.extend(hop.routes.iter().map(|r| format!("Route: {r}")));
+            let edit = Edit {
+                uri: hop.uri.clone(),
+                prepend,
+                pop_via: false,
+                pop_route: false,
+                max_forwards: Some(max_forwards.saturating_sub(1)),
+            };
+            let bytes = build::rewrite(&stripped, &edit);
+            let Ok(sent) = Message::parse(bytes.clone(), causeway_sip::Transport::Stream, &Default::default()) else {
+                continue;
+            };
+            self.transports.send(&hop.target, bytes);
+            st.clients.insert(
+                branch.clone(),
+                ClientTx {
+                    server: key.clone(),
+                    target: hop.target,
+                    sent,
+                    state: BranchState::Trying,
+                    invite,
+                    started: now,
+                },
+            );
+            branch_ids.push(branch);
+        }
+        let trying = invite.then(|| build::response(&msg, 100, "Trying", None, &[]));
+        if let Some(t) = &trying {
+            self.reply(&source, t.clone(), 100);
+        }
+        st.servers.insert(
+            key.clone(),
+            ServerTx {
+                source,
+                request: Some(msg),
+                last_response: trying,
+                final_status: None,
+                finished_at: None,
+                created: now,
+                branches: branch_ids.clone(),
+                best: None,
+                cancelled: false,
+                call,
+            },
+        );
+        drop(st);
+        for b in branch_ids {
+            tokio::spawn(self.clone().branch_timer(b));
+        }
+    }
+
+    fn proxy_lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {
+        self.proxy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_route(&self, proto: Proto, flow: Option<u64>) -> String {
+        let flow = flow.map(|f| format!(";{FLOW_PARAM}={f}")).unwrap_or_default();
+        format!(
+            "Record-Route: <sip:{};transport={};lr{flow}>",
+            self.local_address(proto),
+            proto.name().to_ascii_lowercase()
+        )
+    }
+
+    fn connection_target(&self, conn: u64) -> Option<Target> {
+        if !self.transports.connection_alive(conn) {
+            return None;
+        }
+        let b = self
+            .location
+            .all(unix_ms_now())
+            .into_iter()
+            .find(|b| b.owner == self.self_index && b.conn == Some(conn))?;
+        Some(Target {
+            proto: b.proto,
+            addr: b.received,
+            conn: Some(conn),
+        })
+    }
+
+    /// How to reach one binding from this peer.
+    fn binding_hop(&self, b: &crate::location::Binding, flow: Option<u64>) -> Option<Hop> {
+        let contact = SipUri::parse(&b.uri).ok()?;
+        let mut routes = b.path.clone();
+        let path_target = routes
+            .first()
+            .and_then(|p| NameAddr::parse(p).ok())
+            .and_then(|p| uri_target(&p.uri));
+        if let Some(target) = path_target {
+            // RFC 3327: the registered Path is the way in.
+            return Some(Hop {
+                uri: Some(b.uri.clone()),
+                target,
+                routes: std::mem::take(&mut routes),
+                flow: None,
+            });
+        }
+        if b.owner == self.self_index {
+            if let Some(conn) = b.conn.filter(|c| self.transports.connection_alive(*c)) {
+                return Some(Hop {
+                    uri: Some(b.uri.clone()),
+                    target: Target {
+                        proto: b.proto,
+                        addr: b.received,
+                        conn: Some(conn),
+                    },
+                    routes: vec![],
+                    flow: Some(conn),
+                });
+            }
+        } else if let (Some(conn), None) = (b.conn, flow) {
+            // The endpoint's connection is on its owner: through the owner, if it is up.
+            if let Some((ip, true)) = self.peer_address(b.owner) {
+                let port = self.transports.port(Proto::Tcp);
+                return Some(Hop {
+                    uri: Some(b.uri.clone()),
+                    target: Target {
+                        proto: Proto::Tcp,
+                        addr: SocketAddr::new(ip, port),
+                        conn: None,
+                    },
+                    routes: vec![format!(
+                        "<sip:{ip}:{port};transport=tcp;lr;{FLOW_PARAM}={conn}>"
+                    )],
+                    flow: None,
+                });
+            }
+        }
+        let target = if b.proto == Proto::Udp {
+            // Straight to where the endpoint sent from (it answers there, NAT or not).
+            Target {
+                proto: Proto::Udp,
+                addr: b.received,
+                conn: None,
+            }
+        } else {
+            // Its connection is gone with its peer: try the contact itself.
+            uri_target(&contact)?
+        };
+        Some(Hop {
+            uri: Some(b.uri.clone()),
+            target,
+            routes: vec![],
+            flow: None,
+        })
+    }
+
+    /// ACK for a 2xx and other requests outside a transaction: next Route or Request-URI.
+    fn forward_stateless(&self, msg: &Message, source: &Source) {
+        let routes = msg.values(HeaderKind::Route);
+        let mut popped = 0;
+        let mut flow = None;
+        for r in &routes {
+            match NameAddr::parse(r) {
+                Ok(na) if self.is_me(&na.uri) => {
+                    popped += 1;
+                    if let Some(Some(f)) = na.uri.param(FLOW_PARAM) {
+                        flow = f.parse::<u64>().ok();
+                    }
+                }
+                _ => break,
+            }
+        }
+        let target = if popped < routes.len() {
+            NameAddr::parse(&routes[popped])
+                .ok()
+                .and_then(|n| uri_target(&n.uri))
+        } else if let Some(conn) = flow.filter(|c| source.conn != Some(*c)) {
+            self.connection_target(conn)
+        } else {
+            msg.uri()
+                .and_then(|u| SipUri::parse(u).ok())
+                .and_then(|u| uri_target(&u))
+        };
+        let Some(target) = target else {
+            debug!(target: LOG, "ACK with nowhere to go dropped");
+            return;
+        };
+        if self.is_me_target(&target) {
+            return;
+        }
+        let branch = format!("{COOKIE}cw{}", self.unique());
+        let mut bytes = build::rewrite(
+            msg,
+            &Edit {
+                prepend: vec![format!(
+                    "Via: SIP/2.0/{} {};branch={branch}",
+                    target.proto.name(),
+                    self.local_address(target.proto)
+                )],
+                max_forwards: Some(msg.max_forwards().ok().flatten().unwrap_or(70).saturating_sub(1)),
+                ..Edit::default()
+            },
+        );
+        for _ in 0..popped {
+            let Ok(m) = Message::parse(bytes.clone(), causeway_sip::Transport::Stream, &Default::default()) else { return };
+            bytes = build::rewrite(&m, &Edit { pop_route: true, ..Edit::default() });
+        }
+        self.transports.send(&target, bytes);
+    }
+
+    fn is_me_target(&self, t: &Target) -> bool {
+        t.addr.ip() == self.settings.listen && t.addr.port() == self.transports.port(t.proto)
+    }
+
+    fn cancel(&self, msg: &Message, source: &Source, key: &str) {
+        let invite_key = key.replace("|CANCEL", "|INVITE");
+        let mut st = self.proxy_lock();
+        let Some(tx) = st.servers.get_mut(&invite_key) else {
+            drop(st);
+            self.respond(msg, source, 481, "Call/Transaction Does Not Exist", &[]);
+            return;
+        };
+        let ok = build::response(msg, 200, "OK", None, &[]);
+        self.reply(source, ok, 200);
+        if tx.final_status.is_some() {
+            return;
+        }
+        tx.cancelled = true;
+        let branches = tx.branches.clone();
+        for b in branches {
+            if let Some(c) = st.clients.get(&b) {
+                if c.state != BranchState::Done {
+                    if let Some(cancel) = make_cancel_or_ack(&c.sent, "CANCEL", None) {
+                        self.transports.send(&c.target, cancel);
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn handle_response(self: &Arc<Self>, incoming: Incoming) {
+        let Incoming { msg, source: _ } = incoming;
+        let Some(status) = msg.status() else { return };
+        let vias = msg.values(HeaderKind::Via);
+        let Some(Ok(top)) = vias.first().map(|v| Via::parse(v)) else {
+            return;
+        };
+        let Some(branch) = top.branch().map(str::to_string) else {
+            return;
+        };
+        let mut st = self.proxy_lock();
+        let Some(client) = st.clients.get_mut(&branch) else {
+            drop(st);
+            // Not ours any more (a 2xx retransmitted after the transaction ended): on to
+            // the next Via, if the top one is ours (§16.7 and RFC 6026).
+            if top.host.parse().ok() == Some(self.settings.listen) && vias.len() > 1 {
+                if let Some(Ok(next)) = vias.get(1).map(|v| Via::parse(v)) {
+                    if let Some(target) = via_target(&next) {
+                        let bytes = build::rewrite(&msg, &Edit { pop_via: true, ..Edit::default() });
+                        self.metrics.response(status);
+                        self.transports.send(&target, bytes);
+                    }
+                }
+            }
+            return;
+        };
+        let invite = client.invite;
+        let target = client.target;
+        let server_key = client.server.clone();
+        let was = client.state;
+        if status < 200 {
+            client.state = BranchState::Proceeding;
+        } else {
+            client.state = BranchState::Done;
+            if invite && status >= 300 && was != BranchState::Done {
+                // Our client transaction ACKs a non-2xx itself (§17.1.1.3).
+                if let Some(ack) = make_cancel_or_ack(&client.sent, "ACK", Some(&msg)) {
+                    self.transports.send(&target, ack);
+                }
+            }
+        }
+        if status == 100 {
+            return;
+        }
+        let Some(tx) = st.servers.get_mut(&server_key) else {
+            return;
+        };
+        let forward = |svc: &SipService, tx: &mut ServerTx, m: &Message| -> Bytes {
+            let bytes = build::rewrite(m, &Edit { pop_via: true, ..Edit::default() });
+            svc.metrics.response(m.status().unwrap_or(500));
+            svc.transports.send(&source_target(&tx.source), bytes.clone());
+            bytes
+        };
+        if status < 200 {
+            if tx.final_status.is_none() {
+                let sent = forward(self, tx, &msg);
+                tx.last_response = Some(sent);
+            }
+            return;
+        }
+        if status < 300 {
+            // Every 2xx goes upstream, even after the first (§16.7 step 5).
+            let sent = forward(self, tx, &msg);
+            if tx.final_status.is_none() {
+                tx.final_status = Some(status);
+                tx.finished_at = Some(Instant::now());
+                tx.last_response = Some(sent);
+                tx.request = None;
+                let others: Vec<String> = tx.branches.iter().filter(|b| **b != branch).cloned().collect();
+                self.cancel_branches(&mut st, &others);
+            }
+            return;
+        }
+        if tx.final_status.is_some() {
+            return;
+        }
+        let better = match &tx.best {
+            None => true,
+            Some(best) => rank(status) < rank(best.status().unwrap_or(500)),
+        };
+        if better {
+            tx.best = Some(msg);
+        }
+        if status >= 600 {
+            let others: Vec<String> = tx.branches.iter().filter(|b| **b != branch).cloned().collect();
+            self.cancel_branches(&mut st, &others);
+        }
+        self.finish_if_done(&mut st, &server_key);
+    }
+
+    fn cancel_branches(&self, st: &mut ProxyState, branches: &[String]) {
+        for b in branches {
+            if let Some(c) = st.clients.get(b) {
+                if c.invite && c.state != BranchState::Done {
+                    if let Some(cancel) = make_cancel_or_ack(&c.sent, "CANCEL", None) {
+                        self.transports.send(&c.target, cancel);
+                    }
+                }
+            }
+        }
+    }
+
+    /// When every branch has a final answer, the best one goes upstream.
+    fn finish_if_done(self: &Arc<Self>, st: &mut ProxyState, server_key: &str) {
+        let Some(tx) = st.servers.get(server_key) else {
+            return;
+        };
+        if tx.final_status.is_some()
+            || tx
+                .branches
+                .iter()
+                .any(|b| st.clients.get(b).is_some_and(|c| c.state != BranchState::Done))
+        {
+            return;
+        }
+        let Some(tx) = st.servers.get_mut(server_key) else {
+            return;
+        };
+        let (status, bytes) = match (&tx.best, &tx.request) {
+            (Some(best), _) => {
+                let mut status = best.status().unwrap_or(500);
+                let bytes = if status == 503 {
+                    // A 503 from downstream is not ours to pass on (§16.7 step 6).
+                    status = 500;
+                    tx.request.as_ref().map(|r| build::response(r, 500, "Server Internal Error (no branch succeeded)", Some(&self.unique()), &[]))
+                } else {
+                    Some(build::rewrite(best, &Edit { pop_via: true, ..Edit::default() }))
+                };
+                (status, bytes)
+            }
+            (None, Some(req)) => {
+                let (status, reason) = if tx.cancelled {
+                    (487, "Request Terminated")
+                } else {
+                    (408, "Request Timeout")
+                };
+                (status, Some(build::response(req, status, reason, Some(&self.unique()), &[])))
+            }
+            (None, None) => return,
+        };
+        let Some(bytes) = bytes else { return };
+        self.metrics.response(status);
+        self.transports.send(&source_target(&tx.source), bytes.clone());
+        tx.final_status = Some(status);
+        tx.finished_at = Some(Instant::now());
+        tx.last_response = Some(bytes);
+        tx.request = None;
+        if let Some(call) = tx.call.take() {
+            let svc = self.clone();
+            tokio::spawn(async move { svc.release_call_id(&call).await });
+        }
+    }
+
+    /// Retransmits a branch on UDP and gives it a 408 when it times out (Timers A/B/E/F/C).
+    async fn branch_timer(self: Arc<Self>, branch: String) {
+        let mut interval = T1;
+        loop {
+            tokio::time::sleep(interval).await;
+            let mut st = self.proxy_lock();
+            let Some(c) = st.clients.get(&branch) else { return };
+            let elapsed = c.started.elapsed();
+            let limit = if c.state == BranchState::Proceeding && c.invite {
+                TIMER_C
+            } else {
+                T1 * 64
+            };
+            match c.state {
+                BranchState::Done => return,
+                _ if elapsed >= limit => {
+                    if c.invite && c.state == BranchState::Proceeding {
+                        if let Some(cancel) = make_cancel_or_ack(&c.sent, "CANCEL", None) {
+                            self.transports.send(&c.target, cancel);
+                        }
+                    }
+                    let server = c.server.clone();
+                    if let Some(c) = st.clients.get_mut(&branch) {
+                        c.state = BranchState::Done;
+                    }
+                    self.finish_if_done(&mut st, &server);
+                    return;
+                }
+                state => {
+                    let udp = c.target.proto == Proto::Udp;
+                    let resend = udp && (state == BranchState::Trying || !c.invite);
+                    if resend {
+                        self.transports.send(&c.target, c.sent.raw().clone());
+                    }
+                    interval = if !udp || (c.invite && state == BranchState::Proceeding) {
+                        Duration::from_secs(1).max(limit.saturating_sub(elapsed).min(Duration::from_secs(5)))
+                    } else if c.invite {
+                        interval * 2
+                    } else {
+                        (interval * 2).min(T2)
+                    };
+                }
+            }
+        }
+    }
+
+    /// Forgets transactions that finished a while ago (or never finished).
+    pub(crate) fn sweep_transactions(&self) {
+        let mut st = self.proxy_lock();
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        st.servers.retain(|_, tx| {
+            let keep = match tx.finished_at {
+                Some(at) => now.duration_since(at) < LINGER,
+                None => now.duration_since(tx.created) < TIMER_C + LINGER,
+            };
+            if !keep {
+                gone.extend(tx.branches.drain(..));
+            }
+            keep
+        });
+        for b in gone {
+            st.clients.remove(&b);
+        }
+    }
+
+    pub fn transaction_count(&self) -> (usize, usize) {
+        let st = self.proxy_lock();
+        (st.servers.len(), st.clients.len())
+    }
+}
+
+fn source_target(s: &Source) -> Target {
+    Target {
+        proto: s.proto,
+        addr: s.remote,
+        conn: s.conn,
+    }
+}
+
+/// Lower is better: 6xx, then 2xx… as §16.7 step 6 prefers, with 401/407/415/420/484 and
+/// 3xx ahead of 408 and 5xx.
+fn rank(status: u16) -> u16 {
+    match status {
+        600..=699 => 0,
+        200..=299 => 1,
+        401 | 407 | 415 | 420 | 484 => 2,
+        300..=399 => 3,
+        408 => 7,
+        400..=499 => 4,
+        500..=599 => 6,
+        _ => 8,
+    }
+}
+
+/// A CANCEL (or the ACK of a non-2xx) for a request we sent: same Request-URI, our Via
+/// only, Route, From, Call-ID, CSeq number; To from the response for an ACK (§9.1, §17.1.1.3).
+fn make_cancel_or_ack(sent: &Message, method: &str, response: Option<&Message>) -> Option<Bytes> {
+    let uri = sent.uri()?;
+    let (cseq, _) = sent.cseq().ok()?;
+    let via = causeway_sip::split_list(&sent.value(HeaderKind::Via)?).into_iter().next()?;
+    let mut out = format!("{method} {uri} SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\n");
+    for r in sent.values(HeaderKind::Route) {
+        out.push_str(&format!("Route: {r}\r\n"));
+    }
+    out.push_str(&format!("From: {}\r\n", sent.value(HeaderKind::From)?));
+    let to = match response {
+        Some(r) => r.value(HeaderKind::To)?,
+        None => sent.value(HeaderKind::To)?,
+    };
+    out.push_str(&format!(
+        "To: {to}\r\nCall-ID: {}\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n",
+        sent.call_id()?
+    ));
+    Some(Bytes::from(out))
+}

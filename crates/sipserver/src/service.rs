@@ -1,0 +1,352 @@
+//! The SIP service of one peer: transports in, registrar or proxy, transports out. It reads
+//! the cluster configuration (domains, users, limits) and keeps its bindings in the
+//! replication engine through the node.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use causeway_cluster::Node;
+use causeway_common::time::unix_ms_now;
+use causeway_replication::{config_stream, Applied, Observer, Origin, StreamId};
+use causeway_sip::{build, Message, SipUri};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::admission::Admission;
+use crate::location::{self, Location};
+use crate::metrics::Metrics;
+use crate::proxy::ProxyState;
+use crate::transport::{Caps, Incoming, Proto, Source, Target, Transports};
+
+pub(crate) const LOG: &str = "network.sip";
+
+/// How a node runs SIP (the node file's `[sip]` section).
+#[derive(Clone, Debug)]
+pub struct SipSettings {
+    pub listen: IpAddr,
+    pub udp_port: u16,
+    pub tcp_port: u16,
+    /// TLS with the node's certificate; none: no TLS listener.
+    pub tls: Option<(u16, Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)>,
+    pub caps: Caps,
+    /// Names that count as this cluster's SIP domain besides `sip.domains`: the cluster
+    /// name and this peer's own address (EX: "addressed to a peer's IP or the cluster name").
+    pub local_names: Vec<String>,
+    pub min_expires: u32,
+    pub max_expires: u32,
+    pub default_expires: u32,
+}
+
+/// The cluster configuration items SIP reads, refreshed when they change.
+#[derive(Default, Clone, Debug)]
+pub(crate) struct SipConfig {
+    pub domains: Vec<String>,
+    pub users: HashMap<String, String>,
+    pub calls_max: u64,
+    pub bandwidth_total_kbps: u64,
+    pub bandwidth_per_call_kbps: u64,
+}
+
+pub struct SipService {
+    pub(crate) node: Arc<Node>,
+    pub(crate) settings: SipSettings,
+    pub(crate) transports: Arc<Transports>,
+    pub(crate) location: Location,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) config: RwLock<SipConfig>,
+    pub(crate) proxy: Mutex<ProxyState>,
+    pub(crate) admission: Admission,
+    pub(crate) self_index: usize,
+    /// Makes branches and tags unique across restarts and peers.
+    pub(crate) instance: u64,
+    pub(crate) counter: AtomicU64,
+    pub(crate) nonce_key: crate::auth::NonceKey,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// Feeds replicated changes of the SIP streams and the configuration to the service.
+struct Watcher(std::sync::Weak<SipService>);
+
+impl Observer for Watcher {
+    fn applied(&self, stream: &StreamId, applied: &[Applied], _origin: Origin) {
+        let Some(svc) = self.0.upgrade() else { return };
+        if *stream == config_stream() {
+            if applied.iter().any(|a| {
+                a.key.starts_with("sip.") || a.key.starts_with("limits.")
+            }) {
+                svc.reload_config();
+            }
+        } else if stream.namespace == location::NAMESPACE {
+            if let Some(owner) = location::stream_owner(&stream.name) {
+                for a in applied {
+                    svc.location.apply(owner, &a.key, a.new.as_deref());
+                }
+            }
+        } else if stream.namespace == crate::admission::NAMESPACE {
+            if let Some(owner) = location::stream_owner(&stream.name) {
+                for a in applied {
+                    svc.admission.apply(owner, &a.key, a.new.as_deref());
+                }
+            }
+        }
+    }
+}
+
+impl SipService {
+    /// Binds the SIP ports and starts serving. The node's replicated bindings are loaded
+    /// first, so a restarted peer answers from what the cluster holds.
+    pub async fn start(
+        node: Arc<Node>,
+        settings: SipSettings,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Arc<SipService>> {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(16_384);
+        let transports = Transports::bind(
+            settings.listen,
+            settings.udp_port,
+            settings.tcp_port,
+            settings.tls.clone(),
+            settings.caps.clone(),
+            tx,
+            metrics.clone(),
+            cancel.clone(),
+        )
+        .await?;
+        let self_index = node.mesh().map(|m| m.settings().self_index).unwrap_or(1);
+        let svc = Arc::new(SipService {
+            node: node.clone(),
+            settings,
+            transports,
+            location: Location::default(),
+            metrics,
+            config: RwLock::new(SipConfig::default()),
+            proxy: Mutex::new(ProxyState::default()),
+            admission: Admission::default(),
+            self_index,
+            instance: unix_ms_now() ^ (std::process::id() as u64) << 40,
+            counter: AtomicU64::new(1),
+            nonce_key: crate::auth::NonceKey::generate(),
+            cancel,
+        });
+        node.watch(Arc::new(Watcher(Arc::downgrade(&svc))));
+        svc.reload_config();
+        let engine = node.replication();
+        for ns in [location::NAMESPACE, crate::admission::NAMESPACE] {
+            for id in engine.streams(ns) {
+                let Some(owner) = location::stream_owner(&id.name) else {
+                    continue;
+                };
+                for (key, value) in engine.entries(&id) {
+                    if ns == location::NAMESPACE {
+                        svc.location.apply(owner, &key, Some(&value));
+                    } else {
+                        svc.admission.apply(owner, &key, Some(&value));
+                    }
+                }
+            }
+        }
+        tokio::spawn(svc.clone().dispatch(rx));
+        tokio::spawn(svc.clone().housekeeping());
+        Ok(svc)
+    }
+
+    pub(crate) fn reload_config(&self) {
+        let entries = self.node.replication().entries(&config_stream());
+        let mut c = SipConfig::default();
+        for (key, value) in entries {
+            let value = String::from_utf8_lossy(&value).into_owned();
+            match key.as_str() {
+                "sip.domains" => {
+                    c.domains = value
+                        .split(',')
+                        .map(|d| d.trim().to_ascii_lowercase())
+                        .filter(|d| !d.is_empty())
+                        .collect()
+                }
+                "limits.calls.max" => c.calls_max = value.parse().unwrap_or(0),
+                "limits.bandwidth.total_kbps" => c.bandwidth_total_kbps = value.parse().unwrap_or(0),
+                "limits.bandwidth.per_call_kbps" => {
+                    c.bandwidth_per_call_kbps = value.parse().unwrap_or(0)
+                }
+                k => {
+                    if let Some(user) = k.strip_prefix("sip.users.") {
+                        c.users.insert(user.to_string(), value);
+                    }
+                }
+            }
+        }
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    pub(crate) fn config(&self) -> SipConfig {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn transports(&self) -> &Arc<Transports> {
+        &self.transports
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether `host` names this cluster's SIP service: a configured domain, the cluster
+    /// name, or this peer's own address.
+    pub(crate) fn is_local_domain(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.parse::<IpAddr>().ok() == Some(self.settings.listen) {
+            return true;
+        }
+        self.settings
+            .local_names
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(host))
+            || self
+                .config
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(host))
+    }
+
+    /// Whether a URI names this very peer (a Route or Record-Route it wrote).
+    pub(crate) fn is_me(&self, uri: &SipUri) -> bool {
+        let host_is_me = uri.ip() == Some(self.settings.listen);
+        let port_is_mine = match uri.port {
+            None => true,
+            Some(p) => {
+                p == self.transports.bound.udp_port
+                    || p == self.transports.bound.tcp_port
+                    || Some(p) == self.transports.bound.tls_port
+            }
+        };
+        host_is_me && port_is_mine
+    }
+
+    /// Cluster peers by index with their address (this peer included) and whether each is
+    /// reachable now.
+    pub(crate) fn peers(&self) -> Vec<(usize, Option<IpAddr>, bool)> {
+        let Some(mesh) = self.node.mesh() else {
+            return vec![(self.self_index, Some(self.settings.listen), true)];
+        };
+        let view = mesh.view();
+        view.peers
+            .iter()
+            .map(|p| {
+                if p.index == view.self_index {
+                    (p.index, Some(self.settings.listen), true)
+                } else {
+                    let ip = p.resolved.or_else(|| p.address.parse().ok());
+                    (p.index, ip, p.is_active())
+                }
+            })
+            .collect()
+    }
+
+    pub(crate) fn peer_address(&self, index: usize) -> Option<(IpAddr, bool)> {
+        self.peers()
+            .into_iter()
+            .find(|(i, _, _)| *i == index)
+            .and_then(|(_, ip, up)| ip.map(|ip| (ip, up)))
+    }
+
+    pub(crate) fn from_peer(&self, ip: IpAddr) -> bool {
+        ip != self.settings.listen
+            && self
+                .peers()
+                .iter()
+                .any(|(i, a, _)| *i != self.self_index && *a == Some(ip))
+    }
+
+    pub(crate) fn unique(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}{:x}{n:x}", self.self_index, self.instance)
+    }
+
+    /// Sends a response to where `source` says the request came from.
+    pub(crate) fn reply(&self, source: &Source, bytes: bytes::Bytes, status: u16) {
+        self.metrics.response(status);
+        self.transports.send(
+            &Target {
+                proto: source.proto,
+                addr: source.remote,
+                conn: source.conn,
+            },
+            bytes,
+        );
+    }
+
+    /// A response of our own to `req` (no body).
+    pub(crate) fn respond(
+        &self,
+        req: &Message,
+        source: &Source,
+        status: u16,
+        reason: &str,
+        extra: &[String],
+    ) -> bytes::Bytes {
+        let tag = format!("cw{}", self.unique());
+        let bytes = build::response(req, status, reason, Some(&tag), extra);
+        self.reply(source, bytes.clone(), status);
+        bytes
+    }
+
+    async fn dispatch(self: Arc<Self>, mut rx: mpsc::Receiver<Incoming>) {
+        loop {
+            let incoming = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                m = rx.recv() => match m { Some(m) => m, None => return },
+            };
+            if incoming.msg.is_request() {
+                self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+                if incoming.msg.method() == Some("REGISTER") {
+                    // The write waits for the cluster: never hold the dispatcher for it.
+                    let svc = self.clone();
+                    tokio::spawn(async move { svc.handle_request(incoming).await });
+                } else {
+                    self.clone().handle_request(incoming).await;
+                }
+            } else {
+                self.handle_response(incoming);
+            }
+        }
+    }
+
+    /// Expired and superseded bindings of this peer are deleted, finished transactions
+    /// forgotten.
+    async fn housekeeping(self: Arc<Self>) {
+        let own = StreamId::new(location::NAMESPACE, &location::stream_name(self.self_index));
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            self.sweep_transactions();
+            let stale = self.location.stale_of(self.self_index, unix_ms_now());
+            if !stale.is_empty() {
+                let changes = stale
+                    .into_iter()
+                    .map(|key| causeway_replication::Change { key, value: None })
+                    .collect();
+                if let Err(e) = self.node.replication().write(&own, changes).await {
+                    warn!(target: LOG, reason = %e, "Removing expired registrations failed");
+                }
+            }
+            self.admission_housekeeping().await;
+        }
+    }
+
+    pub(crate) fn own_stream(&self, namespace: &str) -> StreamId {
+        StreamId::new(namespace, &location::stream_name(self.self_index))
+    }
+
+    pub fn local_address(&self, proto: Proto) -> SocketAddr {
+        SocketAddr::new(self.settings.listen, self.transports.port(proto))
+    }
+}

@@ -1,0 +1,156 @@
+//! `xstatus registrations` and `xstatus calls` (JSON under `/api/v1/status/…`) and the
+//! Prometheus counters (`/metrics`).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use causeway_common::time::unix_ms_now;
+use serde::{Deserialize, Serialize};
+
+use crate::SipService;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BindingRow {
+    pub aor: String,
+    pub contact: String,
+    pub expires_in_s: u64,
+    /// The peer the endpoint registered with.
+    pub peer: usize,
+    pub transport: String,
+    pub received: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegistrationsStatus {
+    /// The peer that answered.
+    pub peer: usize,
+    pub aors: usize,
+    pub bindings: usize,
+    /// Bindings by the peer they registered with.
+    pub per_peer: Vec<(usize, usize)>,
+    pub rows: Vec<BindingRow>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CallRow {
+    pub peer: usize,
+    pub call: String,
+    pub from: String,
+    pub to: String,
+    pub duration_s: u64,
+    pub kbps: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CallsStatus {
+    pub peer: usize,
+    pub calls_max: u64,
+    pub bandwidth_total_kbps: u64,
+    pub calls: usize,
+    pub kbps: u64,
+    /// (peer, calls, kbps)
+    pub per_peer: Vec<(usize, usize, u64)>,
+    pub rows: Vec<CallRow>,
+}
+
+impl SipService {
+    pub fn registrations_status(&self, limit: usize) -> RegistrationsStatus {
+        let now = unix_ms_now();
+        let all = self.location.all(now);
+        let (per_owner, aors) = self.location.counts(now);
+        let mut per_peer: Vec<(usize, usize)> = per_owner.into_iter().collect();
+        per_peer.sort();
+        RegistrationsStatus {
+            peer: self.self_index,
+            aors,
+            bindings: all.len(),
+            per_peer,
+            rows: all
+                .into_iter()
+                .take(limit)
+                .map(|b| BindingRow {
+                    expires_in_s: b.expires_at_ms.saturating_sub(now).div_ceil(1000),
+                    aor: b.aor,
+                    contact: b.uri,
+                    peer: b.owner,
+                    transport: b.proto.name().to_string(),
+                    received: b.received.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn calls_status(&self, limit: usize) -> CallsStatus {
+        let now = unix_ms_now();
+        let config = self.config();
+        let per_peer = self.admission.usage();
+        CallsStatus {
+            peer: self.self_index,
+            calls_max: config.calls_max,
+            bandwidth_total_kbps: config.bandwidth_total_kbps,
+            calls: per_peer.iter().map(|p| p.1).sum(),
+            kbps: per_peer.iter().map(|p| p.2).sum(),
+            per_peer,
+            rows: self
+                .admission
+                .calls()
+                .into_iter()
+                .take(limit)
+                .map(|(peer, call, r)| CallRow {
+                    peer,
+                    call,
+                    from: r.from,
+                    to: r.to,
+                    duration_s: now.saturating_sub(r.started_ms) / 1000,
+                    kbps: r.kbps,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn prometheus(&self) -> String {
+        let now = unix_ms_now();
+        let (per_owner, aors) = self.location.counts(now);
+        let bindings: usize = per_owner.values().sum();
+        let calls: usize = self.admission.usage().iter().map(|p| p.1).sum();
+        let (servers, clients) = self.transaction_count();
+        let lag = self
+            .node
+            .replication()
+            .status()
+            .peers
+            .iter()
+            .filter_map(|p| p.state.strip_prefix("Behind by ")?.parse::<f64>().ok())
+            .fold(0.0, f64::max);
+        self.metrics.render(&[
+            ("causeway_sip_registered_aors", "AORs with a live binding, cluster-wide", aors as f64),
+            ("causeway_sip_bindings", "live bindings, cluster-wide", bindings as f64),
+            ("causeway_sip_calls", "calls in progress, cluster-wide", calls as f64),
+            ("causeway_sip_connections", "open SIP TCP/TLS connections on this peer", self.transports.connection_count() as f64),
+            ("causeway_sip_transactions", "SIP transactions held on this peer", (servers + clients) as f64),
+            ("causeway_replication_lag_records", "changes the most-behind peer lacks of the configuration", lag),
+        ])
+    }
+}
+
+/// Rows shown at most; the totals count everything.
+const ROWS: usize = 10_000;
+
+pub fn router(svc: Arc<SipService>) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/status/registrations",
+            get(|State(s): State<Arc<SipService>>| async move { Json(s.registrations_status(ROWS)) }),
+        )
+        .route(
+            "/api/v1/status/calls",
+            get(|State(s): State<Arc<SipService>>| async move { Json(s.calls_status(ROWS)) }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<SipService>>| async move { s.prometheus() }),
+        )
+        .with_state(svc)
+}

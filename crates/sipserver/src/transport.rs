@@ -1,0 +1,591 @@
+//! SIP transports (RFC 3261 §18): one UDP socket, TCP and TLS listeners, and the table of
+//! open connections (accepted or dialled) that requests and responses are written on.
+//! Every listener caps sizes, connections per source and messages per source per second.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use causeway_sip::{frame, Frame, Limits, Message, Transport as Framing};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+const LOG: &str = "network.sip";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Proto {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Udp => "UDP",
+            Proto::Tcp => "TCP",
+            Proto::Tls => "TLS",
+        }
+    }
+
+    /// From a Via transport or a URI's `transport` parameter.
+    pub fn parse(text: &str) -> Option<Proto> {
+        match text.to_ascii_lowercase().as_str() {
+            "udp" => Some(Proto::Udp),
+            "tcp" => Some(Proto::Tcp),
+            "tls" => Some(Proto::Tls),
+            _ => None,
+        }
+    }
+}
+
+/// Where a message came from; responses go back the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub proto: Proto,
+    pub remote: SocketAddr,
+    /// The connection it arrived on (TCP/TLS).
+    pub conn: Option<u64>,
+}
+
+pub struct Incoming {
+    pub msg: Message,
+    pub source: Source,
+}
+
+/// Where to send: an open connection when there is one, else a new one (or a datagram).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub proto: Proto,
+    pub addr: SocketAddr,
+    pub conn: Option<u64>,
+}
+
+/// Caps every listener applies.
+#[derive(Clone, Debug)]
+pub struct Caps {
+    pub limits: Limits,
+    /// Messages per second from one source address (all transports), and the burst allowed.
+    pub rate_per_source: u32,
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+    /// A connection must complete a message this long after it starts one (slow senders).
+    pub message_timeout: Duration,
+    /// A connection with no traffic at all for this long is closed (RFC 5626 keep-alives
+    /// are traffic).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps {
+            limits: Limits::default(),
+            rate_per_source: 50_000,
+            max_connections: 10_000,
+            max_connections_per_source: 512,
+            message_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(7_300),
+        }
+    }
+}
+
+pub struct Bound {
+    pub ip: IpAddr,
+    pub udp_port: u16,
+    pub tcp_port: u16,
+    pub tls_port: Option<u16>,
+}
+
+struct Conn {
+    remote: SocketAddr,
+    out: mpsc::Sender<Bytes>,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+pub struct Transports {
+    pub bound: Bound,
+    caps: Caps,
+    udp: Arc<UdpSocket>,
+    conns: Mutex<HashMap<u64, Conn>>,
+    /// Open connections by (transport, remote): requests to an address reuse one (§18.1.1).
+    by_remote: Mutex<HashMap<(Proto, SocketAddr), u64>>,
+    next_conn: AtomicU64,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    incoming: mpsc::Sender<Incoming>,
+    tls: Option<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Transports {
+    /// Binds UDP and TCP on `ip:udp_port`/`ip:tcp_port`, and TLS on `tls_port` when given a
+    /// TLS configuration. Port 0 picks a free port (tests).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn bind(
+        ip: IpAddr,
+        udp_port: u16,
+        tcp_port: u16,
+        tls: Option<(u16, Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)>,
+        caps: Caps,
+        incoming: mpsc::Sender<Incoming>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Arc<Transports>> {
+        use anyhow::Context as _;
+        let udp = UdpSocket::bind((ip, udp_port))
+            .await
+            .with_context(|| format!("binding SIP UDP on {ip}:{udp_port}"))?;
+        let udp_port = udp.local_addr()?.port();
+        // TCP on the same port number as UDP when asked for 0 in tests.
+        let tcp = TcpListener::bind((ip, tcp_port))
+            .await
+            .with_context(|| format!("binding SIP TCP on {ip}:{tcp_port}"))?;
+        let tcp_port = tcp.local_addr()?.port();
+        let (tls_listener, tls_pair) = match tls {
+            Some((port, server, client)) => {
+                let l = TcpListener::bind((ip, port))
+                    .await
+                    .with_context(|| format!("binding SIP TLS on {ip}:{port}"))?;
+                (
+                    Some(l),
+                    Some((
+                        tokio_rustls::TlsAcceptor::from(server),
+                        tokio_rustls::TlsConnector::from(client),
+                    )),
+                )
+            }
+            None => (None, None),
+        };
+        let tls_port = match &tls_listener {
+            Some(l) => Some(l.local_addr()?.port()),
+            None => None,
+        };
+        let t = Arc::new(Transports {
+            bound: Bound {
+                ip,
+                udp_port,
+                tcp_port,
+                tls_port,
+            },
+            caps,
+            udp: Arc::new(udp),
+            conns: Mutex::new(HashMap::new()),
+            by_remote: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            buckets: Mutex::new(HashMap::new()),
+            incoming,
+            tls: tls_pair,
+            metrics,
+            cancel,
+        });
+        tokio::spawn(t.clone().udp_loop());
+        tokio::spawn(t.clone().accept_loop(tcp, Proto::Tcp));
+        if let Some(l) = tls_listener {
+            tokio::spawn(t.clone().accept_loop(l, Proto::Tls));
+        }
+        tokio::spawn(t.clone().forget_buckets());
+        info!(target: LOG, ip = %ip, udp = udp_port, tcp = tcp_port,
+            tls = tls_port.map(|p| p.to_string()).unwrap_or_else(|| "off".into()),
+            "SIP listening");
+        Ok(t)
+    }
+
+    /// The port this system's messages say it listens on for `proto`.
+    pub fn port(&self, proto: Proto) -> u16 {
+        match proto {
+            Proto::Udp => self.bound.udp_port,
+            Proto::Tcp => self.bound.tcp_port,
+            Proto::Tls => self.bound.tls_port.unwrap_or(self.bound.tcp_port),
+        }
+    }
+
+    pub fn has_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    pub fn connection_alive(&self, conn: u64) -> bool {
+        lock(&self.conns).contains_key(&conn)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        lock(&self.conns).len()
+    }
+
+    /// Takes one token from `ip`'s bucket; false when it is over its rate.
+    fn admit(&self, ip: IpAddr) -> bool {
+        let rate = f64::from(self.caps.rate_per_source.max(1));
+        let now = Instant::now();
+        let mut buckets = lock(&self.buckets);
+        let b = buckets.entry(ip).or_insert(Bucket {
+            tokens: rate,
+            last: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(rate);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Buckets of sources that went quiet are dropped, so spoofed sources cannot grow it.
+    async fn forget_buckets(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            let now = Instant::now();
+            lock(&self.buckets).retain(|_, b| now.duration_since(b.last) < Duration::from_secs(10));
+        }
+    }
+
+    fn deliver(&self, raw: Bytes, source: Source, framing: Framing) -> Result<(), u16> {
+        self.metrics.received.fetch_add(1, Ordering::Relaxed);
+        match Message::parse(raw.clone(), framing, &self.caps.limits) {
+            Ok(msg) => {
+                if self.incoming.try_send(Incoming { msg, source }).is_err() {
+                    // The core is behind: drop; UDP senders retransmit, and a stream's
+                    // sender gets no answer and times out rather than blocking every peer.
+                    self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                debug!(target: LOG, src = %source.remote, reason = %e, "Malformed SIP message");
+                // A request whose start line we could read gets a 400 naming the reason.
+                if let Some(resp) = crate::respond::to_malformed(&raw, &e) {
+                    match source.conn {
+                        Some(c) => {
+                            self.send_on(c, resp);
+                        }
+                        None => {
+                            let _ = self.udp.try_send_to(&resp, source.remote);
+                        }
+                    }
+                }
+                Err(e.status())
+            }
+        }
+    }
+
+    async fn udp_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (n, from) = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = self.udp.recv_from(&mut buf) => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // ICMP errors surface here on some systems; never fatal.
+                        debug!(target: LOG, reason = %e, "UDP receive error");
+                        continue;
+                    }
+                },
+            };
+            let data = &buf[..n];
+            // RFC 5626 keep-alive: CRLF CRLF gets CRLF back; a lone CRLF is ignored.
+            if data.iter().all(|b| *b == b'\r' || *b == b'\n') {
+                if data == b"\r\n\r\n" {
+                    let _ = self.udp.try_send_to(b"\r\n", from);
+                }
+                continue;
+            }
+            if !self.admit(from.ip()) {
+                self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if n > self.caps.limits.max_message {
+                self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let source = Source {
+                proto: Proto::Udp,
+                remote: from,
+                conn: None,
+            };
+            let _ = self.deliver(Bytes::copy_from_slice(data), source, Framing::Datagram);
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, proto: Proto) {
+        loop {
+            let (stream, remote) = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(target: LOG, reason = %e, "Accepting a SIP connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            if let Some(why) = self.refuse_connection(remote.ip()) {
+                self.metrics.refused_connections.fetch_add(1, Ordering::Relaxed);
+                debug!(target: LOG, src = %remote, reason = why, "SIP connection refused");
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let t = self.clone();
+            tokio::spawn(async move {
+                match proto {
+                    Proto::Tls => {
+                        let Some((acceptor, _)) = &t.tls else { return };
+                        let accepted =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                                .await;
+                        match accepted {
+                            Ok(Ok(s)) => t.run_connection(s, proto, remote, None).await,
+                            _ => {
+                                t.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                                debug!(target: LOG, src = %remote, "SIP TLS handshake failed");
+                            }
+                        }
+                    }
+                    _ => t.run_connection(stream, proto, remote, None).await,
+                }
+            });
+        }
+    }
+
+    fn refuse_connection(&self, ip: IpAddr) -> Option<&'static str> {
+        let conns = lock(&self.conns);
+        if conns.len() >= self.caps.max_connections {
+            return Some("too many connections");
+        }
+        let from_ip = conns.values().filter(|c| c.remote.ip() == ip).count();
+        (from_ip >= self.caps.max_connections_per_source)
+            .then_some("too many connections from this source")
+    }
+
+    fn register_connection(
+        &self,
+        proto: Proto,
+        remote: SocketAddr,
+    ) -> (u64, mpsc::Receiver<Bytes>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(1024);
+        lock(&self.conns).insert(
+            id,
+            Conn {
+                remote,
+                out: tx,
+            },
+        );
+        lock(&self.by_remote).insert((proto, remote), id);
+        (id, rx)
+    }
+
+    fn forget_connection(&self, id: u64, proto: Proto, remote: SocketAddr) {
+        lock(&self.conns).remove(&id);
+        let mut by_remote = lock(&self.by_remote);
+        if by_remote.get(&(proto, remote)) == Some(&id) {
+            by_remote.remove(&(proto, remote));
+        }
+    }
+
+    /// Reads framed messages and writes what is queued for the connection, until either
+    /// side closes, a cap is hit, or the node stops.
+    async fn run_connection<S>(
+        self: Arc<Self>,
+        stream: S,
+        proto: Proto,
+        remote: SocketAddr,
+        registered: Option<(u64, mpsc::Receiver<Bytes>)>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (id, mut out) = match registered {
+            Some(r) => r,
+            None => self.register_connection(proto, remote),
+        };
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let cancel = self.cancel.child_token();
+        let writer_cancel = cancel.clone();
+        let writer_task = tokio::spawn(async move {
+            loop {
+                let bytes = tokio::select! {
+                    _ = writer_cancel.cancelled() => break,
+                    b = out.recv() => match b { Some(b) => b, None => break },
+                };
+                if writer.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            writer_cancel.cancel();
+            let _ = writer.shutdown().await;
+        });
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut message_started: Option<Instant> = None;
+        let why = loop {
+            let deadline = match message_started {
+                Some(t) => t + self.caps.message_timeout,
+                None => Instant::now() + self.caps.idle_timeout,
+            };
+            let read = tokio::select! {
+                _ = cancel.cancelled() => break "closed",
+                _ = tokio::time::sleep_until(deadline) => break if message_started.is_some() { "message not completed in time" } else { "idle" },
+                r = reader.read_buf(&mut buf) => r,
+            };
+            match read {
+                Ok(0) => break "closed by the remote end",
+                Err(_) => break "read error",
+                Ok(_) => {}
+            }
+            let mut broken = None;
+            loop {
+                match frame(&buf, &self.caps.limits) {
+                    Ok(Frame::Incomplete) => break,
+                    Ok(Frame::KeepAlive { len, ping }) => {
+                        let _ = buf.split_to(len);
+                        if ping {
+                            self.send_on(id, Bytes::from_static(b"\r\n"));
+                        }
+                    }
+                    Ok(Frame::Message { len }) => {
+                        let raw = buf.split_to(len).freeze();
+                        if !self.admit(remote.ip()) {
+                            self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        let source = Source {
+                            proto,
+                            remote,
+                            conn: Some(id),
+                        };
+                        if self.deliver(raw, source, Framing::Stream).is_err() {
+                            broken = Some("malformed message");
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                        let raw = buf.split().freeze();
+                        if let Some(resp) = crate::respond::to_malformed(&raw, &e) {
+                            self.send_on(id, resp);
+                        }
+                        broken = Some("message cannot be framed");
+                        break;
+                    }
+                }
+            }
+            if let Some(why) = broken {
+                // Framing is lost after a bad message: the answer goes out, then we close.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                break why;
+            }
+            message_started = if buf.is_empty() {
+                None
+            } else {
+                message_started.or(Some(Instant::now()))
+            };
+        };
+        debug!(target: LOG, src = %remote, transport = proto.name(), reason = why, "SIP connection closed");
+        self.forget_connection(id, proto, remote);
+        cancel.cancel();
+        let _ = writer_task.await;
+    }
+
+    fn send_on(&self, conn: u64, bytes: Bytes) -> bool {
+        let conns = lock(&self.conns);
+        match conns.get(&conn) {
+            Some(c) => c.out.try_send(bytes).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Sends without waiting: on `target.conn` if it is open, else on any open connection
+    /// to the address, else on a new one (dialled in the background), or as a datagram.
+    pub fn send(self: &Arc<Self>, target: &Target, bytes: Bytes) {
+        self.metrics.sent.fetch_add(1, Ordering::Relaxed);
+        if target.proto == Proto::Udp {
+            if let Err(e) = self.udp.try_send_to(&bytes, target.addr) {
+                debug!(target: LOG, dst = %target.addr, reason = %e, "UDP send failed");
+            }
+            return;
+        }
+        if let Some(c) = target.conn {
+            if self.send_on(c, bytes.clone()) {
+                return;
+            }
+        }
+        let existing = lock(&self.by_remote)
+            .get(&(target.proto, target.addr))
+            .copied();
+        if let Some(c) = existing {
+            if self.send_on(c, bytes.clone()) {
+                return;
+            }
+        }
+        if lock(&self.conns).len() >= self.caps.max_connections {
+            return;
+        }
+        let (id, rx) = self.register_connection(target.proto, target.addr);
+        self.send_on(id, bytes);
+        let t = self.clone();
+        let target = *target;
+        tokio::spawn(async move {
+            let connected = tokio::time::timeout(
+                Duration::from_secs(5),
+                TcpStream::connect(target.addr),
+            )
+            .await;
+            let stream = match connected {
+                Ok(Ok(s)) => s,
+                _ => {
+                    debug!(target: LOG, dst = %target.addr, "SIP connection could not be opened");
+                    t.forget_connection(id, target.proto, target.addr);
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            match target.proto {
+                Proto::Tls => {
+                    let Some((_, connector)) = &t.tls else {
+                        t.forget_connection(id, target.proto, target.addr);
+                        return;
+                    };
+                    let name = rustls::pki_types::ServerName::IpAddress(target.addr.ip().into());
+                    match connector.connect(name, stream).await {
+                        Ok(s) => {
+                            t.clone()
+                                .run_connection(s, target.proto, target.addr, Some((id, rx)))
+                                .await
+                        }
+                        Err(e) => {
+                            debug!(target: LOG, dst = %target.addr, reason = %e, "SIP TLS connection failed");
+                            t.forget_connection(id, target.proto, target.addr);
+                        }
+                    }
+                }
+                _ => {
+                    t.clone()
+                        .run_connection(stream, target.proto, target.addr, Some((id, rx)))
+                        .await
+                }
+            }
+        });
+    }
+}
