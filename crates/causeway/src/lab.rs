@@ -12,6 +12,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const CLUSTER_NAME: &str = "cluster.lab.example";
+const SIP_DOMAIN: &str = "lab.example";
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn peer_dir(dir: &Path, k: usize) -> PathBuf {
@@ -83,7 +84,8 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
              [node]\nsystem_name = \"peer{k}\"\naddress = \"127.0.0.{k}\"\ndata_dir = \"{}\"\n\n\
              [cluster]\nname = \"{CLUSTER_NAME}\"\nconfiguration_primary = 1\nip_version = \"IPv4\"\n\
              tls_verification = \"Enforce\"\npeers = [{}]\nport = 4372\n\n\
-             [admin]\nhttps_listen = \"127.0.0.{k}:8443\"\n",
+             [admin]\nhttps_listen = \"127.0.0.{k}:8443\"\n\n\
+             [sip]\nudp_port = 5060\ntcp_port = 5060\ntls_port = 5061\n",
             pd.display(),
             peer_list.join(", ")
         );
@@ -120,12 +122,34 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
         }
         return Err(e);
     }
+    // The lab's SIP domain, set once on the primary and replicated to every peer.
+    let primary = peer_dir(&dir, 1).join("admin.sock");
+    let domains = causeway_admin::client::get_json(&primary, "/api/v1/configuration")
+        .ok()
+        .and_then(|c| {
+            c["items"].as_array().and_then(|items| {
+                items
+                    .iter()
+                    .find(|i| i["path"] == "sip.domains")
+                    .and_then(|i| i["value"].as_str().map(str::to_string))
+            })
+        })
+        .unwrap_or_default();
+    if domains.is_empty() {
+        causeway_admin::client::post_json(
+            &primary,
+            "/api/v1/configuration",
+            &serde_json::json!({ "path": "sip.domains", "value": SIP_DOMAIN, "force": false }),
+        )
+        .context("setting the lab's SIP domain")?;
+    }
     println!();
     println!("Cluster '{CLUSTER_NAME}' is up: every peer sees every other peer Active.");
+    println!("SIP domain '{SIP_DOMAIN}': register with any peer on UDP/TCP 5060 or TLS 5061.");
     println!();
     for k in 1..=peers {
         let pd = peer_dir(&dir, k);
-        println!("  peer{k}  cluster 127.0.0.{k}:4372   https://127.0.0.{k}:8443/api/v1/status/cluster   log {}", pd.join("causeway.log").display());
+        println!("  peer{k}  cluster 127.0.0.{k}:4372   sip:127.0.0.{k}:5060   https://127.0.0.{k}:8443/api/v1/status/cluster   log {}", pd.join("causeway.log").display());
     }
     println!();
     println!(
@@ -137,6 +161,10 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
         peer_dir(&dir, 2).display()
     );
     println!("  curl --cacert {}/ca/ca.crt -u admin:$(cat {}/admin-password) https://127.0.0.1:8443/api/v1/status/cluster", dir.display(), dir.display());
+    println!(
+        "  causeway --node {} xstatus registrations",
+        peer_dir(&dir, 3).display()
+    );
     println!("  causeway lab down --dir {}", dir.display());
     Ok(())
 }

@@ -143,6 +143,16 @@ enum Xstatus {
         #[arg(long)]
         json: bool,
     },
+    /// SIP registrations held by the cluster, whichever peer took them.
+    Registrations {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Calls in progress and the cluster-wide call and bandwidth usage.
+    Calls {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -247,6 +257,8 @@ fn main() -> ExitCode {
             match what {
                 Xstatus::Cluster { json } => show::cluster(&socket, json),
                 Xstatus::Alarms { json } => show::alarms(&socket, json),
+                Xstatus::Registrations { json } => show::registrations(&socket, json),
+                Xstatus::Calls { json } => show::calls(&socket, json),
             }
         }
         Command::Xconfiguration { command } => {

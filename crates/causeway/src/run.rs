@@ -90,8 +90,18 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         ip_version: config.cluster.ip_version,
     });
     let store = NodeStore::open(&data_dir);
-    let (node, _services) = Node::start(config.clone(), transport, resolver, store);
-    let app = causeway_admin::router(node.clone());
+    let (node, services) = Node::start(config.clone(), transport, resolver, store);
+    let mut app = causeway_admin::router(node.clone());
+    if let Some(section) = &config.sip {
+        let sip = start_sip(&config, section, &identity, node.clone(), cancel.clone()).await?;
+        if let Some(services) = services {
+            tokio::spawn(causeway_sipserver::admission::serve_peer_messages(
+                sip.clone(),
+                services,
+            ));
+        }
+        app = app.merge(causeway_sipserver::status::router(sip));
+    }
     let unix =
         causeway_admin::serve_unix(&config.admin_socket(), app.clone(), cancel.clone()).await?;
     let https = match (config.admin.https_listen, &identity) {
@@ -116,6 +126,57 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     }
     let _ = std::fs::remove_file(config.admin_socket());
     Ok(())
+}
+
+/// Binds the SIP ports and starts the registrar and proxy (SV-1…SV-4).
+async fn start_sip(
+    config: &NodeConfig,
+    section: &causeway_cluster::SipSection,
+    identity: &Option<NodeIdentity>,
+    node: Arc<Node>,
+    cancel: CancellationToken,
+) -> anyhow::Result<Arc<causeway_sipserver::SipService>> {
+    let listen = match section.listen {
+        Some(ip) => ip,
+        // check-config made sure the node's address is an IP when sip.listen is absent.
+        None => config
+            .node
+            .address
+            .parse()
+            .context("sip.listen is not set and node.address is not an IP address")?,
+    };
+    let tls = match (identity, section.tls_port) {
+        (Some(id), port) if port != 0 => {
+            let (server, client) = causeway_pki::sip_tls_configs(id)
+                .context("building the SIP TLS configuration from the node's certificate")?;
+            Some((port, server, client))
+        }
+        _ => None,
+    };
+    let mut local_names = vec![];
+    if !config.cluster.name.is_empty() {
+        local_names.push(config.cluster.name.to_ascii_lowercase());
+    }
+    if !config.node.address.is_empty() {
+        local_names.push(config.node.address.to_ascii_lowercase());
+    }
+    let settings = causeway_sipserver::SipSettings {
+        listen,
+        udp_port: section.udp_port,
+        tcp_port: section.tcp_port,
+        tls,
+        caps: causeway_sipserver::Caps {
+            rate_per_source: section.rate_per_source,
+            max_connections: section.max_connections,
+            max_connections_per_source: section.max_connections_per_source,
+            ..Default::default()
+        },
+        local_names,
+        min_expires: section.min_expires,
+        max_expires: section.max_expires,
+        default_expires: 3600.min(section.max_expires),
+    };
+    causeway_sipserver::SipService::start(node, settings, cancel).await
 }
 
 async fn wait_for_signal() {

@@ -361,3 +361,112 @@ pub fn simple_command(socket: &Path, route: &str, name: &str) -> anyhow::Result<
     println!("{name}: {}", out["result"].as_str().unwrap_or("done"));
     Ok(())
 }
+
+fn sip_status(socket: &Path, path: &str, json: bool) -> anyhow::Result<Option<serde_json::Value>> {
+    let value = causeway_admin::client::get_json(socket, path).map_err(|e| {
+        if e.to_string().contains("404") {
+            anyhow::anyhow!(
+                "this peer runs no SIP service: add a [sip] section to its file and restart it"
+            )
+        } else {
+            e
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(None);
+    }
+    Ok(Some(value))
+}
+
+pub fn registrations(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let Some(value) = sip_status(socket, "/api/v1/status/registrations", json)? else {
+        return Ok(());
+    };
+    let s: causeway_sipserver::status::RegistrationsStatus = serde_json::from_value(value)?;
+    print!("{}", render_registrations(&s));
+    Ok(())
+}
+
+pub fn render_registrations(s: &causeway_sipserver::status::RegistrationsStatus) -> String {
+    let mut out = String::new();
+    let per_peer: Vec<String> = s
+        .per_peer
+        .iter()
+        .map(|(p, n)| format!("Peer {p}: {n}"))
+        .collect();
+    let _ = writeln!(out, "Registrations (as seen by Peer {})", s.peer);
+    let _ = writeln!(
+        out,
+        "  AORs: {}  Bindings: {}  ({})",
+        s.aors,
+        s.bindings,
+        if per_peer.is_empty() {
+            "none".to_string()
+        } else {
+            per_peer.join(", ")
+        }
+    );
+    if !s.rows.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "  {:<36} {:<44} {:>7} {:<5} {:<4} Received from",
+            "AOR", "Contact", "Expires", "Peer", "Via"
+        );
+        for r in &s.rows {
+            let _ = writeln!(
+                out,
+                "  {:<36} {:<44} {:>6}s {:<5} {:<4} {}",
+                r.aor, r.contact, r.expires_in_s, r.peer, r.transport, r.received
+            );
+        }
+        if s.rows.len() < s.bindings {
+            let _ = writeln!(
+                out,
+                "  … {} more (use --json for the first 10,000)",
+                s.bindings - s.rows.len()
+            );
+        }
+    }
+    out
+}
+
+pub fn calls(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let Some(value) = sip_status(socket, "/api/v1/status/calls", json)? else {
+        return Ok(());
+    };
+    let s: causeway_sipserver::status::CallsStatus = serde_json::from_value(value)?;
+    let limit = |n: u64| {
+        if n == 0 {
+            "no limit".to_string()
+        } else {
+            n.to_string()
+        }
+    };
+    println!("Calls (as seen by Peer {})", s.peer);
+    println!(
+        "  Cluster: {} calls of {}, {} kbps of {}",
+        s.calls,
+        limit(s.calls_max),
+        s.kbps,
+        limit(s.bandwidth_total_kbps)
+    );
+    for (p, n, k) in &s.per_peer {
+        println!("  Peer {p}: {n} calls, {k} kbps");
+    }
+    if !s.rows.is_empty() {
+        println!();
+        println!(
+            "  {:<5} {:>8} {:<32} {:<32} Call",
+            "Peer", "Duration", "From", "To"
+        );
+        for r in &s.rows {
+            println!(
+                "  {:<5} {:>7}s {:<32} {:<32} {}",
+                r.peer, r.duration_s, r.from, r.to, r.call
+            );
+        }
+    }
+    Ok(())
+}

@@ -39,6 +39,9 @@ pub struct NodeConfig {
     pub admin: AdminSection,
     #[serde(default)]
     pub licences: LicenceSection,
+    /// The SIP registrar and proxy; off when the section is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sip: Option<SipSection>,
     /// Where the file was read from; relative paths in it are relative to `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
@@ -161,6 +164,73 @@ pub struct LicenceSection {
     pub rich_media_sessions: u32,
     #[serde(default)]
     pub room_systems: u32,
+}
+
+/// † The SIP service on this peer (SV-1…SV-5). Every peer of a cluster uses the same
+/// ports: a peer relays to another on that peer's address and these ports.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SipSection {
+    /// Address to listen on; this system's address when it is an IP.
+    #[serde(default)]
+    pub listen: Option<IpAddr>,
+    #[serde(default = "sip_port")]
+    pub udp_port: u16,
+    #[serde(default = "sip_port")]
+    pub tcp_port: u16,
+    /// 0 turns TLS off.
+    #[serde(default = "sips_port")]
+    pub tls_port: u16,
+    /// Messages per second accepted from one source address.
+    #[serde(default = "rate_per_source")]
+    pub rate_per_source: u32,
+    #[serde(default = "max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// Registration intervals (seconds): shorter is refused with 423, longer is cut.
+    #[serde(default = "min_expires")]
+    pub min_expires: u32,
+    #[serde(default = "max_expires")]
+    pub max_expires: u32,
+}
+
+impl Default for SipSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            udp_port: sip_port(),
+            tcp_port: sip_port(),
+            tls_port: sips_port(),
+            rate_per_source: rate_per_source(),
+            max_connections: max_connections(),
+            max_connections_per_source: max_connections_per_source(),
+            min_expires: min_expires(),
+            max_expires: max_expires(),
+        }
+    }
+}
+
+fn sip_port() -> u16 {
+    5060
+}
+fn sips_port() -> u16 {
+    5061
+}
+fn rate_per_source() -> u32 {
+    50_000
+}
+fn max_connections() -> usize {
+    10_000
+}
+fn max_connections_per_source() -> usize {
+    512
+}
+fn min_expires() -> u32 {
+    60
+}
+fn max_expires() -> u32 {
+    7_200
 }
 
 /// A syntactically valid IP address or DNS name (RFC 1123 labels).
@@ -301,6 +371,44 @@ impl NodeConfig {
                     t.failure_timeout_ms
                 ),
             ));
+        }
+        if let Some(sip) = &self.sip {
+            if sip.udp_port == 0 || sip.tcp_port == 0 {
+                return Err(self.field("sip.udp_port", "SIP ports must be 1 to 65535"));
+            }
+            if sip.tls_port != 0 && sip.tls_port == sip.tcp_port {
+                return Err(self.field(
+                    "sip.tls_port",
+                    format!(
+                        "{} is also sip.tcp_port: TLS needs a port of its own",
+                        sip.tls_port
+                    ),
+                ));
+            }
+            if sip.min_expires == 0 || sip.min_expires > sip.max_expires {
+                return Err(self.field(
+                    "sip.min_expires",
+                    format!(
+                        "must be at least 1 and at most sip.max_expires ({})",
+                        sip.max_expires
+                    ),
+                ));
+            }
+            if sip.rate_per_source == 0
+                || sip.max_connections == 0
+                || sip.max_connections_per_source == 0
+            {
+                return Err(self.field(
+                    "sip.rate_per_source",
+                    "rates and connection caps must be at least 1",
+                ));
+            }
+            if sip.listen.is_none() && self.node.address.parse::<IpAddr>().is_err() {
+                return Err(self.field(
+                    "sip.listen",
+                    "node.address is not an IP address: set sip.listen to the address SIP listens on",
+                ));
+            }
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ mod node;
 mod peer_alarms;
 pub mod xconfig;
 
-pub use config::{ConfigError, NodeConfig};
+pub use config::{ConfigError, NodeConfig, SipSection};
 pub use node::{ClusterStatus, Node, NodeStore, PeerAlarm, SetOutcome};
 pub use peer_alarms::{peer_alarms, MANAGED_ALARMS};
 pub use xconfig::ConfigItem;

@@ -998,7 +998,12 @@ impl Observer for ConfigObserver {
     }
 
     fn applied(&self, stream: &StreamId, applied: &[Applied], origin: Origin) {
-        for w in self.watchers.read().unwrap_or_else(|p| p.into_inner()).iter() {
+        for w in self
+            .watchers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             w.applied(stream, applied, origin);
         }
         if *stream != config_stream() {

@@ -31,6 +31,7 @@ fn config(k: usize, n: usize, mode: TlsMode) -> NodeConfig {
         tls: TlsSection::default(),
         admin: AdminSection::default(),
         licences: Default::default(),
+        sip: None,
         source: "test.toml".into(),
         announce_version: None,
     }

@@ -10,9 +10,8 @@ mod tls;
 pub use check::{check_certificate, describe_tls_error, CertStatus};
 pub use issue::{ca_init, csr, parse_subject_args, sign_csr, CaFiles, CsrSubject};
 pub use tls::{
-    sip_tls_configs,
-    client_config, https_server_config, install_crypto_provider, server_config, NodeIdentity,
-    TlsMode,
+    client_config, https_server_config, install_crypto_provider, server_config, sip_tls_configs,
+    NodeIdentity, TlsMode,
 };
 
 use std::path::Path;

@@ -71,8 +71,8 @@ pub struct Edit {
     pub prepend: Vec<String>,
     /// Drop the first Via value (a proxy forwarding a response, §16.7 step 3).
     pub pop_via: bool,
-    /// Drop the first Route value (it named this proxy, §16.4).
-    pub pop_route: bool,
+    /// Drop this many Route values from the front (they named this proxy, §16.4).
+    pub pop_routes: usize,
     /// Replace Max-Forwards (or add it) with this value.
     pub max_forwards: Option<u32>,
 }
@@ -99,18 +99,28 @@ pub fn rewrite(msg: &Message, edit: &Edit) -> Bytes {
         out.put_slice(line.as_bytes());
         out.put_slice(b"\r\n");
     }
-    let (mut via_done, mut route_done) = (!edit.pop_via, !edit.pop_route);
+    let mut via_done = !edit.pop_via;
+    let mut routes_to_drop = edit.pop_routes;
     let mut has_length = false;
     let mut has_max_forwards = false;
     for h in msg.headers() {
         match h.kind {
             HeaderKind::Via if !via_done => {
                 via_done = true;
-                put_rest(&mut out, "Via", &unfold(msg.header_value(h)));
+                let values = split_list(&unfold(msg.header_value(h)));
+                if values.len() > 1 {
+                    out.put_slice(format!("Via: {}\r\n", values[1..].join(", ")).as_bytes());
+                }
             }
-            HeaderKind::Route if !route_done => {
-                route_done = true;
-                put_rest(&mut out, "Route", &unfold(msg.header_value(h)));
+            HeaderKind::Route if routes_to_drop > 0 => {
+                let values = split_list(&unfold(msg.header_value(h)));
+                let dropped = routes_to_drop.min(values.len());
+                routes_to_drop -= dropped;
+                if dropped < values.len() {
+                    out.put_slice(
+                        format!("Route: {}\r\n", values[dropped..].join(", ")).as_bytes(),
+                    );
+                }
             }
             HeaderKind::MaxForwards if edit.max_forwards.is_some() => {
                 if !has_max_forwards {
@@ -137,14 +147,6 @@ pub fn rewrite(msg: &Message, edit: &Edit) -> Bytes {
     out.freeze()
 }
 
-/// A list header without its first value; nothing when that was the only one.
-fn put_rest(out: &mut BytesMut, name: &str, value: &str) {
-    let values = split_list(value);
-    if values.len() > 1 {
-        out.put_slice(format!("{name}: {}\r\n", values[1..].join(", ")).as_bytes());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,7 +166,13 @@ mod tests {
     #[test]
     fn a_response_copies_the_dialog_headers_and_tags_to() {
         let req = parse(INVITE);
-        let resp = response(&req, 180, "Ringing", Some("t9"), &["Contact: <sip:b@h>".into()]);
+        let resp = response(
+            &req,
+            180,
+            "Ringing",
+            Some("t9"),
+            &["Contact: <sip:b@h>".into()],
+        );
         let text = String::from_utf8(resp.to_vec()).unwrap();
         assert!(text.starts_with("SIP/2.0 180 Ringing\r\n"));
         assert!(text.contains("To: <sip:bob@example.com>;tag=t9\r\n"));
@@ -186,12 +194,14 @@ mod tests {
                 uri: Some("sip:bob@10.0.0.9:5062".into()),
                 prepend: vec!["Via: SIP/2.0/UDP me;branch=z9hG4bKme".into()],
                 pop_via: false,
-                pop_route: true,
+                pop_routes: 1,
                 max_forwards: Some(69),
             },
         );
         let text = String::from_utf8(out.to_vec()).unwrap();
-        assert!(text.starts_with("INVITE sip:bob@10.0.0.9:5062 SIP/2.0\r\nVia: SIP/2.0/UDP me;branch=z9hG4bKme\r\n"));
+        assert!(text.starts_with(
+            "INVITE sip:bob@10.0.0.9:5062 SIP/2.0\r\nVia: SIP/2.0/UDP me;branch=z9hG4bKme\r\n"
+        ));
         assert!(text.contains("Route: <sip:p2.example;lr>\r\n"));
         assert!(!text.contains("p1.example"));
         assert!(text.contains("Max-Forwards: 69\r\n"));
@@ -201,7 +211,13 @@ mod tests {
         assert_eq!(parsed.values(HeaderKind::Via).len(), 4);
 
         let resp = parse("SIP/2.0 200 OK\nVia: SIP/2.0/UDP me;branch=z9hG4bKme, SIP/2.0/UDP a;branch=z9hG4bK1\nFrom: <sip:a@b>;tag=1\nTo: <sip:b@b>;tag=2\nCall-ID: c\nCSeq: 1 INVITE\nContent-Length: 0\n\n");
-        let out = rewrite(&resp, &Edit { pop_via: true, ..Edit::default() });
+        let out = rewrite(
+            &resp,
+            &Edit {
+                pop_via: true,
+                ..Edit::default()
+            },
+        );
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(text.contains("Via: SIP/2.0/UDP a;branch=z9hG4bK1\r\n"));
         assert!(!text.contains("me;"));

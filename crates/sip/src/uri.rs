@@ -80,7 +80,10 @@ impl SipUri {
         } else {
             return Err(bad("not a sip: or sips: URI"));
         };
-        if rest.bytes().any(|b| b <= b' ' || b == b'<' || b == b'>' || b >= 0x7f) {
+        if rest
+            .bytes()
+            .any(|b| b <= b' ' || b == b'<' || b == b'>' || b >= 0x7f)
+        {
             return Err(bad("spaces, brackets or control characters"));
         }
         let (rest, headers) = match rest.split_once('?') {
@@ -282,7 +285,7 @@ impl Via {
         let bad = |why| ParseError::Field("Via", why);
         let text = text.trim();
         let (proto, rest) = text
-            .split_once(|c: char| c == ' ' || c == '\t')
+            .split_once([' ', '\t'])
             .ok_or(bad("not 'SIP/2.0/<transport> <host>'"))?;
         let mut parts = proto.split('/').map(str::trim);
         let (Some(name), Some(version), Some(transport), None) =
@@ -335,8 +338,8 @@ mod tests {
 
     #[test]
     fn uris_parse_and_print_back() {
-        let u = SipUri::parse("sip:alice;x=1@Example.COM:5070;transport=TCP;lr?subject=hi")
-            .unwrap();
+        let u =
+            SipUri::parse("sip:alice;x=1@Example.COM:5070;transport=TCP;lr?subject=hi").unwrap();
         assert_eq!(u.user.as_deref(), Some("alice;x=1"));
         assert_eq!(u.host, "Example.COM");
         assert_eq!(u.port, Some(5070));
@@ -350,14 +353,25 @@ mod tests {
         let v6 = SipUri::parse("sips:[2001:db8::1]:5061").unwrap();
         assert_eq!(v6.ip(), "2001:db8::1".parse().ok());
         assert_eq!(v6.transport().as_deref(), Some("tls"));
-        for bad in ["tel:+123", "sip:", "sip:a@", "sip:a@b:0", "sip:a@b:99999", "sip:a b@c", "sip:@h"] {
+        for bad in [
+            "tel:+123",
+            "sip:",
+            "sip:a@",
+            "sip:a@b:0",
+            "sip:a@b:99999",
+            "sip:a b@c",
+            "sip:@h",
+        ] {
             assert!(SipUri::parse(bad).is_err(), "{bad} was accepted");
         }
     }
 
     #[test]
     fn name_addrs_keep_header_params_apart_from_uri_params() {
-        let n = NameAddr::parse(r#""A, <b>" <sip:a@h;transport=tcp>;expires=60;+sip.instance="<urn:uuid:1>""#).unwrap();
+        let n = NameAddr::parse(
+            r#""A, <b>" <sip:a@h;transport=tcp>;expires=60;+sip.instance="<urn:uuid:1>""#,
+        )
+        .unwrap();
         assert_eq!(n.display.as_deref(), Some(r#""A, <b>""#));
         assert_eq!(n.uri.transport().as_deref(), Some("tcp"));
         assert_eq!(n.param("expires"), Some(Some("60")));

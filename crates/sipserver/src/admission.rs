@@ -19,7 +19,7 @@ use causeway_replication::Change;
 use causeway_sip::{HeaderKind, Message, NameAddr};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::service::{SipService, LOG};
 
@@ -71,7 +71,10 @@ impl Admission {
         match value.and_then(|v| postcard::from_bytes::<CallRecord>(v).ok()) {
             Some(r) => {
                 st.grants.remove(key);
-                st.calls.entry(owner).or_default().insert(key.to_string(), r);
+                st.calls
+                    .entry(owner)
+                    .or_default()
+                    .insert(key.to_string(), r);
             }
             None => {
                 if let Some(c) = st.calls.get_mut(&owner) {
@@ -100,7 +103,7 @@ impl Admission {
             .iter()
             .flat_map(|(p, c)| c.iter().map(|(k, r)| (*p, k.clone(), r.clone())))
             .collect();
-        out.sort_by(|a, b| a.2.started_ms.cmp(&b.2.started_ms));
+        out.sort_by_key(|c| c.2.started_ms);
         out
     }
 
@@ -123,7 +126,8 @@ impl Admission {
         let ok = (max_calls == 0 || (calls as u64) < max_calls)
             && (max_kbps == 0 || used + kbps <= max_kbps);
         if ok {
-            st.grants.insert(call.to_string(), (kbps, now + GRANT_TTL_MS));
+            st.grants
+                .insert(call.to_string(), (kbps, now + GRANT_TTL_MS));
         }
         ok
     }
@@ -147,7 +151,9 @@ pub fn call_key(msg: &Message) -> Option<String> {
 
 /// The other side's tag for a request in the dialog: BYE may come from either end.
 fn call_keys_for_bye(msg: &Message) -> Vec<String> {
-    let Some(call_id) = msg.call_id() else { return vec![] };
+    let Some(call_id) = msg.call_id() else {
+        return vec![];
+    };
     [HeaderKind::From, HeaderKind::To]
         .into_iter()
         .filter_map(|k| msg.value(k))
@@ -169,6 +175,8 @@ impl SipService {
             let admitted = self.ask_primary(&call, kbps, &config).await;
             if !admitted {
                 self.metrics.calls_refused.fetch_add(1, Ordering::Relaxed);
+                info!(target: LOG, event = "Call Rejected", call = %call,
+                    reason = "call or bandwidth limit reached", "");
                 return Err(5);
             }
         }
@@ -188,6 +196,7 @@ impl SipService {
             return Err(5);
         }
         self.metrics.calls_admitted.fetch_add(1, Ordering::Relaxed);
+        info!(target: LOG, event = "Call Admitted", call = %call, kbps = kbps, "");
         Ok(call)
     }
 
@@ -195,7 +204,12 @@ impl SipService {
         let engine = self.node.replication();
         let primary = engine.primary();
         if primary == self.self_index {
-            return self.admission.decide(call, kbps, config.calls_max, config.bandwidth_total_kbps);
+            return self.admission.decide(
+                call,
+                kbps,
+                config.calls_max,
+                config.bandwidth_total_kbps,
+            );
         }
         let asked = self.node.mesh().and_then(|mesh| {
             let (tx, rx) = oneshot::channel();
@@ -240,7 +254,12 @@ impl SipService {
             PeerMessage::Admit { id, call, kbps } => {
                 let config = self.config();
                 let admitted = self.node.replication().is_primary()
-                    && self.admission.decide(&call, kbps, config.calls_max, config.bandwidth_total_kbps);
+                    && self.admission.decide(
+                        &call,
+                        kbps,
+                        config.calls_max,
+                        config.bandwidth_total_kbps,
+                    );
                 let reply = PeerMessage::Decision { id, admitted };
                 if let Some(mesh) = self.node.mesh() {
                     let payload = Bytes::from(postcard::to_stdvec(&reply).unwrap_or_default());
@@ -258,11 +277,11 @@ impl SipService {
     /// A BYE ends the call it belongs to, whichever side sent it.
     pub(crate) async fn release_call(&self, msg: &Message) {
         for key in call_keys_for_bye(msg) {
-            self.release_call_id(&key).await;
+            self.release_call_id(&key, "BYE").await;
         }
     }
 
-    pub(crate) async fn release_call_id(&self, call: &str) {
+    pub(crate) async fn release_call_id(&self, call: &str, why: &str) {
         let mine = self
             .admission
             .lock()
@@ -275,6 +294,7 @@ impl SipService {
                 key: call.to_string(),
                 value: None,
             };
+            info!(target: LOG, event = "Call Ended", call = %call, reason = why, "");
             if let Err(e) = self.node.replication().write(&stream, vec![change]).await {
                 warn!(target: LOG, reason = %e, "Releasing a call failed");
             }
@@ -297,7 +317,7 @@ impl SipService {
             })
             .unwrap_or_default();
         for call in old {
-            self.release_call_id(&call).await;
+            self.release_call_id(&call, "no BYE seen in 12 hours").await;
         }
     }
 }

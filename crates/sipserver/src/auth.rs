@@ -28,7 +28,10 @@ impl NonceKey {
 
     fn nonce(&self, at_ms: u64) -> String {
         let tag = hmac::sign(&self.0, &at_ms.to_be_bytes());
-        let hex: String = tag.as_ref()[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = tag.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         format!("{at_ms:x}.{hex}")
     }
 
@@ -153,12 +156,27 @@ mod tests {
         let req = |resp: &str| {
             Message::parse(Bytes::from(format!("REGISTER sip:testrealm@host.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:Mufasa@testrealm@host.com>;tag=1\r\nTo: <sip:Mufasa@host.com>\r\nCall-ID: c\r\nCSeq: 2 REGISTER\r\nAuthorization: Digest username=\"Mufasa\", realm=\"testrealm@host.com\", nonce=\"{nonce}\", uri=\"sip:testrealm@host.com\", qop=auth, nc=00000001, cnonce=\"0a4f113b\", response=\"{resp}\", algorithm=MD5\r\nContent-Length: 0\r\n\r\n")), Transport::Stream, &Limits::default()).unwrap()
         };
-        let users: HashMap<String, String> = [("Mufasa".to_string(), "Circle Of Life".to_string())].into();
-        assert!(matches!(check(&req(&response), "REGISTER", &users, "testrealm@host.com", &key), Verdict::Ok(u) if u == "Mufasa"));
-        assert!(matches!(check(&req("00"), "REGISTER", &users, "testrealm@host.com", &key), Verdict::Refused(_)));
+        let users: HashMap<String, String> =
+            [("Mufasa".to_string(), "Circle Of Life".to_string())].into();
+        assert!(
+            matches!(check(&req(&response), "REGISTER", &users, "testrealm@host.com", &key), Verdict::Ok(u) if u == "Mufasa")
+        );
+        assert!(matches!(
+            check(&req("00"), "REGISTER", &users, "testrealm@host.com", &key),
+            Verdict::Refused(_)
+        ));
         // Another peer's key does not know the nonce: a fresh challenge.
         let other = NonceKey::generate();
-        assert!(matches!(check(&req(&response), "REGISTER", &users, "testrealm@host.com", &other), Verdict::Challenge(_)));
+        assert!(matches!(
+            check(
+                &req(&response),
+                "REGISTER",
+                &users,
+                "testrealm@host.com",
+                &other
+            ),
+            Verdict::Challenge(_)
+        ));
         assert_eq!(md5_hex(""), "d41d8cd98f00b204e9800998ecf8427e");
     }
 }

@@ -78,10 +78,13 @@ pub fn stream_owner(name: &str) -> Option<usize> {
     name.strip_prefix("peer")?.parse().ok()
 }
 
-/// Every binding record of every stream: AOR → key → (stream owner → record).
+/// The copies of one binding key, by the peer whose stream holds each.
+type Copies = Vec<(usize, Binding)>;
+
+/// Every binding record of every stream: AOR → key → copies.
 #[derive(Default)]
 pub struct Location {
-    by_aor: RwLock<HashMap<String, HashMap<String, Vec<(usize, Binding)>>>>,
+    by_aor: RwLock<HashMap<String, HashMap<String, Copies>>>,
 }
 
 impl Location {
@@ -131,7 +134,10 @@ impl Location {
             .filter(|b| b.live(now_ms))
             .cloned()
             .collect();
-        out.sort_by(|a, b| b.q.cmp(&a.q).then(a.registered_at_ms.cmp(&b.registered_at_ms)));
+        out.sort_by(|a, b| {
+            b.q.cmp(&a.q)
+                .then(a.registered_at_ms.cmp(&b.registered_at_ms))
+        });
         out
     }
 
@@ -183,7 +189,11 @@ impl Location {
         let mut aors = 0;
         for keys in by_aor.values() {
             let mut any = false;
-            for b in keys.values().filter_map(|c| newest(c)).filter(|b| b.live(now_ms)) {
+            for b in keys
+                .values()
+                .filter_map(|c| newest(c))
+                .filter(|b| b.live(now_ms))
+            {
                 *per_owner.entry(b.owner).or_insert(0) += 1;
                 any = true;
             }

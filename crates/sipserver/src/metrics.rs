@@ -29,24 +29,76 @@ impl Metrics {
     pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
         let mut out = String::new();
         let counters = [
-            ("causeway_sip_messages_received_total", "SIP messages received", &self.received),
-            ("causeway_sip_messages_sent_total", "SIP messages sent", &self.sent),
-            ("causeway_sip_malformed_total", "SIP messages refused as malformed", &self.malformed),
-            ("causeway_sip_dropped_total", "SIP messages dropped because the core was behind", &self.dropped),
-            ("causeway_sip_rate_limited_total", "SIP messages dropped by the per-source rate limit", &self.rate_limited),
-            ("causeway_sip_refused_connections_total", "SIP connections refused by the connection caps", &self.refused_connections),
-            ("causeway_sip_requests_total", "SIP requests handled", &self.requests),
-            ("causeway_sip_registrations_total", "REGISTER requests accepted", &self.registrations),
-            ("causeway_sip_calls_admitted_total", "calls admitted", &self.calls_admitted),
-            ("causeway_sip_calls_refused_total", "calls refused by the call or bandwidth limit", &self.calls_refused),
+            (
+                "causeway_sip_messages_received_total",
+                "SIP messages received",
+                &self.received,
+            ),
+            (
+                "causeway_sip_messages_sent_total",
+                "SIP messages sent",
+                &self.sent,
+            ),
+            (
+                "causeway_sip_malformed_total",
+                "SIP messages refused as malformed",
+                &self.malformed,
+            ),
+            (
+                "causeway_sip_dropped_total",
+                "SIP messages dropped because the core was behind",
+                &self.dropped,
+            ),
+            (
+                "causeway_sip_rate_limited_total",
+                "SIP messages dropped by the per-source rate limit",
+                &self.rate_limited,
+            ),
+            (
+                "causeway_sip_refused_connections_total",
+                "SIP connections refused by the connection caps",
+                &self.refused_connections,
+            ),
+            (
+                "causeway_sip_requests_total",
+                "SIP requests handled",
+                &self.requests,
+            ),
+            (
+                "causeway_sip_registrations_total",
+                "REGISTER requests accepted",
+                &self.registrations,
+            ),
+            (
+                "causeway_sip_calls_admitted_total",
+                "calls admitted",
+                &self.calls_admitted,
+            ),
+            (
+                "causeway_sip_calls_refused_total",
+                "calls refused by the call or bandwidth limit",
+                &self.calls_refused,
+            ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
         }
         let name = "causeway_sip_responses_total";
-        let _ = writeln!(out, "# HELP {name} SIP responses sent or forwarded, by class\n# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "# HELP {name} SIP responses sent or forwarded, by class\n# TYPE {name} counter"
+        );
         for (i, c) in self.responses.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{class=\"{}xx\"}} {}", i + 1, c.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}{{class=\"{}xx\"}} {}",
+                i + 1,
+                c.load(Ordering::Relaxed)
+            );
         }
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

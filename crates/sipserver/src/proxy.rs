@@ -49,6 +49,9 @@ struct ServerTx {
     branches: Vec<String>,
     best: Option<Message>,
     cancelled: bool,
+    /// A branch could not be sent (transport error): answered as unreachable if nothing
+    /// better comes.
+    unreachable: bool,
     /// The call this INVITE was admitted as (SV-4), released if the INVITE fails.
     call: Option<String>,
 }
@@ -103,7 +106,12 @@ fn via_target(via: &Via) -> Option<Target> {
     let proto = Proto::parse(&via.transport)?;
     let ip = match via.param("received").flatten() {
         Some(r) => r.parse().ok()?,
-        None => via.host.trim_start_matches('[').trim_end_matches(']').parse().ok()?,
+        None => via
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()?,
     };
     let port = via
         .param("rport")
@@ -140,7 +148,10 @@ impl SipService {
             return;
         };
         let via = match msg.value(HeaderKind::Via).map(|v| {
-            let first = causeway_sip::split_list(&v).into_iter().next().unwrap_or_default();
+            let first = causeway_sip::split_list(&v)
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             Via::parse(&first)
         }) {
             Some(Ok(v)) => v,
@@ -184,22 +195,9 @@ impl SipService {
             Ok(m) => m.unwrap_or(70),
             Err(_) => return,
         };
-        // §16.4: Routes naming this peer are ours to remove; a flow token says which
-        // connection the request continues on.
+        // §16.4: Routes naming this peer are ours to remove.
         let routes = msg.values(HeaderKind::Route);
-        let mut popped = 0;
-        let mut flow = None;
-        for r in &routes {
-            match NameAddr::parse(r) {
-                Ok(na) if self.is_me(&na.uri) => {
-                    popped += 1;
-                    if let Some(Some(f)) = na.uri.param(FLOW_PARAM) {
-                        flow = f.parse::<u64>().ok();
-                    }
-                }
-                _ => break,
-            }
-        }
+        let (popped, flow) = self.our_routes(&routes);
         let uri = match msg.uri().map(SipUri::parse) {
             Some(Ok(u)) => u,
             _ => {
@@ -239,24 +237,28 @@ impl SipService {
                     flow: None,
                 }],
                 None => {
-                    self.respond(&msg, &source, 404, "Not Found (next Route cannot be reached)", &[]);
+                    self.respond(
+                        &msg,
+                        &source,
+                        404,
+                        "Not Found (next Route cannot be reached)",
+                        &[],
+                    );
                     return;
                 }
             }
-        } else if let Some(conn) = flow.filter(|c| source.conn != Some(*c)) {
-            // In-dialog towards an endpoint whose connection this peer holds.
-            match self.connection_target(conn) {
-                Some(target) => vec![Hop {
-                    uri: None,
-                    target,
-                    routes: vec![],
-                    flow: Some(conn),
-                }],
-                None => {
-                    self.respond(&msg, &source, 430, "Flow Failed", &[]);
-                    return;
-                }
-            }
+        } else if let Some(target) = flow
+            .filter(|c| source.conn != Some(*c))
+            .and_then(|c| self.transports.connection(c))
+        {
+            // Towards an endpoint whose connection this peer holds (a relayed request, or
+            // in-dialog). A closed connection falls through to the Request-URI.
+            vec![Hop {
+                uri: None,
+                target,
+                routes: vec![],
+                flow: target.conn,
+            }]
         } else if uri.user.is_some() && self.is_local_domain(&uri.host) {
             let aor = self.canonical_aor(&uri);
             let bindings = self.location.lookup(&aor, unix_ms_now());
@@ -282,7 +284,13 @@ impl SipService {
                     flow: None,
                 }],
                 None => {
-                    self.respond(&msg, &source, 404, "Not Found (no route to the Request-URI)", &[]);
+                    self.respond(
+                        &msg,
+                        &source,
+                        404,
+                        "Not Found (no route to the Request-URI)",
+                        &[],
+                    );
                     return;
                 }
             }
@@ -292,7 +300,7 @@ impl SipService {
             return;
         }
         let initial_invite = method == "INVITE" && !has_to_tag;
-        let call = if initial_invite && !self.from_peer(source.remote.ip()) {
+        let call = if initial_invite && !self.is_cluster_peer(source.remote.ip()) {
             match self.admit_call(&msg).await {
                 Ok(call) => Some(call),
                 Err(retry_after) => {
@@ -314,15 +322,6 @@ impl SipService {
         }
         let record_route = creates_dialog(&method) && !has_to_tag;
         let invite = method == "INVITE";
-        // The Routes that named this peer go first; each copy is written from what is left.
-        let mut stripped = msg.clone();
-        for _ in 0..popped {
-            let bytes = build::rewrite(&stripped, &Edit { pop_route: true, ..Edit::default() });
-            match Message::parse(bytes, causeway_sip::Transport::Stream, &Default::default()) {
-                Ok(m) => stripped = m,
-                Err(_) => return,
-            }
-        }
         let now = Instant::now();
         let mut st = self.proxy_lock();
         let mut branch_ids = Vec::with_capacity(hops.len());
@@ -345,14 +344,23 @@ impl SipService {
                 uri: hop.uri.clone(),
                 prepend,
                 pop_via: false,
-                pop_route: false,
+                pop_routes: popped,
                 max_forwards: Some(max_forwards.saturating_sub(1)),
             };
-            let bytes = build::rewrite(&stripped, &edit);
-            let Ok(sent) = Message::parse(bytes.clone(), causeway_sip::Transport::Stream, &Default::default()) else {
+            let bytes = build::rewrite(&msg, &edit);
+            let Ok(sent) = Message::parse(
+                bytes.clone(),
+                causeway_sip::Transport::Stream,
+                &Default::default(),
+            ) else {
                 continue;
             };
-            self.transports.send(&hop.target, bytes);
+            let on_fail = {
+                let svc = self.clone();
+                let branch = branch.clone();
+                move || svc.branch_failed(&branch)
+            };
+            self.transports.send_or(&hop.target, bytes, on_fail);
             st.clients.insert(
                 branch.clone(),
                 ClientTx {
@@ -382,6 +390,7 @@ impl SipService {
                 branches: branch_ids.clone(),
                 best: None,
                 cancelled: false,
+                unreachable: false,
                 call,
             },
         );
@@ -396,28 +405,14 @@ impl SipService {
     }
 
     fn record_route(&self, proto: Proto, flow: Option<u64>) -> String {
-        let flow = flow.map(|f| format!(";{FLOW_PARAM}={f}")).unwrap_or_default();
+        let flow = flow
+            .map(|f| format!(";{FLOW_PARAM}={f}"))
+            .unwrap_or_default();
         format!(
             "Record-Route: <sip:{};transport={};lr{flow}>",
             self.local_address(proto),
             proto.name().to_ascii_lowercase()
         )
-    }
-
-    fn connection_target(&self, conn: u64) -> Option<Target> {
-        if !self.transports.connection_alive(conn) {
-            return None;
-        }
-        let b = self
-            .location
-            .all(unix_ms_now())
-            .into_iter()
-            .find(|b| b.owner == self.self_index && b.conn == Some(conn))?;
-        Some(Target {
-            proto: b.proto,
-            addr: b.received,
-            conn: Some(conn),
-        })
     }
 
     /// How to reach one binding from this peer.
@@ -468,15 +463,15 @@ impl SipService {
                 });
             }
         }
-        let target = if b.proto == Proto::Udp {
-            // Straight to where the endpoint sent from (it answers there, NAT or not).
+        let target = if b.proto == Proto::Udp && b.instance.is_some() && b.reg_id.is_some() {
+            // An RFC 5626 flow over UDP: back to where the endpoint sends from (its NAT).
             Target {
                 proto: Proto::Udp,
                 addr: b.received,
                 conn: None,
             }
         } else {
-            // Its connection is gone with its peer: try the contact itself.
+            // The contact itself: a UDP endpoint, or one whose connection went with its peer.
             uri_target(&contact)?
         };
         Some(Hop {
@@ -490,25 +485,16 @@ impl SipService {
     /// ACK for a 2xx and other requests outside a transaction: next Route or Request-URI.
     fn forward_stateless(&self, msg: &Message, source: &Source) {
         let routes = msg.values(HeaderKind::Route);
-        let mut popped = 0;
-        let mut flow = None;
-        for r in &routes {
-            match NameAddr::parse(r) {
-                Ok(na) if self.is_me(&na.uri) => {
-                    popped += 1;
-                    if let Some(Some(f)) = na.uri.param(FLOW_PARAM) {
-                        flow = f.parse::<u64>().ok();
-                    }
-                }
-                _ => break,
-            }
-        }
+        let (popped, flow) = self.our_routes(&routes);
         let target = if popped < routes.len() {
             NameAddr::parse(&routes[popped])
                 .ok()
                 .and_then(|n| uri_target(&n.uri))
-        } else if let Some(conn) = flow.filter(|c| source.conn != Some(*c)) {
-            self.connection_target(conn)
+        } else if let Some(t) = flow
+            .filter(|c| source.conn != Some(*c))
+            .and_then(|c| self.transports.connection(c))
+        {
+            Some(t)
         } else {
             msg.uri()
                 .and_then(|u| SipUri::parse(u).ok())
@@ -522,7 +508,7 @@ impl SipService {
             return;
         }
         let branch = format!("{COOKIE}cw{}", self.unique());
-        let mut bytes = build::rewrite(
+        let bytes = build::rewrite(
             msg,
             &Edit {
                 prepend: vec![format!(
@@ -530,15 +516,37 @@ impl SipService {
                     target.proto.name(),
                     self.local_address(target.proto)
                 )],
-                max_forwards: Some(msg.max_forwards().ok().flatten().unwrap_or(70).saturating_sub(1)),
+                pop_routes: popped,
+                max_forwards: Some(
+                    msg.max_forwards()
+                        .ok()
+                        .flatten()
+                        .unwrap_or(70)
+                        .saturating_sub(1),
+                ),
                 ..Edit::default()
             },
         );
-        for _ in 0..popped {
-            let Ok(m) = Message::parse(bytes.clone(), causeway_sip::Transport::Stream, &Default::default()) else { return };
-            bytes = build::rewrite(&m, &Edit { pop_route: true, ..Edit::default() });
-        }
         self.transports.send(&target, bytes);
+    }
+
+    /// How many of the first Routes name this peer, and the flow token among them (the
+    /// connection a request continues on).
+    fn our_routes(&self, routes: &[String]) -> (usize, Option<u64>) {
+        let mut popped = 0;
+        let mut flow = None;
+        for r in routes {
+            match NameAddr::parse(r) {
+                Ok(na) if self.is_me(&na.uri) => {
+                    popped += 1;
+                    if let Some(Some(f)) = na.uri.param(FLOW_PARAM) {
+                        flow = f.parse::<u64>().ok();
+                    }
+                }
+                _ => break,
+            }
+        }
+        (popped, flow)
     }
 
     fn is_me_target(&self, t: &Target) -> bool {
@@ -589,7 +597,13 @@ impl SipService {
             if top.host.parse().ok() == Some(self.settings.listen) && vias.len() > 1 {
                 if let Some(Ok(next)) = vias.get(1).map(|v| Via::parse(v)) {
                     if let Some(target) = via_target(&next) {
-                        let bytes = build::rewrite(&msg, &Edit { pop_via: true, ..Edit::default() });
+                        let bytes = build::rewrite(
+                            &msg,
+                            &Edit {
+                                pop_via: true,
+                                ..Edit::default()
+                            },
+                        );
                         self.metrics.response(status);
                         self.transports.send(&target, bytes);
                     }
@@ -619,9 +633,16 @@ impl SipService {
             return;
         };
         let forward = |svc: &SipService, tx: &mut ServerTx, m: &Message| -> Bytes {
-            let bytes = build::rewrite(m, &Edit { pop_via: true, ..Edit::default() });
+            let bytes = build::rewrite(
+                m,
+                &Edit {
+                    pop_via: true,
+                    ..Edit::default()
+                },
+            );
             svc.metrics.response(m.status().unwrap_or(500));
-            svc.transports.send(&source_target(&tx.source), bytes.clone());
+            svc.transports
+                .send(&source_target(&tx.source), bytes.clone());
             bytes
         };
         if status < 200 {
@@ -639,8 +660,7 @@ impl SipService {
                 tx.finished_at = Some(Instant::now());
                 tx.last_response = Some(sent);
                 tx.request = None;
-                let others: Vec<String> = tx.branches.iter().filter(|b| **b != branch).cloned().collect();
-                self.cancel_branches(&mut st, &others);
+                self.cancel_other_branches(&mut st, &server_key, &branch);
             }
             return;
         }
@@ -655,14 +675,17 @@ impl SipService {
             tx.best = Some(msg);
         }
         if status >= 600 {
-            let others: Vec<String> = tx.branches.iter().filter(|b| **b != branch).cloned().collect();
-            self.cancel_branches(&mut st, &others);
+            self.cancel_other_branches(&mut st, &server_key, &branch);
         }
         self.finish_if_done(&mut st, &server_key);
     }
 
-    fn cancel_branches(&self, st: &mut ProxyState, branches: &[String]) {
-        for b in branches {
+    /// CANCELs the INVITE branches of a transaction still ringing, but `except`.
+    fn cancel_other_branches(&self, st: &mut ProxyState, server_key: &str, except: &str) {
+        let Some(tx) = st.servers.get(server_key) else {
+            return;
+        };
+        for b in tx.branches.iter().filter(|b| *b != except) {
             if let Some(c) = st.clients.get(b) {
                 if c.invite && c.state != BranchState::Done {
                     if let Some(cancel) = make_cancel_or_ack(&c.sent, "CANCEL", None) {
@@ -679,10 +702,11 @@ impl SipService {
             return;
         };
         if tx.final_status.is_some()
-            || tx
-                .branches
-                .iter()
-                .any(|b| st.clients.get(b).is_some_and(|c| c.state != BranchState::Done))
+            || tx.branches.iter().any(|b| {
+                st.clients
+                    .get(b)
+                    .is_some_and(|c| c.state != BranchState::Done)
+            })
         {
             return;
         }
@@ -695,33 +719,76 @@ impl SipService {
                 let bytes = if status == 503 {
                     // A 503 from downstream is not ours to pass on (§16.7 step 6).
                     status = 500;
-                    tx.request.as_ref().map(|r| build::response(r, 500, "Server Internal Error (no branch succeeded)", Some(&self.unique()), &[]))
+                    tx.request.as_ref().map(|r| {
+                        build::response(
+                            r,
+                            500,
+                            "Server Internal Error (no branch succeeded)",
+                            Some(&self.unique()),
+                            &[],
+                        )
+                    })
                 } else {
-                    Some(build::rewrite(best, &Edit { pop_via: true, ..Edit::default() }))
+                    Some(build::rewrite(
+                        best,
+                        &Edit {
+                            pop_via: true,
+                            ..Edit::default()
+                        },
+                    ))
                 };
                 (status, bytes)
             }
             (None, Some(req)) => {
                 let (status, reason) = if tx.cancelled {
                     (487, "Request Terminated")
+                } else if tx.unreachable {
+                    (480, "Temporarily Unavailable (contact unreachable)")
                 } else {
                     (408, "Request Timeout")
                 };
-                (status, Some(build::response(req, status, reason, Some(&self.unique()), &[])))
+                (
+                    status,
+                    Some(build::response(
+                        req,
+                        status,
+                        reason,
+                        Some(&self.unique()),
+                        &[],
+                    )),
+                )
             }
             (None, None) => return,
         };
         let Some(bytes) = bytes else { return };
         self.metrics.response(status);
-        self.transports.send(&source_target(&tx.source), bytes.clone());
+        self.transports
+            .send(&source_target(&tx.source), bytes.clone());
         tx.final_status = Some(status);
         tx.finished_at = Some(Instant::now());
         tx.last_response = Some(bytes);
         tx.request = None;
         if let Some(call) = tx.call.take() {
             let svc = self.clone();
-            tokio::spawn(async move { svc.release_call_id(&call).await });
+            tokio::spawn(async move { svc.release_call_id(&call, "the INVITE failed").await });
         }
+    }
+
+    /// A branch's connection could not be opened: it is over (RFC 3261 §8.1.3.1).
+    fn branch_failed(self: &Arc<Self>, branch: &str) {
+        let mut st = self.proxy_lock();
+        let Some(c) = st.clients.get_mut(branch) else {
+            return;
+        };
+        if c.state == BranchState::Done {
+            return;
+        }
+        c.state = BranchState::Done;
+        let server = c.server.clone();
+        if let Some(tx) = st.servers.get_mut(&server) {
+            tx.unreachable = true;
+        }
+        self.finish_if_done(&mut st, &server);
     }
 
     /// Retransmits a branch on UDP and gives it a 408 when it times out (Timers A/B/E/F/C).
@@ -730,7 +797,9 @@ impl SipService {
         loop {
             tokio::time::sleep(interval).await;
             let mut st = self.proxy_lock();
-            let Some(c) = st.clients.get(&branch) else { return };
+            let Some(c) = st.clients.get(&branch) else {
+                return;
+            };
             let elapsed = c.started.elapsed();
             let limit = if c.state == BranchState::Proceeding && c.invite {
                 TIMER_C
@@ -759,7 +828,8 @@ impl SipService {
                         self.transports.send(&c.target, c.sent.raw().clone());
                     }
                     interval = if !udp || (c.invite && state == BranchState::Proceeding) {
-                        Duration::from_secs(1).max(limit.saturating_sub(elapsed).min(Duration::from_secs(5)))
+                        Duration::from_secs(1)
+                            .max(limit.saturating_sub(elapsed).min(Duration::from_secs(5)))
                     } else if c.invite {
                         interval * 2
                     } else {
@@ -781,7 +851,7 @@ impl SipService {
                 None => now.duration_since(tx.created) < TIMER_C + LINGER,
             };
             if !keep {
-                gone.extend(tx.branches.drain(..));
+                gone.append(&mut tx.branches);
             }
             keep
         });
@@ -824,7 +894,9 @@ fn rank(status: u16) -> u16 {
 fn make_cancel_or_ack(sent: &Message, method: &str, response: Option<&Message>) -> Option<Bytes> {
     let uri = sent.uri()?;
     let (cseq, _) = sent.cseq().ok()?;
-    let via = causeway_sip::split_list(&sent.value(HeaderKind::Via)?).into_iter().next()?;
+    let via = causeway_sip::split_list(&sent.value(HeaderKind::Via)?)
+        .into_iter()
+        .next()?;
     let mut out = format!("{method} {uri} SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\n");
     for r in sent.values(HeaderKind::Route) {
         out.push_str(&format!("Route: {r}\r\n"));

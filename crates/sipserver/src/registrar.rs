@@ -25,7 +25,9 @@ struct Wanted {
 
 fn quality(q: Option<&str>) -> Option<u16> {
     let q: f32 = q?.parse().ok()?;
-    (0.0..=1.0).contains(&q).then(|| (q * 1000.0).round() as u16)
+    (0.0..=1.0)
+        .contains(&q)
+        .then(|| (q * 1000.0).round() as u16)
 }
 
 impl SipService {
@@ -50,7 +52,13 @@ impl SipService {
         let aor = self.canonical_aor(&to.uri);
         let config = self.config();
         if !config.users.is_empty() {
-            match auth::check(req, "REGISTER", &config.users, &self.realm(), &self.nonce_key) {
+            match auth::check(
+                req,
+                "REGISTER",
+                &config.users,
+                &self.realm(),
+                &self.nonce_key,
+            ) {
                 auth::Verdict::Ok(name) if name == user => {}
                 auth::Verdict::Ok(_) => {
                     return reply(403, "Forbidden (credentials are for another user)", &[])
@@ -58,7 +66,9 @@ impl SipService {
                 auth::Verdict::Challenge(header) => {
                     return reply(401, "Unauthorized", &[header]);
                 }
-                auth::Verdict::Refused(why) => return reply(403, &format!("Forbidden ({why})"), &[]),
+                auth::Verdict::Refused(why) => {
+                    return reply(403, &format!("Forbidden ({why})"), &[])
+                }
             }
         }
         let call_id = req.call_id().unwrap_or_default();
@@ -77,7 +87,11 @@ impl SipService {
         for c in &contacts {
             if c.trim() == "*" {
                 if contacts.len() != 1 || header_expires != Some(0) {
-                    return reply(400, "Bad Request ('*' needs Expires: 0 and no other Contact)", &[]);
+                    return reply(
+                        400,
+                        "Bad Request ('*' needs Expires: 0 and no other Contact)",
+                        &[],
+                    );
                 }
                 remove_all = true;
                 continue;
@@ -89,7 +103,9 @@ impl SipService {
             let expires = match na.param("expires").flatten() {
                 Some(e) => match e.parse::<u32>() {
                     Ok(e) => e,
-                    Err(_) => return reply(400, "Bad Request (Contact expires is not a number)", &[]),
+                    Err(_) => {
+                        return reply(400, "Bad Request (Contact expires is not a number)", &[])
+                    }
                 },
                 None => header_expires.unwrap_or(self.settings.default_expires),
             };
@@ -189,7 +205,11 @@ impl SipService {
                 }
                 Err(e) => {
                     warn!(target: LOG, aor = %aor, reason = %e, "Registration could not be saved");
-                    return reply(500, "Server Internal Error (registration not saved)", &["Retry-After: 5".to_string()]);
+                    return reply(
+                        500,
+                        "Server Internal Error (registration not saved)",
+                        &["Retry-After: 5".to_string()],
+                    );
                 }
             }
             info!(target: LOG, event = "Registration Accepted", aor = %aor, contacts = n,
@@ -285,6 +305,9 @@ mod tests {
     #[test]
     fn dates_are_imf_fixdate() {
         assert_eq!(super::httpdate(0), "Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(super::httpdate(1_795_000_000_000), "Sat, 18 Nov 2026 09:06:40 GMT");
+        assert_eq!(
+            super::httpdate(1_795_000_000_000),
+            "Wed, 18 Nov 2026 11:06:40 GMT"
+        );
     }
 }

@@ -75,7 +75,10 @@ mod tests {
         let raw = b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nMax-Forwards: many\r\n\r\n";
         let e = ParseError::Field("Max-Forwards", "not a whole number");
         let r = String::from_utf8(to_malformed(raw, &e).unwrap().to_vec()).unwrap();
-        assert!(r.starts_with("SIP/2.0 400 Bad Request (Max-Forwards: not a whole number)\r\n"), "{r}");
+        assert!(
+            r.starts_with("SIP/2.0 400 Bad Request (Max-Forwards: not a whole number)\r\n"),
+            "{r}"
+        );
         assert!(r.contains("Call-ID: c\r\n"));
         assert!(to_malformed(b"SIP/2.0 200 OK\r\n\r\n", &e).is_none());
         assert!(to_malformed(b"\x00\x01garbage", &e).is_none());

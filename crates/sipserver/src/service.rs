@@ -75,9 +75,10 @@ impl Observer for Watcher {
     fn applied(&self, stream: &StreamId, applied: &[Applied], _origin: Origin) {
         let Some(svc) = self.0.upgrade() else { return };
         if *stream == config_stream() {
-            if applied.iter().any(|a| {
-                a.key.starts_with("sip.") || a.key.starts_with("limits.")
-            }) {
+            if applied
+                .iter()
+                .any(|a| a.key.starts_with("sip.") || a.key.starts_with("limits."))
+            {
                 svc.reload_config();
             }
         } else if stream.namespace == location::NAMESPACE {
@@ -169,7 +170,9 @@ impl SipService {
                         .collect()
                 }
                 "limits.calls.max" => c.calls_max = value.parse().unwrap_or(0),
-                "limits.bandwidth.total_kbps" => c.bandwidth_total_kbps = value.parse().unwrap_or(0),
+                "limits.bandwidth.total_kbps" => {
+                    c.bandwidth_total_kbps = value.parse().unwrap_or(0)
+                }
                 "limits.bandwidth.per_call_kbps" => {
                     c.bandwidth_per_call_kbps = value.parse().unwrap_or(0)
                 }
@@ -184,7 +187,10 @@ impl SipService {
     }
 
     pub(crate) fn config(&self) -> SipConfig {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn transports(&self) -> &Arc<Transports> {
@@ -256,7 +262,7 @@ impl SipService {
             .and_then(|(_, ip, up)| ip.map(|ip| (ip, up)))
     }
 
-    pub(crate) fn from_peer(&self, ip: IpAddr) -> bool {
+    pub(crate) fn is_cluster_peer(&self, ip: IpAddr) -> bool {
         ip != self.settings.listen
             && self
                 .peers()

@@ -125,12 +125,36 @@ impl SipService {
             .filter_map(|p| p.state.strip_prefix("Behind by ")?.parse::<f64>().ok())
             .fold(0.0, f64::max);
         self.metrics.render(&[
-            ("causeway_sip_registered_aors", "AORs with a live binding, cluster-wide", aors as f64),
-            ("causeway_sip_bindings", "live bindings, cluster-wide", bindings as f64),
-            ("causeway_sip_calls", "calls in progress, cluster-wide", calls as f64),
-            ("causeway_sip_connections", "open SIP TCP/TLS connections on this peer", self.transports.connection_count() as f64),
-            ("causeway_sip_transactions", "SIP transactions held on this peer", (servers + clients) as f64),
-            ("causeway_replication_lag_records", "changes the most-behind peer lacks of the configuration", lag),
+            (
+                "causeway_sip_registered_aors",
+                "AORs with a live binding, cluster-wide",
+                aors as f64,
+            ),
+            (
+                "causeway_sip_bindings",
+                "live bindings, cluster-wide",
+                bindings as f64,
+            ),
+            (
+                "causeway_sip_calls",
+                "calls in progress, cluster-wide",
+                calls as f64,
+            ),
+            (
+                "causeway_sip_connections",
+                "open SIP TCP/TLS connections on this peer",
+                self.transports.connection_count() as f64,
+            ),
+            (
+                "causeway_sip_transactions",
+                "SIP transactions held on this peer",
+                (servers + clients) as f64,
+            ),
+            (
+                "causeway_replication_lag_records",
+                "changes the most-behind peer lacks of the configuration",
+                lag,
+            ),
         ])
     }
 }

@@ -107,6 +107,7 @@ pub struct Bound {
 }
 
 struct Conn {
+    proto: Proto,
     remote: SocketAddr,
     out: mpsc::Sender<Bytes>,
 }
@@ -223,6 +224,15 @@ impl Transports {
 
     pub fn connection_alive(&self, conn: u64) -> bool {
         lock(&self.conns).contains_key(&conn)
+    }
+
+    /// An open connection's transport and remote address.
+    pub fn connection(&self, conn: u64) -> Option<Target> {
+        lock(&self.conns).get(&conn).map(|c| Target {
+            proto: c.proto,
+            addr: c.remote,
+            conn: Some(conn),
+        })
     }
 
     pub fn connection_count(&self) -> usize {
@@ -343,7 +353,9 @@ impl Transports {
                 },
             };
             if let Some(why) = self.refuse_connection(remote.ip()) {
-                self.metrics.refused_connections.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .refused_connections
+                    .fetch_add(1, Ordering::Relaxed);
                 debug!(target: LOG, src = %remote, reason = why, "SIP connection refused");
                 continue;
             }
@@ -390,6 +402,7 @@ impl Transports {
         lock(&self.conns).insert(
             id,
             Conn {
+                proto,
                 remote,
                 out: tx,
             },
@@ -519,6 +532,17 @@ impl Transports {
     /// Sends without waiting: on `target.conn` if it is open, else on any open connection
     /// to the address, else on a new one (dialled in the background), or as a datagram.
     pub fn send(self: &Arc<Self>, target: &Target, bytes: Bytes) {
+        self.send_or(target, bytes, || {});
+    }
+
+    /// As `send`; `failed` runs when a new connection cannot be opened (a transport error,
+    /// which the proxy answers at once rather than after a timeout).
+    pub fn send_or(
+        self: &Arc<Self>,
+        target: &Target,
+        bytes: Bytes,
+        failed: impl FnOnce() + Send + 'static,
+    ) {
         self.metrics.sent.fetch_add(1, Ordering::Relaxed);
         if target.proto == Proto::Udp {
             if let Err(e) = self.udp.try_send_to(&bytes, target.addr) {
@@ -540,6 +564,7 @@ impl Transports {
             }
         }
         if lock(&self.conns).len() >= self.caps.max_connections {
+            failed();
             return;
         }
         let (id, rx) = self.register_connection(target.proto, target.addr);
@@ -547,16 +572,14 @@ impl Transports {
         let t = self.clone();
         let target = *target;
         tokio::spawn(async move {
-            let connected = tokio::time::timeout(
-                Duration::from_secs(5),
-                TcpStream::connect(target.addr),
-            )
-            .await;
+            let connected =
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target.addr)).await;
             let stream = match connected {
                 Ok(Ok(s)) => s,
                 _ => {
                     debug!(target: LOG, dst = %target.addr, "SIP connection could not be opened");
                     t.forget_connection(id, target.proto, target.addr);
+                    failed();
                     return;
                 }
             };
@@ -565,6 +588,7 @@ impl Transports {
                 Proto::Tls => {
                     let Some((_, connector)) = &t.tls else {
                         t.forget_connection(id, target.proto, target.addr);
+                        failed();
                         return;
                     };
                     let name = rustls::pki_types::ServerName::IpAddress(target.addr.ip().into());
@@ -577,6 +601,7 @@ impl Transports {
                         Err(e) => {
                             debug!(target: LOG, dst = %target.addr, reason = %e, "SIP TLS connection failed");
                             t.forget_connection(id, target.proto, target.addr);
+                            failed();
                         }
                     }
                 }

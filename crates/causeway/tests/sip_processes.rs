@@ -1,0 +1,638 @@
+//! Black-box tests of the clustered registrar and proxy (SV-1…SV-4): real `causeway run`
+//! processes, real SIP clients (SIPp, from Debian's sip-tester), and an endpoint written
+//! here where SIPp cannot play the part (one that is reachable only on its own connection).
+
+mod harness;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use causeway_sip::{build, frame, Frame, HeaderKind, Limits, Message, Transport};
+use harness::*;
+
+const SCENARIOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sip");
+
+/// A cluster of `n` peers on 127.0.`net`.k, each with SIP on 5060 (UDP, TCP) and 5061
+/// (TLS), serving the domain `test.example`.
+fn sip_cluster(net: u8, n: usize) -> TestCluster {
+    let c = TestCluster::start(net, n, "Enforce", |_, config, _, _| {
+        config.push_str("\n[sip]\n");
+    });
+    wait_for(30, "cluster formed", || c.formed());
+    set(&c, 1, "sip.domains", "test.example");
+    c
+}
+
+fn set(c: &TestCluster, k: usize, path: &str, value: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_causeway"))
+        .arg("--node")
+        .arg(&c.peers[k - 1].dir)
+        .args(["xconfiguration", "set", path, value])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "xconfiguration set {path} {value}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A SIPp process this test started; killed by its PID if still running at the end.
+struct Sipp {
+    child: Option<Child>,
+    out: std::path::PathBuf,
+}
+
+impl Sipp {
+    /// Starts `sipp` with `args` in `dir`, scenario files taken from `tests/sip`.
+    fn start(dir: &Path, name: &str, args: &[&str]) -> Sipp {
+        let out = dir.join(format!("{name}.out"));
+        let file = std::fs::File::create(&out).unwrap();
+        let child = Command::new("sipp")
+            .args(args)
+            .args(["-nostdin", "-trace_err", "-trace_msg"])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("sipp is installed (apt-get install sip-tester)");
+        Sipp {
+            child: Some(child),
+            out,
+        }
+    }
+
+    /// Waits for the run to end (at most `secs`); (successful, failed) calls.
+    fn finish(mut self, secs: u64) -> (u64, u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut child = self.child.take().unwrap();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("sipp did not finish within {secs} s: {}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = self.output();
+        (
+            counter(&text, "Successful call"),
+            counter(&text, "Failed call"),
+        )
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+}
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The cumulative column of one line of SIPp's final statistics screen.
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with(name))
+        .and_then(|l| l.split('|').next_back())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Every file SIPp wrote in `dir` whose name contains `part`, concatenated.
+fn sipp_logs(dir: &Path, part: &str) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().contains(part) {
+            out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    out
+}
+
+fn registrations(c: &TestCluster, k: usize) -> serde_json::Value {
+    c.xstatus(k, "registrations").unwrap_or_default()
+}
+
+/// The peer that holds `aor`'s binding, as peer `k` sees it.
+fn binding_owner(c: &TestCluster, k: usize, aor: &str) -> Option<u64> {
+    registrations(c, k)["rows"]
+        .as_array()?
+        .iter()
+        .find(|r| r["aor"] == aor)
+        .and_then(|r| r["peer"].as_u64())
+}
+
+fn csv(dir: &Path, name: &str, users: &[&str]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("SEQUENTIAL\n{}\n", users.join("\n"))).unwrap();
+    path.display().to_string()
+}
+
+fn scenario(name: &str) -> String {
+    format!("{SCENARIOS}/{name}")
+}
+
+/// Registers `users` (from `csv`) through `peer` with contacts at `ip:uas_port`.
+fn register(
+    ip: &str,
+    peer: &str,
+    csv: &str,
+    uas_port: u16,
+    local_port: u16,
+    transport: &str,
+    dir: &Path,
+) {
+    let n = std::fs::read_to_string(csv).unwrap().lines().count() - 1;
+    let (ok, failed) = Sipp::start(
+        dir,
+        &format!("register-{local_port}"),
+        &[
+            &format!("{peer}:5060"),
+            "-sf",
+            &scenario("register.xml"),
+            "-inf",
+            csv,
+            "-i",
+            ip,
+            "-p",
+            &local_port.to_string(),
+            "-t",
+            transport,
+            "-key",
+            "uas_port",
+            &uas_port.to_string(),
+            "-m",
+            &n.to_string(),
+            "-timeout",
+            "10",
+        ],
+    )
+    .finish(20);
+    assert_eq!((ok, failed), (n as u64, 0), "registration through {peer}");
+}
+
+/// Calls the user in `csv` through `peer`, `calls` times, holding each `hold_ms`.
+fn call(
+    (ip, local_port): (&str, u16),
+    peer: &str,
+    csv: &str,
+    transport: &str,
+    calls: usize,
+    hold_ms: u64,
+    dir: &Path,
+) -> Sipp {
+    Sipp::start(
+        dir,
+        &format!("call-{local_port}"),
+        &[
+            &format!("{peer}:5060"),
+            "-sf",
+            &scenario("call.xml"),
+            "-inf",
+            csv,
+            "-i",
+            ip,
+            "-p",
+            &local_port.to_string(),
+            "-t",
+            transport,
+            "-d",
+            &hold_ms.to_string(),
+            "-m",
+            &calls.to_string(),
+            "-r",
+            "50",
+            "-timeout",
+            "30",
+        ],
+    )
+}
+
+/// One call through `peer` that must succeed.
+fn call_ok(local: (&str, u16), peer: &str, users: &str, dir: &Path) {
+    let (ok, failed) = call(local, peer, users, "u1", 1, 100, dir).finish(30);
+    assert_eq!(
+        (ok, failed),
+        (1, 0),
+        "a call through {peer}: {}",
+        sipp_logs(dir, "errors")
+    );
+}
+
+fn uas(ip: &str, port: u16, transport: &str, calls: usize, dir: &Path) -> Sipp {
+    let s = Sipp::start(
+        dir,
+        &format!("uas-{port}"),
+        &[
+            "-sf",
+            &scenario("uas.xml"),
+            "-i",
+            ip,
+            "-p",
+            &port.to_string(),
+            "-t",
+            transport,
+            "-m",
+            &calls.to_string(),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    s
+}
+
+#[test]
+fn a_call_crosses_peers_over_udp_and_tcp_and_its_signalling_follows_the_record_route() {
+    let c = sip_cluster(40, 3);
+    let tmp = tempfile::tempdir().unwrap();
+    for (transport, base) in [("u1", 5090u16), ("t1", 5190)] {
+        let dir = tmp.path().join(transport);
+        std::fs::create_dir_all(&dir).unwrap();
+        let user = format!("bob-{transport}");
+        let users = csv(&dir, "callee.csv", &[&user]);
+        let callee = uas("127.0.40.20", base, transport, 1, &dir);
+        register(
+            "127.0.40.20",
+            "127.0.40.1",
+            &users,
+            base,
+            base + 1,
+            transport,
+            &dir,
+        );
+        let aor = format!("sip:{user}@test.example");
+        wait_for(5, "the binding replicated to peer 3", || {
+            binding_owner(&c, 3, &aor) == Some(1)
+        });
+        let (ok, failed) = call(
+            ("127.0.40.21", base + 2),
+            "127.0.40.2",
+            &users,
+            transport,
+            1,
+            200,
+            &dir,
+        )
+        .finish(30);
+        assert_eq!(
+            (ok, failed),
+            (1, 0),
+            "{transport}: {}",
+            sipp_logs(&dir, "errors")
+        );
+        let (answered, _) = callee.finish(10);
+        assert_eq!(answered, 1);
+        let seen = sipp_logs(&dir, "uas_");
+        // Peer 2 took the call and record-routed it; on TCP the binding's connection is on
+        // peer 1, so the INVITE went through peer 1 as well.
+        let proto = if transport == "u1" { "udp" } else { "tcp" };
+        assert!(
+            seen.contains(&format!("<sip:127.0.40.2:5060;transport={proto};lr")),
+            "no Record-Route of peer 2 at the callee:\n{seen}"
+        );
+        assert!(seen.contains(&format!("SIP/2.0/{} 127.0.40.2:5060", proto.to_uppercase())));
+        if transport == "t1" {
+            assert!(seen.contains("SIP/2.0/TCP 127.0.40.1:5060"), "{seen}");
+        } else {
+            assert!(!seen.contains("127.0.40.1:5060"), "{seen}");
+        }
+        // The BYE reached the callee through the route set, not straight from the caller.
+        let bye = seen.split("BYE sip:").nth(1).unwrap_or_default();
+        assert!(
+            bye.contains("127.0.40.2:5060;branch=z9hG4bKcw"),
+            "BYE did not pass peer 2:\n{seen}"
+        );
+    }
+    let calls = c.xstatus(1, "calls").unwrap();
+    assert_eq!(calls["calls"], 0, "every call ended: {calls}");
+}
+
+/// Reads one SIP message from a stream endpoint.
+fn read_message(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Message {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match frame(buf, &Limits::default()).unwrap() {
+            Frame::Message { len } => {
+                let raw: Vec<u8> = buf.drain(..len).collect();
+                return Message::parse(Bytes::from(raw), Transport::Stream, &Limits::default())
+                    .unwrap();
+            }
+            Frame::KeepAlive { len, .. } => {
+                buf.drain(..len);
+            }
+            Frame::Incomplete => {
+                assert!(Instant::now() < deadline, "no message within 10 s");
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "connection closed");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_endpoint_reachable_only_on_its_own_connection_is_called_through_the_peer_that_holds_it() {
+    let c = sip_cluster(41, 3);
+    let tmp = tempfile::tempdir().unwrap();
+    // The endpoint registers with peer 1 over TCP and gives a contact nobody can dial: only
+    // its connection to peer 1 reaches it.
+    let mut ep = TcpStream::connect("127.0.41.1:5060").unwrap();
+    ep.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let contact = "<sip:dave@127.0.41.99:9;transport=tcp>";
+    let local = ep.local_addr().unwrap();
+    write!(ep, "REGISTER sip:test.example SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKdave1\r\nMax-Forwards: 70\r\nFrom: <sip:dave@test.example>;tag=d1\r\nTo: <sip:dave@test.example>\r\nCall-ID: dave-reg\r\nCSeq: 1 REGISTER\r\nContact: {contact}\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let ok = read_message(&mut ep, &mut buf);
+    assert_eq!(ok.status(), Some(200));
+    assert!(ok.value(HeaderKind::Contact).unwrap().contains("expires="));
+    wait_for(5, "dave's binding on peer 2", || {
+        binding_owner(&c, 2, "sip:dave@test.example") == Some(1)
+    });
+    let users = csv(tmp.path(), "dave.csv", &["dave"]);
+    let caller = call(
+        ("127.0.41.21", 5092),
+        "127.0.41.2",
+        &users,
+        "u1",
+        1,
+        300,
+        tmp.path(),
+    );
+    // The endpoint's side of the call, on its own connection.
+    let invite = read_message(&mut ep, &mut buf);
+    assert_eq!(invite.method(), Some("INVITE"));
+    let vias = invite.values(HeaderKind::Via);
+    assert!(
+        vias[0].starts_with("SIP/2.0/TCP 127.0.41.1:5060"),
+        "{vias:?}"
+    );
+    assert!(vias[1].contains("127.0.41.2:5060"), "{vias:?}");
+    let rr = invite.values(HeaderKind::RecordRoute);
+    assert!(
+        rr[0].contains("127.0.41.1:5060") && rr[0].contains("cw-flow="),
+        "{rr:?}"
+    );
+    let answer = |req: &Message, status: u16, reason: &str| {
+        build::response(
+            req,
+            status,
+            reason,
+            Some("dave-tag"),
+            &[format!("Contact: {contact}")],
+        )
+    };
+    ep.write_all(&answer(&invite, 180, "Ringing")).unwrap();
+    ep.write_all(&answer(&invite, 200, "OK")).unwrap();
+    // ACK and BYE reach the endpoint on the same connection, through peer 1's flow token.
+    let ack = read_message(&mut ep, &mut buf);
+    assert_eq!(ack.method(), Some("ACK"));
+    let bye = read_message(&mut ep, &mut buf);
+    assert_eq!(bye.method(), Some("BYE"));
+    ep.write_all(&answer(&bye, 200, "OK")).unwrap();
+    let (ok, failed) = caller.finish(20);
+    assert_eq!((ok, failed), (1, 0), "{}", sipp_logs(tmp.path(), "errors"));
+    // Gone with its connection: a call now gets an error, not a hang.
+    drop(ep);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed) = call(
+        ("127.0.41.21", 5093),
+        "127.0.41.3",
+        &users,
+        "u1",
+        1,
+        0,
+        tmp.path(),
+    )
+    .finish(40);
+    assert_eq!((ok, failed), (0, 1));
+}
+
+#[test]
+fn kill_9_of_the_registrar_keeps_its_udp_endpoint_callable_and_re_registering_moves_it() {
+    let mut c = sip_cluster(42, 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let users = csv(tmp.path(), "erin.csv", &["erin"]);
+    let aor = "sip:erin@test.example";
+    let callee = uas("127.0.42.20", 5090, "u1", 4, tmp.path());
+    register(
+        "127.0.42.20",
+        "127.0.42.1",
+        &users,
+        5090,
+        5091,
+        "u1",
+        tmp.path(),
+    );
+    wait_for(5, "erin's binding on peers 2 and 3", || {
+        binding_owner(&c, 2, aor) == Some(1) && binding_owner(&c, 3, aor) == Some(1)
+    });
+    c.kill9(1);
+    // Peer 1's binding stays usable: the contact is reachable directly.
+    call_ok(("127.0.42.21", 5092), "127.0.42.2", &users, tmp.path());
+    // The endpoint re-registers elsewhere: the binding moves to peer 3 everywhere.
+    register(
+        "127.0.42.20",
+        "127.0.42.3",
+        &users,
+        5090,
+        5094,
+        "u1",
+        tmp.path(),
+    );
+    wait_for(5, "erin's binding moved to peer 3", || {
+        binding_owner(&c, 2, aor) == Some(3) && binding_owner(&c, 3, aor) == Some(3)
+    });
+    for (peer, port) in [("127.0.42.2", 5095), ("127.0.42.3", 5096)] {
+        call_ok(("127.0.42.21", port), peer, &users, tmp.path());
+    }
+    // Peer 1 comes back, resynchronises, drops its superseded copy, and routes too.
+    c.launch(1);
+    wait_for(30, "cluster formed again", || c.formed());
+    wait_for(10, "peer 1 sees erin on peer 3", || {
+        binding_owner(&c, 1, aor) == Some(3)
+    });
+    let regs = registrations(&c, 2);
+    let erins = regs["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["aor"] == aor)
+        .count();
+    assert_eq!(erins, 1, "one binding of erin's after the move: {regs}");
+    call_ok(("127.0.42.21", 5097), "127.0.42.1", &users, tmp.path());
+    assert_eq!(callee.finish(10).0, 4);
+}
+
+#[test]
+fn the_call_limit_holds_for_the_cluster_when_calls_arrive_on_every_peer_at_once() {
+    let c = sip_cluster(43, 3);
+    set(&c, 2, "limits.calls.max", "2");
+    let tmp = tempfile::tempdir().unwrap();
+    let users = csv(tmp.path(), "frank.csv", &["frank"]);
+    let callee = uas("127.0.43.20", 5090, "u1", 3, tmp.path());
+    register(
+        "127.0.43.20",
+        "127.0.43.1",
+        &users,
+        5090,
+        5091,
+        "u1",
+        tmp.path(),
+    );
+    wait_for(5, "frank's binding everywhere", || {
+        (1..=3).all(|k| binding_owner(&c, k, "sip:frank@test.example") == Some(1))
+    });
+    // Six calls at once, two through each peer, each held for 3 s.
+    let callers: Vec<Sipp> = (1..=3)
+        .map(|k| {
+            call(
+                ("127.0.43.21", 5100 + k as u16),
+                &format!("127.0.43.{k}"),
+                &users,
+                "u1",
+                2,
+                3000,
+                tmp.path(),
+            )
+        })
+        .collect();
+    wait_for(5, "two calls up", || {
+        c.xstatus(3, "calls").is_some_and(|s| s["calls"] == 2)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let during = c.xstatus(2, "calls").unwrap();
+    assert_eq!(
+        during["calls"],
+        2,
+        "{during}\n{}\n{}\n{}\n{}",
+        sipp_logs(tmp.path(), "errors"),
+        c.log(1),
+        c.log(2),
+        c.log(3)
+    );
+    let (mut ok, mut failed) = (0, 0);
+    for caller in callers {
+        let (o, f) = caller.finish(40);
+        ok += o;
+        failed += f;
+    }
+    assert_eq!((ok, failed), (2, 4), "{}", sipp_logs(tmp.path(), "errors"));
+    assert!(sipp_logs(tmp.path(), "errors").contains("503 Service Unavailable"));
+    wait_for(5, "the calls ended", || {
+        c.xstatus(1, "calls").is_some_and(|s| s["calls"] == 0)
+    });
+    // Room again: a new call goes through.
+    call_ok(("127.0.43.21", 5110), "127.0.43.3", &users, tmp.path());
+    assert_eq!(callee.finish(10).0, 3);
+}
+
+/// Sends `msg` over UDP to `to` and returns the first line of the answer, if any.
+fn udp_exchange(sock: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Option<String> {
+    sock.send_to(msg, to).unwrap();
+    let mut buf = [0u8; 65_536];
+    let n = sock.recv(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .map(str::to_string)
+}
+
+#[test]
+fn malformed_sip_on_every_port_gets_an_error_or_is_dropped_and_the_service_keeps_working() {
+    let c = sip_cluster(44, 2);
+    let peer: SocketAddr = "127.0.44.1:5060".parse().unwrap();
+    let sock = UdpSocket::bind("127.0.44.30:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let head = "Via: SIP/2.0/UDP 127.0.44.30:9;branch=z9hG4bKt\r\nFrom: <sip:t@test.example>;tag=1\r\nTo: <sip:u@test.example>\r\nCall-ID: torture\r\nCSeq: 1 OPTIONS\r\n";
+    let answers = [
+        (format!("OPTIONS sip:test.example SIP/7.0\r\n{head}\r\n"), Some("SIP/2.0 505")),
+        (format!("OPTIONS sip:test.example SIP/2.0\r\n{head}Max-Forwards: lots\r\n\r\n"), Some("SIP/2.0 400 Bad Request (Max-Forwards")),
+        (format!("OPTIONS sip:test.example SIP/2.0\r\n{head}Content-Length: 500\r\n\r\nshort"), Some("SIP/2.0 400 Bad Request (Content-Length")),
+        (format!("OPTIONS sip:test.example SIP/2.0\r\n{head}X-Long: {}\r\n\r\n", "a".repeat(9_000)), Some("SIP/2.0 400 Bad Request (header line")),
+        (format!("OPTIONS sip:test.example SIP/2.0\r\n{}\r\n\r\n", head.replace("Call-ID: torture\r\n", "")), None),
+        ("\u{0}\u{1}\u{2}garbage that is not SIP at all".to_string(), None),
+        (format!("SIP/2.0 200 OK\r\n{head}\r\n"), None),
+        (format!("OPTIONS sip:test.example SIP/2.0\r\n{head}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"), Some("SIP/2.0 200 OK")),
+    ];
+    for (msg, expected) in &answers {
+        let got = udp_exchange(&sock, peer, msg.as_bytes());
+        match expected {
+            Some(prefix) => assert!(
+                got.as_deref().is_some_and(|g| g.starts_with(prefix)),
+                "{msg:?}: expected {prefix}, got {got:?}"
+            ),
+            None => assert_eq!(got, None, "{msg:?} was answered"),
+        }
+    }
+    // A bounded flood of garbage from one source: dropped, counted, nothing breaks.
+    let started = Instant::now();
+    for i in 0..20_000u32 {
+        let _ = sock.send_to(&i.to_le_bytes().repeat(50), peer);
+        if started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    // TCP: garbage, an endless header section, a message cut short; TLS: plain text.
+    for (port, payload) in [
+        (5060u16, b"\x16\x03\x01garbage\r\n\r\n".to_vec()),
+        (
+            5060,
+            format!("OPTIONS sip:x SIP/2.0\r\nX: {}", "b".repeat(70_000)).into_bytes(),
+        ),
+        (
+            5060,
+            format!("OPTIONS sip:test.example SIP/2.0\r\n{head}\r\n").into_bytes(),
+        ),
+        (5061, b"OPTIONS sip:test.example SIP/2.0\r\n\r\n".to_vec()),
+    ] {
+        let mut s = TcpStream::connect(("127.0.44.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let _ = s.write_all(&payload);
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        let text = String::from_utf8_lossy(&reply);
+        // Nothing, a 4xx naming the problem, or (TLS) an alert record: then closed.
+        let alert = port == 5061 && reply.first() == Some(&0x15);
+        assert!(
+            text.is_empty() || text.starts_with("SIP/2.0 4") || alert,
+            "port {port}: {text}"
+        );
+    }
+    // The peer is still serving: OPTIONS answered, a registration works on both peers.
+    assert_eq!(
+        udp_exchange(&sock, peer, answers[7].0.as_bytes()).as_deref(),
+        Some("SIP/2.0 200 OK")
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let users = csv(tmp.path(), "gina.csv", &["gina"]);
+    register(
+        "127.0.44.20",
+        "127.0.44.1",
+        &users,
+        5090,
+        5091,
+        "u1",
+        tmp.path(),
+    );
+    wait_for(5, "gina's binding on peer 2", || {
+        binding_owner(&c, 2, "sip:gina@test.example") == Some(1)
+    });
+    let metrics = c.xstatus(1, "registrations").unwrap();
+    assert_eq!(metrics["bindings"], 1);
+}
