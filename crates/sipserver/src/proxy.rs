@@ -589,6 +589,11 @@ impl SipService {
         let Some(branch) = top.branch().map(str::to_string) else {
             return;
         };
+        // A client transaction is the branch and the CSeq method (§17.1.3): the answers to
+        // our own CANCELs, which share the INVITE's branch, end here.
+        if msg.cseq().is_ok_and(|(_, m)| m == "CANCEL") {
+            return;
+        }
         let mut st = self.proxy_lock();
         let Some(client) = st.clients.get_mut(&branch) else {
             drop(st);

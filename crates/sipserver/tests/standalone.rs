@@ -1,0 +1,437 @@
+//! The registrar and proxy of one standalone node, in process, driven over real UDP sockets
+//! on loopback: RFC 3261 §10 registrar rules, digest authentication, forking, CANCEL.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use causeway_cluster::{Node, NodeConfig, NodeStore};
+use causeway_sip::{build, HeaderKind, Limits, Message, Transport};
+use causeway_sipserver::{Caps, SipService, SipSettings};
+use md5::{Digest as _, Md5};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+struct Solo {
+    svc: Arc<SipService>,
+    node: Arc<Node>,
+    addr: SocketAddr,
+    _tmp: tempfile::TempDir,
+    cancel: CancellationToken,
+}
+
+impl Drop for Solo {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn solo(net: u8) -> Solo {
+    let tmp = tempfile::tempdir().unwrap();
+    let ip = format!("127.0.{net}.1");
+    let path = tmp.path().join("causeway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[node]\nsystem_name = \"solo\"\naddress = \"{ip}\"\ndata_dir = \"{}\"\n",
+            tmp.path().display()
+        ),
+    )
+    .unwrap();
+    let config = NodeConfig::load(&path).unwrap();
+    let store = NodeStore::memory(Arc::new(causeway_store::MemoryStore::new()));
+    let resolver = Arc::new(causeway_mesh::SystemResolver {
+        ip_version: causeway_mesh::IpVersion::IPv4,
+    });
+    let (node, _) = Node::start(config, None, resolver, store);
+    node.set_configuration("sip.domains", Some("test.example"))
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let settings = SipSettings {
+        listen: ip.parse().unwrap(),
+        udp_port: 0,
+        tcp_port: 0,
+        tls: None,
+        caps: Caps::default(),
+        local_names: vec![],
+        min_expires: 60,
+        max_expires: 7200,
+        default_expires: 3600,
+    };
+    let svc = SipService::start(node.clone(), settings, cancel.clone())
+        .await
+        .unwrap();
+    let addr = svc.local_address(causeway_sipserver::Proto::Udp);
+    Solo {
+        svc,
+        node,
+        addr,
+        _tmp: tmp,
+        cancel,
+    }
+}
+
+/// An endpoint: one UDP socket.
+struct Ep {
+    sock: UdpSocket,
+    server: SocketAddr,
+}
+
+impl Ep {
+    async fn new(ip: &str, server: SocketAddr) -> Ep {
+        Ep {
+            sock: UdpSocket::bind(format!("{ip}:0")).await.unwrap(),
+            server,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    async fn send(&self, text: &str) {
+        let text = text.replace("{me}", &self.addr().to_string());
+        self.sock
+            .send_to(text.as_bytes(), self.server)
+            .await
+            .unwrap();
+    }
+
+    async fn send_bytes(&self, b: &[u8]) {
+        self.sock.send_to(b, self.server).await.unwrap();
+    }
+
+    async fn recv(&self) -> Message {
+        let mut buf = vec![0u8; 65_536];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), self.sock.recv_from(&mut buf))
+            .await
+            .expect("no message within 5 s")
+            .unwrap();
+        buf.truncate(n);
+        let raw = Bytes::from(buf);
+        Message::parse(raw.clone(), Transport::Datagram, &Limits::default())
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&raw)))
+    }
+
+    /// The next message that is not a 100 Trying.
+    async fn recv_final(&self) -> Message {
+        loop {
+            let m = self.recv().await;
+            if m.status() != Some(100) {
+                return m;
+            }
+        }
+    }
+
+    async fn quiet(&self) -> bool {
+        let mut buf = vec![0u8; 65_536];
+        tokio::time::timeout(Duration::from_millis(300), self.sock.recv_from(&mut buf))
+            .await
+            .is_err()
+    }
+}
+
+fn register(user: &str, call_id: &str, cseq: u32, contacts: &[&str], extra: &str) -> String {
+    let contacts: String = contacts
+        .iter()
+        .map(|c| format!("Contact: {c}\r\n"))
+        .collect();
+    format!("REGISTER sip:test.example SIP/2.0\r\nVia: SIP/2.0/UDP {{me}};branch=z9hG4bK{call_id}{cseq}\r\nMax-Forwards: 70\r\nFrom: <sip:{user}@test.example>;tag=f{cseq}\r\nTo: <sip:{user}@test.example>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n{contacts}{extra}Content-Length: 0\r\n\r\n")
+}
+
+#[tokio::test]
+async fn the_registrar_follows_rfc_3261_section_10() {
+    let s = solo(60).await;
+    let ep = Ep::new("127.0.60.10", s.addr).await;
+    let a = "<sip:alice@127.0.60.10:5070>";
+    let b = "<sip:alice@127.0.60.11:5070>;+sip.instance=\"<urn:uuid:00000000-0000-0000-0000-000000000001>\";reg-id=1;q=0.5";
+
+    ep.send(&register(
+        "alice",
+        "c1",
+        1,
+        &[&format!("{a};expires=30")],
+        "",
+    ))
+    .await;
+    let r = ep.recv().await;
+    assert_eq!(r.status(), Some(423));
+    assert_eq!(r.value(HeaderKind::MinExpires).as_deref(), Some("60"));
+
+    ep.send(&register(
+        "alice",
+        "c1",
+        2,
+        &[a, b],
+        "Expires: 600\r\nPath: <sip:edge.example;lr>\r\n",
+    ))
+    .await;
+    let r = ep.recv().await;
+    assert_eq!(r.status(), Some(200));
+    let contacts = r.values(HeaderKind::Contact);
+    assert_eq!(contacts.len(), 2, "{contacts:?}");
+    assert!(contacts
+        .iter()
+        .all(|c| c.contains("expires=600") || c.contains("expires=599")));
+    assert!(contacts.iter().any(|c| c
+        .contains("+sip.instance=\"<urn:uuid:00000000-0000-0000-0000-000000000001>\"")
+        && c.contains("reg-id=1")));
+    assert_eq!(
+        r.value(HeaderKind::Path).as_deref(),
+        Some("<sip:edge.example;lr>")
+    );
+    assert!(r.raw().windows(6).any(|w| w == b"\nDate:"), "a Date header");
+
+    // The same request again (a UDP retransmission) is answered the same way.
+    ep.send(&register(
+        "alice",
+        "c1",
+        2,
+        &[a, b],
+        "Expires: 600\r\nPath: <sip:edge.example;lr>\r\n",
+    ))
+    .await;
+    assert_eq!(ep.recv().await.status(), Some(200));
+    // An older CSeq of the same Call-ID is refused.
+    ep.send(&register("alice", "c1", 1, &[a], "Expires: 600\r\n"))
+        .await;
+    assert_eq!(ep.recv().await.status(), Some(500));
+
+    // Removing one contact leaves the other.
+    ep.send(&register(
+        "alice",
+        "c1",
+        3,
+        &[&format!("{a};expires=0")],
+        "",
+    ))
+    .await;
+    let r = ep.recv().await;
+    assert_eq!(r.status(), Some(200));
+    let contacts = r.values(HeaderKind::Contact);
+    assert_eq!(contacts.len(), 1);
+    assert!(contacts[0].contains("127.0.60.11"));
+    assert_eq!(s.svc.registrations_status(10).bindings, 1);
+
+    // '*' needs Expires: 0; then every binding goes.
+    ep.send(&register("alice", "c1", 4, &["*"], "")).await;
+    assert_eq!(ep.recv().await.status(), Some(400));
+    ep.send(&register("alice", "c1", 5, &["*"], "Expires: 0\r\n"))
+        .await;
+    let r = ep.recv().await;
+    assert_eq!(r.status(), Some(200));
+    assert!(r.values(HeaderKind::Contact).is_empty());
+    assert_eq!(s.svc.registrations_status(10).bindings, 0);
+
+    // A query (no Contact) lists what is there; another domain is not served here.
+    ep.send(&register("alice", "c2", 1, &[], "")).await;
+    assert_eq!(ep.recv().await.status(), Some(200));
+    ep.send(&register("alice", "c3", 1, &[a], "").replace("@test.example", "@other.example"))
+        .await;
+    assert_eq!(ep.recv().await.status(), Some(404));
+    // An AOR named by this peer's address is the same user as in the cluster's domain.
+    ep.send(&register("bob", "c4", 1, &[a], "").replace("bob@test.example", "bob@127.0.60.1"))
+        .await;
+    assert_eq!(ep.recv().await.status(), Some(200));
+    assert_eq!(
+        s.svc.registrations_status(10).rows[0].aor,
+        "sip:bob@test.example"
+    );
+}
+
+fn md5_hex(t: &str) -> String {
+    Md5::digest(t.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn digest_params(header: &str) -> HashMap<String, String> {
+    header
+        .trim_start_matches("Digest")
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn registration_needs_digest_credentials_once_users_are_configured() {
+    let s = solo(61).await;
+    s.node
+        .set_configuration("sip.users.carol", Some("s3cret"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let ep = Ep::new("127.0.61.10", s.addr).await;
+    let contact = "<sip:carol@127.0.61.10:5070>";
+    ep.send(&register("carol", "a1", 1, &[contact], "")).await;
+    let r = ep.recv().await;
+    assert_eq!(r.status(), Some(401));
+    let challenge = r
+        .headers()
+        .iter()
+        .find(|h| r.header_name(h).eq_ignore_ascii_case(b"WWW-Authenticate"))
+        .map(|h| String::from_utf8_lossy(r.header_value(h)).into_owned())
+        .expect("a challenge");
+    let p = digest_params(&challenge);
+    assert_eq!(p["realm"], "test.example");
+    let answer = |password: &str| {
+        let ha1 = md5_hex(&format!("carol:test.example:{password}"));
+        let ha2 = md5_hex("REGISTER:sip:test.example");
+        let response = md5_hex(&format!("{ha1}:{}:00000001:abc:auth:{ha2}", p["nonce"]));
+        format!("Authorization: Digest username=\"carol\", realm=\"test.example\", nonce=\"{}\", uri=\"sip:test.example\", response=\"{response}\", qop=auth, nc=00000001, cnonce=\"abc\", algorithm=MD5\r\n", p["nonce"])
+    };
+    ep.send(&register("carol", "a1", 2, &[contact], &answer("wrong")))
+        .await;
+    assert_eq!(ep.recv().await.status(), Some(403));
+    ep.send(&register("carol", "a1", 3, &[contact], &answer("s3cret")))
+        .await;
+    assert_eq!(ep.recv().await.status(), Some(200));
+    // A user that is not configured cannot register at all.
+    ep.send(&register(
+        "mallory",
+        "a2",
+        1,
+        &[contact],
+        &answer("s3cret").replace("username=\"carol\"", "username=\"mallory\""),
+    ))
+    .await;
+    assert_eq!(ep.recv().await.status(), Some(403));
+}
+
+fn invite(to: &str, call_id: &str) -> String {
+    format!("INVITE sip:{to}@test.example SIP/2.0\r\nVia: SIP/2.0/UDP {{me}};branch=z9hG4bKinv{call_id}\r\nMax-Forwards: 70\r\nFrom: <sip:caller@test.example>;tag=caller1\r\nTo: <sip:{to}@test.example>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{{me}}>\r\nContent-Length: 0\r\n\r\n")
+}
+
+#[tokio::test]
+async fn an_invite_forks_to_every_contact_and_the_best_answer_wins() {
+    let s = solo(62).await;
+    let caller = Ep::new("127.0.62.10", s.addr).await;
+    let busy = Ep::new("127.0.62.11", s.addr).await;
+    let answers = Ep::new("127.0.62.12", s.addr).await;
+    for (i, ep) in [&busy, &answers].iter().enumerate() {
+        let contact = format!("<sip:dan@{}>", ep.addr());
+        ep.send(&register("dan", &format!("r{i}"), 1, &[&contact], ""))
+            .await;
+        assert_eq!(ep.recv().await.status(), Some(200));
+    }
+    caller.send(&invite("dan", "fork1")).await;
+    assert_eq!(caller.recv().await.status(), Some(100));
+    let to_busy = busy.recv().await;
+    let to_answer = answers.recv().await;
+    for m in [&to_busy, &to_answer] {
+        assert_eq!(m.method(), Some("INVITE"));
+        assert!(
+            m.values(HeaderKind::RecordRoute)[0].contains(&format!("{};transport=udp;lr", s.addr))
+        );
+        assert_eq!(m.max_forwards().unwrap(), Some(69));
+    }
+    busy.send_bytes(&build::response(&to_busy, 486, "Busy Here", Some("b"), &[]))
+        .await;
+    // The proxy ACKs the 486 itself; it does not reach the caller.
+    let ack = busy.recv().await;
+    assert_eq!(ack.method(), Some("ACK"));
+    assert!(caller.quiet().await);
+    answers
+        .send_bytes(&build::response(
+            &to_answer,
+            200,
+            "OK",
+            Some("a"),
+            &["Contact: <sip:dan@127.0.62.12>".into()],
+        ))
+        .await;
+    let ok = caller.recv_final().await;
+    assert_eq!(ok.status(), Some(200));
+    assert_eq!(
+        ok.values(HeaderKind::Via).len(),
+        1,
+        "the proxy's own Via was removed"
+    );
+    assert!(ok.value(HeaderKind::To).unwrap().contains("tag=a"));
+
+    // Nobody answers 2xx: the best final answer goes up (486 beats 500).
+    caller.send(&invite("dan", "fork2")).await;
+    let to_busy = busy.recv().await;
+    let to_answer = answers.recv().await;
+    busy.send_bytes(&build::response(&to_busy, 486, "Busy Here", Some("b"), &[]))
+        .await;
+    answers
+        .send_bytes(&build::response(&to_answer, 500, "Oops", Some("a"), &[]))
+        .await;
+    assert_eq!(caller.recv_final().await.status(), Some(486));
+
+    // An unknown user: 404.
+    caller.send(&invite("nobody", "fork3")).await;
+    assert_eq!(caller.recv_final().await.status(), Some(404));
+}
+
+#[tokio::test]
+async fn cancel_reaches_every_ringing_branch_and_the_caller_gets_487() {
+    let s = solo(63).await;
+    let caller = Ep::new("127.0.63.10", s.addr).await;
+    let callee = Ep::new("127.0.63.11", s.addr).await;
+    callee
+        .send(&register(
+            "erin",
+            "r1",
+            1,
+            &[&format!("<sip:erin@{}>", callee.addr())],
+            "",
+        ))
+        .await;
+    assert_eq!(callee.recv().await.status(), Some(200));
+    caller.send(&invite("erin", "cx1")).await;
+    assert_eq!(caller.recv().await.status(), Some(100));
+    let inv = callee.recv().await;
+    callee
+        .send_bytes(&build::response(&inv, 180, "Ringing", Some("e"), &[]))
+        .await;
+    assert_eq!(caller.recv().await.status(), Some(180));
+    caller
+        .send(
+            &invite("erin", "cx1")
+                .replace("INVITE sip:", "CANCEL sip:")
+                .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL"),
+        )
+        .await;
+    let ok = caller.recv().await;
+    assert_eq!(
+        (ok.status(), ok.cseq().unwrap().1.as_str()),
+        (Some(200), "CANCEL")
+    );
+    let cancel = callee.recv().await;
+    assert_eq!(cancel.method(), Some("CANCEL"));
+    assert_eq!(
+        cancel.values(HeaderKind::Via)[0],
+        inv.values(HeaderKind::Via)[0],
+        "same branch as the INVITE"
+    );
+    callee
+        .send_bytes(&build::response(&cancel, 200, "OK", Some("e"), &[]))
+        .await;
+    callee
+        .send_bytes(&build::response(
+            &inv,
+            487,
+            "Request Terminated",
+            Some("e"),
+            &[],
+        ))
+        .await;
+    assert_eq!(caller.recv().await.status(), Some(487));
+    assert_eq!(callee.recv().await.method(), Some("ACK"));
+    // A CANCEL for nothing: 481.
+    caller
+        .send(
+            &invite("erin", "cx2")
+                .replace("INVITE sip:", "CANCEL sip:")
+                .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL"),
+        )
+        .await;
+    assert_eq!(caller.recv().await.status(), Some(481));
+}
