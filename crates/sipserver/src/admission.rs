@@ -186,15 +186,19 @@ impl SipService {
             from: msg.value(HeaderKind::From).unwrap_or_default(),
             to: msg.value(HeaderKind::To).unwrap_or_default(),
         };
+        // Recorded in the background: the decision is made, the INVITE need not wait for
+        // the record to reach the other peers (until it does, the primary counts its grant).
         let stream = self.own_stream(NAMESPACE);
         let change = Change {
             key: call.clone(),
             value: Some(postcard::to_stdvec(&record).unwrap_or_default()),
         };
-        if let Err(e) = self.node.replication().write(&stream, vec![change]).await {
-            warn!(target: LOG, reason = %e, "Recording an admitted call failed");
-            return Err(5);
-        }
+        let engine = self.node.replication().clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.write(&stream, vec![change]).await {
+                warn!(target: LOG, reason = %e, "Recording an admitted call failed");
+            }
+        });
         self.metrics.calls_admitted.fetch_add(1, Ordering::Relaxed);
         info!(target: LOG, event = "Call Admitted", call = %call, kbps = kbps, "");
         Ok(call)

@@ -245,7 +245,8 @@ impl SipService {
     /// `alice@127.0.0.1` and `alice@lab.example` are the same user.
     pub(crate) fn canonical_aor(&self, uri: &SipUri) -> String {
         let host = uri.host.to_ascii_lowercase();
-        let domains = self.config().domains;
+        let config = self.config();
+        let domains = &config.domains;
         let domain = if domains.contains(&host) {
             host
         } else {

@@ -57,7 +57,7 @@ pub struct SipService {
     pub(crate) transports: Arc<Transports>,
     pub(crate) location: Location,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) config: RwLock<SipConfig>,
+    pub(crate) config: RwLock<Arc<SipConfig>>,
     pub(crate) proxy: Mutex<ProxyState>,
     pub(crate) admission: Admission,
     pub(crate) self_index: usize,
@@ -125,7 +125,7 @@ impl SipService {
             transports,
             location: Location::default(),
             metrics,
-            config: RwLock::new(SipConfig::default()),
+            config: RwLock::new(Arc::new(SipConfig::default())),
             proxy: Mutex::new(ProxyState::default()),
             admission: Admission::default(),
             self_index,
@@ -183,10 +183,11 @@ impl SipService {
                 }
             }
         }
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = c;
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
     }
 
-    pub(crate) fn config(&self) -> SipConfig {
+    /// The configuration as it is now (replaced whole when it changes).
+    pub(crate) fn config(&self) -> Arc<SipConfig> {
         self.config
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -213,9 +214,7 @@ impl SipService {
             .iter()
             .any(|n| n.eq_ignore_ascii_case(host))
             || self
-                .config
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
+                .config()
                 .domains
                 .iter()
                 .any(|d| d.eq_ignore_ascii_case(host))
@@ -311,13 +310,10 @@ impl SipService {
             };
             if incoming.msg.is_request() {
                 self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-                if incoming.msg.method() == Some("REGISTER") {
-                    // The write waits for the cluster: never hold the dispatcher for it.
-                    let svc = self.clone();
-                    tokio::spawn(async move { svc.handle_request(incoming).await });
-                } else {
-                    self.clone().handle_request(incoming).await;
-                }
+                // A REGISTER waits for the cluster to hold it, an INVITE may ask the
+                // primary for admission: never hold the dispatcher for either.
+                let svc = self.clone();
+                tokio::spawn(async move { svc.handle_request(incoming).await });
             } else {
                 self.handle_response(incoming);
             }
