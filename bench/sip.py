@@ -126,7 +126,7 @@ def sipp_run(target, scenario, rate, calls, outdir, port, extra=()):
     p = start(["timeout", str(calls // max(rate, 1) + 60), "sipp", target, "-sf", scenario,
                "-i", "127.0.0.1", "-p", str(port), "-r", str(rate), "-m", str(calls),
                "-l", str(max(1000, rate * 6)), "-timeout", f"{calls // max(rate, 1) + 30}s",
-               "-nostdin", "-trace_err", "-trace_stat", "-stf", "stat.csv", "-fd", "1", *extra],
+               "-nostdin", "-buff_size", os.environ.get("SIPP_BUFF", "65535"), "-trace_err", "-trace_stat", "-stf", "stat.csv", "-fd", "1", *extra],
               cwd=outdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     p.wait()
     with open(os.path.join(outdir, "stat.csv")) as f:

@@ -233,6 +233,11 @@ fn data_dir(node: &Path) -> PathBuf {
     }
 }
 
+// Measured on the SIP REGISTER path (bench/sip.py): glibc's malloc was a third of the
+// registrar's CPU time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     causeway_pki::install_crypto_provider();
     let cli = Cli::parse();

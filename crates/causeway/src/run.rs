@@ -42,7 +42,10 @@ pub fn run(config_path: &Path) -> ExitCode {
         None
     };
     causeway_common::logging::init(&config.node.system_name, config.node.log_format);
+    // More workers than cores: a worker blocked in a store write (fsync) must not stall
+    // the SIP and mesh tasks queued behind it.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
         .enable_all()
         .build()
     {

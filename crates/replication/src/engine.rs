@@ -156,6 +156,9 @@ struct PendingWrite {
     done: oneshot::Sender<Result<Header, WriteError>>,
 }
 
+/// Writes of one stream waiting for a majority, by position.
+type MajorityWaiters = BTreeMap<(u64, u64), Vec<oneshot::Sender<()>>>;
+
 struct Takeover {
     epoch: u64,
     started: Instant,
@@ -181,6 +184,9 @@ struct State {
     last_check: Option<SystemTime>,
     last_sync: Option<SystemTime>,
     next_report: Instant,
+    /// Writes waiting for a majority, per stream by position: woken when an ack or digest
+    /// brings enough peers to their position (not every waiter on every ack).
+    majority_waiters: HashMap<StreamId, MajorityWaiters>,
 }
 
 pub struct Engine {
@@ -305,6 +311,7 @@ impl Engine {
             last_check: None,
             last_sync: None,
             next_report: now + settings.sync_report,
+            majority_waiters: HashMap::new(),
         };
         Ok(Arc::new(Engine {
             settings,
@@ -604,8 +611,9 @@ impl Engine {
                 seq,
             } => {
                 let mut st = self.lock();
-                let acked = st.peers[from - 1].acked.entry(stream).or_default();
+                let acked = st.peers[from - 1].acked.entry(stream.clone()).or_default();
                 *acked = (*acked).max((generation, seq));
+                self.wake_majority(&mut st, &stream);
                 drop(st);
                 self.progress.send_modify(|n| *n += 1);
             }
@@ -667,6 +675,10 @@ impl Engine {
                 *a = (*a).max(h.position());
             }
             p.headers = headers.into_iter().collect();
+        }
+        let waiting: Vec<StreamId> = st.majority_waiters.keys().cloned().collect();
+        for id in waiting {
+            self.wake_majority(&mut st, &id);
         }
         // A newer epoch, or the same epoch naming a higher peer (two SetPrimary commands at
         // once), wins. Epoch 0 is the peers' own files: a disagreement there is 20017 until
@@ -1345,27 +1357,66 @@ impl Engine {
 
     /// Waits until a majority (this node included) holds `(generation, seq)` of `id`, or
     /// `ack_timeout`. Returns how many do, of how many.
+    /// How many peers (this one included) hold `id` at `position` or later.
+    fn confirmed(&self, st: &State, id: &StreamId, position: (u64, u64)) -> usize {
+        1 + st
+            .peers
+            .iter()
+            .filter(|p| p.acked.get(id).is_some_and(|a| *a >= position))
+            .count()
+    }
+
+    /// Wakes the writes of `id` that a majority now holds.
+    fn wake_majority(&self, st: &mut State, id: &StreamId) {
+        let need = self.settings.peer_count / 2;
+        let Some(waiters) = st.majority_waiters.get_mut(id) else {
+            return;
+        };
+        // The position held by at least `need` other peers: the need-th highest ack.
+        let mut acks: Vec<(u64, u64)> = st
+            .peers
+            .iter()
+            .map(|p| p.acked.get(id).copied().unwrap_or_default())
+            .collect();
+        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(held) = need.checked_sub(1).and_then(|i| acks.get(i)).copied() else {
+            return;
+        };
+        while let Some(entry) = waiters.first_entry() {
+            if *entry.key() > held {
+                break;
+            }
+            for tx in entry.remove() {
+                let _ = tx.send(());
+            }
+        }
+        if waiters.is_empty() {
+            st.majority_waiters.remove(id);
+        }
+    }
+
     async fn wait_majority(&self, id: &StreamId, generation: u64, seq: u64) -> (usize, usize) {
         let peers = self.settings.peer_count;
         let deadline = Instant::now() + self.settings.ack_timeout;
-        let mut progress = self.progress.subscribe();
-        loop {
-            let confirmed = {
-                let st = self.lock();
-                1 + st
-                    .peers
-                    .iter()
-                    .filter(|p| p.acked.get(id).is_some_and(|a| *a >= (generation, seq)))
-                    .count()
-            };
+        let position = (generation, seq);
+        let woken = {
+            let mut st = self.lock();
+            let confirmed = self.confirmed(&st, id, position);
             if confirmed > peers / 2 {
                 return (confirmed, peers);
             }
-            tokio::select! {
-                r = progress.changed() => if r.is_err() { return (confirmed, peers) },
-                _ = tokio::time::sleep_until(deadline) => return (confirmed, peers),
-            }
-        }
+            let (tx, rx) = oneshot::channel();
+            st.majority_waiters
+                .entry(id.clone())
+                .or_default()
+                .entry(position)
+                .or_default()
+                .push(tx);
+            rx
+        };
+        let _ = tokio::time::timeout_at(deadline, woken).await;
+        let confirmed = self.confirmed(&self.lock(), id, position);
+        (confirmed, peers)
     }
 
     /// EX-13: discard this subordinate's copy of the configuration and take the primary's.

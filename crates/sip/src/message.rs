@@ -441,7 +441,7 @@ fn parse_headers(
     end: usize,
     limits: &Limits,
 ) -> Result<Vec<Header>, ParseError> {
-    let mut headers: Vec<Header> = Vec::new();
+    let mut headers: Vec<Header> = Vec::with_capacity(16);
     let mut line_no = 1;
     while pos < end {
         let eol = find(raw, b"\r\n", pos).filter(|e| *e < end).unwrap_or(end);

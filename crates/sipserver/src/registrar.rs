@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use causeway_common::time::unix_ms_now;
 use causeway_replication::Change;
 use causeway_sip::{HeaderKind, Message, NameAddr, SipUri};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::auth;
 use crate::location::{binding_key, Binding, NAMESPACE};
@@ -138,7 +138,6 @@ impl SipService {
         }
         // Call-ID/CSeq ordering (§10.3 step 7): the same Call-ID must not go backwards. An
         // equal CSeq is this request again (a UDP retransmission): answered, not refused.
-        let current = self.location.lookup(&aor, now);
         let mut changes = Vec::new();
         let path = req.values(HeaderKind::Path);
         let removal = |old: &Binding| Binding {
@@ -150,6 +149,7 @@ impl SipService {
             ..old.clone()
         };
         if remove_all {
+            let current = self.location.lookup(&aor, now);
             for old in &current {
                 if old.call_id == call_id && cseq < old.cseq {
                     return reply(500, "Server Internal Error (CSeq out of order)", &[]);
@@ -212,7 +212,9 @@ impl SipService {
                     );
                 }
             }
-            info!(target: LOG, event = "Registration Accepted", aor = %aor, contacts = n,
+            // Debug level: at thousands per second an info line each would cost more than
+            // the registration itself.
+            debug!(target: LOG, event = "Registration Accepted", aor = %aor, contacts = n,
                 src = %source.remote, transport = source.proto.name(), "");
         }
         self.metrics.registrations.fetch_add(1, Ordering::Relaxed);

@@ -132,6 +132,19 @@ pub struct Transports {
     cancel: CancellationToken,
 }
 
+/// A second handle on a tokio UDP socket, for a reader on another runtime.
+trait TryCloneStd {
+    fn try_clone_std(&self) -> std::io::Result<std::net::UdpSocket>;
+}
+
+impl TryCloneStd for UdpSocket {
+    fn try_clone_std(&self) -> std::io::Result<std::net::UdpSocket> {
+        use std::os::fd::AsFd as _;
+        let fd = self.as_fd().try_clone_to_owned()?;
+        Ok(std::net::UdpSocket::from(fd))
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -197,7 +210,39 @@ impl Transports {
             metrics,
             cancel,
         });
-        tokio::spawn(t.clone().udp_loop());
+        // UDP is read on a thread of its own: a worker busy elsewhere (a store write, a burst
+        // of tasks) must not leave datagrams to overflow the socket's receive buffer.
+        let reader = t.udp.clone();
+        let receiver = t.clone();
+        std::thread::Builder::new()
+            .name("sip-udp".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!(target: LOG, reason = %e, "SIP UDP reader could not start");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    // Registered with this thread's reactor; sends stay on the main runtime.
+                    let std_sock = match reader.as_ref().try_clone_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!(target: LOG, reason = %e, "SIP UDP reader could not start");
+                            return;
+                        }
+                    };
+                    match UdpSocket::from_std(std_sock) {
+                        Ok(sock) => receiver.udp_loop(sock).await,
+                        Err(e) => warn!(target: LOG, reason = %e, "SIP UDP reader could not start"),
+                    }
+                });
+            })
+            .context("starting the SIP UDP reader")?;
         tokio::spawn(t.clone().accept_loop(tcp, Proto::Tcp));
         if let Some(l) = tls_listener {
             tokio::spawn(t.clone().accept_loop(l, Proto::Tls));
@@ -300,12 +345,12 @@ impl Transports {
         }
     }
 
-    async fn udp_loop(self: Arc<Self>) {
+    async fn udp_loop(self: Arc<Self>, udp: UdpSocket) {
         let mut buf = vec![0u8; 65_536];
         loop {
             let (n, from) = tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                r = self.udp.recv_from(&mut buf) => match r {
+                r = udp.recv_from(&mut buf) => match r {
                     Ok(r) => r,
                     Err(e) => {
                         // ICMP errors surface here on some systems; never fatal.
@@ -318,7 +363,7 @@ impl Transports {
             // RFC 5626 keep-alive: CRLF CRLF gets CRLF back; a lone CRLF is ignored.
             if data.iter().all(|b| *b == b'\r' || *b == b'\n') {
                 if data == b"\r\n\r\n" {
-                    let _ = self.udp.try_send_to(b"\r\n", from);
+                    let _ = udp.try_send_to(b"\r\n", from);
                 }
                 continue;
             }

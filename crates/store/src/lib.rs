@@ -41,6 +41,8 @@ pub enum Op {
 
 pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
+type BytesTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
+
 /// A store of named tables. Every batch is applied atomically and durably.
 pub trait Store: Send + Sync {
     fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -115,21 +117,35 @@ impl Store for RedbStore {
     fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
         let err = self.err("writing");
         let tx = self.db.begin_write().map_err(|e| err(&e))?;
-        for op in ops {
-            match op {
-                Op::Put { table, key, value } => {
-                    let mut t = tx.open_table(def(table)).map_err(|e| err(&e))?;
-                    t.insert(key.as_slice(), value.as_slice())
-                        .map_err(|e| err(&e))?;
+        {
+            // Consecutive ops on one table share one open table: opening it per op was most
+            // of the cost of a large batch.
+            let mut open: Option<(&'static str, BytesTable)> = None;
+            for op in ops {
+                let name = match op {
+                    Op::Put { table, .. }
+                    | Op::Delete { table, .. }
+                    | Op::DeletePrefix { table, .. } => *table,
+                };
+                if open.as_ref().is_none_or(|(n, _)| *n != name) {
+                    drop(open.take()); // a table is opened once at a time
+                    open = Some((name, tx.open_table(def(name)).map_err(|e| err(&e))?));
                 }
-                Op::Delete { table, key } => {
-                    let mut t = tx.open_table(def(table)).map_err(|e| err(&e))?;
-                    t.remove(key.as_slice()).map_err(|e| err(&e))?;
-                }
-                Op::DeletePrefix { table, prefix } => {
-                    let mut t = tx.open_table(def(table)).map_err(|e| err(&e))?;
-                    t.retain(|k, _| !k.starts_with(prefix))
-                        .map_err(|e| err(&e))?;
+                let Some((_, t)) = open.as_mut() else {
+                    continue;
+                };
+                match op {
+                    Op::Put { key, value, .. } => {
+                        t.insert(key.as_slice(), value.as_slice())
+                            .map_err(|e| err(&e))?;
+                    }
+                    Op::Delete { key, .. } => {
+                        t.remove(key.as_slice()).map_err(|e| err(&e))?;
+                    }
+                    Op::DeletePrefix { prefix, .. } => {
+                        t.retain(|k, _| !k.starts_with(prefix))
+                            .map_err(|e| err(&e))?;
+                    }
                 }
             }
         }
