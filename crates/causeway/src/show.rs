@@ -407,6 +407,13 @@ pub fn render_registrations(s: &causeway_sipserver::status::RegistrationsStatus)
             per_peer.join(", ")
         }
     );
+    if s.licences > 0 {
+        let _ = writeln!(
+            out,
+            "  Registration licences: {} of {} in use (cluster pool)",
+            s.aors, s.licences
+        );
+    }
     if !s.rows.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(
@@ -452,6 +459,12 @@ pub fn calls(socket: &Path, json: bool) -> anyhow::Result<()> {
         s.kbps,
         limit(s.bandwidth_total_kbps)
     );
+    if s.licences > 0 {
+        println!(
+            "  Call licences: {} of {} in use (cluster pool)",
+            s.calls, s.licences
+        );
+    }
     for (p, n, k) in &s.per_peer {
         println!("  Peer {p}: {n} calls, {k} kbps");
     }

@@ -636,3 +636,68 @@ fn malformed_sip_on_every_port_gets_an_error_or_is_dropped_and_the_service_keeps
     let metrics = c.xstatus(1, "registrations").unwrap();
     assert_eq!(metrics["bindings"], 1);
 }
+
+fn licence_pool(c: &TestCluster, k: usize) -> Option<u64> {
+    c.xstatus(k, "registrations")?["licences"].as_u64()
+}
+
+#[test]
+fn licences_pool_across_peers_and_a_lost_peers_licences_leave_the_pool_after_the_grace_period() {
+    let mut c = TestCluster::start(45, 3, "Enforce", |_, config, _, _| {
+        config.push_str("\n[sip]\n\n[licences]\nroom_systems = 1\ngrace_period_s = 3\n");
+    });
+    wait_for(30, "cluster formed", || c.formed());
+    set(&c, 1, "sip.domains", "test.example");
+    wait_for(5, "three registration licences pooled", || {
+        licence_pool(&c, 2) == Some(3)
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let users = csv(tmp.path(), "three.csv", &["u1", "u2", "u3"]);
+    register(
+        "127.0.45.20",
+        "127.0.45.1",
+        &users,
+        5090,
+        5091,
+        "u1",
+        tmp.path(),
+    );
+    // A fourth AOR finds no licence free, on any peer.
+    let sock = UdpSocket::bind("127.0.45.30:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let fourth = |peer: &str| {
+        let msg = format!("REGISTER sip:test.example SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.45.30:9;branch=z9hG4bK4{peer}\r\nMax-Forwards: 70\r\nFrom: <sip:u4@test.example>;tag=4\r\nTo: <sip:u4@test.example>\r\nCall-ID: u4-{peer}\r\nCSeq: 1 REGISTER\r\nContact: <sip:u4@127.0.45.30:9>\r\nContent-Length: 0\r\n\r\n");
+        udp_exchange(
+            &sock,
+            format!("{peer}:5060").parse().unwrap(),
+            msg.as_bytes(),
+        )
+    };
+    wait_for(5, "u1…u3 seen by peer 3", || {
+        c.xstatus(3, "registrations")
+            .is_some_and(|r| r["aors"] == 3)
+    });
+    for peer in ["127.0.45.1", "127.0.45.3"] {
+        let answer = fourth(peer).unwrap_or_default();
+        assert!(answer.starts_with("SIP/2.0 503"), "{peer}: {answer}");
+    }
+    // Peer 3 is lost: its licence stays in the pool for the grace period (30014), then
+    // leaves it (30017); when it is back, both alarms clear.
+    c.kill9(3);
+    wait_for(5, "30014 on peer 1 for peer 3", || {
+        c.alarm_raised(1, 30014, "127.0.45.3")
+    });
+    assert_eq!(licence_pool(&c, 1), Some(3));
+    wait_for(10, "30017 once the grace period is over", || {
+        c.alarm_raised(1, 30017, "127.0.45.3") && !c.alarm_raised(1, 30014, "127.0.45.3")
+    });
+    assert_eq!(licence_pool(&c, 1), Some(2));
+    assert!(c.alarm_raised(2, 30017, "127.0.45.3"));
+    c.launch(3);
+    wait_for(30, "cluster formed again", || c.formed());
+    wait_for(5, "the licence back in the pool, alarms cleared", || {
+        licence_pool(&c, 1) == Some(3)
+            && !c.alarm_raised(1, 30017, "127.0.45.3")
+            && !c.alarm_raised(2, 30017, "127.0.45.3")
+    });
+}

@@ -156,14 +156,35 @@ pub struct AdminSection {
     pub https_listen: Option<SocketAddr>,
 }
 
-/// † Licences installed on this peer; the cluster's capacity is their sum.
-#[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq, Eq)]
+/// † Licences installed on this peer; the cluster's capacity is their sum (SV-5). None
+/// installed anywhere: no licence limit.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LicenceSection {
+    /// Call licences.
     #[serde(default)]
     pub rich_media_sessions: u32,
+    /// Registration licences (AORs with a binding).
     #[serde(default)]
     pub room_systems: u32,
+    /// How long a lost peer's licences stay in the pool (alarms 30012…30014), after which
+    /// they leave it (30015…30017). Two weeks.
+    #[serde(default = "licence_grace_s")]
+    pub grace_period_s: u64,
+}
+
+impl Default for LicenceSection {
+    fn default() -> Self {
+        Self {
+            rich_media_sessions: 0,
+            room_systems: 0,
+            grace_period_s: licence_grace_s(),
+        }
+    }
+}
+
+fn licence_grace_s() -> u64 {
+    14 * 24 * 3600
 }
 
 /// † The SIP service on this peer (SV-1…SV-5). Every peer of a cluster uses the same

@@ -31,6 +31,8 @@ const GRANT_TTL_MS: u64 = 10_000;
 /// A call with no BYE seen is dropped after this long (its endpoints crashed).
 const CALL_MAX_AGE_MS: u64 = 12 * 3600 * 1000;
 const ASK_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a lost peer's calls still count against the limit.
+const CALL_GRACE: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CallRecord {
@@ -108,17 +110,29 @@ impl Admission {
     }
 
     /// The primary's decision: room for one more call of `kbps` under both limits?
-    fn decide(&self, call: &str, kbps: u64, max_calls: u64, max_kbps: u64) -> bool {
+    fn decide(
+        &self,
+        call: &str,
+        kbps: u64,
+        max_calls: u64,
+        max_kbps: u64,
+        stale: &[usize],
+    ) -> bool {
         let mut st = self.lock();
         let now = unix_ms_now();
         st.grants.retain(|_, (_, exp)| *exp > now);
         if st.calls.values().any(|c| c.contains_key(call)) || st.grants.contains_key(call) {
             return true;
         }
-        let calls = st.calls.values().map(HashMap::len).sum::<usize>() + st.grants.len();
-        let used: u64 = st
+        let counted: Vec<&HashMap<String, CallRecord>> = st
             .calls
-            .values()
+            .iter()
+            .filter(|(p, _)| !stale.contains(p))
+            .map(|(_, c)| c)
+            .collect();
+        let calls = counted.iter().map(|c| c.len()).sum::<usize>() + st.grants.len();
+        let used: u64 = counted
+            .iter()
             .flat_map(|c| c.values())
             .map(|r| r.kbps)
             .sum::<u64>()
@@ -170,9 +184,10 @@ impl SipService {
         };
         let config = self.config();
         let kbps = config.bandwidth_per_call_kbps;
-        let limited = config.calls_max > 0 || config.bandwidth_total_kbps > 0;
+        let calls_max = self.calls_max(&config);
+        let limited = calls_max > 0 || config.bandwidth_total_kbps > 0;
         if limited {
-            let admitted = self.ask_primary(&call, kbps, &config).await;
+            let admitted = self.ask_primary(&call, kbps, calls_max, &config).await;
             if !admitted {
                 self.metrics.calls_refused.fetch_add(1, Ordering::Relaxed);
                 info!(target: LOG, event = "Call Rejected", call = %call,
@@ -204,16 +219,37 @@ impl SipService {
         Ok(call)
     }
 
-    async fn ask_primary(&self, call: &str, kbps: u64, config: &crate::service::SipConfig) -> bool {
+    /// The cluster's call limit: `limits.calls.max` and the call licences in the pool, the
+    /// lower of those set (0: no limit).
+    pub(crate) fn calls_max(&self, config: &crate::service::SipConfig) -> u64 {
+        let licensed = self.pool.lock().unwrap_or_else(|p| p.into_inner()).calls;
+        match (config.calls_max, licensed) {
+            (0, l) => l,
+            (m, 0) => m,
+            (m, l) => m.min(l),
+        }
+    }
+
+    /// The primary's decision for one call.
+    fn decide_here(&self, call: &str, kbps: u64, calls_max: u64, max_kbps: u64) -> bool {
+        // Peers lost longer than CALL_GRACE no longer count their calls: signalling through
+        // them is gone, and their calls would hold the limit until they came back.
+        let stale = self.licences.down_longer_than(CALL_GRACE);
+        self.admission
+            .decide(call, kbps, calls_max, max_kbps, &stale)
+    }
+
+    async fn ask_primary(
+        &self,
+        call: &str,
+        kbps: u64,
+        calls_max: u64,
+        config: &crate::service::SipConfig,
+    ) -> bool {
         let engine = self.node.replication();
         let primary = engine.primary();
         if primary == self.self_index {
-            return self.admission.decide(
-                call,
-                kbps,
-                config.calls_max,
-                config.bandwidth_total_kbps,
-            );
+            return self.decide_here(call, kbps, calls_max, config.bandwidth_total_kbps);
         }
         let asked = self.node.mesh().and_then(|mesh| {
             let (tx, rx) = oneshot::channel();
@@ -243,7 +279,7 @@ impl SipService {
         // The primary cannot be asked: only this peer's share of the limits.
         let peers = self.peers().len().max(1) as u64;
         let (calls, used) = self.admission.own_count(self.self_index);
-        (config.calls_max == 0 || (calls as u64) < config.calls_max / peers)
+        (calls_max == 0 || (calls as u64) < calls_max / peers)
             && (config.bandwidth_total_kbps == 0
                 || used + kbps <= config.bandwidth_total_kbps / peers)
     }
@@ -258,10 +294,10 @@ impl SipService {
             PeerMessage::Admit { id, call, kbps } => {
                 let config = self.config();
                 let admitted = self.node.replication().is_primary()
-                    && self.admission.decide(
+                    && self.decide_here(
                         &call,
                         kbps,
-                        config.calls_max,
+                        self.calls_max(&config),
                         config.bandwidth_total_kbps,
                     );
                 let reply = PeerMessage::Decision { id, admitted };

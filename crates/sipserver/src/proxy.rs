@@ -208,7 +208,12 @@ impl SipService {
         let remaining_routes = routes.len() - popped;
         let to_us = uri.user.is_none() && self.is_local_domain(&uri.host);
         if remaining_routes == 0 && method == "REGISTER" && self.is_local_domain(&uri.host) {
-            return self.register(&msg, &source).await;
+            if !self.registering_lock().insert(key.clone()) {
+                return; // a retransmission of a REGISTER being saved: it gets the answer
+            }
+            self.register(&msg, &source).await;
+            self.registering_lock().remove(&key);
+            return;
         }
         if remaining_routes == 0 && to_us && (method == "OPTIONS" || max_forwards == 0) {
             // Addressed to this peer itself (a keep-alive ping, or the end of the line).
@@ -398,6 +403,10 @@ impl SipService {
         for b in branch_ids {
             tokio::spawn(self.clone().branch_timer(b));
         }
+    }
+
+    fn registering_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.registering.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn proxy_lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {

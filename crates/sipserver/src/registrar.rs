@@ -159,6 +159,14 @@ impl SipService {
                 changes.push(self.binding_change(&removal(old)));
             }
         }
+        let adds = wanted.iter().any(|w| w.expires > 0);
+        if adds && !self.registration_licence_free(self.location.lookup(&aor, now).is_empty()) {
+            return reply(
+                503,
+                "Service Unavailable (no registration licence free in the cluster)",
+                &["Retry-After: 60".to_string()],
+            );
+        }
         for w in &wanted {
             let key = binding_key(&aor, w.instance.as_deref(), w.reg_id, &w.uri);
             let old = self.location.newest_of(&aor, &key).filter(|b| b.live(now));

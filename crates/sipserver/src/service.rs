@@ -60,11 +60,17 @@ pub struct SipService {
     pub(crate) config: RwLock<Arc<SipConfig>>,
     pub(crate) proxy: Mutex<ProxyState>,
     pub(crate) admission: Admission,
+    pub(crate) licences: crate::licences::Licences,
+    /// The licence pool as last computed (every second).
+    pub(crate) pool: Mutex<crate::licences::Pool>,
     pub(crate) self_index: usize,
     /// Makes branches and tags unique across restarts and peers.
     pub(crate) instance: u64,
     pub(crate) counter: AtomicU64,
     pub(crate) nonce_key: crate::auth::NonceKey,
+    /// REGISTERs being saved now, by transaction: a retransmission of one is dropped
+    /// rather than saved again (under load, retransmissions would multiply the work).
+    pub(crate) registering: Mutex<std::collections::HashSet<String>>,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -85,6 +91,12 @@ impl Observer for Watcher {
             if let Some(owner) = location::stream_owner(&stream.name) {
                 for a in applied {
                     svc.location.apply(owner, &a.key, a.new.as_deref());
+                }
+            }
+        } else if stream.namespace == crate::licences::NAMESPACE {
+            if let Some(owner) = crate::licences::owner(&stream.name) {
+                for a in applied {
+                    svc.licences.apply(owner, a.new.as_deref());
                 }
             }
         } else if stream.namespace == crate::admission::NAMESPACE {
@@ -128,28 +140,41 @@ impl SipService {
             config: RwLock::new(Arc::new(SipConfig::default())),
             proxy: Mutex::new(ProxyState::default()),
             admission: Admission::default(),
+            licences: Default::default(),
+            pool: Mutex::new(Default::default()),
             self_index,
             instance: unix_ms_now() ^ (std::process::id() as u64) << 40,
             counter: AtomicU64::new(1),
             nonce_key: crate::auth::NonceKey::generate(),
+            registering: Mutex::new(Default::default()),
             cancel,
         });
         node.watch(Arc::new(Watcher(Arc::downgrade(&svc))));
         svc.reload_config();
         let engine = node.replication();
-        for ns in [location::NAMESPACE, crate::admission::NAMESPACE] {
+        for ns in [
+            location::NAMESPACE,
+            crate::admission::NAMESPACE,
+            crate::licences::NAMESPACE,
+        ] {
             for id in engine.streams(ns) {
                 let Some(owner) = location::stream_owner(&id.name) else {
                     continue;
                 };
                 for (key, value) in engine.entries(&id) {
-                    if ns == location::NAMESPACE {
-                        svc.location.apply(owner, &key, Some(&value));
-                    } else {
-                        svc.admission.apply(owner, &key, Some(&value));
+                    match ns {
+                        location::NAMESPACE => svc.location.apply(owner, &key, Some(&value)),
+                        crate::admission::NAMESPACE => {
+                            svc.admission.apply(owner, &key, Some(&value))
+                        }
+                        _ => svc.licences.apply(owner, Some(&value)),
                     }
                 }
             }
+        }
+        {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.publish_licences().await });
         }
         tokio::spawn(svc.clone().dispatch(rx));
         tokio::spawn(svc.clone().housekeeping());
@@ -330,6 +355,8 @@ impl SipService {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             self.sweep_transactions();
+            let pool = self.licence_pool();
+            *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = pool;
             let stale = self.location.stale_of(self.self_index, unix_ms_now());
             if !stale.is_empty() {
                 let changes = stale

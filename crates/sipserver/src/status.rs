@@ -30,6 +30,9 @@ pub struct RegistrationsStatus {
     pub bindings: usize,
     /// Bindings by the peer they registered with.
     pub per_peer: Vec<(usize, usize)>,
+    /// Registration licences in the cluster's pool (0: no licence limit).
+    #[serde(default)]
+    pub licences: u64,
     pub rows: Vec<BindingRow>,
 }
 
@@ -46,7 +49,11 @@ pub struct CallRow {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CallsStatus {
     pub peer: usize,
+    /// `limits.calls.max` (0: none).
     pub calls_max: u64,
+    /// Call licences in the cluster's pool (0: no licence limit).
+    #[serde(default)]
+    pub licences: u64,
     pub bandwidth_total_kbps: u64,
     pub calls: usize,
     pub kbps: u64,
@@ -67,6 +74,11 @@ impl SipService {
             aors,
             bindings: all.len(),
             per_peer,
+            licences: self
+                .pool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .registrations,
             rows: all
                 .into_iter()
                 .take(limit)
@@ -89,6 +101,7 @@ impl SipService {
         CallsStatus {
             peer: self.self_index,
             calls_max: config.calls_max,
+            licences: self.pool.lock().unwrap_or_else(|p| p.into_inner()).calls,
             bandwidth_total_kbps: config.bandwidth_total_kbps,
             calls: per_peer.iter().map(|p| p.1).sum(),
             kbps: per_peer.iter().map(|p| p.2).sum(),

@@ -1,0 +1,245 @@
+//! Licences pooled across the cluster (SV-5). Each peer publishes what its file installs
+//! (`licences/peerN`); the pool is the sum over the peers that are up, plus those lost for
+//! less than the grace period (alarms 30012…30014 meanwhile, 30015…30017 once they have
+//! left the pool). The grace is counted from when this peer saw the other one go.
+//!
+//! Call licences cap concurrent calls (with `limits.calls.max`, the lower wins);
+//! registration licences cap the AORs with a binding. No licences installed anywhere: no
+//! licence limit (a lab).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use causeway_replication::Change;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::location;
+use crate::service::{SipService, LOG};
+
+pub const NAMESPACE: &str = "licences";
+const KEY: &str = "installed";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installed {
+    pub calls: u32,
+    pub registrations: u32,
+}
+
+/// What is in the pool now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub calls: u64,
+    pub registrations: u64,
+}
+
+#[derive(Default)]
+pub struct Licences {
+    installed: Mutex<HashMap<usize, Installed>>,
+    /// Peers seen down, and since when.
+    down_since: Mutex<HashMap<usize, Instant>>,
+}
+
+/// The alarms for a lost peer's licences: (in the pool, grace running) and (removed).
+fn alarm_ids(i: &Installed) -> Vec<(u32, u32)> {
+    let mut ids = Vec::new();
+    if i.calls > 0 && i.registrations > 0 {
+        ids.push((30012, 30015));
+    }
+    if i.calls > 0 {
+        ids.push((30013, 30016));
+    }
+    if i.registrations > 0 {
+        ids.push((30014, 30017));
+    }
+    ids
+}
+
+impl Licences {
+    pub fn apply(&self, owner: usize, value: Option<&[u8]>) {
+        let mut installed = self.installed.lock().unwrap_or_else(|p| p.into_inner());
+        match value.and_then(|v| postcard::from_bytes::<Installed>(v).ok()) {
+            Some(i) => {
+                installed.insert(owner, i);
+            }
+            None => {
+                installed.remove(&owner);
+            }
+        }
+    }
+
+    /// The peers down now and for how long; `up` says who is reachable.
+    fn observe(&self, up: &[(usize, bool)]) -> HashMap<usize, Duration> {
+        let mut down = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        for (peer, is_up) in up {
+            if *is_up {
+                down.remove(peer);
+            } else {
+                down.entry(*peer).or_insert(now);
+            }
+        }
+        down.iter().map(|(p, t)| (*p, now - *t)).collect()
+    }
+
+    /// Peers seen down for longer than `d`.
+    pub fn down_longer_than(&self, d: Duration) -> Vec<usize> {
+        let down = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        down.iter()
+            .filter(|(_, t)| now - **t > d)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    fn pool(&self, down: &HashMap<usize, Duration>, grace: Duration) -> Pool {
+        let installed = self.installed.lock().unwrap_or_else(|p| p.into_inner());
+        installed
+            .iter()
+            .filter(|(p, _)| down.get(p).is_none_or(|d| *d < grace))
+            .fold(Pool::default(), |pool, (_, i)| Pool {
+                calls: pool.calls + u64::from(i.calls),
+                registrations: pool.registrations + u64::from(i.registrations),
+            })
+    }
+}
+
+impl SipService {
+    /// Publishes this peer's licences, once at start (they change with a restart only).
+    pub(crate) async fn publish_licences(&self) {
+        let own = self.own_stream(NAMESPACE);
+        let l = &self.node.config().licences;
+        let mine = Installed {
+            calls: l.rich_media_sessions,
+            registrations: l.room_systems,
+        };
+        let value = postcard::to_stdvec(&mine).unwrap_or_default();
+        if self.node.replication().get(&own, KEY).as_deref() == Some(value.as_slice()) {
+            return;
+        }
+        let change = Change {
+            key: KEY.to_string(),
+            value: Some(value),
+        };
+        if let Err(e) = self.node.replication().write(&own, vec![change]).await {
+            warn!(target: LOG, reason = %e, "Publishing this peer's licences failed");
+        }
+    }
+
+    /// The pool as it stands, after noting who is up and keeping the licence alarms equal
+    /// to it.
+    pub(crate) fn licence_pool(&self) -> Pool {
+        let peers = self.peers();
+        let up: Vec<(usize, bool)> = peers.iter().map(|(i, _, up)| (*i, *up)).collect();
+        let down = self.licences.observe(&up);
+        let grace = Duration::from_secs(self.node.config().licences.grace_period_s);
+        let installed = self
+            .licences
+            .installed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let alarms = self.node.alarms();
+        for (peer, address, _) in &peers {
+            if *peer == self.self_index {
+                continue;
+            }
+            let subject = address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| format!("peer{peer}"));
+            let i = installed.get(peer).copied().unwrap_or_default();
+            for (pending, removed) in alarm_ids(&i) {
+                match down.get(peer) {
+                    Some(d) if *d < grace => {
+                        let left = (grace - *d).as_secs();
+                        alarms.raise(pending, &subject, &format!(
+                            "Peer {peer} is lost: its licences ({} call, {} registration) leave the pool in {left} s unless it comes back",
+                            i.calls, i.registrations));
+                        alarms.lower(removed, &subject);
+                    }
+                    Some(_) => {
+                        alarms.lower(pending, &subject);
+                        alarms.raise(removed, &subject, &format!(
+                            "Peer {peer} has been lost longer than the grace period: its licences ({} call, {} registration) have left the pool",
+                            i.calls, i.registrations));
+                    }
+                    None => {
+                        alarms.lower(pending, &subject);
+                        alarms.lower(removed, &subject);
+                    }
+                }
+            }
+        }
+        self.licences.pool(&down, grace)
+    }
+
+    /// Whether one more AOR may register under the registration licences.
+    pub(crate) fn registration_licence_free(&self, aor_is_new: bool) -> bool {
+        let pool = *self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.registrations == 0 || !aor_is_new {
+            return true;
+        }
+        let (_, aors) = self.location.counts(causeway_common::time::unix_ms_now());
+        (aors as u64) < pool.registrations
+    }
+}
+
+/// Which peer owns a `licences/peerN` stream.
+pub fn owner(name: &str) -> Option<usize> {
+    location::stream_owner(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_peer_stays_in_the_pool_for_the_grace_period_only() {
+        let l = Licences::default();
+        for (p, calls) in [(1, 10), (2, 20), (3, 30)] {
+            let v = postcard::to_stdvec(&Installed {
+                calls,
+                registrations: 1,
+            })
+            .unwrap();
+            l.apply(p, Some(&v));
+        }
+        let grace = Duration::from_secs(60);
+        let mut down = HashMap::new();
+        assert_eq!(
+            l.pool(&down, grace),
+            Pool {
+                calls: 60,
+                registrations: 3
+            }
+        );
+        down.insert(3, Duration::from_secs(59));
+        assert_eq!(l.pool(&down, grace).calls, 60);
+        down.insert(3, Duration::from_secs(60));
+        assert_eq!(
+            l.pool(&down, grace),
+            Pool {
+                calls: 30,
+                registrations: 2
+            }
+        );
+        assert_eq!(
+            alarm_ids(&Installed {
+                calls: 1,
+                registrations: 0
+            }),
+            vec![(30013, 30016)]
+        );
+        assert_eq!(
+            alarm_ids(&Installed {
+                calls: 1,
+                registrations: 2
+            })
+            .len(),
+            3
+        );
+        assert!(alarm_ids(&Installed::default()).is_empty());
+    }
+}
