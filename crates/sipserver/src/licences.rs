@@ -181,8 +181,7 @@ impl SipService {
         if pool.registrations == 0 || !aor_is_new {
             return true;
         }
-        let (_, aors) = self.location.counts(causeway_common::time::unix_ms_now());
-        (aors as u64) < pool.registrations
+        (self.location.aor_count() as u64) < pool.registrations
     }
 }
 

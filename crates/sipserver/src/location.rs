@@ -85,9 +85,26 @@ type Copies = Vec<(usize, Binding)>;
 #[derive(Default)]
 pub struct Location {
     by_aor: RwLock<HashMap<String, HashMap<String, Copies>>>,
+    /// This peer's index: its own records are also kept by when they fall due.
+    own: usize,
+    /// (due, key) of this peer's records: their expiry, or 0 once a newer copy elsewhere
+    /// replaced them. Entries are checked when they fall due (a refresh leaves the old
+    /// entry behind), so the sweep never scans every binding.
+    due: std::sync::Mutex<std::collections::BTreeSet<(u64, String)>>,
 }
 
 impl Location {
+    pub fn new(own: usize) -> Location {
+        Location {
+            own,
+            ..Location::default()
+        }
+    }
+
+    fn due_lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(u64, String)>> {
+        self.due.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A record of stream `owner` changed (`None`: deleted).
     pub fn apply(&self, owner: usize, key: &str, value: Option<&[u8]>) {
         let Some(aor) = key.split('|').next() else {
@@ -101,6 +118,18 @@ impl Location {
                     .or_default()
                     .entry(key.to_string())
                     .or_default();
+                if owner == self.own {
+                    let newer_elsewhere = copies
+                        .iter()
+                        .any(|(o, c)| *o != owner && c.registered_at_ms > b.registered_at_ms);
+                    let due = if newer_elsewhere { 0 } else { b.expires_at_ms };
+                    self.due_lock().insert((due, key.to_string()));
+                } else if copies
+                    .iter()
+                    .any(|(o, mine)| *o == self.own && mine.registered_at_ms < b.registered_at_ms)
+                {
+                    self.due_lock().insert((0, key.to_string()));
+                }
                 match copies.iter_mut().find(|(o, _)| *o == owner) {
                     Some(slot) => slot.1 = b,
                     None => copies.push((owner, b)),
@@ -147,25 +176,48 @@ impl Location {
         by_aor.get(aor)?.get(key).and_then(|c| newest(c)).cloned()
     }
 
-    /// Keys of stream `owner` that must go: expired (or a removal past what it shadowed),
-    /// or superseded by a newer copy in another stream.
-    pub fn stale_of(&self, owner: usize, now_ms: u64) -> Vec<String> {
-        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::new();
-        for keys in by_aor.values() {
-            for (key, copies) in keys {
-                let Some((_, mine)) = copies.iter().find(|(o, _)| *o == owner) else {
-                    continue;
-                };
-                let superseded = copies
-                    .iter()
-                    .any(|(o, b)| *o != owner && b.registered_at_ms > mine.registered_at_ms);
-                if mine.expires_at_ms <= now_ms || superseded {
-                    out.push(key.clone());
+    /// This peer's keys that must go: expired (or a removal past what it shadowed), or
+    /// superseded by a newer copy in another stream.
+    pub fn stale_own(&self, now_ms: u64) -> Vec<String> {
+        let fallen: Vec<String> = {
+            let mut due = self.due_lock();
+            let mut fallen = Vec::new();
+            while let Some(first) = due.first() {
+                if first.0 > now_ms {
+                    break;
+                }
+                if let Some((_, key)) = due.pop_first() {
+                    fallen.push(key);
                 }
             }
-        }
+            fallen
+        };
+        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<String> = fallen
+            .into_iter()
+            .filter(|key| {
+                let aor = key.split('|').next().unwrap_or_default();
+                let Some(copies) = by_aor.get(aor).and_then(|k| k.get(key)) else {
+                    return false;
+                };
+                let Some((_, mine)) = copies.iter().find(|(o, _)| *o == self.own) else {
+                    return false;
+                };
+                mine.expires_at_ms <= now_ms
+                    || copies
+                        .iter()
+                        .any(|(o, b)| *o != self.own && b.registered_at_ms > mine.registered_at_ms)
+            })
+            .collect();
+        out.sort();
+        out.dedup();
         out
+    }
+
+    /// How many AORs have a record (live or awaiting its sweep): the registration
+    /// licences count this, without a scan.
+    pub fn aor_count(&self) -> usize {
+        self.by_aor.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Every live binding (for `xstatus registrations`), sorted by AOR.
@@ -249,38 +301,53 @@ mod tests {
 
     #[test]
     fn the_newest_copy_wins_and_the_old_owner_sees_its_copy_is_stale() {
-        let loc = Location::default();
+        let loc = Location::new(1);
+        let peer3 = Location::new(3);
+        let peer2 = Location::new(2);
         let old = binding(1, 100, 10_000);
         let key = old.key();
-        loc.apply(1, &key, Some(&old.encode()));
+        let all = [&loc, &peer2, &peer3];
+        let apply = |owner: usize, b: Option<&Binding>| {
+            for l in all {
+                l.apply(owner, &key, b.map(|b| b.encode()).as_deref());
+            }
+        };
+        apply(1, Some(&old));
         assert_eq!(loc.lookup("sip:alice@lab.example", 200)[0].owner, 1);
         let moved = binding(3, 500, 20_000);
-        loc.apply(3, &key, Some(&moved.encode()));
+        apply(3, Some(&moved));
         let found = loc.lookup("sip:alice@lab.example", 600);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].owner, 3);
-        assert_eq!(loc.stale_of(1, 600), vec![key.clone()]);
-        assert!(loc.stale_of(3, 600).is_empty());
+        assert_eq!(loc.stale_own(600), vec![key.clone()]);
+        assert!(peer3.stale_own(600).is_empty());
         // A removal on peer 2 shadows peer 3's copy; once expired, both go.
         let mut removal = binding(2, 900, 20_000);
         removal.removed = true;
-        loc.apply(2, &key, Some(&removal.encode()));
+        apply(2, Some(&removal));
         assert!(loc.lookup("sip:alice@lab.example", 1_000).is_empty());
-        assert_eq!(loc.stale_of(3, 1_000), vec![key.clone()]);
-        loc.apply(1, &key, None);
-        loc.apply(3, &key, None);
-        assert_eq!(loc.stale_of(2, 20_001), vec![key.clone()]);
-        loc.apply(2, &key, None);
+        assert_eq!(peer3.stale_own(1_000), vec![key.clone()]);
+        apply(1, None);
+        apply(3, None);
+        assert!(peer2.stale_own(19_999).is_empty());
+        assert_eq!(peer2.stale_own(20_001), vec![key.clone()]);
+        apply(2, None);
         assert_eq!(loc.counts(0).1, 0);
+        assert_eq!(loc.aor_count(), 0);
     }
 
     #[test]
     fn expired_bindings_are_not_found() {
-        let loc = Location::default();
+        let loc = Location::new(1);
         let b = binding(1, 100, 1_000);
         loc.apply(1, &b.key(), Some(&b.encode()));
         assert_eq!(loc.lookup(&b.aor, 999).len(), 1);
         assert!(loc.lookup(&b.aor, 1_000).is_empty());
-        assert_eq!(loc.stale_of(1, 1_000), vec![b.key()]);
+        assert!(loc.stale_own(999).is_empty());
+        // A refresh moves the expiry: the old entry falls due and is let go.
+        let refreshed = binding(1, 200, 5_000);
+        loc.apply(1, &b.key(), Some(&refreshed.encode()));
+        assert!(loc.stale_own(1_000).is_empty());
+        assert_eq!(loc.stale_own(5_000), vec![b.key()]);
     }
 }

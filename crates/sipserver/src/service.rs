@@ -135,7 +135,7 @@ impl SipService {
             node: node.clone(),
             settings,
             transports,
-            location: Location::default(),
+            location: Location::new(self_index),
             metrics,
             config: RwLock::new(Arc::new(SipConfig::default())),
             proxy: Mutex::new(ProxyState::default()),
@@ -357,7 +357,7 @@ impl SipService {
             self.sweep_transactions();
             let pool = self.licence_pool();
             *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = pool;
-            let stale = self.location.stale_of(self.self_index, unix_ms_now());
+            let stale = self.location.stale_own(unix_ms_now());
             if !stale.is_empty() {
                 let changes = stale
                     .into_iter()
