@@ -73,6 +73,8 @@ pub struct EngineSettings {
     /// How often the synchronisation check is reported in the log, as the seed does (the
     /// check itself runs on every heartbeat).
     pub sync_report: Duration,
+    /// How long a group commit waits for more writers once several are queued.
+    pub gather: Duration,
 }
 
 impl EngineSettings {
@@ -85,6 +87,7 @@ impl EngineSettings {
             ack_timeout: Duration::from_secs(5),
             keyring: None,
             sync_report: Duration::from_secs(120),
+            gather: Duration::from_millis(1),
         }
     }
 }
@@ -1225,8 +1228,13 @@ impl Engine {
             if let Ok(r) = result.try_recv() {
                 break r?;
             }
-            // Let writers that are ready now join this commit.
+            // Let writers that are ready now join this commit. Under load (writes already
+            // queued behind this one), wait a moment longer for more: every commit costs a
+            // store transaction and a push to every peer, whatever its size.
             tokio::task::yield_now().await;
+            if self.pending_lock().len() > 1 && !self.settings.gather.is_zero() {
+                tokio::time::sleep(self.settings.gather).await;
+            }
             self.commit_pending();
         };
         let (confirmed, peers) = self.wait_majority(id, header.generation, header.seq).await;
