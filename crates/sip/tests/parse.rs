@@ -1,6 +1,7 @@
 //! The parser against hand-written messages in the spirit of RFC 4475 (torture tests), and
 //! properties over generated ones: never a panic, typed fields read back, unknown headers
-//! kept byte for byte, streams framed exactly.
+//! kept byte for byte, streams framed exactly, and the same headers as another parser
+//! (ezk-sip-types, a test oracle only) reads.
 
 use bytes::Bytes;
 use causeway_sip::{frame, Frame, HeaderKind, Limits, Message, ParseError, Transport};
@@ -355,5 +356,43 @@ proptest! {
             }
         }
         prop_assert_eq!(got, texts);
+    }
+
+    /// Differential: ezk-sip-types splits the same message into the same start line and the
+    /// same header names and values, folded lines included.
+    #[test]
+    fn another_parser_reads_the_same_start_line_and_headers(
+        (method, call, cseq, extra, body) in request(),
+        fold in any::<prop::sample::Index>(),
+    ) {
+        let mut text = render(&method, &call, cseq, &extra, &body);
+        if !extra.is_empty() {
+            // Fold one extension header's value onto a continuation line (RFC 3261 §7.3.1).
+            let name = format!("X-{}: ", extra[fold.index(extra.len())].0);
+            text = text.replacen(&name, &format!("{name}folded\r\n  "), 1);
+        }
+        let ours = parse(&text, Transport::Stream).unwrap();
+        let raw = Bytes::from(text.clone());
+        let mut lines = ezk_sip_types::msg::PullParser::new(&raw, 0);
+        let start = std::str::from_utf8(lines.next().unwrap().unwrap()).unwrap();
+        prop_assert_eq!(start, format!("{method} sip:u@lab.example SIP/2.0"));
+        prop_assert_eq!(ours.method(), Some(method.as_str()));
+        let squash = |v: &str| v.split_whitespace().collect::<Vec<_>>().join(" ");
+        let theirs: Vec<(String, String)> = lines
+            .map(|l| {
+                let l = std::str::from_utf8(l.unwrap()).unwrap();
+                let (_, line) = ezk_sip_types::msg::Line::parse(&raw, l).unwrap();
+                (line.name.as_print_str().to_ascii_lowercase(), squash(&line.value))
+            })
+            .collect();
+        let mine: Vec<(String, String)> = ours
+            .headers()
+            .iter()
+            .map(|h| {
+                let name = String::from_utf8_lossy(ours.header_name(h)).to_ascii_lowercase();
+                (name, squash(&causeway_sip::unfold(ours.header_value(h))))
+            })
+            .collect();
+        prop_assert_eq!(mine, theirs);
     }
 }
