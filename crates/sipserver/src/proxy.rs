@@ -231,7 +231,23 @@ impl SipService {
         let has_to_tag = msg
             .value(HeaderKind::To)
             .is_some_and(|t| build::has_tag(&t));
+        // Not an open relay: beyond this cluster's domains a request goes only where a
+        // dialog through this cluster (our Record-Route, now our Route) or another peer of
+        // the cluster sends it.
+        let may_leave = popped > 0 && (has_to_tag || self.is_cluster_peer(source.remote.ip()));
+        let refuse_relay = || {
+            self.respond(
+                &msg,
+                &source,
+                403,
+                "Forbidden (not relaying outside the cluster's domains)",
+                &[],
+            );
+        };
         let hops: Vec<Hop> = if remaining_routes > 0 {
+            if !may_leave {
+                return refuse_relay();
+            }
             // Loose routing to the next Route: the Request-URI stays.
             let next = NameAddr::parse(&routes[popped]).ok();
             match next.as_ref().and_then(|n| uri_target(&n.uri)) {
@@ -280,6 +296,8 @@ impl SipService {
                 .iter()
                 .filter_map(|b| self.binding_hop(b, flow))
                 .collect()
+        } else if !may_leave {
+            return refuse_relay();
         } else {
             match uri_target(&uri) {
                 Some(target) => vec![Hop {
@@ -495,6 +513,10 @@ impl SipService {
     fn forward_stateless(&self, msg: &Message, source: &Source) {
         let routes = msg.values(HeaderKind::Route);
         let (popped, flow) = self.our_routes(&routes);
+        if popped == 0 {
+            debug!(target: LOG, "ACK not routed through this cluster dropped");
+            return;
+        }
         let target = if popped < routes.len() {
             NameAddr::parse(&routes[popped])
                 .ok()

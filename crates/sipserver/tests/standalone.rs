@@ -368,6 +368,18 @@ async fn an_invite_forks_to_every_contact_and_the_best_answer_wins() {
     // An unknown user: 404.
     caller.send(&invite("nobody", "fork3")).await;
     assert_eq!(caller.recv_final().await.status(), Some(404));
+    // Not an open relay: another domain, or a Route this cluster did not record, is refused.
+    caller
+        .send(&invite("x", "relay1").replace("sip:x@test.example SIP", "sip:x@198.18.0.1 SIP"))
+        .await;
+    assert_eq!(caller.recv_final().await.status(), Some(403));
+    caller
+        .send(
+            &invite("dan", "relay2")
+                .replace("Max-Forwards", "Route: <sip:198.18.0.1;lr>\r\nMax-Forwards"),
+        )
+        .await;
+    assert_eq!(caller.recv_final().await.status(), Some(403));
 }
 
 #[tokio::test]
