@@ -566,6 +566,17 @@ impl Transports {
         let _ = writer_task.await;
     }
 
+    async fn dial(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = match to {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        if self.bound.ip.is_ipv4() == to.is_ipv4() && !self.bound.ip.is_unspecified() {
+            socket.bind(SocketAddr::new(self.bound.ip, 0))?;
+        }
+        socket.connect(to).await
+    }
+
     fn send_on(&self, conn: u64, bytes: Bytes) -> bool {
         let conns = lock(&self.conns);
         match conns.get(&conn) {
@@ -617,8 +628,9 @@ impl Transports {
         let t = self.clone();
         let target = *target;
         tokio::spawn(async move {
-            let connected =
-                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target.addr)).await;
+            // From this system's SIP address, so the far end (another peer above all) sees
+            // where the connection comes from.
+            let connected = tokio::time::timeout(Duration::from_secs(5), t.dial(target.addr)).await;
             let stream = match connected {
                 Ok(Ok(s)) => s,
                 _ => {
