@@ -126,7 +126,7 @@ def sipp_run(target, scenario, rate, calls, outdir, port, extra=()):
     p = start(["timeout", str(calls // max(rate, 1) + 60), "sipp", target, "-sf", scenario,
                "-i", "127.0.0.1", "-p", str(port), "-r", str(rate), "-m", str(calls),
                "-l", str(max(1000, rate * 6)), "-timeout", f"{calls // max(rate, 1) + 30}s",
-               "-nostdin", "-buff_size", os.environ.get("SIPP_BUFF", "65535"), "-trace_err", "-trace_stat", "-stf", "stat.csv", "-fd", "1", *extra],
+               "-nostdin", *(("-trace_rtt", "-rtt_freq", "1000") if os.environ.get("SIPP_RTT") else ()), "-buff_size", os.environ.get("SIPP_BUFF", "65535"), "-trace_err", "-trace_stat", "-stf", "stat.csv", "-fd", "1", *extra],
               cwd=outdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     p.wait()
     with open(os.path.join(outdir, "stat.csv")) as f:
@@ -231,7 +231,7 @@ def main():
                                          os.path.join(tmp, "callees"), 5083,
                                          ("-inf", os.path.join(tmp, "callees.csv"), "-key", "uas_port", "5082"))
                 assert ok == 1000, f"callee registration: {ok} ok, {failed} failed"
-            for rate in [int(r) for r in rates.split(",")]:
+            for rate in [int(r) for r in rates.split(",") if r]:
                 calls = rate * a.duration
                 row = {"rate": rate}
                 if not a.skip_anchor:

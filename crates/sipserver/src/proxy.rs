@@ -341,7 +341,9 @@ impl SipService {
             None
         };
         if method == "BYE" {
-            self.release_call(&msg).await;
+            // Released in the background: the BYE need not wait for the record to go.
+            let (svc, bye) = (self.clone(), msg.clone());
+            tokio::spawn(async move { svc.release_call(&bye).await });
         }
         let record_route = creates_dialog(&method) && !has_to_tag;
         let invite = method == "INVITE";
