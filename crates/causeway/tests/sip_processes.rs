@@ -322,7 +322,7 @@ fn a_call_crosses_peers_over_udp_and_tcp_and_its_signalling_follows_the_record_r
 }
 
 /// Reads one SIP message from a stream endpoint.
-fn read_message(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Message {
+fn read_message(stream: &mut impl Read, buf: &mut Vec<u8>) -> Message {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match frame(buf, &Limits::default()).unwrap() {
@@ -345,17 +345,54 @@ fn read_message(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Message {
     }
 }
 
+/// A connection to a peer's SIP port, plain or TLS (the peer's certificate checked against
+/// the cluster's CA).
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+fn connect(c: &TestCluster, k: usize, ip: &str, tls: bool) -> Box<dyn Stream> {
+    let port = if tls { 5061 } else { 5060 };
+    let tcp = TcpStream::connect((ip, port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    if !tls {
+        return Box::new(tcp);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in causeway_pki::load_certs(&c.peers[k - 1].dir.join("ca.crt")).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(ip.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    Box::new(rustls::StreamOwned::new(conn, tcp))
+}
+
 #[test]
 fn an_endpoint_reachable_only_on_its_own_connection_is_called_through_the_peer_that_holds_it() {
-    let c = sip_cluster(41, 3);
+    endpoint_on_its_own_connection(41, false);
+}
+
+#[test]
+fn an_endpoint_registered_over_tls_is_called_through_the_peer_that_holds_its_connection() {
+    endpoint_on_its_own_connection(46, true);
+}
+
+fn endpoint_on_its_own_connection(net: u8, tls: bool) {
+    let c = sip_cluster(net, 3);
     let tmp = tempfile::tempdir().unwrap();
-    // The endpoint registers with peer 1 over TCP and gives a contact nobody can dial: only
-    // its connection to peer 1 reaches it.
-    let mut ep = TcpStream::connect("127.0.41.1:5060").unwrap();
-    ep.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let contact = "<sip:dave@127.0.41.99:9;transport=tcp>";
-    let local = ep.local_addr().unwrap();
-    write!(ep, "REGISTER sip:test.example SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKdave1\r\nMax-Forwards: 70\r\nFrom: <sip:dave@test.example>;tag=d1\r\nTo: <sip:dave@test.example>\r\nCall-ID: dave-reg\r\nCSeq: 1 REGISTER\r\nContact: {contact}\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let peer = |k: usize| format!("127.0.{net}.{k}");
+    // The endpoint registers with peer 1 over TCP or TLS and gives a contact nobody can
+    // dial: only its connection to peer 1 reaches it.
+    let mut ep = connect(&c, 1, &peer(1), tls);
+    let proto = if tls { "TLS" } else { "TCP" };
+    let contact = format!(
+        "<sip:dave@127.0.{net}.99:9;transport={}>",
+        proto.to_lowercase()
+    );
+    let local = format!("127.0.{net}.98:9");
+    write!(ep, "REGISTER sip:test.example SIP/2.0\r\nVia: SIP/2.0/{proto} {local};branch=z9hG4bKdave1\r\nMax-Forwards: 70\r\nFrom: <sip:dave@test.example>;tag=d1\r\nTo: <sip:dave@test.example>\r\nCall-ID: dave-reg\r\nCSeq: 1 REGISTER\r\nContact: {contact}\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n").unwrap();
     let mut buf = Vec::new();
     let ok = read_message(&mut ep, &mut buf);
     assert_eq!(ok.status(), Some(200));
@@ -365,8 +402,8 @@ fn an_endpoint_reachable_only_on_its_own_connection_is_called_through_the_peer_t
     });
     let users = csv(tmp.path(), "dave.csv", &["dave"]);
     let caller = call(
-        ("127.0.41.21", 5092),
-        "127.0.41.2",
+        (&peer(21), 5092),
+        &peer(2),
         &users,
         "u1",
         1,
@@ -377,14 +414,15 @@ fn an_endpoint_reachable_only_on_its_own_connection_is_called_through_the_peer_t
     let invite = read_message(&mut ep, &mut buf);
     assert_eq!(invite.method(), Some("INVITE"));
     let vias = invite.values(HeaderKind::Via);
+    let port = if tls { 5061 } else { 5060 };
     assert!(
-        vias[0].starts_with("SIP/2.0/TCP 127.0.41.1:5060"),
+        vias[0].starts_with(&format!("SIP/2.0/{proto} {}:{port}", peer(1))),
         "{vias:?}"
     );
-    assert!(vias[1].contains("127.0.41.2:5060"), "{vias:?}");
+    assert!(vias[1].contains(&format!("{}:5060", peer(2))), "{vias:?}");
     let rr = invite.values(HeaderKind::RecordRoute);
     assert!(
-        rr[0].contains("127.0.41.1:5060") && rr[0].contains("cw-flow="),
+        rr[0].contains(&format!("{}:{port}", peer(1))) && rr[0].contains("cw-flow="),
         "{rr:?}"
     );
     let answer = |req: &Message, status: u16, reason: &str| {
@@ -409,16 +447,7 @@ fn an_endpoint_reachable_only_on_its_own_connection_is_called_through_the_peer_t
     // Gone with its connection: a call now gets an error, not a hang.
     drop(ep);
     std::thread::sleep(Duration::from_millis(300));
-    let (ok, failed) = call(
-        ("127.0.41.21", 5093),
-        "127.0.41.3",
-        &users,
-        "u1",
-        1,
-        0,
-        tmp.path(),
-    )
-    .finish(40);
+    let (ok, failed) = call((&peer(21), 5093), &peer(3), &users, "u1", 1, 0, tmp.path()).finish(40);
     assert_eq!((ok, failed), (0, 1));
 }
 
