@@ -21,6 +21,10 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 
 const LOG: &str = "network.sip";
+/// Sources with a rate bucket of their own.
+const MAX_SOURCES: usize = 65_536;
+/// TLS handshakes in progress at once; more wait their turn in the accept queue.
+const MAX_HANDSHAKES: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Proto {
@@ -127,6 +131,7 @@ pub struct Transports {
     next_conn: AtomicU64,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
     incoming: mpsc::Sender<Incoming>,
+    handshakes: Arc<tokio::sync::Semaphore>,
     tls: Option<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -206,6 +211,7 @@ impl Transports {
             next_conn: AtomicU64::new(1),
             buckets: Mutex::new(HashMap::new()),
             incoming,
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             tls: tls_pair,
             metrics,
             cancel,
@@ -289,7 +295,14 @@ impl Transports {
         let rate = f64::from(self.caps.rate_per_source.max(1));
         let now = Instant::now();
         let mut buckets = lock(&self.buckets);
-        let b = buckets.entry(ip).or_insert(Bucket {
+        // Beyond MAX_SOURCES (a flood from spoofed addresses), new sources share one
+        // bucket, so the table cannot grow without bound.
+        let key = if buckets.len() >= MAX_SOURCES && !buckets.contains_key(&ip) {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            ip
+        };
+        let b = buckets.entry(key).or_insert(Bucket {
             tokens: rate,
             last: now,
         });
@@ -410,9 +423,18 @@ impl Transports {
                 match proto {
                     Proto::Tls => {
                         let Some((acceptor, _)) = &t.tls else { return };
+                        // Handshakes are not connections yet: bounded on their own, so slow
+                        // or silent clients cannot hold unbounded memory and CPU.
+                        let Ok(permit) = t.handshakes.clone().try_acquire_owned() else {
+                            t.metrics
+                                .refused_connections
+                                .fetch_add(1, Ordering::Relaxed);
+                            return;
+                        };
                         let accepted =
                             tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
                                 .await;
+                        drop(permit);
                         match accepted {
                             Ok(Ok(s)) => t.run_connection(s, proto, remote, None).await,
                             _ => {
