@@ -15,6 +15,9 @@ the ratio. Then, on Causeway only:
     it holds them all again;
   - memory: peer 1's RSS before and after those bindings.
 Traffic goes only to 127.0.0.0/8; every process started is stopped by PID at the end.
+Environment: SIPP_BUFF=N sets SIPp's socket buffers for the Causeway runs (default 65535,
+SIPp's own; the anchor always uses SIPp's default), SIPP_RTT=1 keeps per-call RTT files
+(with --keep).
 Needs: apt-get install -y kamailio sip-tester; cargo build --release.
 """
 import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
