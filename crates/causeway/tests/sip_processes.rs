@@ -158,29 +158,18 @@ fn register(
     dir: &Path,
 ) {
     let n = std::fs::read_to_string(csv).unwrap().lines().count() - 1;
-    let (ok, failed) = Sipp::start(
+    let (uas_port, n_text) = (uas_port.to_string(), n.to_string());
+    let extra = [
+        "-key", "uas_port", &uas_port, "-m", &n_text, "-timeout", "10",
+    ];
+    let (ok, failed) = client(
         dir,
-        &format!("register-{local_port}"),
-        &[
-            &format!("{peer}:5060"),
-            "-sf",
-            &scenario("register.xml"),
-            "-inf",
-            csv,
-            "-i",
-            ip,
-            "-p",
-            &local_port.to_string(),
-            "-t",
-            transport,
-            "-key",
-            "uas_port",
-            &uas_port.to_string(),
-            "-m",
-            &n.to_string(),
-            "-timeout",
-            "10",
-        ],
+        "register",
+        peer,
+        csv,
+        (ip, local_port),
+        transport,
+        &extra,
     )
     .finish(20);
     assert_eq!((ok, failed), (n as u64, 0), "registration through {peer}");
@@ -196,31 +185,41 @@ fn call(
     hold_ms: u64,
     dir: &Path,
 ) -> Sipp {
-    Sipp::start(
-        dir,
-        &format!("call-{local_port}"),
-        &[
-            &format!("{peer}:5060"),
-            "-sf",
-            &scenario("call.xml"),
-            "-inf",
-            csv,
-            "-i",
-            ip,
-            "-p",
-            &local_port.to_string(),
-            "-t",
-            transport,
-            "-d",
-            &hold_ms.to_string(),
-            "-m",
-            &calls.to_string(),
-            "-r",
-            "50",
-            "-timeout",
-            "30",
-        ],
-    )
+    let (hold, calls) = (hold_ms.to_string(), calls.to_string());
+    let extra = ["-d", &hold, "-m", &calls, "-r", "50", "-timeout", "30"];
+    client(dir, "call", peer, csv, (ip, local_port), transport, &extra)
+}
+
+/// A SIPp client running `tests/sip/<name>.xml` through `peer` with the users in `csv`.
+fn client(
+    dir: &Path,
+    name: &str,
+    peer: &str,
+    csv: &str,
+    (ip, local_port): (&str, u16),
+    transport: &str,
+    extra: &[&str],
+) -> Sipp {
+    let (target, file, port) = (
+        format!("{peer}:5060"),
+        scenario(&format!("{name}.xml")),
+        local_port.to_string(),
+    );
+    let mut args = vec![
+        target.as_str(),
+        "-sf",
+        &file,
+        "-inf",
+        csv,
+        "-i",
+        ip,
+        "-p",
+        &port,
+        "-t",
+        transport,
+    ];
+    args.extend_from_slice(extra);
+    Sipp::start(dir, &format!("{name}-{local_port}"), &args)
 }
 
 /// One call through `peer` that must succeed.

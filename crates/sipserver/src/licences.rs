@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::location;
 use crate::service::{SipService, LOG};
 
 pub const NAMESPACE: &str = "licences";
@@ -175,19 +174,15 @@ impl SipService {
         self.licences.pool(&down, grace)
     }
 
-    /// Whether one more AOR may register under the registration licences.
-    pub(crate) fn registration_licence_free(&self, aor_is_new: bool) -> bool {
+    /// Whether `aor` may register under the registration licences: an AOR that has a
+    /// binding already always may (looked up only when licences are installed).
+    pub(crate) fn registration_licence_free(&self, aor: &str, now_ms: u64) -> bool {
         let pool = *self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.registrations == 0 || !aor_is_new {
+        if pool.registrations == 0 || !self.location.lookup(aor, now_ms).is_empty() {
             return true;
         }
         (self.location.aor_count() as u64) < pool.registrations
     }
-}
-
-/// Which peer owns a `licences/peerN` stream.
-pub fn owner(name: &str) -> Option<usize> {
-    location::stream_owner(name)
 }
 
 #[cfg(test)]

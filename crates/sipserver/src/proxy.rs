@@ -141,6 +141,27 @@ struct Hop {
     flow: Option<u64>,
 }
 
+impl Hop {
+    /// Straight to `target`, the Request-URI unchanged; on the connection it names, if any.
+    fn direct(target: Target) -> Hop {
+        Hop {
+            uri: None,
+            target,
+            routes: vec![],
+            flow: target.conn,
+        }
+    }
+}
+
+/// The next hop after the Routes this peer removed: the next Route (loose routing), else
+/// the Request-URI.
+fn next_hop(routes: &[String], popped: usize, uri: Option<&str>) -> Option<Target> {
+    match routes.get(popped) {
+        Some(route) => uri_target(&NameAddr::parse(route).ok()?.uri),
+        None => uri_target(&SipUri::parse(uri?).ok()?),
+    }
+}
+
 impl SipService {
     pub(crate) async fn handle_request(self: Arc<Self>, incoming: Incoming) {
         let Incoming { msg, source } = incoming;
@@ -244,43 +265,14 @@ impl SipService {
                 &[],
             );
         };
-        let hops: Vec<Hop> = if remaining_routes > 0 {
-            if !may_leave {
-                return refuse_relay();
-            }
-            // Loose routing to the next Route: the Request-URI stays.
-            let next = NameAddr::parse(&routes[popped]).ok();
-            match next.as_ref().and_then(|n| uri_target(&n.uri)) {
-                Some(target) => vec![Hop {
-                    uri: None,
-                    target,
-                    routes: vec![],
-                    flow: None,
-                }],
-                None => {
-                    self.respond(
-                        &msg,
-                        &source,
-                        404,
-                        "Not Found (next Route cannot be reached)",
-                        &[],
-                    );
-                    return;
-                }
-            }
-        } else if let Some(target) = flow
-            .filter(|c| source.conn != Some(*c))
-            .and_then(|c| self.transports.connection(c))
-        {
+        let flow_target = (remaining_routes == 0)
+            .then(|| self.flow_target(flow, &source))
+            .flatten();
+        let hops: Vec<Hop> = if let Some(target) = flow_target {
             // Towards an endpoint whose connection this peer holds (a relayed request, or
             // in-dialog). A closed connection falls through to the Request-URI.
-            vec![Hop {
-                uri: None,
-                target,
-                routes: vec![],
-                flow: target.conn,
-            }]
-        } else if uri.user.is_some() && self.is_local_domain(&uri.host) {
+            vec![Hop::direct(target)]
+        } else if remaining_routes == 0 && uri.user.is_some() && self.is_local_domain(&uri.host) {
             let aor = self.canonical_aor(&uri);
             let bindings = self.location.lookup(&aor, unix_ms_now());
             if bindings.is_empty() {
@@ -299,21 +291,16 @@ impl SipService {
         } else if !may_leave {
             return refuse_relay();
         } else {
-            match uri_target(&uri) {
-                Some(target) => vec![Hop {
-                    uri: None,
-                    target,
-                    routes: vec![],
-                    flow: None,
-                }],
+            // Loose routing to the next Route (the Request-URI stays), or to the Request-URI.
+            match next_hop(&routes, popped, msg.uri()) {
+                Some(target) => vec![Hop::direct(target)],
                 None => {
-                    self.respond(
-                        &msg,
-                        &source,
-                        404,
-                        "Not Found (no route to the Request-URI)",
-                        &[],
-                    );
+                    let reason = if remaining_routes > 0 {
+                        "Not Found (next Route cannot be reached)"
+                    } else {
+                        "Not Found (no route to the Request-URI)"
+                    };
+                    self.respond(&msg, &source, 404, reason, &[]);
                     return;
                 }
             }
@@ -353,11 +340,7 @@ impl SipService {
         for hop in hops {
             let branch = format!("{COOKIE}cw{}", self.unique());
             let out_proto = hop.target.proto;
-            let mut prepend = vec![format!(
-                "Via: SIP/2.0/{} {};branch={branch}",
-                out_proto.name(),
-                self.local_address(out_proto)
-            )];
+            let mut prepend = vec![self.via_line(out_proto, &branch)];
             if record_route {
                 prepend.push(self.record_route(out_proto, hop.flow));
                 if out_proto != source.proto {
@@ -431,6 +414,20 @@ impl SipService {
 
     fn proxy_lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {
         self.proxy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn via_line(&self, proto: Proto, branch: &str) -> String {
+        format!(
+            "Via: SIP/2.0/{} {};branch={branch}",
+            proto.name(),
+            self.local_address(proto)
+        )
+    }
+
+    /// The connection a flow token names, unless the request came on it.
+    fn flow_target(&self, flow: Option<u64>, source: &Source) -> Option<Target> {
+        flow.filter(|c| source.conn != Some(*c))
+            .and_then(|c| self.transports.connection(c))
     }
 
     fn record_route(&self, proto: Proto, flow: Option<u64>) -> String {
@@ -520,19 +517,11 @@ impl SipService {
             return;
         }
         let target = if popped < routes.len() {
-            NameAddr::parse(&routes[popped])
-                .ok()
-                .and_then(|n| uri_target(&n.uri))
-        } else if let Some(t) = flow
-            .filter(|c| source.conn != Some(*c))
-            .and_then(|c| self.transports.connection(c))
-        {
-            Some(t)
+            None
         } else {
-            msg.uri()
-                .and_then(|u| SipUri::parse(u).ok())
-                .and_then(|u| uri_target(&u))
-        };
+            self.flow_target(flow, source)
+        }
+        .or_else(|| next_hop(&routes, popped, msg.uri()));
         let Some(target) = target else {
             debug!(target: LOG, "ACK with nowhere to go dropped");
             return;
@@ -544,11 +533,7 @@ impl SipService {
         let bytes = build::rewrite(
             msg,
             &Edit {
-                prepend: vec![format!(
-                    "Via: SIP/2.0/{} {};branch={branch}",
-                    target.proto.name(),
-                    self.local_address(target.proto)
-                )],
+                prepend: vec![self.via_line(target.proto, &branch)],
                 pop_routes: popped,
                 max_forwards: Some(
                     msg.max_forwards()

@@ -160,7 +160,7 @@ impl SipService {
             }
         }
         let adds = wanted.iter().any(|w| w.expires > 0);
-        if adds && !self.registration_licence_free(self.location.lookup(&aor, now).is_empty()) {
+        if adds && !self.registration_licence_free(&aor, now) {
             return reply(
                 503,
                 "Service Unavailable (no registration licence free in the cluster)",
@@ -260,11 +260,7 @@ impl SipService {
         let domain = if domains.contains(&host) {
             host
         } else {
-            domains
-                .first()
-                .cloned()
-                .or_else(|| self.settings.local_names.first().cloned())
-                .unwrap_or_else(|| self.settings.listen.to_string())
+            self.home_domain(&config)
         };
         match &uri.user {
             Some(u) => format!("sip:{u}@{}", domain.to_ascii_lowercase()),
@@ -273,7 +269,13 @@ impl SipService {
     }
 
     pub(crate) fn realm(&self) -> String {
-        self.config()
+        self.home_domain(&self.config())
+    }
+
+    /// The name every local spelling of the domain maps to: the first configured domain,
+    /// else the cluster name (or this peer's address).
+    fn home_domain(&self, config: &crate::service::SipConfig) -> String {
+        config
             .domains
             .first()
             .cloned()

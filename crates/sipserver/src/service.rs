@@ -87,23 +87,9 @@ impl Observer for Watcher {
             {
                 svc.reload_config();
             }
-        } else if stream.namespace == location::NAMESPACE {
-            if let Some(owner) = location::stream_owner(&stream.name) {
-                for a in applied {
-                    svc.location.apply(owner, &a.key, a.new.as_deref());
-                }
-            }
-        } else if stream.namespace == crate::licences::NAMESPACE {
-            if let Some(owner) = crate::licences::owner(&stream.name) {
-                for a in applied {
-                    svc.licences.apply(owner, a.new.as_deref());
-                }
-            }
-        } else if stream.namespace == crate::admission::NAMESPACE {
-            if let Some(owner) = location::stream_owner(&stream.name) {
-                for a in applied {
-                    svc.admission.apply(owner, &a.key, a.new.as_deref());
-                }
+        } else {
+            for a in applied {
+                svc.apply_record(stream, &a.key, a.new.as_deref());
             }
         }
     }
@@ -158,17 +144,8 @@ impl SipService {
             crate::licences::NAMESPACE,
         ] {
             for id in engine.streams(ns) {
-                let Some(owner) = location::stream_owner(&id.name) else {
-                    continue;
-                };
                 for (key, value) in engine.entries(&id) {
-                    match ns {
-                        location::NAMESPACE => svc.location.apply(owner, &key, Some(&value)),
-                        crate::admission::NAMESPACE => {
-                            svc.admission.apply(owner, &key, Some(&value))
-                        }
-                        _ => svc.licences.apply(owner, Some(&value)),
-                    }
+                    svc.apply_record(&id, &key, Some(&value));
                 }
             }
         }
@@ -179,6 +156,20 @@ impl SipService {
         tokio::spawn(svc.clone().dispatch(rx));
         tokio::spawn(svc.clone().housekeeping());
         Ok(svc)
+    }
+
+    /// One record of a SIP stream (`<namespace>/peerN`) as it is now, into the index that
+    /// follows it; other streams are not SIP's.
+    fn apply_record(&self, stream: &StreamId, key: &str, value: Option<&[u8]>) {
+        let Some(owner) = location::stream_owner(&stream.name) else {
+            return;
+        };
+        match stream.namespace.as_str() {
+            location::NAMESPACE => self.location.apply(owner, key, value),
+            crate::admission::NAMESPACE => self.admission.apply(owner, key, value),
+            crate::licences::NAMESPACE => self.licences.apply(owner, value),
+            _ => {}
+        }
     }
 
     pub(crate) fn reload_config(&self) {

@@ -138,16 +138,11 @@ pub struct Transports {
 }
 
 /// A second handle on a tokio UDP socket, for a reader on another runtime.
-trait TryCloneStd {
-    fn try_clone_std(&self) -> std::io::Result<std::net::UdpSocket>;
-}
-
-impl TryCloneStd for UdpSocket {
-    fn try_clone_std(&self) -> std::io::Result<std::net::UdpSocket> {
-        use std::os::fd::AsFd as _;
-        let fd = self.as_fd().try_clone_to_owned()?;
-        Ok(std::net::UdpSocket::from(fd))
-    }
+fn clone_std(socket: &UdpSocket) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsFd as _;
+    Ok(std::net::UdpSocket::from(
+        socket.as_fd().try_clone_to_owned()?,
+    ))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -235,7 +230,7 @@ impl Transports {
                 };
                 rt.block_on(async move {
                     // Registered with this thread's reactor; sends stay on the main runtime.
-                    let std_sock = match reader.as_ref().try_clone_std() {
+                    let std_sock = match clone_std(&reader) {
                         Ok(s) => s,
                         Err(e) => {
                             warn!(target: LOG, reason = %e, "SIP UDP reader could not start");
