@@ -289,6 +289,11 @@ impl Engine {
             _ => settings.primary,
         };
         let keyring = settings.keyring.clone();
+        let moved = Stream::migrate_legacy(store.as_ref(), keyring.as_deref())?;
+        if moved > 0 {
+            info!(target: LOG, event = "Store layout upgraded", records = moved,
+                "Replicated records moved to the layout ordered by sequence number");
+        }
         let streams = Stream::load_all(store.as_ref(), keyring.as_deref())?
             .into_iter()
             .map(|s| (s.id.clone(), s))
@@ -339,10 +344,10 @@ impl Engine {
     /// EX-14: seals every value again with `keyring` in one store transaction, then uses it
     /// for every later write. Returns how many records were sealed.
     pub fn reseal(&self, keyring: Arc<Keyring>) -> Result<usize, String> {
-        let st = self.lock();
+        let mut st = self.lock();
         let mut ops = Vec::new();
         let mut records = 0;
-        for stream in st.streams.values() {
+        for stream in st.streams.values_mut() {
             let all = stream.since(0);
             records += all.len();
             ops.extend(stream.store_ops(&all, true, Some(&keyring)));

@@ -5,10 +5,16 @@ use causeway_store::{Op, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::META_TABLE;
-use crate::stream::{RECORDS_TABLE, STREAMS_TABLE};
+use crate::stream::{LEGACY_RECORDS_TABLE, RECORDS_TABLE, STREAMS_TABLE};
 
-/// Every table the engine keeps: together, this node's cluster data.
-pub const CLUSTER_TABLES: &[&str] = &[STREAMS_TABLE, RECORDS_TABLE, META_TABLE];
+/// Every table the engine keeps: together, this node's cluster data. The legacy table is
+/// empty once the engine has opened the store, but a backup taken before may hold it.
+pub const CLUSTER_TABLES: &[&str] = &[
+    STREAMS_TABLE,
+    RECORDS_TABLE,
+    LEGACY_RECORDS_TABLE,
+    META_TABLE,
+];
 
 const MEMBERSHIP_KEY: &[u8] = b"membership";
 
