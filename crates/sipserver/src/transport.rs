@@ -145,6 +145,28 @@ fn clone_std(socket: &UdpSocket) -> std::io::Result<std::net::UdpSocket> {
     ))
 }
 
+/// What the SIP UDP socket asks the kernel to buffer. Responses and requests arrive in
+/// bursts (a group commit answers a batch at once, a client retransmits a batch); the
+/// usual default (208 KiB) holds about 150 datagrams, a few milliseconds of load when the
+/// reader is not scheduled.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Asks for `bytes` of receive buffer and returns what the kernel granted (it caps the
+/// request at `net.core.rmem_max`).
+fn enlarge_receive_buffer(socket: &UdpSocket, bytes: usize) -> usize {
+    let sock = socket2::SockRef::from(socket);
+    if let Err(e) = sock.set_recv_buffer_size(bytes) {
+        warn!(target: LOG, reason = %e, "SIP UDP receive buffer could not be enlarged");
+    }
+    // Linux reports twice what it accounts for payload (the rest is bookkeeping).
+    let granted = sock.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < bytes {
+        warn!(target: LOG, asked = bytes, granted = granted,
+            "SIP UDP receive buffer is smaller than asked: raise net.core.rmem_max to absorb bursts");
+    }
+    granted
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -168,6 +190,7 @@ impl Transports {
             .await
             .with_context(|| format!("binding SIP UDP on {ip}:{udp_port}"))?;
         let udp_port = udp.local_addr()?.port();
+        let udp_buffer = enlarge_receive_buffer(&udp, UDP_RECEIVE_BUFFER);
         // TCP on the same port number as UDP when asked for 0 in tests.
         let tcp = TcpListener::bind((ip, tcp_port))
             .await
@@ -249,7 +272,7 @@ impl Transports {
             tokio::spawn(t.clone().accept_loop(l, Proto::Tls));
         }
         tokio::spawn(t.clone().forget_buckets());
-        info!(target: LOG, ip = %ip, udp = udp_port, tcp = tcp_port,
+        info!(target: LOG, ip = %ip, udp = udp_port, tcp = tcp_port, udp_buffer = udp_buffer,
             tls = tls_port.map(|p| p.to_string()).unwrap_or_else(|| "off".into()),
             "SIP listening");
         Ok(t)
@@ -686,5 +709,24 @@ impl Transports {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel grants what was asked, up to `net.core.rmem_max`, and says so.
+    #[tokio::test]
+    async fn the_udp_receive_buffer_is_enlarged_up_to_the_kernel_limit() {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let default = socket2::SockRef::from(&sock).recv_buffer_size().unwrap() / 2;
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let asked = default * 4;
+        assert_eq!(enlarge_receive_buffer(&sock, asked), asked.min(max));
     }
 }
