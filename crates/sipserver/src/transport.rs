@@ -172,9 +172,11 @@ fn enlarge_receive_buffer(socket: &UdpSocket, bytes: usize) -> usize {
 /// Datagrams one destination may receive back to back, and then how many per second.
 /// A group commit answers its whole batch at once; a client that sends many requests from
 /// one address (an SBC, a trunk, a load generator) would get them as one burst, more than
-/// its receive buffer holds if it is not scheduled at that moment.
+/// its receive buffer holds if it is not scheduled at that moment. The rate is the default
+/// request cap per source (`sip.rate_per_source`): answers to a source within its cap do
+/// not wait, and datagrams to other destinations are not held behind them.
 const UDP_BURST: f64 = 32.0;
-const UDP_PER_SECOND: f64 = 40_000.0;
+const UDP_PER_SECOND: f64 = 50_000.0;
 /// Out of tokens, the sender waits for this many at once: a sleep costs tens of
 /// microseconds whatever its length.
 const UDP_REFILL: f64 = 8.0;
