@@ -212,16 +212,24 @@ impl Pacer {
     }
 }
 
-/// Sends datagrams in order on a thread of its own, paced per destination.
+/// Sends datagrams in order on a thread of its own, paced per destination, until the
+/// service stops (the thread holds the socket: it must not outlive the service).
 fn spawn_udp_sender(
     sock: std::net::UdpSocket,
+    cancel: CancellationToken,
 ) -> anyhow::Result<std::sync::mpsc::SyncSender<(Bytes, SocketAddr)>> {
+    use std::sync::mpsc::RecvTimeoutError;
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Bytes, SocketAddr)>(UDP_QUEUE);
     std::thread::Builder::new()
         .name("sip-udp-send".into())
         .spawn(move || {
             let mut pacer = Pacer::default();
-            while let Ok((bytes, to)) = rx.recv() {
+            while !cancel.is_cancelled() {
+                let (bytes, to) = match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(d) => d,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                };
                 if let Some(wait) = pacer.take(to, std::time::Instant::now()) {
                     std::thread::sleep(wait);
                 }
@@ -289,7 +297,10 @@ impl Transports {
                 tls_port,
             },
             caps,
-            udp_out: spawn_udp_sender(clone_std(&udp).context("starting the SIP UDP sender")?)?,
+            udp_out: spawn_udp_sender(
+                clone_std(&udp).context("starting the SIP UDP sender")?,
+                cancel.clone(),
+            )?,
             udp: Arc::new(udp),
             conns: Mutex::new(HashMap::new()),
             by_remote: Mutex::new(HashMap::new()),

@@ -167,6 +167,15 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        // A failed test shows what each peer said last: the directory goes with the test.
+        if std::thread::panicking() {
+            for k in 1..=self.peers.len() {
+                let log = self.log(k);
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                eprintln!("--- peer {k}, last lines of causeway.log ---\n{tail}");
+            }
+        }
         for p in &mut self.peers {
             if let Some(mut c) = p.child.take() {
                 let _ = c.kill();
