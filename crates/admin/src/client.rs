@@ -44,7 +44,12 @@ fn request(
             body.len()
         )
     };
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: causeway\r\nConnection: close\r\nAccept: application/json\r\n{content}\r\n{body}").context("sending the request to the node")?;
+    // One write: written piece by piece, the node could answer a request whose handler
+    // ignores the body and close before the rest arrived (a reset or broken pipe here).
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: causeway\r\nConnection: close\r\nAccept: application/json\r\n{content}\r\n{body}");
+    stream
+        .write_all(request.as_bytes())
+        .context("sending the request to the node")?;
     let mut response = Vec::new();
     stream
         .take(MAX_RESPONSE)
