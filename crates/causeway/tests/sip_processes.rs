@@ -721,6 +721,25 @@ fn licences_pool_across_peers_and_a_lost_peers_licences_leave_the_pool_after_the
     });
     assert_eq!(licence_pool(&c, 1), Some(2));
     assert!(c.alarm_raised(2, 30017, "127.0.45.3"));
+    // Peer 1 restarts while peer 3 is still lost: the grace does not start over (the
+    // peers recorded when they first saw peer 3 go), so 30014 never comes back.
+    c.kill9(1);
+    c.launch(1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(
+            !c.alarm_raised(1, 30014, "127.0.45.3"),
+            "the restarted peer 1 started peer 3's grace over"
+        );
+        if c.alarm_raised(1, 30017, "127.0.45.3") && licence_pool(&c, 1) == Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "peer 1 never showed 30017 again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Long enough for a grace that had started over to be seen.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!c.alarm_raised(1, 30014, "127.0.45.3"));
     c.launch(3);
     wait_for(30, "cluster formed again", || c.formed());
     wait_for(5, "the licence back in the pool, alarms cleared", || {

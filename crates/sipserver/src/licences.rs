@@ -1,7 +1,9 @@
 //! Licences pooled across the cluster (SV-5). Each peer publishes what its file installs
 //! (`licences/peerN`); the pool is the sum over the peers that are up, plus those lost for
 //! less than the grace period (alarms 30012…30014 meanwhile, 30015…30017 once they have
-//! left the pool). The grace is counted from when this peer saw the other one go.
+//! left the pool). The grace is counted from the first time any peer saw the other one go:
+//! each peer records when it did as `lost/peerK` in its own stream, so restarting a peer
+//! does not start the grace over.
 //!
 //! Call licences cap concurrent calls (with `limits.calls.max`, the lower wins);
 //! registration licences cap the AORs with a binding. No licences installed anywhere: no
@@ -20,6 +22,8 @@ use crate::service::{SipService, LOG};
 
 pub const NAMESPACE: &str = "licences";
 const KEY: &str = "installed";
+/// `lost/peerK`: when the stream's owner first saw peer K lost (unix ms).
+const LOST_PREFIX: &str = "lost/";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Installed {
@@ -39,6 +43,8 @@ pub struct Licences {
     installed: Mutex<HashMap<usize, Installed>>,
     /// Peers seen down, and since when.
     down_since: Mutex<HashMap<usize, Instant>>,
+    /// (reporter, lost peer) → when the reporter first saw it lost, unix ms.
+    lost_reports: Mutex<HashMap<(usize, usize), u64>>,
 }
 
 /// The alarms for a lost peer's licences: (in the pool, grace running) and (removed).
@@ -57,7 +63,21 @@ fn alarm_ids(i: &Installed) -> Vec<(u32, u32)> {
 }
 
 impl Licences {
-    pub fn apply(&self, owner: usize, value: Option<&[u8]>) {
+    pub fn apply(&self, owner: usize, key: &str, value: Option<&[u8]>) {
+        if let Some(lost) = key
+            .strip_prefix(LOST_PREFIX)
+            .and_then(crate::location::stream_owner)
+        {
+            let mut reports = self.lost_reports.lock().unwrap_or_else(|p| p.into_inner());
+            match value.and_then(|v| postcard::from_bytes::<u64>(v).ok()) {
+                Some(ms) => reports.insert((owner, lost), ms),
+                None => reports.remove(&(owner, lost)),
+            };
+            return;
+        }
+        if key != KEY {
+            return;
+        }
         let mut installed = self.installed.lock().unwrap_or_else(|p| p.into_inner());
         match value.and_then(|v| postcard::from_bytes::<Installed>(v).ok()) {
             Some(i) => {
@@ -81,6 +101,53 @@ impl Licences {
             }
         }
         down.iter().map(|(p, t)| (*p, now - *t)).collect()
+    }
+
+    /// How long each peer down now has been lost: since the earliest report of any peer
+    /// (this peer's own survives its restarts), at least since this peer saw it go.
+    fn lost_for(&self, down: &HashMap<usize, Duration>, now_ms: u64) -> HashMap<usize, Duration> {
+        let reports = self.lost_reports.lock().unwrap_or_else(|p| p.into_inner());
+        down.iter()
+            .map(|(peer, seen)| {
+                let reported = reports
+                    .iter()
+                    .filter(|((_, lost), _)| lost == peer)
+                    .map(|(_, ms)| Duration::from_millis(now_ms.saturating_sub(*ms)))
+                    .max()
+                    .unwrap_or_default();
+                (*peer, reported.max(*seen))
+            })
+            .collect()
+    }
+
+    /// What this peer's own `lost/` records should become: a report for each peer lost
+    /// without one, a removal for each that is back.
+    fn report_changes(
+        &self,
+        me: usize,
+        lost: &HashMap<usize, Duration>,
+        now_ms: u64,
+    ) -> Vec<Change> {
+        let reports = self.lost_reports.lock().unwrap_or_else(|p| p.into_inner());
+        let key = |peer: usize| format!("{LOST_PREFIX}{}", crate::location::stream_name(peer));
+        let mut changes: Vec<Change> = lost
+            .iter()
+            .filter(|(peer, _)| **peer != me && !reports.contains_key(&(me, **peer)))
+            .map(|(peer, d)| Change {
+                key: key(*peer),
+                value: postcard::to_stdvec(&now_ms.saturating_sub(d.as_millis() as u64)).ok(),
+            })
+            .collect();
+        changes.extend(
+            reports
+                .keys()
+                .filter(|(reporter, peer)| *reporter == me && !lost.contains_key(peer))
+                .map(|(_, peer)| Change {
+                    key: key(*peer),
+                    value: None,
+                }),
+        );
+        changes
     }
 
     /// Peers seen down for longer than `d`.
@@ -132,7 +199,18 @@ impl SipService {
     pub(crate) fn licence_pool(&self) -> Pool {
         let peers = self.peers();
         let up: Vec<(usize, bool)> = peers.iter().map(|(i, _, up)| (*i, *up)).collect();
+        let now_ms = causeway_common::time::unix_ms_now();
         let down = self.licences.observe(&up);
+        let down = self.licences.lost_for(&down, now_ms);
+        let changes = self.licences.report_changes(self.self_index, &down, now_ms);
+        if !changes.is_empty() {
+            let (node, own) = (self.node.clone(), self.own_stream(NAMESPACE));
+            tokio::spawn(async move {
+                if let Err(e) = node.replication().write(&own, changes).await {
+                    warn!(target: LOG, reason = %e, "Recording when peers were lost failed");
+                }
+            });
+        }
         let grace = Duration::from_secs(self.node.config().licences.grace_period_s);
         let installed = self
             .licences
@@ -198,7 +276,7 @@ mod tests {
                 registrations: 1,
             })
             .unwrap();
-            l.apply(p, Some(&v));
+            l.apply(p, KEY, Some(&v));
         }
         let grace = Duration::from_secs(60);
         let mut down = HashMap::new();
@@ -235,5 +313,42 @@ mod tests {
             3
         );
         assert!(alarm_ids(&Installed::default()).is_empty());
+    }
+
+    /// The grace runs from the earliest report of a peer's loss, whoever made it and
+    /// however recently this peer started watching; a peer that is back needs no report.
+    #[test]
+    fn the_grace_counts_from_the_first_report_of_a_loss() {
+        let l = Licences::default();
+        let now_ms = 1_000_000;
+        let at = |ms: u64| postcard::to_stdvec(&ms).unwrap();
+        l.apply(2, "lost/peer3", Some(&at(now_ms - 50_000)));
+        l.apply(1, "lost/peer3", Some(&at(now_ms - 20_000)));
+        let seen_now = HashMap::from([(3, Duration::from_secs(1))]);
+        let lost = l.lost_for(&seen_now, now_ms);
+        assert_eq!(
+            lost[&3],
+            Duration::from_secs(50),
+            "peer 2's report is the earliest"
+        );
+        assert!(
+            l.report_changes(1, &lost, now_ms).is_empty(),
+            "peer 1 has reported it"
+        );
+        let back = l.report_changes(1, &HashMap::new(), now_ms);
+        assert_eq!(back.len(), 1);
+        assert_eq!(
+            (back[0].key.as_str(), back[0].value.as_deref()),
+            ("lost/peer3", None)
+        );
+        let fresh = l.report_changes(4, &lost, now_ms);
+        assert_eq!(
+            fresh[0].value,
+            Some(at(now_ms - 50_000)),
+            "a new report keeps the first time"
+        );
+        l.apply(2, "lost/peer3", None);
+        l.apply(1, "lost/peer3", None);
+        assert_eq!(l.lost_for(&seen_now, now_ms)[&3], Duration::from_secs(1));
     }
 }

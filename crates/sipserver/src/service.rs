@@ -167,7 +167,7 @@ impl SipService {
         match stream.namespace.as_str() {
             location::NAMESPACE => self.location.apply(owner, key, value),
             crate::admission::NAMESPACE => self.admission.apply(owner, key, value),
-            crate::licences::NAMESPACE => self.licences.apply(owner, value),
+            crate::licences::NAMESPACE => self.licences.apply(owner, key, value),
             _ => {}
         }
     }
