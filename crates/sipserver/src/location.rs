@@ -158,10 +158,7 @@ impl Location {
         let mut out: Vec<Binding> = by_aor
             .get(aor)
             .into_iter()
-            .flat_map(|keys| keys.values())
-            .filter_map(|copies| newest(copies))
-            .filter(|b| b.live(now_ms))
-            .cloned()
+            .flat_map(|keys| current(keys, now_ms))
             .collect();
         out.sort_by(|a, b| {
             b.q.cmp(&a.q)
@@ -225,10 +222,7 @@ impl Location {
         let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<Binding> = by_aor
             .values()
-            .flat_map(|keys| keys.values())
-            .filter_map(|c| newest(c))
-            .filter(|b| b.live(now_ms))
-            .cloned()
+            .flat_map(|keys| current(keys, now_ms))
             .collect();
         out.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.uri.cmp(&b.uri)));
         out
@@ -265,6 +259,14 @@ impl Location {
         }
         by_aor.retain(|_, k| !k.is_empty());
     }
+}
+
+/// An AOR's bindings that count now: per key the newest copy, if it is live.
+fn current(keys: &HashMap<String, Copies>, now_ms: u64) -> impl Iterator<Item = Binding> + '_ {
+    keys.values()
+        .filter_map(|copies| newest(copies))
+        .filter(move |b| b.live(now_ms))
+        .cloned()
 }
 
 fn newest(copies: &[(usize, Binding)]) -> Option<&Binding> {

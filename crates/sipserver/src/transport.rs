@@ -124,8 +124,8 @@ struct Bucket {
 pub struct Transports {
     pub bound: Bound,
     caps: Caps,
-    udp: Arc<UdpSocket>,
-    /// Datagrams to send, paced per destination by the `sip-udp-send` thread.
+    /// Datagrams to send, paced per destination by the `sip-udp-send` thread: every UDP
+    /// send goes there.
     udp_out: std::sync::mpsc::SyncSender<(Bytes, SocketAddr)>,
     conns: Mutex<HashMap<u64, Conn>>,
     /// Open connections by (transport, remote): requests to an address reuse one (§18.1.1).
@@ -301,7 +301,6 @@ impl Transports {
                 clone_std(&udp).context("starting the SIP UDP sender")?,
                 cancel.clone(),
             )?,
-            udp: Arc::new(udp),
             conns: Mutex::new(HashMap::new()),
             by_remote: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -314,7 +313,8 @@ impl Transports {
         });
         // UDP is read on a thread of its own: a worker busy elsewhere (a store write, a burst
         // of tasks) must not leave datagrams to overflow the socket's receive buffer.
-        let reader = t.udp.clone();
+        let reader = clone_std(&udp).context("starting the SIP UDP reader")?;
+        drop(udp);
         let receiver = t.clone();
         std::thread::Builder::new()
             .name("sip-udp".into())
@@ -330,15 +330,8 @@ impl Transports {
                     }
                 };
                 rt.block_on(async move {
-                    // Registered with this thread's reactor; sends stay on the main runtime.
-                    let std_sock = match clone_std(&reader) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            warn!(target: LOG, reason = %e, "SIP UDP reader could not start");
-                            return;
-                        }
-                    };
-                    match UdpSocket::from_std(std_sock) {
+                    // Registered with this thread's reactor.
+                    match UdpSocket::from_std(reader) {
                         Ok(sock) => receiver.udp_loop(sock).await,
                         Err(e) => warn!(target: LOG, reason = %e, "SIP UDP reader could not start"),
                     }
@@ -444,9 +437,7 @@ impl Transports {
                         Some(c) => {
                             self.send_on(c, resp);
                         }
-                        None => {
-                            let _ = self.udp.try_send_to(&resp, source.remote);
-                        }
+                        None => self.send_datagram(resp, source.remote),
                     }
                 }
                 Err(e.status())
@@ -472,7 +463,7 @@ impl Transports {
             // RFC 5626 keep-alive: CRLF CRLF gets CRLF back; a lone CRLF is ignored.
             if data.iter().all(|b| *b == b'\r' || *b == b'\n') {
                 if data == b"\r\n\r\n" {
-                    let _ = udp.try_send_to(b"\r\n", from);
+                    self.send_datagram(Bytes::from_static(b"\r\n"), from);
                 }
                 continue;
             }
@@ -695,6 +686,13 @@ impl Transports {
         socket.connect(to).await
     }
 
+    /// Queues a datagram for the sender thread; a full queue drops it, counted.
+    fn send_datagram(&self, bytes: Bytes, to: SocketAddr) {
+        if self.udp_out.try_send((bytes, to)).is_err() {
+            self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn send_on(&self, conn: u64, bytes: Bytes) -> bool {
         let conns = lock(&self.conns);
         match conns.get(&conn) {
@@ -719,9 +717,7 @@ impl Transports {
     ) {
         self.metrics.sent.fetch_add(1, Ordering::Relaxed);
         if target.proto == Proto::Udp {
-            if self.udp_out.try_send((bytes, target.addr)).is_err() {
-                self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            self.send_datagram(bytes, target.addr);
             return;
         }
         if let Some(c) = target.conn {
