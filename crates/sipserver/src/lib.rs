@@ -6,6 +6,7 @@ mod auth;
 pub mod licences;
 pub mod location;
 pub mod metrics;
+mod pacer;
 mod proxy;
 mod registrar;
 mod respond;

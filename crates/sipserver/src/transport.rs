@@ -169,72 +169,48 @@ fn enlarge_receive_buffer(socket: &UdpSocket, bytes: usize) -> usize {
     granted
 }
 
-/// Datagrams one destination may receive back to back, and then how many per second.
-/// A group commit answers its whole batch at once; a client that sends many requests from
-/// one address (an SBC, a trunk, a load generator) would get them as one burst, more than
-/// its receive buffer holds if it is not scheduled at that moment. The rate is the default
-/// request cap per source (`sip.rate_per_source`): answers to a source within its cap do
-/// not wait, and datagrams to other destinations are not held behind them.
-const UDP_BURST: f64 = 32.0;
-const UDP_PER_SECOND: f64 = 50_000.0;
-/// Out of tokens, the sender waits for this many at once: a sleep costs tens of
-/// microseconds whatever its length.
-const UDP_REFILL: f64 = 8.0;
 /// Datagrams waiting for the sender; beyond, they are dropped (and counted) like a full
 /// socket buffer would: UDP senders retransmit.
 const UDP_QUEUE: usize = 65_536;
 
-/// A token bucket per destination.
-#[derive(Default)]
-struct Pacer {
-    buckets: HashMap<SocketAddr, (f64, std::time::Instant)>,
-}
-
-impl Pacer {
-    /// Takes a token for a datagram to `to` at `now`; returns how long to wait first.
-    fn take(&mut self, to: SocketAddr, now: std::time::Instant) -> Option<Duration> {
-        if self.buckets.len() > 4096 {
-            self.buckets
-                .retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(1));
-        }
-        let (tokens, last) = self.buckets.entry(to).or_insert((UDP_BURST, now));
-        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * UDP_PER_SECOND)
-            .min(UDP_BURST);
-        *last = now;
-        let wait = (*tokens < 1.0).then(|| {
-            let wait = Duration::from_secs_f64((UDP_REFILL - *tokens) / UDP_PER_SECOND);
-            *tokens = UDP_REFILL;
-            *last = now + wait;
-            wait
-        });
-        *tokens -= 1.0;
-        wait
-    }
-}
-
-/// Sends datagrams in order on a thread of its own, paced per destination, until the
+/// Sends datagrams on a thread of its own, paced per destination (`pacer`), until the
 /// service stops (the thread holds the socket: it must not outlive the service).
 fn spawn_udp_sender(
     sock: std::net::UdpSocket,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> anyhow::Result<std::sync::mpsc::SyncSender<(Bytes, SocketAddr)>> {
+    use crate::pacer::{Next, Pacer};
     use std::sync::mpsc::RecvTimeoutError;
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Bytes, SocketAddr)>(UDP_QUEUE);
     std::thread::Builder::new()
         .name("sip-udp-send".into())
         .spawn(move || {
-            let mut pacer = Pacer::default();
-            while !cancel.is_cancelled() {
-                let (bytes, to) = match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(d) => d,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                };
-                if let Some(wait) = pacer.take(to, std::time::Instant::now()) {
-                    std::thread::sleep(wait);
+            let mut pacer = Pacer::new(UDP_QUEUE);
+            let queue = |pacer: &mut Pacer, (bytes, to): (Bytes, SocketAddr)| {
+                if !pacer.push(to, bytes, std::time::Instant::now()) {
+                    metrics.dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                if let Err(e) = sock.send_to(&bytes, to) {
-                    debug!(target: LOG, dst = %to, reason = %e, "UDP send failed");
+            };
+            while !cancel.is_cancelled() {
+                while let Ok(d) = rx.try_recv() {
+                    queue(&mut pacer, d);
+                }
+                let now = std::time::Instant::now();
+                let wait = match pacer.next(now) {
+                    Next::Send(to, bytes) => {
+                        if let Err(e) = sock.send_to(&bytes, to) {
+                            debug!(target: LOG, dst = %to, reason = %e, "UDP send failed");
+                        }
+                        continue;
+                    }
+                    Next::WaitUntil(t) => t.saturating_duration_since(now),
+                    Next::Idle => Duration::from_millis(200),
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(d) => queue(&mut pacer, d),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
         })?;
@@ -299,6 +275,7 @@ impl Transports {
             caps,
             udp_out: spawn_udp_sender(
                 clone_std(&udp).context("starting the SIP UDP sender")?,
+                metrics.clone(),
                 cancel.clone(),
             )?,
             conns: Mutex::new(HashMap::new()),
@@ -802,41 +779,5 @@ mod tests {
             .unwrap();
         let asked = default * 4;
         assert_eq!(enlarge_receive_buffer(&sock, asked), asked.min(max));
-    }
-
-    /// A burst to one destination is spread out once it passes UDP_BURST; other
-    /// destinations are not held back, and a pause lets the bucket fill again.
-    #[test]
-    fn datagrams_to_one_destination_are_paced_after_a_burst() {
-        let (a, b): (SocketAddr, SocketAddr) = (
-            "192.0.2.1:5060".parse().unwrap(),
-            "192.0.2.2:5060".parse().unwrap(),
-        );
-        let mut pacer = Pacer::default();
-        let now = std::time::Instant::now();
-        for i in 0..UDP_BURST as usize {
-            assert_eq!(pacer.take(a, now), None, "datagram {i} of the burst waits");
-        }
-        let wait = pacer
-            .take(a, now)
-            .expect("the first beyond the burst waits");
-        assert!(wait >= Duration::from_secs_f64((UDP_REFILL - 1.0) / UDP_PER_SECOND));
-        for _ in 1..UDP_REFILL as usize {
-            assert_eq!(
-                pacer.take(a, now + wait),
-                None,
-                "the refill is sent without waiting"
-            );
-        }
-        assert!(pacer.take(a, now + wait).is_some(), "then it waits again");
-        assert_eq!(
-            pacer.take(b, now),
-            None,
-            "another destination is not held back"
-        );
-        let later = now + Duration::from_secs(1);
-        for _ in 0..UDP_BURST as usize {
-            assert_eq!(pacer.take(a, later), None, "a full bucket after a pause");
-        }
     }
 }
