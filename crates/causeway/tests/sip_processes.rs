@@ -321,6 +321,52 @@ fn a_call_crosses_peers_over_udp_and_tcp_and_its_signalling_follows_the_record_r
 }
 
 /// Reads one SIP message from a stream endpoint.
+/// With no limit set, a call's record is written once it has lasted a second (a shorter
+/// call costs no replicated write): a held call is then listed on every peer, and its BYE
+/// removes it everywhere.
+#[test]
+fn with_no_limit_a_held_call_is_listed_on_every_peer_and_its_bye_removes_it() {
+    let c = sip_cluster(47, 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let users = csv(tmp.path(), "gina.csv", &["gina"]);
+    let callee = uas("127.0.47.20", 5090, "u1", 2, tmp.path());
+    register(
+        "127.0.47.20",
+        "127.0.47.1",
+        &users,
+        5090,
+        5091,
+        "u1",
+        tmp.path(),
+    );
+    wait_for(5, "gina's binding on peer 2", || {
+        binding_owner(&c, 2, "sip:gina@test.example") == Some(1)
+    });
+    call_ok(("127.0.47.21", 5100), "127.0.47.2", &users, tmp.path());
+    let listed = |n: u64| (1..=3).all(|k| c.xstatus(k, "calls").is_some_and(|s| s["calls"] == n));
+    assert!(listed(0), "the short call is not listed anywhere");
+    let held = call(
+        ("127.0.47.21", 5101),
+        "127.0.47.2",
+        &users,
+        "u1",
+        1,
+        4000,
+        tmp.path(),
+    );
+    wait_for(3, "the held call listed on every peer", || listed(1));
+    assert_eq!(
+        held.finish(30),
+        (1, 0),
+        "{}",
+        sipp_logs(tmp.path(), "errors")
+    );
+    wait_for(5, "the call gone from every peer after its BYE", || {
+        listed(0)
+    });
+    assert_eq!(callee.finish(10).0, 2);
+}
+
 fn read_message(stream: &mut impl Read, buf: &mut Vec<u8>) -> Message {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -33,6 +33,10 @@ const CALL_MAX_AGE_MS: u64 = 12 * 3600 * 1000;
 const ASK_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a lost peer's calls still count against the limit.
 const CALL_GRACE: Duration = Duration::from_secs(120);
+/// With no call or bandwidth limit set, nothing waits for a call's record: it is written
+/// once the call has lasted this long, so a call shorter than this costs no replicated
+/// write (neither the record nor its removal).
+const RECORD_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CallRecord {
@@ -40,6 +44,15 @@ pub struct CallRecord {
     pub kbps: u64,
     pub from: String,
     pub to: String,
+}
+
+/// A call this peer admitted whose record is not in its stream yet.
+#[derive(Debug, PartialEq, Eq)]
+enum Unrecorded {
+    /// To be written after RECORD_DELAY, if the call is still up then.
+    Waiting,
+    /// Being written; `ended`: its BYE came meanwhile, so it is removed once written.
+    Writing { ended: bool },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -56,6 +69,7 @@ struct State {
     grants: HashMap<String, (u64, u64)>,
     waiting: HashMap<u64, oneshot::Sender<bool>>,
     next_id: u64,
+    unrecorded: HashMap<String, Unrecorded>,
 }
 
 #[derive(Default)]
@@ -146,6 +160,48 @@ impl Admission {
         ok
     }
 
+    /// A call admitted here, its record not written yet.
+    fn admitted(&self, call: &str) {
+        self.lock()
+            .unrecorded
+            .insert(call.to_string(), Unrecorded::Waiting);
+    }
+
+    /// The record is due: true if it is to be written (the call has not ended).
+    fn start_writing(&self, call: &str) -> bool {
+        match self.lock().unrecorded.get_mut(call) {
+            Some(state @ Unrecorded::Waiting) => {
+                *state = Unrecorded::Writing { ended: false };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The record is written: true if the call ended meanwhile (remove the record now).
+    fn written(&self, call: &str) -> bool {
+        self.lock().unrecorded.remove(call) == Some(Unrecorded::Writing { ended: true })
+    }
+
+    /// The call ended: (admitted here, its record is in the stream and is to be removed).
+    fn ended(&self, call: &str, me: usize) -> (bool, bool) {
+        let mut st = self.lock();
+        match st.unrecorded.get_mut(call) {
+            Some(Unrecorded::Waiting) => {
+                st.unrecorded.remove(call);
+                (true, false)
+            }
+            Some(Unrecorded::Writing { ended }) => {
+                *ended = true;
+                (true, false)
+            }
+            None => {
+                let recorded = st.calls.get(&me).is_some_and(|c| c.contains_key(call));
+                (recorded, recorded)
+            }
+        }
+    }
+
     fn own_count(&self, me: usize) -> (usize, u64) {
         let st = self.lock();
         st.calls
@@ -178,7 +234,7 @@ fn call_keys_for_bye(msg: &Message) -> Vec<String> {
 
 impl SipService {
     /// Admits an initial INVITE under the cluster-wide limits; `Err(seconds)` to retry after.
-    pub(crate) async fn admit_call(&self, msg: &Message) -> Result<String, u32> {
+    pub(crate) async fn admit_call(self: &Arc<Self>, msg: &Message) -> Result<String, u32> {
         let Some(call) = call_key(msg) else {
             return Err(5);
         };
@@ -203,17 +259,14 @@ impl SipService {
         };
         // Recorded in the background: the decision is made, the INVITE need not wait for
         // the record to reach the other peers (until it does, the primary counts its grant).
-        let stream = self.own_stream(NAMESPACE);
-        let change = Change {
-            key: call.clone(),
-            value: Some(postcard::to_stdvec(&record).unwrap_or_default()),
+        let delay = if limited {
+            Duration::ZERO
+        } else {
+            RECORD_DELAY
         };
-        let engine = self.node.replication().clone();
-        tokio::spawn(async move {
-            if let Err(e) = engine.write(&stream, vec![change]).await {
-                warn!(target: LOG, reason = %e, "Recording an admitted call failed");
-            }
-        });
+        self.admission.admitted(&call);
+        let (svc, key) = (self.clone(), call.clone());
+        tokio::spawn(async move { svc.record_call(key, record, delay).await });
         self.metrics.calls_admitted.fetch_add(1, Ordering::Relaxed);
         info!(target: LOG, event = "Call Admitted", call = %call, kbps = kbps, "");
         Ok(call)
@@ -321,23 +374,46 @@ impl SipService {
         }
     }
 
+    /// Writes an admitted call's record after `delay`, unless its BYE came first; a BYE
+    /// that comes while it is being written removes it right after.
+    async fn record_call(&self, call: String, record: CallRecord, delay: Duration) {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if !self.admission.start_writing(&call) {
+            return; // ended before it was due: nothing to write, nothing to remove
+        }
+        let stream = self.own_stream(NAMESPACE);
+        let change = Change {
+            key: call.clone(),
+            value: Some(postcard::to_stdvec(&record).unwrap_or_default()),
+        };
+        if let Err(e) = self.node.replication().write(&stream, vec![change]).await {
+            warn!(target: LOG, reason = %e, "Recording an admitted call failed");
+        }
+        if self.admission.written(&call) {
+            self.remove_call_record(&call).await;
+        }
+    }
+
     pub(crate) async fn release_call_id(&self, call: &str, why: &str) {
-        let mine = self
-            .admission
-            .lock()
-            .calls
-            .get(&self.self_index)
-            .is_some_and(|c| c.contains_key(call));
-        if mine {
-            let stream = self.own_stream(NAMESPACE);
-            let change = Change {
-                key: call.to_string(),
-                value: None,
-            };
+        let (admitted, recorded) = self.admission.ended(call, self.self_index);
+        if admitted {
             info!(target: LOG, event = "Call Ended", call = %call, reason = why, "");
-            if let Err(e) = self.node.replication().write(&stream, vec![change]).await {
-                warn!(target: LOG, reason = %e, "Releasing a call failed");
-            }
+        }
+        if recorded {
+            self.remove_call_record(call).await;
+        }
+    }
+
+    async fn remove_call_record(&self, call: &str) {
+        let stream = self.own_stream(NAMESPACE);
+        let change = Change {
+            key: call.to_string(),
+            value: None,
+        };
+        if let Err(e) = self.node.replication().write(&stream, vec![change]).await {
+            warn!(target: LOG, reason = %e, "Releasing a call failed");
         }
     }
 
@@ -371,5 +447,52 @@ pub async fn serve_peer_messages(
         if m.channel == CHANNEL {
             svc.handle_peer_message(m.from, &m.payload);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Vec<u8> {
+        let r = CallRecord {
+            started_ms: 1,
+            kbps: 64,
+            from: "a".into(),
+            to: "b".into(),
+        };
+        postcard::to_stdvec(&r).unwrap()
+    }
+
+    /// A call that ends before its record is due costs no write; one that ends while its
+    /// record is being written has it removed right after; a recorded call is removed.
+    #[test]
+    fn a_calls_record_is_written_only_if_it_outlives_the_delay_and_always_removed() {
+        let (a, me) = (Admission::default(), 2);
+        a.admitted("short");
+        assert_eq!(a.ended("short", me), (true, false), "ended while waiting");
+        assert!(!a.start_writing("short"), "so nothing is written");
+
+        a.admitted("racing");
+        assert!(a.start_writing("racing"));
+        assert_eq!(
+            a.ended("racing", me),
+            (true, false),
+            "the BYE during the write"
+        );
+        a.apply(me, "racing", Some(&record()));
+        assert!(a.written("racing"), "is removed once written");
+
+        a.admitted("long");
+        assert!(a.start_writing("long"));
+        a.apply(me, "long", Some(&record()));
+        assert!(!a.written("long"), "still up when written");
+        assert_eq!(a.usage(), vec![(me, 2, 128)]);
+        assert_eq!(a.ended("long", me), (true, true), "its record is removed");
+        assert_eq!(
+            a.ended("unknown", me),
+            (false, false),
+            "not a call of this peer"
+        );
     }
 }
