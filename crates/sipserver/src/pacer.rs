@@ -31,7 +31,8 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// Out of tokens, a destination waits for this many at once: a wake-up costs tens of
 /// microseconds whatever the wait.
 const REFILL: f64 = 4.0;
-/// Destinations idle this long are forgotten.
+/// Destinations idle this long are forgotten (looked for once per IDLE: with thousands of
+/// endpoints, not on every datagram).
 const IDLE: Duration = Duration::from_secs(2);
 
 struct Destination {
@@ -99,6 +100,7 @@ pub struct Pacer {
     schedule: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
     queued: usize,
     capacity: usize,
+    swept: Instant,
 }
 
 impl Pacer {
@@ -109,6 +111,7 @@ impl Pacer {
             schedule: BinaryHeap::new(),
             queued: 0,
             capacity,
+            swept: Instant::now(),
         }
     }
 
@@ -118,7 +121,8 @@ impl Pacer {
         if self.queued >= self.capacity {
             return false;
         }
-        if self.destinations.len() > 4096 {
+        if now.saturating_duration_since(self.swept) >= IDLE {
+            self.swept = now;
             self.destinations.retain(|_, d| {
                 !d.queue.is_empty() || now.saturating_duration_since(d.refilled) < IDLE
             });
@@ -146,27 +150,27 @@ impl Pacer {
 
     /// The next datagram that may go at `now`, or how long until one may.
     pub fn next(&mut self, now: Instant) -> Next {
-        let Some(Reverse((due, to))) = self.schedule.peek().copied() else {
-            return Next::Idle;
-        };
-        if due > now {
-            return Next::WaitUntil(due);
+        while let Some(Reverse((due, to))) = self.schedule.peek().copied() {
+            if due > now {
+                return Next::WaitUntil(due);
+            }
+            self.schedule.pop();
+            let Some(d) = self.destinations.get_mut(&to) else {
+                continue;
+            };
+            d.refill(now);
+            let Some(bytes) = d.queue.pop_front() else {
+                continue;
+            };
+            d.tokens -= 1.0;
+            self.queued -= 1;
+            if !d.queue.is_empty() {
+                let due = d.due(now);
+                self.schedule.push(Reverse((due, to)));
+            }
+            return Next::Send(to, bytes);
         }
-        self.schedule.pop();
-        let Some(d) = self.destinations.get_mut(&to) else {
-            return self.next(now);
-        };
-        d.refill(now);
-        let Some(bytes) = d.queue.pop_front() else {
-            return self.next(now);
-        };
-        d.tokens -= 1.0;
-        self.queued -= 1;
-        if !d.queue.is_empty() {
-            let due = d.due(now);
-            self.schedule.push(Reverse((due, to)));
-        }
-        Next::Send(to, bytes)
+        Next::Idle
     }
 }
 
