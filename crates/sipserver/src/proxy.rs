@@ -70,6 +70,24 @@ struct ClientTx {
 pub struct ProxyState {
     servers: HashMap<String, ServerTx>,
     clients: HashMap<String, ClientTx>,
+    /// Requests being handled whose server transaction does not exist yet (a REGISTER
+    /// being saved, a request on its way to being forwarded).
+    starting: std::collections::HashSet<String>,
+}
+
+/// Holds a request's key in `starting` while it is handled. Copies that arrive meanwhile
+/// are dropped rather than handled twice: UDP retransmissions, which under load wait in
+/// the queue with their original and then run on another worker at the same time (an
+/// INVITE forwarded twice reaches the callee twice; a REGISTER would be saved twice).
+struct Starting {
+    svc: Arc<SipService>,
+    key: String,
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.svc.proxy_lock().starting.remove(&self.key);
+    }
 }
 
 fn server_key(via: &Via, method: &str) -> String {
@@ -201,8 +219,8 @@ impl SipService {
             "CANCEL" => return self.cancel(&msg, &source, &key),
             _ => {}
         }
-        {
-            let st = self.proxy_lock();
+        let _starting = {
+            let mut st = self.proxy_lock();
             if let Some(tx) = st.servers.get(&key) {
                 // A retransmission: the last response again, if there was one (§17.2).
                 if let Some(r) = &tx.last_response {
@@ -210,7 +228,14 @@ impl SipService {
                 }
                 return;
             }
-        }
+            if !st.starting.insert(key.clone()) {
+                return; // a copy of a request being handled now: it gets that one's answer
+            }
+            Starting {
+                svc: self.clone(),
+                key: key.clone(),
+            }
+        };
         // §16.3: Max-Forwards.
         let max_forwards = match msg.max_forwards() {
             Ok(m) => m.unwrap_or(70),
@@ -229,11 +254,7 @@ impl SipService {
         let remaining_routes = routes.len() - popped;
         let to_us = uri.user.is_none() && self.is_local_domain(&uri.host);
         if remaining_routes == 0 && method == "REGISTER" && self.is_local_domain(&uri.host) {
-            if !self.registering_lock().insert(key.clone()) {
-                return; // a retransmission of a REGISTER being saved: it gets the answer
-            }
             self.register(&msg, &source).await;
-            self.registering_lock().remove(&key);
             return;
         }
         if remaining_routes == 0 && to_us && (method == "OPTIONS" || max_forwards == 0) {
@@ -406,10 +427,6 @@ impl SipService {
         for b in branch_ids {
             tokio::spawn(self.clone().branch_timer(b));
         }
-    }
-
-    fn registering_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.registering.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn proxy_lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {

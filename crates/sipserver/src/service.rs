@@ -68,9 +68,6 @@ pub struct SipService {
     pub(crate) instance: u64,
     pub(crate) counter: AtomicU64,
     pub(crate) nonce_key: crate::auth::NonceKey,
-    /// REGISTERs being saved now, by transaction: a retransmission of one is dropped
-    /// rather than saved again (under load, retransmissions would multiply the work).
-    pub(crate) registering: Mutex<std::collections::HashSet<String>>,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -132,7 +129,6 @@ impl SipService {
             instance: unix_ms_now() ^ (std::process::id() as u64) << 40,
             counter: AtomicU64::new(1),
             nonce_key: crate::auth::NonceKey::generate(),
-            registering: Mutex::new(Default::default()),
             cancel,
         });
         node.watch(Arc::new(Watcher(Arc::downgrade(&svc))));

@@ -447,3 +447,50 @@ async fn cancel_reaches_every_ringing_branch_and_the_caller_gets_487() {
         .await;
     assert_eq!(caller.recv().await.status(), Some(481));
 }
+
+/// Copies of one INVITE that arrive together (a retransmission that waited in the queue
+/// with its original) run on different workers at once: the callee still gets it once (its
+/// copies all carry the one branch of one client transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copies_of_an_invite_handled_at_once_are_forwarded_once() {
+    let s = solo(64).await;
+    let caller = Ep::new("127.0.64.10", s.addr).await;
+    let callee = Ep::new("127.0.64.11", s.addr).await;
+    let contact = format!("<sip:eve@{}>", callee.addr());
+    callee
+        .send(&register("eve", "r1", 1, &[&contact], ""))
+        .await;
+    assert_eq!(callee.recv().await.status(), Some(200));
+    let calls = 50;
+    for call in 0..calls {
+        let text = invite("eve", &format!("dup{call}")).replace("{me}", &caller.addr().to_string());
+        for _ in 0..40 {
+            caller.send_bytes(text.as_bytes()).await;
+        }
+    }
+    let mut branches: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    let mut buf = vec![0u8; 65_536];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(700), callee.sock.recv_from(&mut buf)).await
+    {
+        let m = Message::parse(
+            Bytes::copy_from_slice(&buf[..n]),
+            Transport::Datagram,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(m.method(), Some("INVITE"));
+        let top_via = m.values(HeaderKind::Via)[0].clone();
+        let call_id = m.call_id().unwrap().to_string();
+        branches.entry(call_id).or_default().insert(top_via);
+    }
+    assert_eq!(branches.len(), calls, "every call reached the callee");
+    for (call_id, b) in &branches {
+        assert_eq!(
+            b.len(),
+            1,
+            "{call_id} was forwarded {} times: {b:?}",
+            b.len()
+        );
+    }
+}
