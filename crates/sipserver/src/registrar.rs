@@ -181,6 +181,19 @@ impl SipService {
                 }
                 continue;
             }
+            let saved_already = old.as_ref().is_some_and(|o| {
+                o.call_id == call_id
+                    && o.cseq == cseq
+                    && o.owner == self.self_index
+                    && o.uri == w.uri
+                    && o.params == w.params
+            });
+            if saved_already {
+                // This REGISTER again, saved here already (a UDP retransmission whose answer
+                // was lost): answered again, as a server transaction would, not saved again.
+                // Under load a lost answer would otherwise cost another cluster-wide write.
+                continue;
+            }
             let binding = Binding {
                 aor: aor.clone(),
                 uri: w.uri.clone(),

@@ -185,7 +185,10 @@ async fn the_registrar_follows_rfc_3261_section_10() {
     );
     assert!(r.raw().windows(6).any(|w| w == b"\nDate:"), "a Date header");
 
-    // The same request again (a UDP retransmission) is answered the same way.
+    // The same request again (a UDP retransmission) is answered the same way, and not
+    // saved again.
+    let stream = causeway_replication::StreamId::new("registrations", "peer1");
+    let saved = s.node.replication().header(&stream).seq;
     ep.send(&register(
         "alice",
         "c1",
@@ -194,7 +197,14 @@ async fn the_registrar_follows_rfc_3261_section_10() {
         "Expires: 600\r\nPath: <sip:edge.example;lr>\r\n",
     ))
     .await;
-    assert_eq!(ep.recv().await.status(), Some(200));
+    let again = ep.recv().await;
+    assert_eq!(again.status(), Some(200));
+    assert_eq!(again.values(HeaderKind::Contact).len(), 2);
+    assert_eq!(
+        s.node.replication().header(&stream).seq,
+        saved,
+        "a retransmission is not saved again"
+    );
     // An older CSeq of the same Call-ID is refused.
     ep.send(&register("alice", "c1", 1, &[a], "Expires: 600\r\n"))
         .await;
