@@ -175,6 +175,23 @@ fn register(
     assert_eq!((ok, failed), (n as u64, 0), "registration through {peer}");
 }
 
+/// Registers the user in `csv` for the UAS at 127.0.`net`.20:5090 (UDP) through peer 1,
+/// then waits until every peer holds `aor` as peer 1's.
+fn register_through_peer1(c: &TestCluster, net: u8, csv: &str, aor: &str, dir: &Path) {
+    register(
+        &format!("127.0.{net}.20"),
+        &format!("127.0.{net}.1"),
+        csv,
+        5090,
+        5091,
+        "u1",
+        dir,
+    );
+    wait_for(5, &format!("{aor} held by every peer"), || {
+        (1..=c.peers.len()).all(|k| binding_owner(c, k, aor) == Some(1))
+    });
+}
+
 /// Calls the user in `csv` through `peer`, `calls` times, holding each `hold_ms`.
 fn call(
     (ip, local_port): (&str, u16),
@@ -320,7 +337,6 @@ fn a_call_crosses_peers_over_udp_and_tcp_and_its_signalling_follows_the_record_r
     assert_eq!(calls["calls"], 0, "every call ended: {calls}");
 }
 
-/// Reads one SIP message from a stream endpoint.
 /// With no limit set, a call's record is written once it has lasted a second (a shorter
 /// call costs no replicated write): a held call is then listed on every peer, and its BYE
 /// removes it everywhere.
@@ -330,18 +346,7 @@ fn with_no_limit_a_held_call_is_listed_on_every_peer_and_its_bye_removes_it() {
     let tmp = tempfile::tempdir().unwrap();
     let users = csv(tmp.path(), "gina.csv", &["gina"]);
     let callee = uas("127.0.47.20", 5090, "u1", 2, tmp.path());
-    register(
-        "127.0.47.20",
-        "127.0.47.1",
-        &users,
-        5090,
-        5091,
-        "u1",
-        tmp.path(),
-    );
-    wait_for(5, "gina's binding on peer 2", || {
-        binding_owner(&c, 2, "sip:gina@test.example") == Some(1)
-    });
+    register_through_peer1(&c, 47, &users, "sip:gina@test.example", tmp.path());
     call_ok(("127.0.47.21", 5100), "127.0.47.2", &users, tmp.path());
     let listed = |n: u64| (1..=3).all(|k| c.xstatus(k, "calls").is_some_and(|s| s["calls"] == n));
     assert!(listed(0), "the short call is not listed anywhere");
@@ -367,6 +372,7 @@ fn with_no_limit_a_held_call_is_listed_on_every_peer_and_its_bye_removes_it() {
     assert_eq!(callee.finish(10).0, 2);
 }
 
+/// Reads one SIP message from a stream endpoint.
 fn read_message(stream: &mut impl Read, buf: &mut Vec<u8>) -> Message {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -503,18 +509,7 @@ fn kill_9_of_the_registrar_keeps_its_udp_endpoint_callable_and_re_registering_mo
     let users = csv(tmp.path(), "erin.csv", &["erin"]);
     let aor = "sip:erin@test.example";
     let callee = uas("127.0.42.20", 5090, "u1", 4, tmp.path());
-    register(
-        "127.0.42.20",
-        "127.0.42.1",
-        &users,
-        5090,
-        5091,
-        "u1",
-        tmp.path(),
-    );
-    wait_for(5, "erin's binding on peers 2 and 3", || {
-        binding_owner(&c, 2, aor) == Some(1) && binding_owner(&c, 3, aor) == Some(1)
-    });
+    register_through_peer1(&c, 42, &users, aor, tmp.path());
     c.kill9(1);
     // Peer 1's binding stays usable: the contact is reachable directly.
     call_ok(("127.0.42.21", 5092), "127.0.42.2", &users, tmp.path());
@@ -559,18 +554,7 @@ fn the_call_limit_holds_for_the_cluster_when_calls_arrive_on_every_peer_at_once(
     let tmp = tempfile::tempdir().unwrap();
     let users = csv(tmp.path(), "frank.csv", &["frank"]);
     let callee = uas("127.0.43.20", 5090, "u1", 3, tmp.path());
-    register(
-        "127.0.43.20",
-        "127.0.43.1",
-        &users,
-        5090,
-        5091,
-        "u1",
-        tmp.path(),
-    );
-    wait_for(5, "frank's binding everywhere", || {
-        (1..=3).all(|k| binding_owner(&c, k, "sip:frank@test.example") == Some(1))
-    });
+    register_through_peer1(&c, 43, &users, "sip:frank@test.example", tmp.path());
     // Six calls at once, two through each peer, each held for 3 s.
     let callers: Vec<Sipp> = (1..=3)
         .map(|k| {
@@ -695,18 +679,7 @@ fn malformed_sip_on_every_port_gets_an_error_or_is_dropped_and_the_service_keeps
     );
     let tmp = tempfile::tempdir().unwrap();
     let users = csv(tmp.path(), "gina.csv", &["gina"]);
-    register(
-        "127.0.44.20",
-        "127.0.44.1",
-        &users,
-        5090,
-        5091,
-        "u1",
-        tmp.path(),
-    );
-    wait_for(5, "gina's binding on peer 2", || {
-        binding_owner(&c, 2, "sip:gina@test.example") == Some(1)
-    });
+    register_through_peer1(&c, 44, &users, "sip:gina@test.example", tmp.path());
     let metrics = c.xstatus(1, "registrations").unwrap();
     assert_eq!(metrics["bindings"], 1);
 }

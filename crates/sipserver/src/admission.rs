@@ -383,16 +383,10 @@ impl SipService {
         if !self.admission.start_writing(&call) {
             return; // ended before it was due: nothing to write, nothing to remove
         }
-        let stream = self.own_stream(NAMESPACE);
-        let change = Change {
-            key: call.clone(),
-            value: Some(postcard::to_stdvec(&record).unwrap_or_default()),
-        };
-        if let Err(e) = self.node.replication().write(&stream, vec![change]).await {
-            warn!(target: LOG, reason = %e, "Recording an admitted call failed");
-        }
+        let value = postcard::to_stdvec(&record).unwrap_or_default();
+        self.write_call_record(&call, Some(value)).await;
         if self.admission.written(&call) {
-            self.remove_call_record(&call).await;
+            self.write_call_record(&call, None).await;
         }
     }
 
@@ -402,18 +396,24 @@ impl SipService {
             info!(target: LOG, event = "Call Ended", call = %call, reason = why, "");
         }
         if recorded {
-            self.remove_call_record(call).await;
+            self.write_call_record(call, None).await;
         }
     }
 
-    async fn remove_call_record(&self, call: &str) {
+    /// Writes a call's record to this peer's stream (`None`: removes it).
+    async fn write_call_record(&self, call: &str, value: Option<Vec<u8>>) {
+        let doing = if value.is_some() {
+            "Recording an admitted call failed"
+        } else {
+            "Releasing a call failed"
+        };
         let stream = self.own_stream(NAMESPACE);
         let change = Change {
             key: call.to_string(),
-            value: None,
+            value,
         };
         if let Err(e) = self.node.replication().write(&stream, vec![change]).await {
-            warn!(target: LOG, reason = %e, "Releasing a call failed");
+            warn!(target: LOG, reason = %e, "{doing}");
         }
     }
 

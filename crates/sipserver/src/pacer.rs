@@ -4,8 +4,8 @@
 //! requests from one address (an SBC, a trunk, a load generator) would get them as one
 //! burst, more than its receive buffer holds if it is not scheduled at that moment, and
 //! then retransmits every lost answer 500 ms later. So each destination has a queue of
-//! its own, sent a little faster (PACE_FACTOR) than datagrams for it were queued lately: bursts
-//! spread out to the pace the client itself keeps, the backlog still drains, and a
+//! its own, sent a little faster (PACE_FACTOR) than datagrams for it were queued lately:
+//! bursts spread out to the pace the client itself keeps, the backlog still drains, and a
 //! destination that is waiting never holds back another.
 
 use std::cmp::Reverse;
@@ -57,8 +57,8 @@ impl Destination {
         }
     }
 
-    /// Twice the queued rate: the last full window's, or the current one's if it is
-    /// already higher (a client that just started).
+    /// PACE_FACTOR times the queued rate: the last full window's, or the current one's if
+    /// it is already higher (a client that just started).
     fn pace(&self, now: Instant) -> f64 {
         let elapsed = now
             .saturating_duration_since(self.window_start)
