@@ -12,6 +12,7 @@ mod settings;
 mod status;
 mod tls;
 mod transport;
+pub mod rpc;
 pub mod wire;
 
 pub use hello::{check_hello, Refusal, RefuseField};

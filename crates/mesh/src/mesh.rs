@@ -41,7 +41,7 @@ pub struct Inbound {
     pub payload: Bytes,
 }
 
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
     #[error("Peer {0} is not connected")]
     NotConnected(usize),

@@ -1,0 +1,433 @@
+//! One lease group: a Raft group whose confirmed leader holds the lease.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use causeway_mesh::rpc::Rpc;
+use causeway_store::Store;
+use openraft::{Config, Raft, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::network::{Endpoints, MeshNetwork};
+use crate::storage::{drop_other_generations, LogStore, StateMachine};
+use crate::{ConsensusError, Holder, LeaderLease, LeaseState, MemberId, Membership, TypeConfig};
+
+const LOG: &str = "consensus";
+
+/// The timings of a lease group (docs/consensus.md, "Timing and clock drift").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseTiming {
+    pub heartbeat: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// How often the holder confirms its leadership with a quorum.
+    pub renew: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            renew: Duration::from_millis(50),
+        }
+    }
+}
+
+impl LeaseTiming {
+    /// openraft's leader lease: a follower refuses votes this long after hearing the leader.
+    pub fn lease(&self) -> Duration {
+        self.election_timeout_max
+    }
+
+    /// How long after the start of a confirmed round the holder keeps the lease: the lease
+    /// less a margin for clock-rate differences and the timer's own delay.
+    pub fn hold(&self) -> Duration {
+        let lease = self.lease();
+        lease - (lease / 5).max(Duration::from_millis(50)).min(lease / 2)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.heartbeat.is_zero() || self.renew.is_zero() {
+            return Err("heartbeat and renew must be above zero".into());
+        }
+        if self.election_timeout_min <= self.heartbeat * 2 {
+            return Err(format!(
+                "the election timeout ({:?}) must be more than twice the heartbeat ({:?})",
+                self.election_timeout_min, self.heartbeat
+            ));
+        }
+        if self.election_timeout_max <= self.election_timeout_min {
+            return Err("the election timeout's maximum must be above its minimum".into());
+        }
+        if self.renew >= self.hold() {
+            return Err(format!(
+                "renewing every {:?} cannot keep a lease held for {:?}",
+                self.renew,
+                self.hold()
+            ));
+        }
+        Ok(())
+    }
+
+    fn raft_config(&self, group: &str, eligible: bool) -> Result<Config, String> {
+        let config = Config {
+            cluster_name: group.to_string(),
+            heartbeat_interval: self.heartbeat.as_millis() as u64,
+            election_timeout_min: self.election_timeout_min.as_millis() as u64,
+            election_timeout_max: self.election_timeout_max.as_millis() as u64,
+            // A lease group writes one entry per election: its log never needs cutting.
+            snapshot_policy: SnapshotPolicy::Never,
+            enable_elect: eligible,
+            ..Default::default()
+        };
+        config.validate().map_err(|e| e.to_string())
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct LeaseCounters {
+    /// Times this member became the group's leader.
+    pub leaderships: AtomicU64,
+    /// Changes of the published holder.
+    pub lease_changes: AtomicU64,
+    /// The newest term seen.
+    pub term: AtomicU64,
+}
+
+pub struct LeaseGroup {
+    name: String,
+    me: usize,
+    members: Vec<usize>,
+    timing: LeaseTiming,
+    state: watch::Sender<LeaseState>,
+    raft: Arc<OnceLock<Raft<TypeConfig>>>,
+    eligible: AtomicBool,
+    rpc: Arc<Rpc>,
+    endpoints: Endpoints,
+    counters: Arc<LeaseCounters>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// A short, stable fingerprint of a group's voters (FNV-1a), so a group whose voters change
+/// is stored under a new key.
+fn fingerprint(voters: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in voters.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+impl LeaseGroup {
+    /// Starts member `me` of group `name` whose voters are `members` (peer numbers);
+    /// `voters_id` names the voters beyond their numbers (the peer addresses), so a changed
+    /// list starts a fresh group. Raft's RPCs are served on `rpc`; the group answers none
+    /// of them for one lease time (a restarted member cannot remember whom it supported).
+    pub fn start(
+        name: &str,
+        me: usize,
+        members: Vec<usize>,
+        voters_id: &str,
+        store: Arc<dyn Store>,
+        rpc: Arc<Rpc>,
+        timing: LeaseTiming,
+    ) -> Result<Arc<Self>, ConsensusError> {
+        if !members.contains(&me) {
+            return Err(ConsensusError::NotAMember {
+                group: name.to_string(),
+                member: me,
+                members,
+            });
+        }
+        let timing_error = |reason| ConsensusError::Timing {
+            group: name.to_string(),
+            reason,
+        };
+        timing.check().map_err(timing_error)?;
+        let config = Arc::new(timing.raft_config(name, true).map_err(timing_error)?);
+        let key = format!("{name}@{}", fingerprint(voters_id));
+        drop_other_generations(store.as_ref(), name, &key).map_err(|e| ConsensusError::Store {
+            group: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        let endpoints = Endpoints::of(name);
+        let group = Arc::new(LeaseGroup {
+            name: name.to_string(),
+            me,
+            members: members.clone(),
+            timing,
+            state: watch::channel(LeaseState::nobody()).0,
+            raft: Arc::new(OnceLock::new()),
+            eligible: AtomicBool::new(true),
+            rpc: rpc.clone(),
+            endpoints: endpoints.clone(),
+            counters: Arc::default(),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        group.serve_endpoints();
+        let network = MeshNetwork { rpc, endpoints };
+        let log = LogStore::new(store, &key);
+        let g = group.clone();
+        group.tasks.spawn(async move {
+            // Quiet start: by the end of it every lease this member helped confirm before a
+            // restart has run out, so its votes cannot make a second holder.
+            tokio::select! {
+                _ = g.cancel.cancelled() => return,
+                _ = tokio::time::sleep(g.timing.lease()) => {}
+            }
+            let raft = match Raft::new(
+                g.me as MemberId,
+                config,
+                network,
+                log,
+                StateMachine::default(),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(target: LOG, group = %g.name, reason = %e, "Lease group failed to start");
+                    return;
+                }
+            };
+            raft.runtime_config()
+                .elect(g.eligible.load(Ordering::Relaxed));
+            if !raft.is_initialized().await.unwrap_or(true) {
+                let voters: BTreeSet<MemberId> = g.members.iter().map(|&m| m as MemberId).collect();
+                // Every member does this with the same voters: the same first entry, so it
+                // does not matter who is first (openraft allows it).
+                if let Err(e) = raft.initialize(voters).await {
+                    info!(target: LOG, group = %g.name, reason = %e, "Lease group already initialised");
+                }
+            }
+            let _ = g.raft.set(raft.clone());
+            info!(target: LOG, event = "Lease group started", group = %g.name,
+                member = g.me, members = ?g.members, "");
+            let (confirmed_tx, confirmed_rx) = watch::channel(None);
+            g.tasks.spawn(renew(g.clone(), raft.clone(), confirmed_tx));
+            publish(g.clone(), raft.clone(), confirmed_rx).await;
+            let _ = raft.shutdown().await;
+        });
+        Ok(group)
+    }
+
+    fn serve_endpoints(self: &Arc<Self>) {
+        let members = self.members.clone();
+        let starting = move |raft: &OnceLock<Raft<TypeConfig>>, from: usize| {
+            if !members.contains(&from) {
+                return Err(format!("Peer {from} is not a member of this group"));
+            }
+            raft.get()
+                .cloned()
+                .ok_or_else(|| "starting: quiet for one lease time".to_string())
+        };
+        let starting = Arc::new(starting);
+        let (r, s) = (self.raft.clone(), starting.clone());
+        self.rpc.serve(&self.endpoints.vote, move |from, req| {
+            let raft = s(&r, from);
+            async move { raft?.vote(req).await.map_err(|e| e.to_string()) }
+        });
+        let (r, s) = (self.raft.clone(), starting.clone());
+        self.rpc.serve(&self.endpoints.append, move |from, req| {
+            let raft = s(&r, from);
+            async move { raft?.append_entries(req).await.map_err(|e| e.to_string()) }
+        });
+        let (r, s) = (self.raft.clone(), starting);
+        self.rpc.serve(&self.endpoints.snapshot, move |from, req| {
+            let raft = s(&r, from);
+            async move { raft?.install_snapshot(req).await.map_err(|e| e.to_string()) }
+        });
+    }
+
+    pub fn counters(&self) -> &Arc<LeaseCounters> {
+        &self.counters
+    }
+
+    pub fn timing(&self) -> LeaseTiming {
+        self.timing
+    }
+
+    /// Lets go of the lease ("lost" is published first), stops answering, stops Raft.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.set_holder(Holder::Nobody);
+        for path in self.endpoints.paths() {
+            self.rpc.unserve(path);
+        }
+        if let Some(raft) = self.raft.get() {
+            let _ = raft.shutdown().await;
+        }
+        self.tasks.close();
+        let _ = timeout(Duration::from_secs(2), self.tasks.wait()).await;
+    }
+
+    fn set_holder(&self, holder: Holder) {
+        let changed = self.state.send_if_modified(|s| {
+            if s.holder == holder {
+                return false;
+            }
+            *s = LeaseState {
+                holder,
+                since: Instant::now(),
+            };
+            true
+        });
+        if !changed {
+            return;
+        }
+        self.counters.lease_changes.fetch_add(1, Ordering::Relaxed);
+        match holder {
+            Holder::Me { generation } => {
+                self.counters.leaderships.fetch_add(1, Ordering::Relaxed);
+                info!(target: LOG, event = "Lease acquired", group = %self.name,
+                    generation = generation, "");
+            }
+            other => info!(target: LOG, event = "Lease holder changed", group = %self.name,
+                holder = %other, ""),
+        }
+    }
+}
+
+/// While this member leads, confirms its leadership with a quorum every `renew`; each
+/// confirmed round started at `t0` extends the lease to `t0 + hold`.
+async fn renew(
+    g: Arc<LeaseGroup>,
+    raft: Raft<TypeConfig>,
+    confirmed: watch::Sender<Option<(u64, Instant)>>,
+) {
+    let mut metrics = raft.metrics();
+    loop {
+        let (leader, term) = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Leader, m.current_term)
+        };
+        if !leader {
+            tokio::select! {
+                _ = g.cancel.cancelled() => return,
+                r = metrics.changed() => if r.is_err() { return },
+            }
+            continue;
+        }
+        let t0 = Instant::now();
+        let round = timeout(g.timing.lease(), raft.ensure_linearizable()).await;
+        let still = raft.metrics().borrow().current_term == term;
+        if matches!(round, Ok(Ok(_))) && still {
+            let until = t0 + g.timing.hold();
+            confirmed.send_if_modified(|c| match c {
+                Some((t, u)) if *t == term && *u >= until => false,
+                _ => {
+                    *c = Some((term, until));
+                    true
+                }
+            });
+        }
+        tokio::select! {
+            _ = g.cancel.cancelled() => return,
+            _ = sleep_until(t0 + g.timing.renew) => {}
+        }
+    }
+}
+
+/// Publishes the holder whenever Raft's view or a confirmation changes, and "lost" exactly
+/// at the deadline of the last confirmed round.
+async fn publish(
+    g: Arc<LeaseGroup>,
+    raft: Raft<TypeConfig>,
+    mut confirmed: watch::Receiver<Option<(u64, Instant)>>,
+) {
+    let mut metrics = raft.metrics();
+    loop {
+        let now = Instant::now();
+        let (state, term, leader) = {
+            let m = metrics.borrow_and_update();
+            (m.state, m.current_term, m.current_leader)
+        };
+        g.counters.term.fetch_max(term, Ordering::Relaxed);
+        let conf = *confirmed.borrow_and_update();
+        let mut deadline = None;
+        let holder = match conf {
+            Some((t, until)) if t == term && state == ServerState::Leader && now < until => {
+                deadline = Some(until);
+                Holder::Me { generation: t }
+            }
+            _ => match leader {
+                Some(l) if l != g.me as MemberId => Holder::Peer {
+                    peer: l as usize,
+                    generation: term,
+                },
+                _ => Holder::Nobody,
+            },
+        };
+        g.set_holder(holder);
+        tokio::select! {
+            _ = g.cancel.cancelled() => break,
+            r = metrics.changed() => if r.is_err() { break },
+            r = confirmed.changed() => if r.is_err() { break },
+            _ = sleep_until(deadline.unwrap_or(now)), if deadline.is_some() => {}
+        }
+    }
+    g.set_holder(Holder::Nobody);
+}
+
+impl LeaderLease for LeaseGroup {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state(&self) -> LeaseState {
+        *self.state.borrow()
+    }
+
+    fn watch(&self) -> watch::Receiver<LeaseState> {
+        self.state.subscribe()
+    }
+
+    fn set_eligible(&self, eligible: bool) {
+        self.eligible.store(eligible, Ordering::Relaxed);
+        if let Some(raft) = self.raft.get() {
+            raft.runtime_config().elect(eligible);
+        }
+    }
+}
+
+impl Membership for LeaseGroup {
+    fn members(&self) -> Vec<usize> {
+        self.members.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_timing_holds_for_less_than_the_lease_and_renews_several_times_within() {
+        let t = LeaseTiming::default();
+        assert_eq!(t.check(), Ok(()));
+        assert!(t.hold() < t.lease());
+        assert!(t.renew * 3 < t.hold(), "a lost round or two does not lose the lease");
+        let bad = LeaseTiming {
+            renew: Duration::from_millis(500),
+            ..t
+        };
+        assert!(bad.check().unwrap_err().contains("cannot keep"));
+    }
+
+    #[test]
+    fn a_changed_voter_list_gives_another_fingerprint() {
+        assert_ne!(fingerprint("a,b,c"), fingerprint("a,b,d"));
+        assert_eq!(fingerprint("a,b,c"), fingerprint("a,b,c"));
+    }
+}
