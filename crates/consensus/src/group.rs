@@ -54,6 +54,20 @@ impl LeaseTiming {
         lease - (lease / 5).max(Duration::from_millis(50)).min(lease / 2)
     }
 
+    /// openraft's tick: its election timer is looked at this often.
+    fn tick(&self) -> Duration {
+        self.heartbeat * 3 / 2
+    }
+
+    /// A random delay under one tick.
+    fn start_jitter(&self) -> Duration {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0);
+        let nanos = self.tick().as_nanos().max(1) as u64;
+        Duration::from_nanos(h.finish() % nanos)
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.heartbeat.is_zero() || self.renew.is_zero() {
             return Err("heartbeat and renew must be above zero".into());
@@ -177,15 +191,22 @@ impl LeaseGroup {
             tasks: TaskTracker::new(),
         });
         group.serve_endpoints();
-        let network = MeshNetwork { rpc, endpoints };
+        let network = MeshNetwork {
+            rpc,
+            endpoints,
+            retry: timing.heartbeat,
+        };
         let log = LogStore::new(store, &key);
         let g = group.clone();
         group.tasks.spawn(async move {
             // Quiet start: by the end of it every lease this member helped confirm before a
-            // restart has run out, so its votes cannot make a second holder.
+            // restart has run out, so its votes cannot make a second holder. The random
+            // part gives each member its own tick phase: openraft checks its election timer
+            // on ticks, so members started together would otherwise stand at the same
+            // instants, split the vote, and do it again every round.
             tokio::select! {
                 _ = g.cancel.cancelled() => return,
-                _ = tokio::time::sleep(g.timing.lease()) => {}
+                _ = tokio::time::sleep(g.timing.lease() + g.timing.start_jitter()) => {}
             }
             let raft = match Raft::new(
                 g.me as MemberId,
@@ -292,10 +313,10 @@ impl LeaseGroup {
             Holder::Me { generation } => {
                 self.counters.leaderships.fetch_add(1, Ordering::Relaxed);
                 info!(target: LOG, event = "Lease acquired", group = %self.name,
-                    generation = generation, "");
+                    member = self.me, generation = generation, "");
             }
             other => info!(target: LOG, event = "Lease holder changed", group = %self.name,
-                holder = %other, ""),
+                member = self.me, holder = %other, ""),
         }
     }
 }

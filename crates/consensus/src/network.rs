@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_mesh::rpc::{CallError, Endpoint, Rpc};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -41,6 +41,9 @@ impl Endpoints {
 pub(crate) struct MeshNetwork {
     pub rpc: Arc<Rpc>,
     pub endpoints: Endpoints,
+    /// The wait before a failed RPC is retried: one heartbeat, so a member that comes back
+    /// hears the leader before its election timer runs out.
+    pub retry: Duration,
 }
 
 pub(crate) struct Connection {
@@ -59,12 +62,11 @@ impl RaftNetworkFactory<TypeConfig> for MeshNetwork {
     }
 }
 
+/// Every failure is reported as "unreachable", so openraft waits [`MeshNetwork::retry`]
+/// before trying again: its other error kinds are retried at once, and a peer that answers
+/// "starting" in its quiet time would be asked again in a busy loop.
 fn rpc_error<E: std::error::Error>(e: CallError) -> RPCError<MemberId, EmptyNode, E> {
-    if e.is_unreachable() {
-        RPCError::Unreachable(Unreachable::new(&e))
-    } else {
-        RPCError::Network(NetworkError::new(&e))
-    }
+    RPCError::Unreachable(Unreachable::new(&e))
 }
 
 /// The caller's budget for one RPC, never zero.
@@ -73,6 +75,10 @@ fn ttl(option: &RPCOption) -> Duration {
 }
 
 impl RaftNetwork<TypeConfig> for Connection {
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(self.net.retry))
+    }
+
     async fn append_entries(
         &mut self,
         req: AppendEntriesRequest<TypeConfig>,
