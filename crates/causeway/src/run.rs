@@ -93,16 +93,10 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         ip_version: config.cluster.ip_version,
     });
     let store = NodeStore::open(&data_dir);
-    let (node, services) = Node::start(config.clone(), transport, resolver, store);
+    let (node, _services) = Node::start(config.clone(), transport, resolver, store);
     let mut app = causeway_admin::router(node.clone());
     if let Some(section) = &config.sip {
         let sip = start_sip(&config, section, &identity, node.clone(), cancel.clone()).await?;
-        if let Some(services) = services {
-            tokio::spawn(causeway_sipserver::admission::serve_peer_messages(
-                sip.clone(),
-                services,
-            ));
-        }
         app = app.merge(causeway_sipserver::status::router(sip));
     }
     let unix =

@@ -46,6 +46,14 @@ pub fn render_cluster(s: &ClusterStatus) -> String {
         let _ = writeln!(out);
         out.push_str(&render_replication(r));
     }
+    for l in &s.leases {
+        let holder = match (l.holder, l.generation) {
+            (Some(h), Some(g)) if l.held_here => format!("Peer {h} (this system), generation {g}"),
+            (Some(h), Some(g)) => format!("Peer {h}, generation {g}"),
+            _ => "none (election in progress or no majority reachable)".to_string(),
+        };
+        row(&mut out, &format!("Lease {} holder", l.name), &holder);
+    }
     for p in &s.peers {
         let _ = writeln!(out);
         row(

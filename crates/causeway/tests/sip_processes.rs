@@ -599,6 +599,79 @@ fn the_call_limit_holds_for_the_cluster_when_calls_arrive_on_every_peer_at_once(
     assert_eq!(callee.finish(10).0, 3);
 }
 
+/// The peer holding the `calls` lease as peer `k` sees it.
+fn admission_holder(c: &TestCluster, k: usize) -> Option<u64> {
+    let status = c.xstatus(k, "cluster")?;
+    let lease = status["leases"]
+        .as_array()?
+        .iter()
+        .find(|l| l["name"] == "calls")?
+        .clone();
+    lease["holder"].as_u64()
+}
+
+/// The decider is the holder of a lease, not the configuration primary: with Peer 1 (the
+/// primary) killed, Peers 2 and 3 are a majority, one of them holds the lease, and calls
+/// through both are admitted up to the whole limit (3), not each peer's share (1), and
+/// refused past it.
+#[test]
+fn kill_9_of_the_configuration_primary_leaves_the_survivors_admitting_up_to_the_limit() {
+    let mut c = sip_cluster(48, 3);
+    set(&c, 1, "limits.calls.max", "3");
+    let tmp = tempfile::tempdir().unwrap();
+    let users = csv(tmp.path(), "gina.csv", &["gina"]);
+    let aor = "sip:gina@test.example";
+    let callee = uas("127.0.48.20", 5090, "u1", 3, tmp.path());
+    register(
+        "127.0.48.20",
+        "127.0.48.2",
+        &users,
+        5090,
+        5091,
+        "u1",
+        tmp.path(),
+    );
+    wait_for(5, "gina's binding on peer 3", || {
+        binding_owner(&c, 3, aor) == Some(2)
+    });
+    wait_for(10, "a lease holder", || admission_holder(&c, 2).is_some());
+    c.kill9(1);
+    wait_for(5, "the survivors agree on a holder among them", || {
+        let (h2, h3) = (admission_holder(&c, 2), admission_holder(&c, 3));
+        h2.is_some() && h2 == h3 && h2 != Some(1)
+    });
+    // Four calls at once, two through each survivor, each held for 4 s.
+    let callers: Vec<Sipp> = (2..=3)
+        .map(|k| {
+            call(
+                ("127.0.48.21", 5100 + k as u16),
+                &format!("127.0.48.{k}"),
+                &users,
+                "u1",
+                2,
+                4000,
+                tmp.path(),
+            )
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for caller in callers {
+        let (o, f) = caller.finish(40);
+        ok += o;
+        failed += f;
+    }
+    assert_eq!(
+        (ok, failed),
+        (3, 1),
+        "{}\n{}\n{}",
+        sipp_logs(tmp.path(), "errors"),
+        c.log(2),
+        c.log(3)
+    );
+    assert!(sipp_logs(tmp.path(), "errors").contains("503 Service Unavailable"));
+    assert_eq!(callee.finish(10).0, 3);
+}
+
 /// Sends `msg` over UDP to `to` and returns the first line of the answer, if any.
 fn udp_exchange(sock: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Option<String> {
     sock.send_to(msg, to).unwrap();

@@ -4,11 +4,13 @@
 
 pub mod backup;
 pub mod config;
+pub mod leases;
 mod node;
 mod peer_alarms;
 pub mod xconfig;
 
 pub use config::{ConfigError, NodeConfig, SipSection};
+pub use leases::{LeaseStatus, Leases};
 pub use node::{ClusterStatus, Node, NodeStore, PeerAlarm, SetOutcome};
 pub use peer_alarms::{peer_alarms, MANAGED_ALARMS};
 pub use xconfig::ConfigItem;

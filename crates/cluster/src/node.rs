@@ -26,8 +26,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;
+use crate::leases::Leases;
 use crate::peer_alarms::{peer_alarms, MANAGED_ALARMS};
 use crate::xconfig::{self, ConfigItem};
+use causeway_mesh::rpc::RPC_CHANNEL;
 
 /// Peers that dial us get this long after start before their silence is an alarm.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -58,6 +60,9 @@ pub struct ClusterStatus {
     /// A warning to show above everything (a pending leave, EX-15).
     #[serde(default)]
     pub banner: Option<String>,
+    /// The lease groups this peer is a member of, and who holds each.
+    #[serde(default)]
+    pub leases: Vec<crate::LeaseStatus>,
 }
 
 /// The node's store, its system key, and what went wrong opening them (alarm 20014).
@@ -154,6 +159,7 @@ pub struct Node {
     mesh: Option<Arc<Mesh>>,
     engine: Arc<Engine>,
     store: Arc<dyn Store>,
+    leases: Arc<Leases>,
     keys: Mutex<Option<NodeKeys>>,
     observer: Arc<ConfigObserver>,
     /// Why the store was replaced at start (20014), until this peer is back in sync.
@@ -255,12 +261,14 @@ impl Node {
             alarms.raise(20014, "store", why);
         }
         addresses.load(&engine.entries(&config_stream()));
+        let leases = Arc::new(Leases::new(mesh.as_ref(), store.clone()));
         let node = Arc::new(Node {
             config,
             alarms,
             mesh,
             engine,
             store,
+            leases,
             keys: Mutex::new(keys),
             observer,
             store_problem: Mutex::new(store_problem),
@@ -309,6 +317,11 @@ impl Node {
         self.mesh.as_deref()
     }
 
+    /// The node's lease groups: a service starts the one it needs here.
+    pub fn leases(&self) -> &Arc<Leases> {
+        &self.leases
+    }
+
     pub fn replication(&self) -> &Arc<Engine> {
         &self.engine
     }
@@ -345,6 +358,7 @@ impl Node {
             peers,
             replication: self.mesh.as_ref().map(|_| self.engine.status()),
             banner: self.leave_banner(),
+            leases: self.leases.status(),
         }
     }
 
@@ -626,6 +640,8 @@ impl Node {
 
     /// Says goodbye to the peers and stops.
     pub async fn shutdown(&self) {
+        // Leases first: "lost" is said while the mesh can still carry the last RPCs.
+        self.leases.shutdown().await;
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
@@ -778,6 +794,8 @@ async fn route_inbound(
         while let Some(message) = next {
             if message.channel == CHANNEL {
                 replication.push((message.from, message.payload));
+            } else if message.channel == RPC_CHANNEL {
+                node.leases.rpc().handle(message.from, &message.payload);
             } else if services.try_send(message).is_err() {
                 // Nobody reads service messages yet (or they are behind): drop, never block
                 // replication behind them.

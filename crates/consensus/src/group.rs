@@ -438,7 +438,10 @@ mod tests {
         let t = LeaseTiming::default();
         assert_eq!(t.check(), Ok(()));
         assert!(t.hold() < t.lease());
-        assert!(t.renew * 3 < t.hold(), "a lost round or two does not lose the lease");
+        assert!(
+            t.renew * 3 < t.hold(),
+            "a lost round or two does not lose the lease"
+        );
         let bad = LeaseTiming {
             renew: Duration::from_millis(500),
             ..t

@@ -68,9 +68,13 @@ impl LogStore {
         else {
             return Ok(None);
         };
-        serde_json::from_slice(&raw)
-            .map(Some)
-            .map_err(|e| io(subject, ErrorVerb::Read, format!("{name} is unreadable: {e}")))
+        serde_json::from_slice(&raw).map(Some).map_err(|e| {
+            io(
+                subject,
+                ErrorVerb::Read,
+                format!("{name} is unreadable: {e}"),
+            )
+        })
     }
 
     fn write<T: Serialize>(
@@ -79,7 +83,8 @@ impl LogStore {
         value: &T,
         subject: ErrorSubject<MemberId>,
     ) -> Result<(), Error> {
-        let value = serde_json::to_vec(value).map_err(|e| io(subject.clone(), ErrorVerb::Write, e))?;
+        let value =
+            serde_json::to_vec(value).map_err(|e| io(subject.clone(), ErrorVerb::Write, e))?;
         self.store
             .apply(&[Op::Put {
                 table: TABLE,
@@ -402,14 +407,20 @@ mod tests {
         let mut again = LogStore::new(store.clone(), "calls@abc");
         assert_eq!(again.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
         let got = again.try_get_log_entries(2..4).await.unwrap();
-        assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            [2, 3]
+        );
         again.truncate(entry(1, 4).log_id).await.unwrap();
         again.purge(entry(1, 1).log_id).await.unwrap();
         let state = again.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id.map(|l| l.index), Some(3));
         assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(1));
         let all = again.try_get_log_entries(..).await.unwrap();
-        assert_eq!(all.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            all.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            [2, 3]
+        );
 
         // Another group of the same name with other voters: the old one is dropped.
         drop_other_generations(store.as_ref(), "calls", "calls@def").unwrap();

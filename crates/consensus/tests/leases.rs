@@ -67,7 +67,10 @@ impl Observer {
     /// Panics if two members' intervals overlap or one generation has two holders.
     fn check(&self) {
         let held = self.held.lock().unwrap();
-        let end = |h: &Held| h.until.unwrap_or(Instant::now() + Duration::from_secs(3600));
+        let end = |h: &Held| {
+            h.until
+                .unwrap_or(Instant::now() + Duration::from_secs(3600))
+        };
         for (i, a) in held.iter().enumerate() {
             for b in &held[i + 1..] {
                 if a.member == b.member {
@@ -197,7 +200,10 @@ impl Lab {
         m.mesh.shutdown().await;
         // The watcher ends when the group is gone, after seeing its last state.
         drop(m.group);
-        if tokio::time::timeout(Duration::from_secs(1), m.watcher).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(1), m.watcher)
+            .await
+            .is_err()
+        {
             panic!("member {k}'s lease group was not dropped at its kill");
         }
     }
@@ -217,7 +223,10 @@ impl Lab {
             if let Some(h) = self.holder() {
                 return h;
             }
-            assert!(Instant::now() < deadline, "no holder within {within:?}: {what}");
+            assert!(
+                Instant::now() < deadline,
+                "no holder within {within:?}: {what}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -235,7 +244,14 @@ impl Lab {
                 let held = self.observer.held.lock().unwrap().clone();
                 let rel: Vec<_> = held
                     .iter()
-                    .map(|h| (h.member, h.generation, h.from.checked_duration_since(since), h.until.and_then(|u| u.checked_duration_since(since))))
+                    .map(|h| {
+                        (
+                            h.member,
+                            h.generation,
+                            h.from.checked_duration_since(since),
+                            h.until.and_then(|u| u.checked_duration_since(since)),
+                        )
+                    })
                     .collect();
                 panic!("no new holder within {within:?} of losing Peer {old}: {rel:?}");
             }
@@ -259,7 +275,9 @@ fn failover_bound() -> Duration {
 
 async fn kill_partition_heal_restart(n: usize) {
     let mut lab = Lab::start(n);
-    let first = lab.wait_holder(Duration::from_secs(5), "first election").await;
+    let first = lab
+        .wait_holder(Duration::from_secs(5), "first election")
+        .await;
 
     // The holder is killed: a survivor holds the lease within the bound.
     let t = Instant::now();
@@ -277,9 +295,14 @@ async fn kill_partition_heal_restart(n: usize) {
     assert_ne!(third, holder);
     lab.observer.check();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_ne!(lab.holder(), Some(holder), "the isolated member cannot hold the lease");
+    assert_ne!(
+        lab.holder(),
+        Some(holder),
+        "the isolated member cannot hold the lease"
+    );
     lab.net.heal_all();
-    lab.wait_holder(Duration::from_secs(5), "after healing").await;
+    lab.wait_holder(Duration::from_secs(5), "after healing")
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     lab.observer.check();
 
@@ -293,7 +316,8 @@ async fn kill_partition_heal_restart(n: usize) {
         lab.boot(k);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    lab.wait_holder(Duration::from_secs(5), "after a full restart").await;
+    lab.wait_holder(Duration::from_secs(5), "after a full restart")
+        .await;
     lab.stop().await;
 }
 
@@ -311,7 +335,8 @@ async fn five_members_kill_partition_heal_restart_never_two_holders() {
 async fn a_single_member_group_holds_its_lease_after_its_quiet_start() {
     let lab = Lab::start(1);
     let started = Instant::now();
-    lab.wait_holder(Duration::from_secs(2), "single member").await;
+    lab.wait_holder(Duration::from_secs(2), "single member")
+        .await;
     assert!(
         Instant::now() - started >= LeaseTiming::default().lease(),
         "not before its quiet start"
@@ -332,7 +357,11 @@ async fn an_ineligible_member_votes_but_never_holds() {
     let next = lab.wait_new_holder(first, t, failover_bound()).await;
     assert_eq!(next, other, "the witness's vote elects the other member");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(lab.observer.acquisitions(), 2, "and the witness never held it");
+    assert_eq!(
+        lab.observer.acquisitions(),
+        2,
+        "and the witness never held it"
+    );
     lab.stop().await;
 }
 
@@ -400,7 +429,8 @@ async fn random_schedule(seed: u64) {
             lab.net.delay(ip(a), ip(b), Duration::ZERO);
         }
     }
-    lab.wait_holder(Duration::from_secs(10), "after the schedule").await;
+    lab.wait_holder(Duration::from_secs(10), "after the schedule")
+        .await;
     lab.stop().await;
 }
 

@@ -8,11 +8,11 @@ mod hello;
 mod memory;
 mod mesh;
 mod resolve;
+pub mod rpc;
 mod settings;
 mod status;
 mod tls;
 mod transport;
-pub mod rpc;
 pub mod wire;
 
 pub use hello::{check_hello, Refusal, RefuseField};

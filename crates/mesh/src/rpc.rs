@@ -105,7 +105,8 @@ enum Frame {
     },
 }
 
-type Handler = Arc<dyn Fn(usize, Bytes) -> BoxFuture<'static, Result<Vec<u8>, String>> + Send + Sync>;
+type Handler =
+    Arc<dyn Fn(usize, Bytes) -> BoxFuture<'static, Result<Vec<u8>, String>> + Send + Sync>;
 
 /// One node's side of every endpoint.
 pub struct Rpc {
@@ -415,7 +416,9 @@ mod tests {
     async fn a_call_gets_its_answer_and_an_unknown_endpoint_a_refusal() {
         let (a, b, _) = pair();
         let double: Endpoint<u32, u64> = Endpoint::new("test/double");
-        b.serve(&double, |from, x: u32| async move { Ok(u64::from(x) * 2 + from as u64) });
+        b.serve(&double, |from, x: u32| async move {
+            Ok(u64::from(x) * 2 + from as u64)
+        });
         let t = Duration::from_secs(1);
         assert_eq!(a.call(&double, 2, &21, t).await, Ok(43));
         let other: Endpoint<u32, u64> = Endpoint::new("test/other");
@@ -438,13 +441,13 @@ mod tests {
         });
         let t = Duration::from_millis(300);
         let err = a.call(&echo, 2, &0, t).await.unwrap_err();
-        assert!(
-            matches!(err, CallError::Timeout { peer: 2, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, CallError::Timeout { peer: 2, .. }), "{err:?}");
         // Peer 3 does not exist on the wire: one success of two calls is the quorum.
         let answers = a.call_quorum(&echo, &[3, 2], &7, 1, t).await;
-        assert!(answers.iter().any(|(p, r)| *p == 2 && r == &Ok(7)), "{answers:?}");
+        assert!(
+            answers.iter().any(|(p, r)| *p == 2 && r == &Ok(7)),
+            "{answers:?}"
+        );
         wire.to.lock().unwrap().clear();
         let answers = a.call_quorum(&echo, &[2], &7, 1, t).await;
         assert!(answers[0].1.as_ref().is_err_and(CallError::is_unreachable));

@@ -1,31 +1,33 @@
 //! Call and bandwidth admission for the cluster as a whole (SV-4).
 //!
 //! Every peer records the calls it admitted in its replicated stream `calls/peerN`, so
-//! usage per peer and in total is visible everywhere. The decision is the configuration
-//! primary's: a peer asks it over the mesh (`Admit`), it checks the sum of every stream
-//! plus the grants not yet seen in a stream, and answers. Two peers admitting at once are
-//! thus serialised in one place and the limit holds. When the primary cannot be asked, a
-//! peer admits only within its share (`limit / peers`), so the sum of the shares still
-//! holds the limit while the cluster is split.
+//! usage per peer and in total is visible everywhere. The decision is made by the holder
+//! of the `calls` lease (docs/consensus.md), chosen by a majority of the peers: a peer asks
+//! it over the mesh (`sip/admit`), it checks the sum of every stream plus the grants not yet
+//! seen in a stream, and answers. Two peers admitting at once are thus serialised in one
+//! place and the limit holds; any majority of the cluster keeps a holder, whichever peer
+//! is the configuration primary. A peer that cannot reach the holder (no holder known, or
+//! no answer) admits only within its share (`limit / peers`), so the sum of the shares
+//! still holds the limit while the cluster is split.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use causeway_common::time::unix_ms_now;
+use causeway_consensus::Holder;
+use causeway_mesh::rpc::Endpoint;
 use causeway_replication::Change;
 use causeway_sip::{HeaderKind, Message, NameAddr};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::service::{SipService, LOG};
 
 pub const NAMESPACE: &str = "calls";
-/// The mesh channel SIP's peer messages travel on (replication is 1).
-pub const CHANNEL: u16 = 2;
+/// The lease whose holder decides admissions.
+pub const LEASE: &str = "calls";
 /// A grant not yet seen in the peer's stream counts this long.
 const GRANT_TTL_MS: u64 = 10_000;
 /// A call with no BYE seen is dropped after this long (its endpoints crashed).
@@ -55,10 +57,24 @@ enum Unrecorded {
     Writing { ended: bool },
 }
 
+/// A peer asks the holder of the `calls` lease to admit one call.
 #[derive(Debug, Serialize, Deserialize)]
-pub enum PeerMessage {
-    Admit { id: u64, call: String, kbps: u64 },
-    Decision { id: u64, admitted: bool },
+pub struct AdmitRequest {
+    pub call: String,
+    pub kbps: u64,
+    /// The generation the asker believes the holder has: a holder of another generation
+    /// answers all the same (it holds the lease now), but says which it holds.
+    pub generation: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdmitAnswer {
+    pub admitted: bool,
+    pub generation: u64,
+}
+
+pub fn admit_endpoint() -> Endpoint<AdmitRequest, AdmitAnswer> {
+    Endpoint::new("sip/admit")
 }
 
 #[derive(Default)]
@@ -67,8 +83,6 @@ struct State {
     calls: HashMap<usize, HashMap<String, CallRecord>>,
     /// Grants this peer made as primary, not yet in a stream: call → (kbps, expiry).
     grants: HashMap<String, (u64, u64)>,
-    waiting: HashMap<u64, oneshot::Sender<bool>>,
-    next_id: u64,
     unrecorded: HashMap<String, Unrecorded>,
 }
 
@@ -243,7 +257,7 @@ impl SipService {
         let calls_max = self.calls_max(&config);
         let limited = calls_max > 0 || config.bandwidth_total_kbps > 0;
         if limited {
-            let admitted = self.ask_primary(&call, kbps, calls_max, &config).await;
+            let admitted = self.ask_decider(&call, kbps, calls_max, &config).await;
             if !admitted {
                 self.metrics.calls_refused.fetch_add(1, Ordering::Relaxed);
                 info!(target: LOG, event = "Call Rejected", call = %call,
@@ -283,7 +297,7 @@ impl SipService {
         }
     }
 
-    /// The primary's decision for one call.
+    /// The lease holder's decision for one call.
     fn decide_here(&self, call: &str, kbps: u64, calls_max: u64, max_kbps: u64) -> bool {
         // Peers lost longer than CALL_GRACE no longer count their calls: signalling through
         // them is gone, and their calls would hold the limit until they came back.
@@ -292,44 +306,36 @@ impl SipService {
             .decide(call, kbps, calls_max, max_kbps, &stale)
     }
 
-    async fn ask_primary(
+    async fn ask_decider(
         &self,
         call: &str,
         kbps: u64,
         calls_max: u64,
         config: &crate::service::SipConfig,
     ) -> bool {
-        let engine = self.node.replication();
-        let primary = engine.primary();
-        if primary == self.self_index {
-            return self.decide_here(call, kbps, calls_max, config.bandwidth_total_kbps);
-        }
-        let asked = self.node.mesh().and_then(|mesh| {
-            let (tx, rx) = oneshot::channel();
-            let id = {
-                let mut st = self.admission.lock();
-                st.next_id += 1;
-                let id = st.next_id;
-                st.waiting.insert(id, tx);
-                id
-            };
-            let msg = PeerMessage::Admit {
-                id,
-                call: call.to_string(),
-                kbps,
-            };
-            let payload = Bytes::from(postcard::to_stdvec(&msg).unwrap_or_default());
-            mesh.send(primary, CHANNEL, payload).ok().map(|_| (id, rx))
-        });
-        if let Some((id, rx)) = asked {
-            match tokio::time::timeout(ASK_TIMEOUT, rx).await {
-                Ok(Ok(admitted)) => return admitted,
-                _ => {
-                    self.admission.lock().waiting.remove(&id);
+        let holder = self.admission_lease.as_ref().map(|l| l.state().holder);
+        match holder {
+            Some(Holder::Me { .. }) => {
+                return self.decide_here(call, kbps, calls_max, config.bandwidth_total_kbps)
+            }
+            Some(Holder::Peer { peer, generation }) => {
+                let request = AdmitRequest {
+                    call: call.to_string(),
+                    kbps,
+                    generation,
+                };
+                let rpc = self.node.leases().rpc();
+                match rpc
+                    .call(&admit_endpoint(), peer, &request, ASK_TIMEOUT)
+                    .await
+                {
+                    Ok(answer) => return answer.admitted,
+                    Err(e) => debug!(target: LOG, reason = %e, "Admission decider not reached"),
                 }
             }
+            Some(Holder::Nobody) | None => {}
         }
-        // The primary cannot be asked: only this peer's share of the limits.
+        // The holder cannot be asked: only this peer's share of the limits.
         let peers = self.peers().len().max(1) as u64;
         let (calls, used) = self.admission.own_count(self.self_index);
         (calls_max == 0 || (calls as u64) < calls_max / peers)
@@ -337,34 +343,26 @@ impl SipService {
                 || used + kbps <= config.bandwidth_total_kbps / peers)
     }
 
-    /// A peer's admission message (mesh channel 2).
-    pub fn handle_peer_message(&self, from: usize, payload: &[u8]) {
-        let Ok(msg) = postcard::from_bytes::<PeerMessage>(payload) else {
-            warn!(target: LOG, peer = from, "Unreadable SIP peer message dropped");
-            return;
-        };
-        match msg {
-            PeerMessage::Admit { id, call, kbps } => {
-                let config = self.config();
-                let admitted = self.node.replication().is_primary()
-                    && self.decide_here(
-                        &call,
-                        kbps,
-                        self.calls_max(&config),
-                        config.bandwidth_total_kbps,
-                    );
-                let reply = PeerMessage::Decision { id, admitted };
-                if let Some(mesh) = self.node.mesh() {
-                    let payload = Bytes::from(postcard::to_stdvec(&reply).unwrap_or_default());
-                    let _ = mesh.send(from, CHANNEL, payload);
-                }
-            }
-            PeerMessage::Decision { id, admitted } => {
-                if let Some(tx) = self.admission.lock().waiting.remove(&id) {
-                    let _ = tx.send(admitted);
-                }
-            }
-        }
+    /// A peer's `sip/admit`: decided here only while this peer holds the lease.
+    fn answer_admit(&self, from: usize, req: AdmitRequest) -> Result<AdmitAnswer, String> {
+        let generation = self
+            .admission_lease
+            .as_ref()
+            .and_then(|l| l.state().my_generation())
+            .ok_or_else(|| format!("Peer {} does not hold the admission lease", self.self_index))?;
+        let config = self.config();
+        let admitted = self.decide_here(
+            &req.call,
+            req.kbps,
+            self.calls_max(&config),
+            config.bandwidth_total_kbps,
+        );
+        debug!(target: LOG, peer = from, call = %req.call, admitted = admitted,
+            generation = generation, "Admission decided for a peer");
+        Ok(AdmitAnswer {
+            admitted,
+            generation,
+        })
     }
 
     /// A BYE ends the call it belongs to, whichever side sent it.
@@ -438,16 +436,19 @@ impl SipService {
     }
 }
 
-/// Runs the peer-message loop for `svc` (mesh service messages on channel 2).
-pub async fn serve_peer_messages(
-    svc: Arc<SipService>,
-    mut rx: tokio::sync::mpsc::Receiver<causeway_mesh::Inbound>,
-) {
-    while let Some(m) = rx.recv().await {
-        if m.channel == CHANNEL {
-            svc.handle_peer_message(m.from, &m.payload);
-        }
-    }
+/// Answers peers' `sip/admit` for `svc` from now on.
+pub(crate) fn serve_admissions(svc: &Arc<SipService>) {
+    let weak: Weak<SipService> = Arc::downgrade(svc);
+    svc.node
+        .leases()
+        .rpc()
+        .serve(&admit_endpoint(), move |from, req: AdmitRequest| {
+            let svc = weak.upgrade();
+            async move {
+                svc.ok_or_else(|| "the SIP service has stopped".to_string())?
+                    .answer_admit(from, req)
+            }
+        });
 }
 
 #[cfg(test)]

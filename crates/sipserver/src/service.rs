@@ -60,6 +60,8 @@ pub struct SipService {
     pub(crate) config: RwLock<Arc<SipConfig>>,
     pub(crate) proxy: Mutex<ProxyState>,
     pub(crate) admission: Admission,
+    /// The `calls` lease: its holder decides admissions (none if the group failed to start).
+    pub(crate) admission_lease: Option<Arc<dyn causeway_consensus::LeaderLease>>,
     pub(crate) licences: crate::licences::Licences,
     /// The licence pool as last computed (every second).
     pub(crate) pool: Mutex<crate::licences::Pool>,
@@ -114,6 +116,15 @@ impl SipService {
         )
         .await?;
         let self_index = node.mesh().map(|m| m.settings().self_index).unwrap_or(1);
+        let leases = node.leases();
+        let admission_lease = match leases.start_group(crate::admission::LEASE, leases.all_peers())
+        {
+            Ok(g) => Some(g as Arc<dyn causeway_consensus::LeaderLease>),
+            Err(e) => {
+                warn!(target: LOG, reason = %e, "Admission lease not started; each peer admits within its share");
+                None
+            }
+        };
         let svc = Arc::new(SipService {
             node: node.clone(),
             settings,
@@ -123,6 +134,7 @@ impl SipService {
             config: RwLock::new(Arc::new(SipConfig::default())),
             proxy: Mutex::new(ProxyState::default()),
             admission: Admission::default(),
+            admission_lease,
             licences: Default::default(),
             pool: Mutex::new(Default::default()),
             self_index,
@@ -132,6 +144,7 @@ impl SipService {
             cancel,
         });
         node.watch(Arc::new(Watcher(Arc::downgrade(&svc))));
+        crate::admission::serve_admissions(&svc);
         svc.reload_config();
         let engine = node.replication();
         for ns in [
