@@ -11,6 +11,7 @@ mod network;
 mod storage;
 
 pub mod fake;
+pub mod observer;
 
 use std::fmt;
 // Named by the default snapshot type `declare_raft_types!` fills in.

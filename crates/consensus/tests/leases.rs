@@ -3,10 +3,11 @@
 //! that no two members ever hold the lease in the same instant.
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use causeway_consensus::{Holder, LeaderLease, LeaseGroup, LeaseTiming};
+use causeway_consensus::observer::Observer;
+use causeway_consensus::{LeaderLease, LeaseGroup, LeaseTiming};
 use causeway_mesh::rpc::{Rpc, RPC_CHANNEL};
 use causeway_mesh::{ClusterSettings, MemoryNetwork, Mesh, SystemResolver, Timing, TlsMode};
 use causeway_store::{MemoryStore, Store};
@@ -15,86 +16,6 @@ use tokio::time::Instant;
 
 fn ip(k: usize) -> IpAddr {
     format!("198.18.1.{k}").parse().unwrap()
-}
-
-/// One interval during which a member held the lease.
-#[derive(Clone, Debug)]
-struct Held {
-    member: usize,
-    generation: u64,
-    from: Instant,
-    until: Option<Instant>,
-}
-
-/// Sees every change of every member's lease.
-#[derive(Default)]
-struct Observer {
-    held: Mutex<Vec<Held>>,
-}
-
-impl Observer {
-    fn watch(self: &Arc<Self>, member: usize, group: &LeaseGroup) -> JoinHandle<()> {
-        let mut rx = group.watch();
-        let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let state = *rx.borrow_and_update();
-                {
-                    let mut held = me.held.lock().unwrap();
-                    let open = held
-                        .iter_mut()
-                        .find(|h| h.member == member && h.until.is_none());
-                    match (state.holder, open) {
-                        (Holder::Me { .. }, Some(_)) => {}
-                        (Holder::Me { generation }, None) => held.push(Held {
-                            member,
-                            generation,
-                            from: state.since,
-                            until: None,
-                        }),
-                        (_, Some(h)) => h.until = Some(state.since),
-                        (_, None) => {}
-                    }
-                }
-                if rx.changed().await.is_err() {
-                    // The member stopped: its last interval ended with its last state.
-                    return;
-                }
-            }
-        })
-    }
-
-    /// Panics if two members' intervals overlap or one generation has two holders.
-    fn check(&self) {
-        let held = self.held.lock().unwrap();
-        let end = |h: &Held| {
-            h.until
-                .unwrap_or(Instant::now() + Duration::from_secs(3600))
-        };
-        for (i, a) in held.iter().enumerate() {
-            for b in &held[i + 1..] {
-                if a.member == b.member {
-                    continue;
-                }
-                assert!(
-                    end(a) <= b.from || end(b) <= a.from,
-                    "two holders at once: {a:?} and {b:?}"
-                );
-                assert_ne!(a.generation, b.generation, "{a:?} and {b:?}");
-            }
-        }
-    }
-
-    fn holder_now(&self) -> Option<(usize, Instant)> {
-        let held = self.held.lock().unwrap();
-        held.iter()
-            .find(|h| h.until.is_none())
-            .map(|h| (h.member, h.from))
-    }
-
-    fn acquisitions(&self) -> usize {
-        self.held.lock().unwrap().len()
-    }
 }
 
 struct Member {
@@ -178,7 +99,7 @@ impl Lab {
             LeaseTiming::default(),
         )
         .expect("the group starts");
-        let watcher = self.observer.watch(k, &group);
+        let watcher = self.observer.watch(k, group.as_ref());
         self.members[k - 1] = Some(Member {
             mesh,
             rpc,
@@ -241,7 +162,7 @@ impl Lab {
                 }
             }
             if Instant::now() >= deadline {
-                let held = self.observer.held.lock().unwrap().clone();
+                let held = self.observer.history();
                 let rel: Vec<_> = held
                     .iter()
                     .map(|h| {

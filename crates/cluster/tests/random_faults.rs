@@ -1,0 +1,158 @@
+//! Random fault schedules over whole nodes (mesh, replication, leases) on the in-memory
+//! network and tokio's paused clock, Neon's `random_test.rs` style: kills, restarts,
+//! partitions, one-way delays and heals, while configuration changes are made through
+//! random peers. Checked on every seed: never two holders of a lease in the same instant,
+//! and every acknowledged configuration change survives on every peer once healed.
+//!
+//! `CLUSTER_SEEDS=N` runs seeds 0..N (default 200); `CLUSTER_SEED=N` replays one.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_consensus::observer::Observer;
+use causeway_mesh::TlsMode;
+use common::*;
+use tokio::time::Instant;
+
+/// Deterministic xorshift: a seed replays the same schedule of faults.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        let mut x = self.0.max(1);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x % n.max(1)
+    }
+}
+
+const GROUP: &str = "random";
+
+fn boot_member(c: &mut Cluster, k: usize, observer: &Arc<Observer>) {
+    let node = c.boot(k, config(k, c.n, TlsMode::Enforce));
+    let group = node
+        .leases()
+        .start_group(GROUP, node.leases().all_peers())
+        .expect("the lease group starts");
+    observer.watch(k, group.as_ref());
+    c.nodes[k - 1] = Some(node);
+}
+
+fn value(c: &Cluster, k: usize) -> u64 {
+    c.node(k)
+        .configuration()
+        .into_iter()
+        .find(|i| i.path == "limits.calls.max")
+        .and_then(|i| i.value.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn schedule(seed: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed);
+    let n = if rng.below(2) == 0 { 3 } else { 5 };
+    let observer = Arc::new(Observer::default());
+    let mut c = Cluster {
+        net: causeway_mesh::MemoryNetwork::new(),
+        nodes: (0..n).map(|_| None).collect(),
+        stores: (0..n).map(|_| Arc::default()).collect(),
+        n,
+    };
+    for k in 1..=n {
+        boot_member(&mut c, k, &observer);
+    }
+    wait_for(20, "formed", || c.formed()).await;
+    // Writes are made one at a time with rising values: the newest acknowledged one (or
+    // a later, unacknowledged one) must be what every peer holds at the end.
+    let (mut next, mut acknowledged) = (1u64, 0u64);
+    for _ in 0..10 {
+        let k = 1 + rng.below(n as u64) as usize;
+        match rng.below(7) {
+            0 => c.crash(k).await,
+            1 => {
+                if c.nodes[k - 1].is_none() {
+                    boot_member(&mut c, k, &observer);
+                }
+            }
+            2 => c.net.isolate(ip(k), &c.all_ips()),
+            3 => {
+                let j = 1 + rng.below(n as u64) as usize;
+                if j != k {
+                    c.net.partition(ip(k), ip(j));
+                }
+            }
+            4 => {
+                let j = 1 + rng.below(n as u64) as usize;
+                c.net
+                    .delay(ip(k), ip(j), Duration::from_millis(rng.below(300)));
+            }
+            5 => c.net.heal_all(),
+            _ => {
+                if let Some(node) = c.nodes[k - 1].clone() {
+                    let v = next.to_string();
+                    next += 1;
+                    let write = node.set_configuration("limits.calls.max", Some(&v));
+                    if let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(6), write).await
+                    {
+                        if out.confirmed.is_some_and(|(held, of)| held * 2 > of) {
+                            acknowledged = next - 1;
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(1500))).await;
+        observer.check();
+    }
+    // Heal everything, start every peer: one lease holder, every write acknowledged held.
+    c.net.heal_all();
+    for a in 1..=n {
+        for b in 1..=n {
+            c.net.delay(ip(a), ip(b), Duration::ZERO);
+        }
+    }
+    for k in 1..=n {
+        if c.nodes[k - 1].is_none() {
+            boot_member(&mut c, k, &observer);
+        }
+    }
+    wait_for(30, "formed after the schedule", || c.formed()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(1..=n).all(|k| value(&c, k) >= acknowledged && value(&c, k) == value(&c, 1)) {
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: acknowledged limits.calls.max={acknowledged} not held everywhere: {:?}",
+            (1..=n).map(|k| value(&c, k)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(10, "a lease holder after the schedule", || {
+        observer.holder_now().is_some()
+    })
+    .await;
+    for k in 1..=n {
+        c.crash(k).await;
+    }
+    observer.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn random_fault_schedules_keep_one_lease_holder_and_every_acknowledged_change() {
+    let seeds: Vec<u64> = match std::env::var("CLUSTER_SEED") {
+        Ok(s) => vec![s.parse().expect("CLUSTER_SEED is a number")],
+        Err(_) => {
+            let n = std::env::var("CLUSTER_SEEDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(200);
+            (0..n).collect()
+        }
+    };
+    for seed in seeds {
+        eprintln!("seed {seed} (replay: CLUSTER_SEED={seed})");
+        schedule(seed).await;
+    }
+}
