@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_cluster::{Node, NodeConfig, NodeStore};
-use common::*;
 use causeway_mesh::{Clustering, MemoryNetwork, SystemResolver, TlsMode};
+use causeway_store::MemoryStore;
+use common::*;
 
 fn raised(node: &Node, id: u32, subject: &str) -> bool {
     node.alarms().is_raised(id, subject)

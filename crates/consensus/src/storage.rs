@@ -6,6 +6,10 @@
 //! shapes: rare writes, readable in a dump). The group key holds the group's name and a
 //! fingerprint of its voters, so a changed peer list starts a fresh group.
 
+// openraft's storage traits fix the error type (`StorageError`, ~200 bytes); the helpers
+// here return it too rather than convert at every call. Its own examples allow the same.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};

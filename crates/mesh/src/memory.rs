@@ -153,20 +153,39 @@ impl MemoryNetwork {
     ) {
         let network = self.clone();
         tokio::spawn(async move {
+            // Frames in flight with the instant each is due: a delay holds every frame for
+            // that long after it was sent, as a longer wire would, in order, and does not
+            // add up frame after frame.
+            let mut in_flight: std::collections::VecDeque<(tokio::time::Instant, Bytes)> =
+                Default::default();
             loop {
-                let frame = tokio::select! {
+                let due = in_flight.front().map(|(d, _)| *d);
+                tokio::select! {
                     _ = sever.cancelled() => return,
                     _ = tx.closed() => return,
-                    f = rx.recv() => match f { Some(f) => f, None => return },
-                };
-                let Some(delay) = network.fate(from, to) else {
-                    continue;
-                };
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+                    f = rx.recv() => match f {
+                        Some(frame) => {
+                            if let Some(delay) = network.fate(from, to) {
+                                in_flight.push_back((tokio::time::Instant::now() + delay, frame));
+                            }
+                        }
+                        None if in_flight.is_empty() => return,
+                        None => {
+                            if let Some(due) = due {
+                                tokio::time::sleep_until(due).await;
+                            }
+                        }
+                    },
+                    _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
                 }
-                if tx.send(frame).await.is_err() {
-                    return;
+                let now = tokio::time::Instant::now();
+                while in_flight.front().is_some_and(|(d, _)| *d <= now) {
+                    let Some((_, frame)) = in_flight.pop_front() else {
+                        break;
+                    };
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
                 }
             }
         });

@@ -101,18 +101,21 @@ enum Frame {
     },
     Response {
         id: u64,
-        result: Result<Vec<u8>, String>,
+        result: Answer,
     },
 }
 
-type Handler =
-    Arc<dyn Fn(usize, Bytes) -> BoxFuture<'static, Result<Vec<u8>, String>> + Send + Sync>;
+/// An answer as it travels: the encoded response, or the handler's refusal.
+type Answer = Result<Vec<u8>, String>;
+type Waiters = HashMap<u64, oneshot::Sender<Answer>>;
+
+type Handler = Arc<dyn Fn(usize, Bytes) -> BoxFuture<'static, Answer> + Send + Sync>;
 
 /// One node's side of every endpoint.
 pub struct Rpc {
     link: Arc<dyn PeerSend>,
     handlers: RwLock<HashMap<String, Handler>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>, String>>>>,
+    pending: Mutex<Waiters>,
     next_id: AtomicU64,
     in_flight: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -302,9 +305,7 @@ impl Rpc {
         self.link.send_to(peer, RPC_CHANNEL, payload)
     }
 
-    fn pending_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<Vec<u8>, String>>>> {
+    fn pending_lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -118,4 +118,3 @@ pub async fn wait_for(secs: u64, what: &str, cond: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
