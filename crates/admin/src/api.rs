@@ -18,6 +18,7 @@ pub fn router(node: Arc<Node>) -> Router {
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
         .route("/api/v1/status/cluster", get(cluster))
+        .route("/metrics", get(metrics))
         .route("/api/v1/status/alarms", get(alarms))
         .route(
             "/api/v1/configuration",
@@ -40,6 +41,17 @@ pub fn router(node: Arc<Node>) -> Router {
 
 async fn cluster(State(node): State<Arc<Node>>) -> Json<ClusterStatus> {
     Json(node.cluster_status())
+}
+
+/// Every collector the node and its services registered, read now.
+async fn metrics(State(node): State<Arc<Node>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        node.metrics().render(),
+    )
 }
 
 async fn alarms(State(node): State<Arc<Node>>) -> Json<Value> {

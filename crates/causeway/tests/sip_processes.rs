@@ -599,6 +599,17 @@ fn the_call_limit_holds_for_the_cluster_when_calls_arrive_on_every_peer_at_once(
     assert_eq!(callee.finish(10).0, 3);
 }
 
+/// Peer `k`'s `/metrics`, read over its admin socket.
+fn metrics(c: &TestCluster, k: usize) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(c.peers[k - 1].dir.join("admin.sock"))
+        .expect("the admin socket accepts");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: peer\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// The peer holding the `calls` lease as peer `k` sees it.
 fn admission_holder(c: &TestCluster, k: usize) -> Option<u64> {
     let status = c.xstatus(k, "cluster")?;
@@ -635,10 +646,23 @@ fn kill_9_of_the_configuration_primary_leaves_the_survivors_admitting_up_to_the_
         binding_owner(&c, 3, aor) == Some(2)
     });
     wait_for(10, "a lease holder", || admission_holder(&c, 2).is_some());
+    // The node's metrics and SIP's on one /metrics.
+    let m = metrics(&c, 2);
+    for line in [
+        "causeway_mesh_peer_up{peer=\"1\"} 1",
+        "causeway_consensus_lease_held{group=\"calls\"}",
+        "causeway_replication_commits_total ",
+        "causeway_sip_bindings 1",
+    ] {
+        assert!(m.contains(line), "{line} in /metrics:\n{m}");
+    }
     c.kill9(1);
     wait_for(5, "the survivors agree on a holder among them", || {
         let (h2, h3) = (admission_holder(&c, 2), admission_holder(&c, 3));
         h2.is_some() && h2 == h3 && h2 != Some(1)
+    });
+    wait_for(5, "Peer 1 shown down", || {
+        metrics(&c, 2).contains("causeway_mesh_peer_up{peer=\"1\"} 0")
     });
     // Four calls at once, two through each survivor, each held for 4 s.
     let callers: Vec<Sipp> = (2..=3)

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use causeway_alarms::AlarmTable;
 use causeway_consensus::{
     ConsensusError, Holder, LeaderLease, LeaseGroup, LeaseTiming, Membership,
 };
@@ -11,6 +12,8 @@ use causeway_mesh::rpc::{PeerSend, Rpc};
 use causeway_mesh::{Mesh, SendError};
 use causeway_store::Store;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// One group as `xstatus cluster` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -24,6 +27,9 @@ pub struct LeaseStatus {
 }
 
 pub struct Leases {
+    alarms: Arc<AlarmTable>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
     rpc: Arc<Rpc>,
     store: Arc<dyn Store>,
     me: usize,
@@ -43,7 +49,11 @@ impl PeerSend for Nobody {
 }
 
 impl Leases {
-    pub(crate) fn new(mesh: Option<&Arc<Mesh>>, store: Arc<dyn Store>) -> Self {
+    pub(crate) fn new(
+        mesh: Option<&Arc<Mesh>>,
+        store: Arc<dyn Store>,
+        alarms: Arc<AlarmTable>,
+    ) -> Self {
         let (rpc, me, peers) = match mesh {
             Some(m) => (
                 Rpc::new(m.clone()),
@@ -57,6 +67,9 @@ impl Leases {
             ),
         };
         Self {
+            alarms,
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
             rpc,
             store,
             me,
@@ -111,7 +124,31 @@ impl Leases {
             self.timing,
         )?;
         groups.push(group.clone());
+        // Alarm 20030 follows the group's "records reset" state.
+        let (mut reset, alarms, subject, cancel) = (
+            group.records_reset(),
+            self.alarms.clone(),
+            format!("lease group {name}"),
+            self.cancel.clone(),
+        );
+        self.tasks.spawn(async move {
+            loop {
+                match reset.borrow_and_update().as_ref() {
+                    Some(why) => alarms.raise(20030, &subject, why),
+                    None => alarms.lower(20030, &subject),
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = reset.changed() => if r.is_err() { return },
+                }
+            }
+        });
         Ok(group)
+    }
+
+    /// Every group started, in order.
+    pub fn groups(&self) -> Vec<Arc<LeaseGroup>> {
+        self.lock().clone()
     }
 
     pub fn group(&self, name: &str) -> Option<Arc<LeaseGroup>> {
@@ -144,6 +181,9 @@ impl Leases {
         for g in groups {
             g.shutdown().await;
         }
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
         self.rpc.shutdown().await;
     }
 }

@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod config;
 pub mod leases;
+pub mod metrics;
 mod node;
 mod peer_alarms;
 pub mod xconfig;

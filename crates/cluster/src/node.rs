@@ -160,6 +160,7 @@ pub struct Node {
     engine: Arc<Engine>,
     store: Arc<dyn Store>,
     leases: Arc<Leases>,
+    metrics: crate::metrics::NodeMetrics,
     keys: Mutex<Option<NodeKeys>>,
     observer: Arc<ConfigObserver>,
     /// Why the store was replaced at start (20014), until this peer is back in sync.
@@ -261,7 +262,7 @@ impl Node {
             alarms.raise(20014, "store", why);
         }
         addresses.load(&engine.entries(&config_stream()));
-        let leases = Arc::new(Leases::new(mesh.as_ref(), store.clone()));
+        let leases = Arc::new(Leases::new(mesh.as_ref(), store.clone(), alarms.clone()));
         let node = Arc::new(Node {
             config,
             alarms,
@@ -269,12 +270,17 @@ impl Node {
             engine,
             store,
             leases,
+            metrics: Default::default(),
             keys: Mutex::new(keys),
             observer,
             store_problem: Mutex::new(store_problem),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
+        node.metrics
+            .register(Box::new(crate::metrics::NodeCollector(Arc::downgrade(
+                &node,
+            ))));
         if node.keys_lock().as_ref().is_some_and(|k| k.change_pending) {
             // Interrupted key change: finish it with the key it was changing to.
             let _ = node.change_system_key(false);
@@ -315,6 +321,11 @@ impl Node {
 
     pub fn mesh(&self) -> Option<&Mesh> {
         self.mesh.as_deref()
+    }
+
+    /// `/metrics`: a service registers its collector here.
+    pub fn metrics(&self) -> &crate::metrics::NodeMetrics {
+        &self.metrics
     }
 
     /// The node's lease groups: a service starts the one it needs here.

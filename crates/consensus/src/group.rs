@@ -128,6 +128,10 @@ pub struct LeaseGroup {
     rpc: Arc<Rpc>,
     endpoints: Endpoints,
     counters: Arc<LeaseCounters>,
+    /// Why this member's records were reset, while it may not vote (alarm 20030): with no
+    /// memory of its votes it could vote twice in one term, so it refuses every vote until
+    /// it has heard a leader chosen without it.
+    records_reset: Arc<watch::Sender<Option<String>>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -175,6 +179,19 @@ impl LeaseGroup {
             group: name.to_string(),
             reason: e.to_string(),
         })?;
+        let log = LogStore::new(store, &key);
+        let records_reset = match log.check() {
+            Ok(()) => None,
+            Err(reason) => {
+                warn!(target: LOG, event = "Lease group records reset", group = %name,
+                    reason = %reason, "");
+                log.reset().map_err(|e| ConsensusError::Store {
+                    group: name.to_string(),
+                    reason: e,
+                })?;
+                Some(format!("lease group {name}: {reason}"))
+            }
+        };
         let endpoints = Endpoints::of(name);
         let group = Arc::new(LeaseGroup {
             name: name.to_string(),
@@ -187,6 +204,7 @@ impl LeaseGroup {
             rpc: rpc.clone(),
             endpoints: endpoints.clone(),
             counters: Arc::default(),
+            records_reset: Arc::new(watch::channel(records_reset).0),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -196,7 +214,6 @@ impl LeaseGroup {
             endpoints,
             retry: timing.heartbeat,
         };
-        let log = LogStore::new(store, &key);
         let g = group.clone();
         group.tasks.spawn(async move {
             // Quiet start: by the end of it every lease this member helped confirm before a
@@ -256,8 +273,12 @@ impl LeaseGroup {
         };
         let starting = Arc::new(starting);
         let (r, s) = (self.raft.clone(), starting.clone());
+        let reset = self.records_reset.clone();
         self.rpc.serve(&self.endpoints.vote, move |from, req| {
-            let raft = s(&r, from);
+            let raft = match reset.borrow().as_ref() {
+                Some(why) => Err(format!("no vote: records reset ({why})")),
+                None => s(&r, from),
+            };
             async move { raft?.vote(req).await.map_err(|e| e.to_string()) }
         });
         let (r, s) = (self.raft.clone(), starting.clone());
@@ -270,6 +291,11 @@ impl LeaseGroup {
             let raft = s(&r, from);
             async move { raft?.install_snapshot(req).await.map_err(|e| e.to_string()) }
         });
+    }
+
+    /// Why this member's records were reset and it does not vote yet (alarm 20030).
+    pub fn records_reset(&self) -> watch::Receiver<Option<String>> {
+        self.records_reset.subscribe()
     }
 
     pub fn counters(&self) -> &Arc<LeaseCounters> {
@@ -371,10 +397,20 @@ async fn publish(
     let mut metrics = raft.metrics();
     loop {
         let now = Instant::now();
-        let (state, term, leader) = {
+        let (state, term, leader, committed) = {
             let m = metrics.borrow_and_update();
-            (m.state, m.current_term, m.current_leader)
+            (
+                m.state,
+                m.current_term,
+                m.current_leader,
+                m.vote.is_committed(),
+            )
         };
+        if committed && leader.is_some_and(|l| l != g.me as MemberId) {
+            // A leader chosen without this member: its term is above any this member
+            // can have voted in, and openraft now refuses every lower one by itself.
+            g.records_reset.send_if_modified(|r| r.take().is_some());
+        }
         g.counters.term.fetch_max(term, Ordering::Relaxed);
         let conf = *confirmed.borrow_and_update();
         let mut deadline = None;

@@ -48,6 +48,26 @@ impl LogStore {
         Self { store, prefix }
     }
 
+    /// Reads every record of the group; the first that does not decode is named.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        self.read::<Vote<MemberId>>("vote", ErrorSubject::Vote)
+            .and_then(|_| self.read::<Option<LogId<MemberId>>>("committed", ErrorSubject::Store))
+            .and_then(|_| self.read::<LogId<MemberId>>("purged", ErrorSubject::Logs))
+            .and_then(|_| self.entries(0, u64::MAX))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Drops every record of the group (after [`LogStore::check`] failed).
+    pub(crate) fn reset(&self) -> Result<(), String> {
+        self.store
+            .apply(&[Op::DeletePrefix {
+                table: TABLE,
+                prefix: self.prefix.clone(),
+            }])
+            .map_err(|e| e.to_string())
+    }
+
     fn key(&self, name: &str) -> Vec<u8> {
         let mut k = self.prefix.clone();
         k.extend_from_slice(name.as_bytes());

@@ -373,3 +373,49 @@ async fn random_fault_schedules_never_give_two_holders() {
         random_schedule(seed).await;
     }
 }
+
+/// A member whose vote record is unreadable starts empty and refuses every vote until it
+/// hears a leader chosen without it: with only it and one other member up, no one holds
+/// the lease (its vote could otherwise be a second one in a term it already voted in).
+#[tokio::test(start_paused = true)]
+async fn a_member_with_unreadable_records_votes_again_only_after_hearing_a_leader() {
+    let mut lab = Lab::start(3);
+    let holder = lab.wait_holder(Duration::from_secs(5), "first").await;
+    let k = 1 + holder % 3;
+    let j = 1 + k % 3;
+    lab.kill(holder).await;
+    lab.kill(k).await;
+    let store = lab.stores[k - 1].clone();
+    let vote = store
+        .scan("consensus", b"")
+        .unwrap()
+        .into_iter()
+        .find(|(key, _)| key.ends_with(b"/vote"))
+        .expect("a vote was saved")
+        .0;
+    store
+        .apply(&[causeway_store::Op::Put {
+            table: "consensus",
+            key: vote,
+            value: b"{not json".to_vec(),
+        }])
+        .unwrap();
+    lab.boot(k);
+    let reset = lab.members[k - 1].as_ref().unwrap().group.records_reset();
+    assert!(
+        reset.borrow().as_ref().is_some_and(|r| r.contains("vote")),
+        "{:?}",
+        *reset.borrow()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lab.holder(), None, "Peer {k} gave Peer {j} no vote");
+    lab.boot(holder);
+    lab.wait_holder(Duration::from_secs(5), "the old holder back")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while reset.borrow().is_some() {
+        assert!(Instant::now() < deadline, "Peer {k} never heard the leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lab.stop().await;
+}

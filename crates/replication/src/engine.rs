@@ -2,6 +2,7 @@
 //! digest every heartbeat, fetched when behind. See `docs/replication.md`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -205,6 +206,20 @@ pub struct Engine {
     committer: tokio::sync::Mutex<()>,
     /// Bumped on every ack or digest: writes waiting for a majority look again.
     progress: watch::Sender<u64>,
+    counters: EngineCounters,
+}
+
+/// What the engine has done since start, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    /// Store transactions committed (each one fsync).
+    pub commits: AtomicU64,
+    /// Time spent committing them, in microseconds.
+    pub commit_micros: AtomicU64,
+    /// Push frames sent, one per peer.
+    pub pushes_sent: AtomicU64,
+    /// Push frames received.
+    pub pushes_received: AtomicU64,
 }
 
 /// `xstatus cluster`'s replication part.
@@ -331,6 +346,7 @@ impl Engine {
             pending: Mutex::new(Vec::new()),
             committer: tokio::sync::Mutex::new(()),
             progress: watch::channel(0).0,
+            counters: EngineCounters::default(),
         }))
     }
 
@@ -598,7 +614,12 @@ impl Engine {
                 prev,
                 header,
                 records,
-            } => self.on_push(from, stream, prev, header, records, defer),
+            } => {
+                self.counters
+                    .pushes_received
+                    .fetch_add(1, Ordering::Relaxed);
+                self.on_push(from, stream, prev, header, records, defer)
+            }
             Message::Fetch {
                 stream,
                 generation,
@@ -875,8 +896,14 @@ impl Engine {
     }
 
     fn persist(&self, st: &mut State, ops: &[Op]) -> bool {
+        // A real duration for the metric, not logic: std's clock on purpose.
+        let started = std::time::Instant::now();
         match self.store.apply(ops) {
             Ok(()) => {
+                let c = &self.counters;
+                c.commits.fetch_add(1, Ordering::Relaxed);
+                c.commit_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 st.store_error = None;
                 true
             }
@@ -1325,6 +1352,9 @@ impl Engine {
                 for p in &active {
                     self.link.send(*p, push.clone());
                 }
+                self.counters
+                    .pushes_sent
+                    .fetch_add(active.len() as u64, Ordering::Relaxed);
             }
         }
         let store_error = st.store_error.clone().unwrap_or_default();
@@ -1585,6 +1615,10 @@ impl Engine {
             }
         }
         out
+    }
+
+    pub fn counters(&self) -> &EngineCounters {
+        &self.counters
     }
 
     pub fn status(&self) -> ReplicationStatus {

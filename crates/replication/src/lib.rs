@@ -10,8 +10,8 @@ mod stream;
 pub mod wire;
 
 pub use engine::{
-    config_stream, Engine, EngineSettings, NoObserver, Observer, Origin, PeerLink, PeerReplication,
-    ReplicationStatus, WriteError, WriteOutcome,
+    config_stream, Engine, EngineCounters, EngineSettings, NoObserver, Observer, Origin, PeerLink,
+    PeerReplication, ReplicationStatus, WriteError, WriteOutcome,
 };
 /// Reads every stream of `store` as the engine would: an error means the store is damaged.
 pub fn check_store(

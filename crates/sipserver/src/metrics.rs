@@ -1,7 +1,9 @@
-//! Counters for `/metrics` (Prometheus text format) and `xstatus`.
+//! Counters for `/metrics` and `xstatus`.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use causeway_cluster::metrics::counter;
+use prometheus_client::encoding::DescriptorEncoder;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -25,84 +27,79 @@ impl Metrics {
         self.responses[class].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus exposition, with the gauges the caller knows.
-    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
-        let mut out = String::new();
+    /// Writes the counters into a scrape of `/metrics`.
+    pub fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
         let counters = [
             (
-                "causeway_sip_messages_received_total",
+                "causeway_sip_messages_received",
                 "SIP messages received",
                 &self.received,
             ),
             (
-                "causeway_sip_messages_sent_total",
+                "causeway_sip_messages_sent",
                 "SIP messages sent",
                 &self.sent,
             ),
             (
-                "causeway_sip_malformed_total",
+                "causeway_sip_malformed",
                 "SIP messages refused as malformed",
                 &self.malformed,
             ),
             (
-                "causeway_sip_dropped_total",
+                "causeway_sip_dropped",
                 "SIP messages dropped because the core was behind",
                 &self.dropped,
             ),
             (
-                "causeway_sip_rate_limited_total",
+                "causeway_sip_rate_limited",
                 "SIP messages dropped by the per-source rate limit",
                 &self.rate_limited,
             ),
             (
-                "causeway_sip_refused_connections_total",
+                "causeway_sip_refused_connections",
                 "SIP connections refused by the connection caps",
                 &self.refused_connections,
             ),
             (
-                "causeway_sip_requests_total",
+                "causeway_sip_requests",
                 "SIP requests handled",
                 &self.requests,
             ),
             (
-                "causeway_sip_registrations_total",
+                "causeway_sip_registrations",
                 "REGISTER requests accepted",
                 &self.registrations,
             ),
             (
-                "causeway_sip_calls_admitted_total",
+                "causeway_sip_calls_admitted",
                 "calls admitted",
                 &self.calls_admitted,
             ),
             (
-                "causeway_sip_calls_refused_total",
+                "causeway_sip_calls_refused",
                 "calls refused by the call or bandwidth limit",
                 &self.calls_refused,
             ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                c.load(Ordering::Relaxed)
-            );
+            counter(enc, name, help, &[(vec![], c.load(Ordering::Relaxed))])?;
         }
-        let name = "causeway_sip_responses_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} SIP responses sent or forwarded, by class\n# TYPE {name} counter"
-        );
-        for (i, c) in self.responses.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}{{class=\"{}xx\"}} {}",
-                i + 1,
-                c.load(Ordering::Relaxed)
-            );
-        }
-        for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        }
-        out
+        let by_class: Vec<_> = self
+            .responses
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    vec![("class", format!("{}xx", i + 1))],
+                    c.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        counter(
+            enc,
+            "causeway_sip_responses",
+            "SIP responses sent or forwarded, by class",
+            &by_class,
+        )
     }
 }

@@ -145,6 +145,8 @@ impl SipService {
         });
         node.watch(Arc::new(Watcher(Arc::downgrade(&svc))));
         crate::admission::serve_admissions(&svc);
+        node.metrics()
+            .register(Box::new(crate::status::SipCollector(Arc::downgrade(&svc))));
         svc.reload_config();
         let engine = node.replication();
         for ns in [

@@ -1,12 +1,15 @@
 //! `xstatus registrations` and `xstatus calls` (JSON under `/api/v1/status/…`) and the
 //! Prometheus counters (`/metrics`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
+use causeway_cluster::metrics::gauge;
 use causeway_common::time::unix_ms_now;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
 use serde::{Deserialize, Serialize};
 
 use crate::SipService;
@@ -123,21 +126,15 @@ impl SipService {
         }
     }
 
-    pub fn prometheus(&self) -> String {
+    /// The SIP part of a scrape of `/metrics`.
+    fn encode_metrics(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
         let now = unix_ms_now();
         let (per_owner, aors) = self.location.counts(now);
         let bindings: usize = per_owner.values().sum();
         let calls: usize = self.admission.usage().iter().map(|p| p.1).sum();
         let (servers, clients) = self.transaction_count();
-        let lag = self
-            .node
-            .replication()
-            .status()
-            .peers
-            .iter()
-            .filter_map(|p| p.state.strip_prefix("Behind by ")?.parse::<f64>().ok())
-            .fold(0.0, f64::max);
-        self.metrics.render(&[
+        self.metrics.encode(enc)?;
+        let gauges = [
             (
                 "causeway_sip_registered_aors",
                 "AORs with a live binding, cluster-wide",
@@ -163,12 +160,29 @@ impl SipService {
                 "SIP transactions held on this peer",
                 (servers + clients) as f64,
             ),
-            (
-                "causeway_replication_lag_records",
-                "changes the most-behind peer lacks of the configuration",
-                lag,
-            ),
-        ])
+        ];
+        for (name, help, v) in gauges {
+            gauge(enc, name, help, &[(vec![], v)])?;
+        }
+        Ok(())
+    }
+}
+
+/// SIP's collector on the node's `/metrics`.
+pub(crate) struct SipCollector(pub(crate) Weak<SipService>);
+
+impl std::fmt::Debug for SipCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SipCollector")
+    }
+}
+
+impl Collector for SipCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        match self.0.upgrade() {
+            Some(svc) => svc.encode_metrics(&mut enc),
+            None => Ok(()),
+        }
     }
 }
 
@@ -184,10 +198,6 @@ pub fn router(svc: Arc<SipService>) -> Router {
         .route(
             "/api/v1/status/calls",
             get(|State(s): State<Arc<SipService>>| async move { Json(s.calls_status(ROWS)) }),
-        )
-        .route(
-            "/metrics",
-            get(|State(s): State<Arc<SipService>>| async move { s.prometheus() }),
         )
         .with_state(svc)
 }
