@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use causeway_cluster::{ClusterStatus, Node};
+use causeway_cluster::{ClusterStatus, Node, NodeError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -63,11 +63,17 @@ async fn alarms(State(node): State<Arc<Node>>) -> Json<Value> {
     }))
 }
 
-/// A refusal: 409 with `{"error": "..."}`, the message naming what to do.
+/// A refusal: the status its code maps to, with `{"error": "...", "code": "..."}`, the
+/// message naming what to do (docs/errors.md).
 type Answer = Result<Json<Value>, (StatusCode, Json<Value>)>;
 
-fn refused(why: String) -> (StatusCode, Json<Value>) {
-    (StatusCode::CONFLICT, Json(json!({ "error": why })))
+fn refused(why: NodeError) -> (StatusCode, Json<Value>) {
+    let status =
+        StatusCode::from_u16(why.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        Json(json!({ "error": why.message, "code": why.code })),
+    )
 }
 
 async fn configuration(State(node): State<Arc<Node>>) -> Json<Value> {

@@ -72,7 +72,7 @@ fn request(
     {
         body = dechunk(&body).context("the node's answer is badly chunked")?;
     }
-    if status == 409 {
+    if status != 200 {
         if let Some(why) = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_string))

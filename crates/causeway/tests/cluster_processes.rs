@@ -297,6 +297,33 @@ fn configuration_replicates_survives_kill_9_a_damaged_store_and_a_primary_move()
     let (ok, _, err) = c.cli(2, &["xconfiguration", "set", "limits.calls.max", "lots"]);
     assert!(!ok);
     assert!(err.contains("limits.calls.max:"), "{err}");
+    // The API answers each kind of refusal with its own status and code (docs/errors.md).
+    let post = |k: usize, path: &str, body: &str| {
+        let mut s =
+            std::os::unix::net::UnixStream::connect(c.peers[k - 1].dir.join("admin.sock")).unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.0\r\nHost: peer\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+        out
+    };
+    let bad = post(
+        2,
+        "/api/v1/configuration",
+        r#"{"path":"limits.calls.max","value":"lots"}"#,
+    );
+    assert!(
+        bad.starts_with("HTTP/1.0 400") && bad.contains(r#""code":"invalid_argument""#),
+        "{bad}"
+    );
+    let on_primary = post(1, "/api/v1/command/forceconfigupdate", "");
+    assert!(
+        on_primary.starts_with("HTTP/1.0 409") && on_primary.contains(r#""code":"conflict""#),
+        "{on_primary}"
+    );
     // Peer 3 killed; 50 changes through a subordinate; Peer 3 restarts and catches up.
     c.kill9(3);
     for n in 0..50 {

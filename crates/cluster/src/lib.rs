@@ -10,6 +10,8 @@ mod node;
 mod peer_alarms;
 pub mod xconfig;
 
+/// The node's operator-facing errors: a message saying what to do, and a code.
+pub use causeway_common::error::Refusal as NodeError;
 pub use config::{ConfigError, NodeConfig, SipSection};
 pub use leases::{LeaseStatus, Leases};
 pub use node::{ClusterStatus, Node, NodeStore, PeerAlarm, SetOutcome};

@@ -15,7 +15,7 @@ use causeway_mesh::{
 use causeway_replication::keyring::{KeyFiles, Keyring};
 use causeway_replication::{
     config_stream, Applied, Change, Engine, EngineSettings, Observer, Origin, PeerLink,
-    ReplicationStatus, StreamId, WriteError, CHANNEL,
+    ReplicationStatus, StreamId, CHANNEL,
 };
 use causeway_store::{MemoryStore, RedbStore, Store};
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,7 @@ use crate::config::NodeConfig;
 use crate::leases::Leases;
 use crate::peer_alarms::{peer_alarms, MANAGED_ALARMS};
 use crate::xconfig::{self, ConfigItem};
+use crate::NodeError;
 use causeway_mesh::rpc::RPC_CHANNEL;
 
 /// Peers that dial us get this long after start before their silence is an alarm.
@@ -403,7 +404,7 @@ impl Node {
         &self,
         path: &str,
         value: Option<&str>,
-    ) -> Result<SetOutcome, String> {
+    ) -> Result<SetOutcome, NodeError> {
         self.set_configuration_with(path, value, false).await
     }
 
@@ -414,7 +415,7 @@ impl Node {
         path: &str,
         value: Option<&str>,
         force: bool,
-    ) -> Result<SetOutcome, String> {
+    ) -> Result<SetOutcome, NodeError> {
         if xconfig::is_peer_specific(path) {
             let value =
                 value.ok_or_else(|| format!("{path} is peer-specific (†): give a value"))?;
@@ -425,23 +426,16 @@ impl Node {
             self.check_enforce_would_hold()?;
         }
         if self.mesh.is_none() && !self.config.cluster.peers.is_empty() {
-            return Err(format!(
+            return Err(NodeError::unavailable(format!(
                 "this peer is not clustering ({}): fix cluster.peers first",
                 self.config.membership_problem().unwrap_or_default()
-            ));
+            )));
         }
         let change = Change {
             key: path.to_string(),
             value: canonical.clone().map(String::into_bytes),
         };
-        let out = self
-            .engine
-            .write(&config_stream(), vec![change])
-            .await
-            .map_err(|e| match e {
-                WriteError::Invalid(why) => why,
-                other => other.to_string(),
-            })?;
+        let out = self.engine.write(&config_stream(), vec![change]).await?;
         Ok(SetOutcome {
             path: path.to_string(),
             value: canonical
@@ -455,7 +449,7 @@ impl Node {
     }
 
     /// EX-6: before switching to Enforce, every certificate this peer has seen must pass.
-    fn check_enforce_would_hold(&self) -> Result<(), String> {
+    fn check_enforce_would_hold(&self) -> Result<(), NodeError> {
         let Some(mesh) = &self.mesh else {
             return Ok(());
         };
@@ -473,19 +467,21 @@ impl Node {
         if failing.is_empty() {
             return Ok(());
         }
-        Err(format!(
+        Err(NodeError::conflict(format!(
             "cluster.tls_verification: under Enforce these certificates would be refused: {}. Issue certificates that name each peer's address, or set it anyway with --force",
             failing.join("; ")
-        ))
+        )))
     }
 
-    fn set_peer_item(&self, path: &str, value: &str) -> Result<SetOutcome, String> {
+    fn set_peer_item(&self, path: &str, value: &str) -> Result<SetOutcome, NodeError> {
         let _guard = self.observer.lock_file();
-        let mut file = NodeConfig::load(&self.config.source).map_err(|e| e.to_string())?;
+        let mut file = NodeConfig::load(&self.config.source).map_err(|e| {
+            NodeError::internal(format!("{path}: reading the node file failed: {e}"))
+        })?;
         let before = item_value(&file, path, self.engine.primary());
         xconfig::set_peer_item(&mut file, path, value)?;
         file.save()
-            .map_err(|e| format!("{path}: saving the change failed: {e}"))?;
+            .map_err(|e| NodeError::internal(format!("{path}: saving the change failed: {e}")))?;
         let after = item_value(&file, path, self.engine.primary());
         log_change(path, &before, &after);
         // Back to what is running (a cancelled leave, an undone edit): nothing to restart for.
@@ -510,8 +506,8 @@ impl Node {
     }
 
     /// EX-17: this node's file and cluster data, read consistently from the running node.
-    pub fn backup(&self) -> Result<crate::backup::Backup, String> {
-        crate::backup::Backup::take(&self.config, self.store.as_ref())
+    pub fn backup(&self) -> Result<crate::backup::Backup, NodeError> {
+        crate::backup::Backup::take(&self.config, self.store.as_ref()).map_err(NodeError::internal)
     }
 
     /// The alarms the other peers reported (OP-1: alarms visible cluster-wide), each with
@@ -562,8 +558,8 @@ impl Node {
     }
 
     /// EX-14 `xcommand ForceSystemKeyUpdate`: a new system key, every value resealed with it.
-    pub fn force_system_key_update(&self) -> Result<String, String> {
-        self.change_system_key(true)
+    pub fn force_system_key_update(&self) -> Result<String, NodeError> {
+        self.change_system_key(true).map_err(NodeError::internal)
     }
 
     /// `fresh`: make a new key; otherwise finish the change to the key already current.
@@ -604,12 +600,12 @@ impl Node {
     }
 
     /// EX-10 on demand: resolve and dial again, now, every peer that is not Active.
-    pub fn resolve_peers(&self) -> Result<String, String> {
-        let mesh = self.mesh.as_ref().ok_or_else(|| {
-            self.clustered()
-                .err()
-                .unwrap_or_else(|| "this peer is not clustering".into())
-        })?;
+    pub fn resolve_peers(&self) -> Result<String, NodeError> {
+        self.clustered()?;
+        let mesh = self
+            .mesh
+            .as_ref()
+            .ok_or_else(|| NodeError::unavailable("this peer is not clustering"))?;
         let waiting: Vec<String> = mesh
             .view()
             .peers
@@ -626,26 +622,30 @@ impl Node {
     }
 
     /// EX-13 on a subordinate.
-    pub async fn force_config_update(&self) -> Result<ReplicationStatus, String> {
+    pub async fn force_config_update(&self) -> Result<ReplicationStatus, NodeError> {
         self.clustered()?;
         self.engine.force_config_update().await?;
         Ok(self.engine.status())
     }
 
     /// EX-7: make `peer` the configuration primary on every reachable peer.
-    pub async fn set_primary(&self, peer: usize) -> Result<ReplicationStatus, String> {
+    pub async fn set_primary(&self, peer: usize) -> Result<ReplicationStatus, NodeError> {
         self.clustered()?;
         self.engine.set_primary(peer).await?;
         Ok(self.engine.status())
     }
 
-    fn clustered(&self) -> Result<(), String> {
+    fn clustered(&self) -> Result<(), NodeError> {
         match &self.mesh {
             Some(_) => Ok(()),
-            None => Err(match self.config.membership_problem() {
-                Some(p) => format!("this peer is not clustering ({p}): fix cluster.peers first"),
-                None => "this system is not in a cluster (cluster.peers is empty)".to_string(),
-            }),
+            None => Err(NodeError::conflict(
+                match self.config.membership_problem() {
+                    Some(p) => {
+                        format!("this peer is not clustering ({p}): fix cluster.peers first")
+                    }
+                    None => "this system is not in a cluster (cluster.peers is empty)".to_string(),
+                },
+            )),
         }
     }
 

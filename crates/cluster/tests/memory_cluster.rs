@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_cluster::{Node, NodeConfig, NodeStore};
+use causeway_common::error::ErrorCode;
 use causeway_mesh::{Clustering, MemoryNetwork, SystemResolver, TlsMode};
 use causeway_store::MemoryStore;
 use common::*;
@@ -358,7 +359,8 @@ async fn a_cluster_wide_change_through_a_subordinate_reaches_every_peer_and_surv
         .set_configuration("limits.calls.max", Some("lots"))
         .await
         .unwrap_err();
-    assert!(err.starts_with("limits.calls.max:"), "{err}");
+    assert!(err.message.starts_with("limits.calls.max:"), "{err}");
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "a bad value: 400");
     assert_eq!(value_on(c.node(1), "limits.calls.max"), "0");
     // Peer-specific items are not replicated; the primary is shown from replication.
     let items = c.node(3).configuration();
@@ -540,9 +542,10 @@ async fn restarting_every_peer_in_any_order_converges_with_no_alarm_left() {
                     .await
                     .unwrap_err();
                 assert!(
-                    err.contains("Peer 1"),
+                    err.message.contains("Peer 1"),
                     "the unreachable primary is named: {err}"
                 );
+                assert_eq!(err.code, ErrorCode::Unavailable, "retry later: 503");
                 assert!(raised(c.node(k), 20016, "Peer 1"));
             }
         }
@@ -751,9 +754,10 @@ async fn switching_to_enforce_warns_first_when_a_certificate_would_be_refused() 
         .await
         .unwrap_err();
     assert!(
-        err.contains("Peer 3 (198.18.0.3)") && err.contains("--force"),
+        err.message.contains("Peer 3 (198.18.0.3)") && err.message.contains("--force"),
         "{err}"
     );
+    assert_eq!(err.code, ErrorCode::Conflict, "a check on the state: 409");
     assert_eq!(
         value_on(c.node(1), "cluster.tls_verification"),
         "Permissive"

@@ -11,6 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use causeway_common::error::ErrorCode;
 use causeway_consensus::observer::Observer;
 use causeway_mesh::TlsMode;
 use common::*;
@@ -117,7 +118,7 @@ async fn schedule(seed: u64) {
                 Ok(Ok(out)) if out.confirmed.is_some_and(|(held, of)| held * 2 > of) => {
                     acknowledged = next - 1;
                 }
-                Ok(Err(e)) if !e.contains("did not answer") => {} // refused: never applied
+                Ok(Err(e)) if e.code != ErrorCode::Timeout => {} // refused: never applied
                 _ => unknown.push(next - 1),
             }
         }

@@ -1,6 +1,7 @@
 //! Pieces every Causeway crate shares: wall-clock formatting and the seed-shaped log output.
 #![forbid(unsafe_code)]
 
+pub mod error;
 pub mod logging;
 pub mod time;
 

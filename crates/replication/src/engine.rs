@@ -2,6 +2,8 @@
 //! digest every heartbeat, fetched when behind. See `docs/replication.md`.
 
 use std::collections::{BTreeMap, HashMap};
+
+use causeway_common::error::{ErrorCode, Refusal};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -90,6 +92,19 @@ impl EngineSettings {
             sync_report: Duration::from_secs(120),
             gather: Duration::from_millis(1),
         }
+    }
+}
+
+impl From<WriteError> for Refusal {
+    fn from(e: WriteError) -> Self {
+        let code = match &e {
+            WriteError::Invalid(why) => return Refusal::invalid(why.clone()),
+            WriteError::PrimaryUnreachable(_) | WriteError::TakingOver(_) => ErrorCode::Unavailable,
+            WriteError::NotPrimary(_) => ErrorCode::Conflict,
+            WriteError::NoAnswer(..) => ErrorCode::Timeout,
+            WriteError::Store(_) => ErrorCode::Internal,
+        };
+        Refusal::new(code, e.to_string())
     }
 }
 
@@ -1463,18 +1478,18 @@ impl Engine {
     }
 
     /// EX-13: discard this subordinate's copy of the configuration and take the primary's.
-    pub async fn force_config_update(&self) -> Result<Header, String> {
+    pub async fn force_config_update(&self) -> Result<Header, Refusal> {
         let id = config_stream();
         {
             let mut st = self.lock();
             let primary = st.primary;
             if primary == self.settings.self_index {
-                return Err("this peer is the configuration primary: ForceConfigUpdate runs on a subordinate".into());
+                return Err(Refusal::conflict("this peer is the configuration primary: ForceConfigUpdate runs on a subordinate"));
             }
             if !self.link.active_peers().contains(&primary) {
-                return Err(format!(
+                return Err(Refusal::unavailable(format!(
                     "the configuration primary (Peer {primary}) is unreachable: run this again when it is back"
-                ));
+                )));
             }
             let mine = st.streams.get(&id).map(|s| s.header).unwrap_or_default();
             self.start_fetch(&mut st, primary, &id, mine, true);
@@ -1488,26 +1503,26 @@ impl Engine {
                     let h = st.streams.get(&id).map(|s| s.header).unwrap_or_default();
                     return match st.conflicts.get(&id) {
                         None => Ok(h),
-                        Some(c) => Err(c.clone()),
+                        Some(c) => Err(Refusal::conflict(c.clone())),
                     };
                 }
             }
             tokio::select! {
                 _ = progress.changed() => {}
                 _ = tokio::time::sleep(self.settings.heartbeat) => {}
-                _ = tokio::time::sleep_until(deadline) => return Err("the primary did not send its configuration in time; run this again".into()),
+                _ = tokio::time::sleep_until(deadline) => return Err(Refusal::timeout("the primary did not send its configuration in time; run this again")),
             }
         }
     }
 
     /// EX-7: make `primary` the configuration primary on every reachable peer. Returns the
     /// new epoch once the new primary has taken over, or says why it has not yet.
-    pub async fn set_primary(self: &Arc<Self>, primary: usize) -> Result<u64, String> {
+    pub async fn set_primary(self: &Arc<Self>, primary: usize) -> Result<u64, Refusal> {
         if primary == 0 || primary > self.settings.peer_count {
-            return Err(format!(
+            return Err(Refusal::invalid(format!(
                 "there is no Peer {primary}: the peer list has {} peers",
                 self.settings.peer_count
-            ));
+            )));
         }
         let active = self.link.active_peers();
         let epoch = {
@@ -1530,9 +1545,9 @@ impl Engine {
             self.send(*p, &msg);
         }
         if primary != self.settings.self_index && !active.contains(&primary) {
-            return Err(format!(
+            return Err(Refusal::unavailable(format!(
                 "every reachable peer now follows Peer {primary}, which is unreachable: it takes over when it is back"
-            ));
+            )));
         }
         let deadline = Instant::now() + self.settings.ack_timeout;
         let mut progress = self.progress.subscribe();
@@ -1555,7 +1570,7 @@ impl Engine {
             tokio::select! {
                 _ = progress.changed() => {}
                 _ = tokio::time::sleep(self.settings.heartbeat) => {}
-                _ = tokio::time::sleep_until(deadline) => return Err(format!("Peer {primary} has not finished taking over yet; check `causeway xstatus cluster`")),
+                _ = tokio::time::sleep_until(deadline) => return Err(Refusal::timeout(format!("Peer {primary} has not finished taking over yet; check `causeway xstatus cluster`"))),
             }
         }
     }

@@ -511,12 +511,9 @@ async fn a_tampered_store_is_alarmed_and_force_config_update_repairs_it() {
         .status()
         .database_status
         .starts_with("Not synchronised"));
-    assert!(c
-        .engine(1)
-        .force_config_update()
-        .await
-        .unwrap_err()
-        .contains("primary"));
+    let on_primary = c.engine(1).force_config_update().await.unwrap_err();
+    assert!(on_primary.message.contains("primary"), "{on_primary}");
+    assert_eq!(on_primary.code, causeway_common::error::ErrorCode::Conflict);
     c.engine(2).force_config_update().await.unwrap();
     assert_eq!(get(&c, 2, "sip.domains").as_deref(), Some("example.com"));
     assert!(c.engine(2).alarms(true).is_empty());
