@@ -19,6 +19,7 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/api/v1/status/cluster", get(cluster))
         .route("/metrics", get(metrics))
+        .route("/api/v1/status/services", get(services))
         .route("/api/v1/status/alarms", get(alarms))
         .route(
             "/api/v1/configuration",
@@ -41,6 +42,16 @@ pub fn router(node: Arc<Node>) -> Router {
 
 async fn cluster(State(node): State<Arc<Node>>) -> Json<ClusterStatus> {
     Json(node.cluster_status())
+}
+
+/// The services the node hosts, each with its own status.
+async fn services(State(node): State<Arc<Node>>) -> Json<Value> {
+    let services: serde_json::Map<String, Value> = node
+        .services()
+        .into_iter()
+        .map(|(name, status)| (name.to_string(), status))
+        .collect();
+    Json(Value::Object(services))
 }
 
 /// Every collector the node and its services registered, read now.

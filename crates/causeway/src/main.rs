@@ -153,6 +153,11 @@ enum Xstatus {
         #[arg(long)]
         json: bool,
     },
+    /// The services this node hosts (SIP, …), each with its state.
+    Services {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -264,6 +269,7 @@ fn main() -> ExitCode {
                 Xstatus::Alarms { json } => show::alarms(&socket, json),
                 Xstatus::Registrations { json } => show::registrations(&socket, json),
                 Xstatus::Calls { json } => show::calls(&socket, json),
+                Xstatus::Services { json } => show::services(&socket, json),
             }
         }
         Command::Xconfiguration { command } => {

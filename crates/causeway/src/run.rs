@@ -97,6 +97,7 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     let mut app = causeway_admin::router(node.clone());
     if let Some(section) = &config.sip {
         let sip = start_sip(&config, section, &identity, node.clone(), cancel.clone()).await?;
+        node.host(sip.clone());
         app = app.merge(causeway_sipserver::status::router(sip));
     }
     let unix =

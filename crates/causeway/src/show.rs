@@ -447,6 +447,27 @@ pub fn render_registrations(s: &causeway_sipserver::status::RegistrationsStatus)
     out
 }
 
+pub fn services(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let value = causeway_admin::client::get_json(socket, "/api/v1/status/services")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let Some(services) = value.as_object().filter(|s| !s.is_empty()) else {
+        println!("No services are configured on this node");
+        return Ok(());
+    };
+    for (name, status) in services {
+        println!("{name}");
+        if let Some(fields) = status.as_object() {
+            for (k, v) in fields {
+                println!("  {k:<20}{v}");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn calls(socket: &Path, json: bool) -> anyhow::Result<()> {
     let Some(value) = sip_status(socket, "/api/v1/status/calls", json)? else {
         return Ok(());

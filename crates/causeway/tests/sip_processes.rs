@@ -656,6 +656,8 @@ fn kill_9_of_the_configuration_primary_leaves_the_survivors_admitting_up_to_the_
     ] {
         assert!(m.contains(line), "{line} in /metrics:\n{m}");
     }
+    let services = c.xstatus(2, "services").expect("xstatus services");
+    assert_eq!(services["sip"]["bindings"], 1, "{services}");
     c.kill9(1);
     wait_for(5, "the survivors agree on a holder among them", || {
         let (h2, h3) = (admission_holder(&c, 2), admission_holder(&c, 3));

@@ -8,6 +8,7 @@ pub mod leases;
 pub mod metrics;
 mod node;
 mod peer_alarms;
+pub mod service;
 pub mod xconfig;
 
 /// The node's operator-facing errors: a message saying what to do, and a code.
@@ -16,4 +17,5 @@ pub use config::{ConfigError, NodeConfig, SipSection};
 pub use leases::{LeaseStatus, Leases};
 pub use node::{ClusterStatus, Node, NodeStore, PeerAlarm, SetOutcome};
 pub use peer_alarms::{peer_alarms, MANAGED_ALARMS};
+pub use service::Service;
 pub use xconfig::ConfigItem;

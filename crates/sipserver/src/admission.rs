@@ -280,7 +280,8 @@ impl SipService {
         };
         self.admission.admitted(&call);
         let (svc, key) = (self.clone(), call.clone());
-        tokio::spawn(async move { svc.record_call(key, record, delay).await });
+        self.tasks
+            .spawn(async move { svc.record_call(key, record, delay).await });
         self.metrics.calls_admitted.fetch_add(1, Ordering::Relaxed);
         info!(target: LOG, event = "Call Admitted", call = %call, kbps = kbps, "");
         Ok(call)

@@ -205,7 +205,7 @@ impl SipService {
         let changes = self.licences.report_changes(self.self_index, &down, now_ms);
         if !changes.is_empty() {
             let (node, own) = (self.node.clone(), self.own_stream(NAMESPACE));
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 if let Err(e) = node.replication().write(&own, changes).await {
                     warn!(target: LOG, reason = %e, "Recording when peers were lost failed");
                 }

@@ -351,7 +351,8 @@ impl SipService {
         if method == "BYE" {
             // Released in the background: the BYE need not wait for the record to go.
             let (svc, bye) = (self.clone(), msg.clone());
-            tokio::spawn(async move { svc.release_call(&bye).await });
+            self.tasks
+                .spawn(async move { svc.release_call(&bye).await });
         }
         let record_route = creates_dialog(&method) && !has_to_tag;
         let invite = method == "INVITE";
@@ -425,7 +426,7 @@ impl SipService {
         );
         drop(st);
         for b in branch_ids {
-            tokio::spawn(self.clone().branch_timer(b));
+            self.tasks.spawn(self.clone().branch_timer(b));
         }
     }
 
@@ -810,7 +811,8 @@ impl SipService {
         tx.request = None;
         if let Some(call) = tx.call.take() {
             let svc = self.clone();
-            tokio::spawn(async move { svc.release_call_id(&call, "the INVITE failed").await });
+            self.tasks
+                .spawn(async move { svc.release_call_id(&call, "the INVITE failed").await });
         }
     }
 

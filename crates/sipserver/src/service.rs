@@ -14,6 +14,7 @@ use causeway_replication::{config_stream, Applied, Observer, Origin, StreamId};
 use causeway_sip::{build, Message, SipUri};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::admission::Admission;
@@ -71,6 +72,8 @@ pub struct SipService {
     pub(crate) counter: AtomicU64,
     pub(crate) nonce_key: crate::auth::NonceKey,
     pub(crate) cancel: CancellationToken,
+    /// Every task of the service, so `stop` ends them all.
+    pub(crate) tasks: TaskTracker,
 }
 
 /// Feeds replicated changes of the SIP streams and the configuration to the service.
@@ -102,6 +105,9 @@ impl SipService {
         settings: SipSettings,
         cancel: CancellationToken,
     ) -> anyhow::Result<Arc<SipService>> {
+        // Its own token under the process's: stopping SIP stops nothing else.
+        let cancel = cancel.child_token();
+        let tasks = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel(16_384);
         let transports = Transports::bind(
@@ -113,6 +119,7 @@ impl SipService {
             tx,
             metrics.clone(),
             cancel.clone(),
+            tasks.clone(),
         )
         .await?;
         let self_index = node.mesh().map(|m| m.settings().self_index).unwrap_or(1);
@@ -142,6 +149,7 @@ impl SipService {
             counter: AtomicU64::new(1),
             nonce_key: crate::auth::NonceKey::generate(),
             cancel,
+            tasks,
         });
         node.watch(Arc::new(Watcher(Arc::downgrade(&svc))));
         crate::admission::serve_admissions(&svc);
@@ -160,12 +168,11 @@ impl SipService {
                 }
             }
         }
-        {
-            let svc = svc.clone();
-            tokio::spawn(async move { svc.publish_licences().await });
-        }
-        tokio::spawn(svc.clone().dispatch(rx));
-        tokio::spawn(svc.clone().housekeeping());
+        let publisher = svc.clone();
+        svc.tasks
+            .spawn(async move { publisher.publish_licences().await });
+        svc.tasks.spawn(svc.clone().dispatch(rx));
+        svc.tasks.spawn(svc.clone().housekeeping());
         Ok(svc)
     }
 
@@ -340,7 +347,8 @@ impl SipService {
                 // A REGISTER waits for the cluster to hold it, an INVITE may ask the
                 // primary for admission: never hold the dispatcher for either.
                 let svc = self.clone();
-                tokio::spawn(async move { svc.handle_request(incoming).await });
+                self.tasks
+                    .spawn(async move { svc.handle_request(incoming).await });
             } else {
                 self.handle_response(incoming);
             }
@@ -379,5 +387,39 @@ impl SipService {
 
     pub fn local_address(&self, proto: Proto) -> SocketAddr {
         SocketAddr::new(self.settings.listen, self.transports.port(proto))
+    }
+}
+
+impl causeway_cluster::Service for SipService {
+    fn name(&self) -> &'static str {
+        "sip"
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let (per_owner, aors) = self.location.counts(unix_ms_now());
+        serde_json::json!({
+            "registered_aors": aors,
+            "bindings": per_owner.values().sum::<usize>(),
+            "calls": self.admission.usage().iter().map(|p| p.1).sum::<usize>(),
+            "connections": self.transports.connection_count(),
+        })
+    }
+
+    fn stop(&self) -> causeway_mesh::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.cancel.cancel();
+            self.node
+                .leases()
+                .rpc()
+                .unserve(crate::admission::admit_endpoint().path());
+            self.tasks.close();
+            // A request handler waits at most for one replicated write (5 s).
+            if tokio::time::timeout(Duration::from_secs(6), self.tasks.wait())
+                .await
+                .is_err()
+            {
+                warn!(target: LOG, "SIP tasks still running 6 s after stop");
+            }
+        })
     }
 }

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
@@ -137,6 +138,8 @@ pub struct Transports {
     tls: Option<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    /// The SIP service's tasks: connections and loops end with it.
+    tasks: TaskTracker,
 }
 
 /// A second handle on a tokio UDP socket, for a reader on another runtime.
@@ -234,6 +237,7 @@ impl Transports {
         incoming: mpsc::Sender<Incoming>,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
+        tasks: TaskTracker,
     ) -> anyhow::Result<Arc<Transports>> {
         use anyhow::Context as _;
         let udp = UdpSocket::bind((ip, udp_port))
@@ -287,6 +291,7 @@ impl Transports {
             tls: tls_pair,
             metrics,
             cancel,
+            tasks,
         });
         // UDP is read on a thread of its own: a worker busy elsewhere (a store write, a burst
         // of tasks) must not leave datagrams to overflow the socket's receive buffer.
@@ -315,11 +320,11 @@ impl Transports {
                 });
             })
             .context("starting the SIP UDP reader")?;
-        tokio::spawn(t.clone().accept_loop(tcp, Proto::Tcp));
+        t.tasks.spawn(t.clone().accept_loop(tcp, Proto::Tcp));
         if let Some(l) = tls_listener {
-            tokio::spawn(t.clone().accept_loop(l, Proto::Tls));
+            t.tasks.spawn(t.clone().accept_loop(l, Proto::Tls));
         }
-        tokio::spawn(t.clone().forget_buckets());
+        t.tasks.spawn(t.clone().forget_buckets());
         info!(target: LOG, ip = %ip, udp = udp_port, tcp = tcp_port, udp_buffer = udp_buffer,
             tls = tls_port.map(|p| p.to_string()).unwrap_or_else(|| "off".into()),
             "SIP listening");
@@ -483,7 +488,7 @@ impl Transports {
             }
             let _ = stream.set_nodelay(true);
             let t = self.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 match proto {
                     Proto::Tls => {
                         let Some((acceptor, _)) = &t.tls else { return };
@@ -568,7 +573,7 @@ impl Transports {
         let (mut reader, mut writer) = tokio::io::split(stream);
         let cancel = self.cancel.child_token();
         let writer_cancel = cancel.clone();
-        let writer_task = tokio::spawn(async move {
+        let writer_task = self.tasks.spawn(async move {
             loop {
                 let bytes = tokio::select! {
                     _ = writer_cancel.cancelled() => break,
@@ -718,7 +723,7 @@ impl Transports {
         self.send_on(id, bytes);
         let t = self.clone();
         let target = *target;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             // From this system's SIP address, so the far end (another peer above all) sees
             // where the connection comes from.
             let connected = tokio::time::timeout(Duration::from_secs(5), t.dial(target.addr)).await;

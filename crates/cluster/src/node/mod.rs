@@ -86,6 +86,8 @@ pub struct Node {
     store: Arc<dyn Store>,
     leases: Arc<Leases>,
     metrics: crate::metrics::NodeMetrics,
+    /// The services hosted on this node, in the order they started.
+    services: Mutex<Vec<Arc<dyn crate::Service>>>,
     keys: Mutex<Option<NodeKeys>>,
     observer: Arc<ConfigObserver>,
     /// Why the store was replaced at start (20014), until this peer is back in sync.
@@ -196,6 +198,7 @@ impl Node {
             store,
             leases,
             metrics: Default::default(),
+            services: Mutex::new(Vec::new()),
             keys: Mutex::new(keys),
             observer,
             store_problem: Mutex::new(store_problem),
@@ -309,9 +312,32 @@ impl Node {
         })
     }
 
-    /// Says goodbye to the peers and stops.
+    /// Hosts `service`: the node stops it before itself.
+    pub fn host(&self, service: Arc<dyn crate::Service>) {
+        info!(target: "management.node", event = "Service started", service = service.name(), "");
+        self.services_lock().push(service);
+    }
+
+    /// Every hosted service with its status.
+    pub fn services(&self) -> Vec<(&'static str, serde_json::Value)> {
+        self.services_lock()
+            .iter()
+            .map(|s| (s.name(), s.status()))
+            .collect()
+    }
+
+    fn services_lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<dyn crate::Service>>> {
+        self.services.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops the hosted services (newest first), then says goodbye to the peers and stops.
     pub async fn shutdown(&self) {
-        // Leases first: "lost" is said while the mesh can still carry the last RPCs.
+        let services: Vec<_> = self.services_lock().drain(..).rev().collect();
+        for service in services {
+            service.stop().await;
+            info!(target: "management.node", event = "Service stopped", service = service.name(), "");
+        }
+        // Leases next: "lost" is said while the mesh can still carry the last RPCs.
         self.leases.shutdown().await;
         self.cancel.cancel();
         self.tasks.close();
