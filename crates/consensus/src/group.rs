@@ -240,9 +240,13 @@ impl LeaseGroup {
                     return;
                 }
             };
+            // A member whose records were reset neither initialises (that would make it
+            // stand, voting for itself in a term it may have voted in) nor stands until it
+            // has heard a leader; it learns the voters from that leader's log.
+            let amnesiac = g.records_reset.borrow().is_some();
             raft.runtime_config()
-                .elect(g.eligible.load(Ordering::Relaxed));
-            if !raft.is_initialized().await.unwrap_or(true) {
+                .elect(g.eligible.load(Ordering::Relaxed) && !amnesiac);
+            if !amnesiac && !raft.is_initialized().await.unwrap_or(true) {
                 let voters: BTreeSet<MemberId> = g.members.iter().map(|&m| m as MemberId).collect();
                 // Every member does this with the same voters: the same first entry, so it
                 // does not matter who is first (openraft allows it).
@@ -409,7 +413,12 @@ async fn publish(
         if committed && leader.is_some_and(|l| l != g.me as MemberId) {
             // A leader chosen without this member: its term is above any this member
             // can have voted in, and openraft now refuses every lower one by itself.
-            g.records_reset.send_if_modified(|r| r.take().is_some());
+            if g.records_reset.send_if_modified(|r| r.take().is_some()) {
+                raft.runtime_config()
+                    .elect(g.eligible.load(Ordering::Relaxed));
+                info!(target: LOG, event = "Lease group records restored", group = %g.name,
+                    member = g.me, "Heard a leader: voting again");
+            }
         }
         g.counters.term.fetch_max(term, Ordering::Relaxed);
         let conf = *confirmed.borrow_and_update();
@@ -454,7 +463,8 @@ impl LeaderLease for LeaseGroup {
     fn set_eligible(&self, eligible: bool) {
         self.eligible.store(eligible, Ordering::Relaxed);
         if let Some(raft) = self.raft.get() {
-            raft.runtime_config().elect(eligible);
+            raft.runtime_config()
+                .elect(eligible && self.records_reset.borrow().is_none());
         }
     }
 }
