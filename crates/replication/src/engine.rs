@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use causeway_common::error::{ErrorCode, Refusal};
+use causeway_mesh::rpc::{CallError, Endpoint, PeerSend, Rpc};
+use causeway_mesh::SendError;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -108,7 +110,7 @@ impl From<WriteError> for Refusal {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum WriteError {
     #[error("{0}")]
     Invalid(String),
@@ -193,8 +195,6 @@ struct State {
     /// Stream → why it differs from its owner's copy (20011).
     conflicts: BTreeMap<StreamId, String>,
     takeover: Option<Takeover>,
-    forward_waiters: HashMap<u64, oneshot::Sender<Result<u64, String>>>,
-    next_forward_id: u64,
     store_error: Option<String>,
     /// A save failed after the change was applied in memory (see `persist`).
     diverged: bool,
@@ -222,6 +222,38 @@ pub struct Engine {
     /// Bumped on every ack or digest: writes waiting for a majority look again.
     progress: watch::Sender<u64>,
     counters: EngineCounters,
+    /// Typed requests to peers, over the link: the forward of a subordinate's write.
+    rpc: Arc<Rpc>,
+}
+
+/// A write made on a subordinate, for the primary (EX-2).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    pub stream: StreamId,
+    pub changes: Vec<Change>,
+}
+
+/// The primary's answer: the seq its change landed at, once a majority holds it.
+pub type ForwardAnswer = Result<u64, WriteError>;
+
+pub fn forward_endpoint() -> Endpoint<ForwardRequest, ForwardAnswer> {
+    Endpoint::new("replication/forward")
+}
+
+/// The engine's RPC frames ride on its own link, wrapped in `Message::Rpc`.
+struct RpcOverLink(Arc<dyn PeerLink>);
+
+impl PeerSend for RpcOverLink {
+    fn send_to(&self, peer: usize, _channel: u16, payload: Bytes) -> Result<(), SendError> {
+        let frame = Message::Rpc {
+            frame: payload.to_vec(),
+        };
+        if self.0.send(peer, frame.encode()) {
+            Ok(())
+        } else {
+            Err(SendError::NotConnected(peer))
+        }
+    }
 }
 
 /// What the engine has done since start, for `/metrics`.
@@ -340,8 +372,6 @@ impl Engine {
             fetching: HashMap::new(),
             conflicts: BTreeMap::new(),
             takeover: None,
-            forward_waiters: HashMap::new(),
-            next_forward_id: 1,
             store_error: None,
             diverged: false,
             rejected: 0,
@@ -351,7 +381,8 @@ impl Engine {
             next_report: now + settings.sync_report,
             majority_waiters: HashMap::new(),
         };
-        Ok(Arc::new(Engine {
+        let rpc = Rpc::new(Arc::new(RpcOverLink(link.clone())));
+        let engine = Arc::new(Engine {
             settings,
             store,
             link,
@@ -362,7 +393,22 @@ impl Engine {
             committer: tokio::sync::Mutex::new(()),
             progress: watch::channel(0).0,
             counters: EngineCounters::default(),
-        }))
+            rpc,
+        });
+        let weak = Arc::downgrade(&engine);
+        engine
+            .rpc
+            .serve(&forward_endpoint(), move |from, req: ForwardRequest| {
+                let engine = weak.upgrade();
+                async move {
+                    let engine = engine.ok_or("the replication engine has stopped")?;
+                    Ok(engine
+                        .write_local(&req.stream, req.changes, Origin::Peer(from))
+                        .await
+                        .map(|o| o.seq))
+                }
+            });
+        Ok(engine)
     }
 
     fn keyring(&self) -> Option<Arc<Keyring>> {
@@ -661,26 +707,7 @@ impl Engine {
                 drop(st);
                 self.progress.send_modify(|n| *n += 1);
             }
-            Message::Forward {
-                id,
-                stream,
-                changes,
-            } => {
-                let engine = self.clone();
-                tokio::spawn(async move {
-                    let result = engine
-                        .write_local(&stream, changes, Origin::Peer(from))
-                        .await
-                        .map(|o| o.seq)
-                        .map_err(|e| e.to_string());
-                    engine.send(from, &Message::ForwardResult { id, result });
-                });
-            }
-            Message::ForwardResult { id, result } => {
-                if let Some(tx) = self.lock().forward_waiters.remove(&id) {
-                    let _ = tx.send(result);
-                }
-            }
+            Message::Rpc { frame } => self.rpc.handle(from, &frame),
             Message::SetPrimary { primary, epoch } => {
                 if primary == 0 || primary as usize > self.settings.peer_count {
                     self.reject(from, "set primary", &format!("there is no Peer {primary}"));
@@ -1208,32 +1235,21 @@ impl Engine {
         if !self.link.active_peers().contains(&primary) {
             return Err(WriteError::PrimaryUnreachable(primary));
         }
-        let (tx, rx) = oneshot::channel();
-        let id = {
-            let mut st = self.lock();
-            let id = st.next_forward_id;
-            st.next_forward_id += 1;
-            st.forward_waiters.insert(id, tx);
-            id
-        };
-        let msg = Message::Forward {
-            id,
+        // The primary waits up to ack_timeout for its majority; allow for that and the trip.
+        let wait = self.settings.ack_timeout + Duration::from_secs(2);
+        let request = ForwardRequest {
             stream: stream.clone(),
             changes,
         };
-        if !self.link.send(primary, msg.encode()) {
-            self.lock().forward_waiters.remove(&id);
-            return Err(WriteError::PrimaryUnreachable(primary));
-        }
-        // The primary waits up to ack_timeout for its majority; allow for that and the trip.
-        let wait = self.settings.ack_timeout + Duration::from_secs(2);
-        let seq = match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(Ok(seq))) => seq,
-            Ok(Ok(Err(e))) => return Err(WriteError::Invalid(e)),
-            _ => {
-                self.lock().forward_waiters.remove(&id);
-                return Err(WriteError::NoAnswer(primary, wait));
-            }
+        let seq = match self
+            .rpc
+            .call(&forward_endpoint(), primary, &request, wait)
+            .await
+        {
+            Ok(answer) => answer?,
+            Err(CallError::Send { .. }) => return Err(WriteError::PrimaryUnreachable(primary)),
+            Err(CallError::Timeout { .. }) => return Err(WriteError::NoAnswer(primary, wait)),
+            Err(other) => return Err(WriteError::Invalid(other.to_string())),
         };
         // The primary answered after its majority; the change reaches this peer by push.
         let generation = self.header(stream).generation;

@@ -54,14 +54,10 @@ pub enum Message {
         generation: u64,
         seq: u64,
     },
-    Forward {
-        id: u64,
-        stream: StreamId,
-        changes: Vec<Change>,
-    },
-    ForwardResult {
-        id: u64,
-        result: Result<u64, String>,
+    /// A frame of the engine's typed requests (`causeway_mesh::rpc`), carried on the
+    /// replication channel: a subordinate's write forwarded to the primary (EX-2).
+    Rpc {
+        frame: Vec<u8>,
     },
     SetPrimary {
         primary: u16,
@@ -85,8 +81,7 @@ impl Message {
             Message::Fetch { .. } => "fetch",
             Message::Records { .. } => "records",
             Message::Ack { .. } => "ack",
-            Message::Forward { .. } => "forward",
-            Message::ForwardResult { .. } => "forward result",
+            Message::Rpc { .. } => "request",
             Message::SetPrimary { .. } => "set primary",
         }
     }
