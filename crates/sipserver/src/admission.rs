@@ -15,14 +15,17 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use causeway_cluster::Node;
 use causeway_common::time::unix_ms_now;
-use causeway_consensus::Holder;
+use causeway_consensus::{Holder, LeaderLease};
 use causeway_mesh::rpc::Endpoint;
-use causeway_replication::Change;
+use causeway_replication::{Change, StreamId};
 use causeway_sip::{HeaderKind, Message, NameAddr};
 use serde::{Deserialize, Serialize};
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::metrics::Metrics;
 use crate::service::{SipService, LOG};
 
 pub const NAMESPACE: &str = "calls";
@@ -246,24 +249,91 @@ fn call_keys_for_bye(msg: &Message) -> Vec<String> {
         .collect()
 }
 
-impl SipService {
+/// What one decision needs from the rest of the service, read when it is made.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Limits {
+    /// `limits.calls.max` and the call licences, the lower of those set (0: no limit).
+    pub calls_max: u64,
+    pub kbps_per_call: u64,
+    pub bandwidth_total_kbps: u64,
+    /// Peers in the cluster: a peer that cannot reach the decider admits `1 / peers`.
+    pub peers: u64,
+    /// Peers lost longer than the grace period: their calls no longer count.
+    pub stale: Vec<usize>,
+}
+
+impl Limits {
+    fn limited(&self) -> bool {
+        self.calls_max > 0 || self.bandwidth_total_kbps > 0
+    }
+}
+
+/// The SIP service's call admission (SV-4): its state, the lease whose holder decides, and
+/// the stream its calls are recorded in. The service hands it the limits in force.
+pub(crate) struct CallAdmission {
+    state: Admission,
+    node: Arc<Node>,
+    self_index: usize,
+    /// The `calls` lease: its holder decides (none if the group failed to start).
+    lease: Option<Arc<dyn LeaderLease>>,
+    metrics: Arc<Metrics>,
+    tasks: TaskTracker,
+}
+
+impl CallAdmission {
+    pub(crate) fn new(
+        node: Arc<Node>,
+        self_index: usize,
+        metrics: Arc<Metrics>,
+        tasks: TaskTracker,
+    ) -> Self {
+        let leases = node.leases();
+        let lease = match leases.start_group(LEASE, leases.all_peers()) {
+            Ok(g) => Some(g as Arc<dyn LeaderLease>),
+            Err(e) => {
+                warn!(target: LOG, reason = %e, "Admission lease not started; each peer admits within its share");
+                None
+            }
+        };
+        Self {
+            state: Admission::default(),
+            node,
+            self_index,
+            lease,
+            metrics,
+            tasks,
+        }
+    }
+
+    /// A record of a `calls/peerN` stream as it is now.
+    pub(crate) fn apply(&self, owner: usize, key: &str, value: Option<&[u8]>) {
+        self.state.apply(owner, key, value);
+    }
+
+    /// (peer, calls, kbps) per peer.
+    pub(crate) fn usage(&self) -> Vec<(usize, usize, u64)> {
+        self.state.usage()
+    }
+
+    pub(crate) fn calls(&self) -> Vec<(usize, String, CallRecord)> {
+        self.state.calls()
+    }
+
     /// Admits an initial INVITE under the cluster-wide limits; `Err(seconds)` to retry after.
-    pub(crate) async fn admit_call(self: &Arc<Self>, msg: &Message) -> Result<String, u32> {
+    pub(crate) async fn admit(
+        self: &Arc<Self>,
+        msg: &Message,
+        limits: Limits,
+    ) -> Result<String, u32> {
         let Some(call) = call_key(msg) else {
             return Err(5);
         };
-        let config = self.config();
-        let kbps = config.bandwidth_per_call_kbps;
-        let calls_max = self.calls_max(&config);
-        let limited = calls_max > 0 || config.bandwidth_total_kbps > 0;
-        if limited {
-            let admitted = self.ask_decider(&call, kbps, calls_max, &config).await;
-            if !admitted {
-                self.metrics.calls_refused.fetch_add(1, Ordering::Relaxed);
-                info!(target: LOG, event = "Call Rejected", call = %call,
-                    reason = "call or bandwidth limit reached", "");
-                return Err(5);
-            }
+        let kbps = limits.kbps_per_call;
+        if limits.limited() && !self.ask_decider(&call, kbps, &limits).await {
+            self.metrics.calls_refused.fetch_add(1, Ordering::Relaxed);
+            info!(target: LOG, event = "Call Rejected", call = %call,
+                reason = "call or bandwidth limit reached", "");
+            return Err(5);
         }
         let record = CallRecord {
             started_ms: unix_ms_now(),
@@ -272,53 +342,35 @@ impl SipService {
             to: msg.value(HeaderKind::To).unwrap_or_default(),
         };
         // Recorded in the background: the decision is made, the INVITE need not wait for
-        // the record to reach the other peers (until it does, the primary counts its grant).
-        let delay = if limited {
+        // the record to reach the other peers (until it does, the holder counts its grant).
+        let delay = if limits.limited() {
             Duration::ZERO
         } else {
             RECORD_DELAY
         };
-        self.admission.admitted(&call);
-        let (svc, key) = (self.clone(), call.clone());
+        self.state.admitted(&call);
+        let (me, key) = (self.clone(), call.clone());
         self.tasks
-            .spawn(async move { svc.record_call(key, record, delay).await });
+            .spawn(async move { me.record(key, record, delay).await });
         self.metrics.calls_admitted.fetch_add(1, Ordering::Relaxed);
         info!(target: LOG, event = "Call Admitted", call = %call, kbps = kbps, "");
         Ok(call)
     }
 
-    /// The cluster's call limit: `limits.calls.max` and the call licences in the pool, the
-    /// lower of those set (0: no limit).
-    pub(crate) fn calls_max(&self, config: &crate::service::SipConfig) -> u64 {
-        let licensed = self.pool.lock().unwrap_or_else(|p| p.into_inner()).calls;
-        match (config.calls_max, licensed) {
-            (0, l) => l,
-            (m, 0) => m,
-            (m, l) => m.min(l),
-        }
-    }
-
     /// The lease holder's decision for one call.
-    fn decide_here(&self, call: &str, kbps: u64, calls_max: u64, max_kbps: u64) -> bool {
-        // Peers lost longer than CALL_GRACE no longer count their calls: signalling through
-        // them is gone, and their calls would hold the limit until they came back.
-        let stale = self.licences.down_longer_than(CALL_GRACE);
-        self.admission
-            .decide(call, kbps, calls_max, max_kbps, &stale)
+    fn decide_here(&self, call: &str, kbps: u64, limits: &Limits) -> bool {
+        self.state.decide(
+            call,
+            kbps,
+            limits.calls_max,
+            limits.bandwidth_total_kbps,
+            &limits.stale,
+        )
     }
 
-    async fn ask_decider(
-        &self,
-        call: &str,
-        kbps: u64,
-        calls_max: u64,
-        config: &crate::service::SipConfig,
-    ) -> bool {
-        let holder = self.admission_lease.as_ref().map(|l| l.state().holder);
-        match holder {
-            Some(Holder::Me { .. }) => {
-                return self.decide_here(call, kbps, calls_max, config.bandwidth_total_kbps)
-            }
+    async fn ask_decider(&self, call: &str, kbps: u64, limits: &Limits) -> bool {
+        match self.lease.as_ref().map(|l| l.state().holder) {
+            Some(Holder::Me { .. }) => return self.decide_here(call, kbps, limits),
             Some(Holder::Peer { peer, generation }) => {
                 let request = AdmitRequest {
                     call: call.to_string(),
@@ -337,27 +389,26 @@ impl SipService {
             Some(Holder::Nobody) | None => {}
         }
         // The holder cannot be asked: only this peer's share of the limits.
-        let peers = self.peers().len().max(1) as u64;
-        let (calls, used) = self.admission.own_count(self.self_index);
-        (calls_max == 0 || (calls as u64) < calls_max / peers)
-            && (config.bandwidth_total_kbps == 0
-                || used + kbps <= config.bandwidth_total_kbps / peers)
+        let peers = limits.peers.max(1);
+        let (calls, used) = self.state.own_count(self.self_index);
+        (limits.calls_max == 0 || (calls as u64) < limits.calls_max / peers)
+            && (limits.bandwidth_total_kbps == 0
+                || used + kbps <= limits.bandwidth_total_kbps / peers)
     }
 
     /// A peer's `sip/admit`: decided here only while this peer holds the lease.
-    fn answer_admit(&self, from: usize, req: AdmitRequest) -> Result<AdmitAnswer, String> {
+    pub(crate) fn answer(
+        &self,
+        from: usize,
+        req: AdmitRequest,
+        limits: &Limits,
+    ) -> Result<AdmitAnswer, String> {
         let generation = self
-            .admission_lease
+            .lease
             .as_ref()
             .and_then(|l| l.state().my_generation())
             .ok_or_else(|| format!("Peer {} does not hold the admission lease", self.self_index))?;
-        let config = self.config();
-        let admitted = self.decide_here(
-            &req.call,
-            req.kbps,
-            self.calls_max(&config),
-            config.bandwidth_total_kbps,
-        );
+        let admitted = self.decide_here(&req.call, req.kbps, limits);
         debug!(target: LOG, peer = from, call = %req.call, admitted = admitted,
             generation = generation, "Admission decided for a peer");
         Ok(AdmitAnswer {
@@ -367,46 +418,46 @@ impl SipService {
     }
 
     /// A BYE ends the call it belongs to, whichever side sent it.
-    pub(crate) async fn release_call(&self, msg: &Message) {
+    pub(crate) async fn release(&self, msg: &Message) {
         for key in call_keys_for_bye(msg) {
-            self.release_call_id(&key, "BYE").await;
+            self.release_id(&key, "BYE").await;
         }
     }
 
     /// Writes an admitted call's record after `delay`, unless its BYE came first; a BYE
     /// that comes while it is being written removes it right after.
-    async fn record_call(&self, call: String, record: CallRecord, delay: Duration) {
+    async fn record(&self, call: String, record: CallRecord, delay: Duration) {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        if !self.admission.start_writing(&call) {
+        if !self.state.start_writing(&call) {
             return; // ended before it was due: nothing to write, nothing to remove
         }
         let value = postcard::to_stdvec(&record).unwrap_or_default();
-        self.write_call_record(&call, Some(value)).await;
-        if self.admission.written(&call) {
-            self.write_call_record(&call, None).await;
+        self.write_record(&call, Some(value)).await;
+        if self.state.written(&call) {
+            self.write_record(&call, None).await;
         }
     }
 
-    pub(crate) async fn release_call_id(&self, call: &str, why: &str) {
-        let (admitted, recorded) = self.admission.ended(call, self.self_index);
+    pub(crate) async fn release_id(&self, call: &str, why: &str) {
+        let (admitted, recorded) = self.state.ended(call, self.self_index);
         if admitted {
             info!(target: LOG, event = "Call Ended", call = %call, reason = why, "");
         }
         if recorded {
-            self.write_call_record(call, None).await;
+            self.write_record(call, None).await;
         }
     }
 
     /// Writes a call's record to this peer's stream (`None`: removes it).
-    async fn write_call_record(&self, call: &str, value: Option<Vec<u8>>) {
+    async fn write_record(&self, call: &str, value: Option<Vec<u8>>) {
         let doing = if value.is_some() {
             "Recording an admitted call failed"
         } else {
             "Releasing a call failed"
         };
-        let stream = self.own_stream(NAMESPACE);
+        let stream = StreamId::new(NAMESPACE, &crate::location::stream_name(self.self_index));
         let change = Change {
             key: call.to_string(),
             value,
@@ -417,10 +468,10 @@ impl SipService {
     }
 
     /// Calls far older than any real call are dropped (their BYE never passed here).
-    pub(crate) async fn admission_housekeeping(&self) {
+    pub(crate) async fn housekeeping(&self) {
         let now = unix_ms_now();
         let old: Vec<String> = self
-            .admission
+            .state
             .lock()
             .calls
             .get(&self.self_index)
@@ -432,7 +483,29 @@ impl SipService {
             })
             .unwrap_or_default();
         for call in old {
-            self.release_call_id(&call, "no BYE seen in 12 hours").await;
+            self.release_id(&call, "no BYE seen in 12 hours").await;
+        }
+    }
+}
+
+impl SipService {
+    /// The limits in force now, for an admission decision.
+    pub(crate) fn admission_limits(&self) -> Limits {
+        let config = self.config();
+        let licensed = self.pool.lock().unwrap_or_else(|p| p.into_inner()).calls;
+        let calls_max = match (config.calls_max, licensed) {
+            (0, l) => l,
+            (m, 0) => m,
+            (m, l) => m.min(l),
+        };
+        Limits {
+            calls_max,
+            kbps_per_call: config.bandwidth_per_call_kbps,
+            bandwidth_total_kbps: config.bandwidth_total_kbps,
+            peers: self.peers().len() as u64,
+            // Peers lost longer than CALL_GRACE no longer count their calls: signalling
+            // through them is gone, and their calls would hold the limit until they came back.
+            stale: self.licences.down_longer_than(CALL_GRACE),
         }
     }
 }
@@ -446,8 +519,9 @@ pub(crate) fn serve_admissions(svc: &Arc<SipService>) {
         .serve(&admit_endpoint(), move |from, req: AdmitRequest| {
             let svc = weak.upgrade();
             async move {
-                svc.ok_or_else(|| "the SIP service has stopped".to_string())?
-                    .answer_admit(from, req)
+                let svc = svc.ok_or_else(|| "the SIP service has stopped".to_string())?;
+                let limits = svc.admission_limits();
+                svc.admission.answer(from, req, &limits)
             }
         });
 }

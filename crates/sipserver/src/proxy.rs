@@ -332,7 +332,7 @@ impl SipService {
         }
         let initial_invite = method == "INVITE" && !has_to_tag;
         let call = if initial_invite && !self.is_cluster_peer(source.remote.ip()) {
-            match self.admit_call(&msg).await {
+            match self.admission.admit(&msg, self.admission_limits()).await {
                 Ok(call) => Some(call),
                 Err(retry_after) => {
                     self.respond(
@@ -352,7 +352,7 @@ impl SipService {
             // Released in the background: the BYE need not wait for the record to go.
             let (svc, bye) = (self.clone(), msg.clone());
             self.tasks
-                .spawn(async move { svc.release_call(&bye).await });
+                .spawn(async move { svc.admission.release(&bye).await });
         }
         let record_route = creates_dialog(&method) && !has_to_tag;
         let invite = method == "INVITE";
@@ -812,7 +812,7 @@ impl SipService {
         if let Some(call) = tx.call.take() {
             let svc = self.clone();
             self.tasks
-                .spawn(async move { svc.release_call_id(&call, "the INVITE failed").await });
+                .spawn(async move { svc.admission.release_id(&call, "the INVITE failed").await });
         }
     }
 

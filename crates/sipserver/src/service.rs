@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::admission::Admission;
+use crate::admission::CallAdmission;
 use crate::location::{self, Location};
 use crate::metrics::Metrics;
 use crate::proxy::ProxyState;
@@ -60,9 +60,7 @@ pub struct SipService {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: RwLock<Arc<SipConfig>>,
     pub(crate) proxy: Mutex<ProxyState>,
-    pub(crate) admission: Admission,
-    /// The `calls` lease: its holder decides admissions (none if the group failed to start).
-    pub(crate) admission_lease: Option<Arc<dyn causeway_consensus::LeaderLease>>,
+    pub(crate) admission: Arc<CallAdmission>,
     pub(crate) licences: crate::licences::Licences,
     /// The licence pool as last computed (every second).
     pub(crate) pool: Mutex<crate::licences::Pool>,
@@ -123,15 +121,12 @@ impl SipService {
         )
         .await?;
         let self_index = node.mesh().map(|m| m.settings().self_index).unwrap_or(1);
-        let leases = node.leases();
-        let admission_lease = match leases.start_group(crate::admission::LEASE, leases.all_peers())
-        {
-            Ok(g) => Some(g as Arc<dyn causeway_consensus::LeaderLease>),
-            Err(e) => {
-                warn!(target: LOG, reason = %e, "Admission lease not started; each peer admits within its share");
-                None
-            }
-        };
+        let admission = Arc::new(CallAdmission::new(
+            node.clone(),
+            self_index,
+            metrics.clone(),
+            tasks.clone(),
+        ));
         let svc = Arc::new(SipService {
             node: node.clone(),
             settings,
@@ -140,8 +135,7 @@ impl SipService {
             metrics,
             config: RwLock::new(Arc::new(SipConfig::default())),
             proxy: Mutex::new(ProxyState::default()),
-            admission: Admission::default(),
-            admission_lease,
+            admission,
             licences: Default::default(),
             pool: Mutex::new(Default::default()),
             self_index,
@@ -377,7 +371,7 @@ impl SipService {
                     warn!(target: LOG, reason = %e, "Removing expired registrations failed");
                 }
             }
-            self.admission_housekeeping().await;
+            self.admission.housekeeping().await;
         }
     }
 
