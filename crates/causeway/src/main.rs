@@ -243,9 +243,31 @@ fn data_dir(node: &Path) -> PathBuf {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A command whose reader went away (`xstatus alarms | head`) stops quietly with 141, as
+/// a Unix tool stopped by SIGPIPE does, instead of panicking at its next line of output.
+/// (Rust ignores SIGPIPE, so a closed pipe is an error on write; `println!` panics on it.)
+fn stop_quietly_on_a_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("Broken pipe") {
+            std::process::exit(128 + 13);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
     causeway_pki::install_crypto_provider();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        stop_quietly_on_a_closed_pipe();
+    }
     let result = match cli.command {
         Command::Run { config } => return run::run(&config),
         Command::CheckConfig { config } => match causeway_cluster::NodeConfig::load(&config) {

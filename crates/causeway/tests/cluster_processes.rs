@@ -243,6 +243,35 @@ fn a_bad_configuration_exits_64_naming_the_field_before_binding_anything() {
     assert!(!Path::new(&dir.path().join("admin.sock")).exists());
 }
 
+/// `causeway … | head`: a command whose reader has gone stops with 141 (as SIGPIPE
+/// would), never a panic.
+#[test]
+fn a_command_whose_output_pipe_is_closed_stops_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[node]\nsystem_name = \"p1\"\naddress = \"127.0.9.1\"\ndata_dir = \"{}\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader closes before the command writes its first line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}
+
 impl TestCluster {
     /// Runs the CLI against peer `k`: (success, stdout, stderr).
     fn cli(&self, k: usize, args: &[&str]) -> (bool, String, String) {

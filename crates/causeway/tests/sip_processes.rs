@@ -866,3 +866,91 @@ fn licences_pool_across_peers_and_a_lost_peers_licences_leave_the_pool_after_the
             && !c.alarm_raised(2, 30017, "127.0.45.3")
     });
 }
+
+fn md5_hex(text: &str) -> String {
+    use md5::Digest as _;
+    md5::Md5::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `name="value"` out of a WWW-Authenticate line.
+fn digest_param(answer: &str, name: &str) -> String {
+    let start = answer.find(&format!("{name}=\"")).expect(name) + name.len() + 2;
+    answer[start..].split('"').next().unwrap().to_string()
+}
+
+/// RFC 7616 §3.4.5: a captured Authorization header, replayed from another address with
+/// another Call-ID and Contact (to bind the attacker's contact, or to remove every binding
+/// with `Contact: *`), is challenged again; the client's own retransmission is answered.
+#[test]
+fn a_captured_authorization_is_not_accepted_again_in_another_request() {
+    let c = sip_cluster(49, 2);
+    set(&c, 1, "sip.users.dave", "Pa55word!");
+    let peer: SocketAddr = "127.0.49.1:5060".parse().unwrap();
+    let open = |ip: &str| {
+        let s = UdpSocket::bind((ip, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s
+    };
+    let (victim, attacker) = (open("127.0.49.20"), open("127.0.49.21"));
+    let exchange = |sock: &UdpSocket, msg: &str| -> String {
+        sock.send_to(msg.as_bytes(), peer).unwrap();
+        let mut buf = [0u8; 65_536];
+        let n = sock.recv(&mut buf).expect("an answer");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let register = |sock: &UdpSocket, call: &str, cseq: u32, contact: &str, extra: &str| {
+        let me = sock.local_addr().unwrap();
+        format!(
+            "REGISTER sip:test.example SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-{call}-{cseq}\r\nFrom: <sip:dave@test.example>;tag={call}\r\nTo: <sip:dave@test.example>\r\nCall-ID: {call}\r\nCSeq: {cseq} REGISTER\r\nContact: {contact}\r\nExpires: 300\r\n{extra}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let victim_contact = format!("<sip:dave@{}>", victim.local_addr().unwrap());
+    let first = exchange(&victim, &register(&victim, "v1", 1, &victim_contact, ""));
+    assert!(first.starts_with("SIP/2.0 401"), "{first}");
+    let (realm, nonce) = (digest_param(&first, "realm"), digest_param(&first, "nonce"));
+    let ha1 = md5_hex(&format!("dave:{realm}:Pa55word!"));
+    let ha2 = md5_hex("REGISTER:sip:test.example");
+    let response = md5_hex(&format!("{ha1}:{nonce}:00000001:c0ffee:auth:{ha2}"));
+    let authorization = format!(
+        "Authorization: Digest username=\"dave\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"sip:test.example\", qop=auth, nc=00000001, cnonce=\"c0ffee\", response=\"{response}\", algorithm=MD5\r\n"
+    );
+    let signed = register(&victim, "v1", 2, &victim_contact, &authorization);
+    let ok = exchange(&victim, &signed);
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    let again = exchange(&victim, &signed);
+    assert!(
+        again.starts_with("SIP/2.0 200"),
+        "a retransmission: {again}"
+    );
+    // The attacker's replays: its own contact, then every binding removed.
+    let evil = format!("<sip:dave@{}>", attacker.local_addr().unwrap());
+    let bind = exchange(
+        &attacker,
+        &register(&attacker, "a1", 2, &evil, &authorization),
+    );
+    assert!(bind.starts_with("SIP/2.0 401"), "replayed to bind: {bind}");
+    let wipe =
+        register(&attacker, "a2", 2, "*", &authorization).replace("Expires: 300", "Expires: 0");
+    let wiped = exchange(&attacker, &wipe);
+    assert!(
+        wiped.starts_with("SIP/2.0 401"),
+        "replayed to remove: {wiped}"
+    );
+    let regs = registrations(&c, 1);
+    let daves: Vec<_> = regs["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["aor"] == "sip:dave@test.example")
+        .collect();
+    assert_eq!(daves.len(), 1, "only the victim's binding: {regs}");
+    assert!(
+        daves[0]
+            .to_string()
+            .contains(&victim.local_addr().unwrap().to_string()),
+        "{regs}"
+    );
+}

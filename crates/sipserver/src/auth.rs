@@ -1,9 +1,15 @@
 //! Digest authentication of REGISTER (RFC 3261 §22, RFC 2617 MD5 with qop=auth), users
-//! from the cluster configuration (`sip.users.<name>`). Nonces are stateless: a timestamp
-//! and an HMAC under a key each peer draws at start, so any peer checks its own nonces
-//! without storing them; an endpoint that moves to another peer is challenged again.
+//! from the cluster configuration (`sip.users.<name>`). Nonces are a timestamp and an HMAC
+//! under a key each peer draws at start, so a peer checks its own nonces without storing
+//! them, and another peer never accepts them (an endpoint that moves is challenged again).
+//! What is stored is their use: each nonce is good once per `nc` (RFC 7616 §3.4.5), so a
+//! captured Authorization header cannot be replayed — only the same request retransmitted
+//! from the same place is answered again.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use causeway_common::time::unix_ms_now;
 use causeway_sip::{HeaderKind, Message};
@@ -35,12 +41,78 @@ impl NonceKey {
         format!("{at_ms:x}.{hex}")
     }
 
-    /// Whether we issued `nonce`, and whether it is still fresh.
-    fn check(&self, nonce: &str, now_ms: u64) -> Option<bool> {
+    /// When we issued `nonce` (if we did), and whether it is still fresh.
+    fn check(&self, nonce: &str, now_ms: u64) -> Option<(u64, bool)> {
         let (at, _) = nonce.split_once('.')?;
         let at = u64::from_str_radix(at, 16).ok()?;
-        (self.nonce(at) == nonce).then_some(now_ms.saturating_sub(at) <= NONCE_LIFETIME_MS)
+        (self.nonce(at) == nonce).then_some((at, now_ms.saturating_sub(at) <= NONCE_LIFETIME_MS))
     }
+}
+
+/// Most nonces whose use is remembered; past it the oldest are forgotten, and a forgotten
+/// nonce is refused as stale (its client simply authenticates again).
+const MAX_TRACKED_NONCES: usize = 100_000;
+
+/// The highest `nc` each of this peer's nonces was used with, and which request used it.
+#[derive(Default)]
+pub struct NonceUses {
+    used: Mutex<HashMap<String, Use>>,
+}
+
+struct Use {
+    nc: u64,
+    /// The request that used `nc`: its bytes and source. A retransmission is identical.
+    request: u64,
+    issued_ms: u64,
+}
+
+impl NonceUses {
+    /// Records `nc` of `nonce` for `request`; false for a replay (an `nc` not above the
+    /// highest seen, unless it is the very request that used it, retransmitted).
+    fn accept(&self, nonce: &str, issued_ms: u64, nc: u64, request: u64, now_ms: u64) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.len() >= MAX_TRACKED_NONCES && !used.contains_key(nonce) {
+            used.retain(|_, u| now_ms.saturating_sub(u.issued_ms) <= NONCE_LIFETIME_MS);
+            if used.len() >= MAX_TRACKED_NONCES {
+                return false;
+            }
+        }
+        match used.get_mut(nonce) {
+            Some(u) if nc > u.nc => {
+                u.nc = nc;
+                u.request = request;
+                true
+            }
+            Some(u) => nc == u.nc && request == u.request,
+            None => {
+                used.insert(
+                    nonce.to_string(),
+                    Use {
+                        nc,
+                        request,
+                        issued_ms,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Forgets nonces past their life (they are refused as stale anyway).
+    pub fn sweep(&self, now_ms: u64) {
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, u| now_ms.saturating_sub(u.issued_ms) <= NONCE_LIFETIME_MS);
+    }
+}
+
+/// What makes a request itself: its bytes and where it came from.
+pub fn request_fingerprint(req: &Message, source: SocketAddr) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    req.raw().hash(&mut h);
+    source.hash(&mut h);
+    h.finish()
 }
 
 pub enum Verdict {
@@ -91,13 +163,16 @@ fn challenge(realm: &str, key: &NonceKey, stale: bool) -> Verdict {
     ))
 }
 
-pub fn check(
-    req: &Message,
-    method: &str,
-    users: &HashMap<String, String>,
-    realm: &str,
-    key: &NonceKey,
-) -> Verdict {
+/// The secrets and memory a check needs.
+pub struct Checker<'a> {
+    pub users: &'a HashMap<String, String>,
+    pub realm: &'a str,
+    pub key: &'a NonceKey,
+    pub uses: &'a NonceUses,
+}
+
+pub fn check(req: &Message, method: &str, request: u64, c: &Checker) -> Verdict {
+    let (users, realm, key) = (c.users, c.realm, c.key);
     let Some(header) = req.value(HeaderKind::Authorization) else {
         return challenge(realm, key, false);
     };
@@ -111,17 +186,26 @@ pub fn check(
     if get("realm") != realm {
         return challenge(realm, key, false);
     }
-    match key.check(get("nonce"), unix_ms_now()) {
+    let now = unix_ms_now();
+    let issued = match key.check(get("nonce"), now) {
         None => return challenge(realm, key, false),
-        Some(false) => return challenge(realm, key, true),
-        Some(true) => {}
-    }
+        Some((_, false)) => return challenge(realm, key, true),
+        Some((issued, true)) => issued,
+    };
     let user = get("username");
     let Some(password) = users.get(user) else {
         return Verdict::Refused("unknown user or wrong password");
     };
     let ha1 = md5_hex(&format!("{user}:{realm}:{password}"));
     let ha2 = md5_hex(&format!("{method}:{}", get("uri")));
+    // Without qop there is no nc: such a nonce is good for one request.
+    let nc = match get("qop") {
+        "" => 1,
+        _ => match u64::from_str_radix(get("nc"), 16) {
+            Ok(nc) if nc > 0 => nc,
+            _ => return Verdict::Refused("nc is missing or not a hexadecimal count"),
+        },
+    };
     let expected = match get("qop") {
         "" => md5_hex(&format!("{ha1}:{}:{ha2}", get("nonce"))),
         "auth" => md5_hex(&format!(
@@ -132,11 +216,14 @@ pub fn check(
         )),
         _ => return Verdict::Refused("only qop=auth is supported"),
     };
-    if expected == get("response") {
-        Verdict::Ok(user.to_string())
-    } else {
-        Verdict::Refused("unknown user or wrong password")
+    if expected != get("response") {
+        return Verdict::Refused("unknown user or wrong password");
     }
+    // Right credentials: now the nonce's use is spent. A replay is challenged afresh.
+    if !c.uses.accept(get("nonce"), issued, nc, request, now) {
+        return challenge(realm, key, false);
+    }
+    Verdict::Ok(user.to_string())
 }
 
 #[cfg(test)]
@@ -158,25 +245,49 @@ mod tests {
         };
         let users: HashMap<String, String> =
             [("Mufasa".to_string(), "Circle Of Life".to_string())].into();
-        assert!(
-            matches!(check(&req(&response), "REGISTER", &users, "testrealm@host.com", &key), Verdict::Ok(u) if u == "Mufasa")
-        );
+        let uses = NonceUses::default();
+        let c = Checker {
+            users: &users,
+            realm: "testrealm@host.com",
+            key: &key,
+            uses: &uses,
+        };
         assert!(matches!(
-            check(&req("00"), "REGISTER", &users, "testrealm@host.com", &key),
+            check(&req("00"), "REGISTER", 1, &c),
             Verdict::Refused(_)
+        ));
+        assert!(
+            matches!(check(&req(&response), "REGISTER", 1, &c), Verdict::Ok(u) if u == "Mufasa")
+        );
+        // The same request again (a retransmission) is answered; the same credentials in
+        // another request (a replay) are challenged afresh.
+        assert!(matches!(
+            check(&req(&response), "REGISTER", 1, &c),
+            Verdict::Ok(_)
+        ));
+        assert!(matches!(
+            check(&req(&response), "REGISTER", 2, &c),
+            Verdict::Challenge(h) if !h.contains("stale")
         ));
         // Another peer's key does not know the nonce: a fresh challenge.
         let other = NonceKey::generate();
+        let elsewhere = Checker { key: &other, ..c };
         assert!(matches!(
-            check(
-                &req(&response),
-                "REGISTER",
-                &users,
-                "testrealm@host.com",
-                &other
-            ),
+            check(&req(&response), "REGISTER", 3, &elsewhere),
             Verdict::Challenge(_)
         ));
         assert_eq!(md5_hex(""), "d41d8cd98f00b204e9800998ecf8427e");
+    }
+
+    #[test]
+    fn each_nc_of_a_nonce_is_good_once_and_a_higher_nc_is_good_again() {
+        let uses = NonceUses::default();
+        assert!(uses.accept("n", 0, 1, 10, 1));
+        assert!(uses.accept("n", 0, 1, 10, 1), "a retransmission");
+        assert!(!uses.accept("n", 0, 1, 11, 1), "another request with nc 1");
+        assert!(uses.accept("n", 0, 2, 11, 1), "the client counted on");
+        assert!(!uses.accept("n", 0, 1, 10, 1), "an old count");
+        uses.sweep(NONCE_LIFETIME_MS + 1);
+        assert!(uses.used.lock().unwrap().is_empty());
     }
 }

@@ -52,13 +52,15 @@ impl SipService {
         let aor = self.canonical_aor(&to.uri);
         let config = self.config();
         if !config.users.is_empty() {
-            match auth::check(
-                req,
-                "REGISTER",
-                &config.users,
-                &self.realm(),
-                &self.nonce_key,
-            ) {
+            let realm = self.realm();
+            let checker = auth::Checker {
+                users: &config.users,
+                realm: &realm,
+                key: &self.nonce_key,
+                uses: &self.nonce_uses,
+            };
+            let request = auth::request_fingerprint(req, source.remote);
+            match auth::check(req, "REGISTER", request, &checker) {
                 auth::Verdict::Ok(name) if name == user => {}
                 auth::Verdict::Ok(_) => {
                     return reply(403, "Forbidden (credentials are for another user)", &[])

@@ -69,6 +69,8 @@ pub struct SipService {
     pub(crate) instance: u64,
     pub(crate) counter: AtomicU64,
     pub(crate) nonce_key: crate::auth::NonceKey,
+    /// Which nonce counts were used, so a captured Authorization cannot be replayed.
+    pub(crate) nonce_uses: crate::auth::NonceUses,
     pub(crate) cancel: CancellationToken,
     /// Every task of the service, so `stop` ends them all.
     pub(crate) tasks: TaskTracker,
@@ -142,6 +144,7 @@ impl SipService {
             instance: unix_ms_now() ^ (std::process::id() as u64) << 40,
             counter: AtomicU64::new(1),
             nonce_key: crate::auth::NonceKey::generate(),
+            nonce_uses: Default::default(),
             cancel,
             tasks,
         });
@@ -359,6 +362,7 @@ impl SipService {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             self.sweep_transactions();
+            self.nonce_uses.sweep(unix_ms_now());
             let pool = self.licence_pool();
             *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = pool;
             let stale = self.location.stale_own(unix_ms_now());
