@@ -954,3 +954,35 @@ fn a_captured_authorization_is_not_accepted_again_in_another_request() {
         "{regs}"
     );
 }
+
+/// A response that answers no transaction of the peer's (a stray, forged to name the peer
+/// in its top Via and a victim in the next) is dropped, not relayed: the peer is no UDP
+/// reflector.
+#[test]
+fn a_stray_response_is_not_relayed_to_its_second_via() {
+    let _c = sip_cluster(51, 2);
+    let attacker = UdpSocket::bind("127.0.51.21:0").unwrap();
+    let victim = UdpSocket::bind("127.0.51.22:0").unwrap();
+    victim
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let v = victim.local_addr().unwrap();
+    for (i, status) in ["200 OK", "180 Ringing", "486 Busy Here"]
+        .iter()
+        .enumerate()
+    {
+        let stray = format!(
+            "SIP/2.0 {status}\r\nVia: SIP/2.0/UDP 127.0.51.1:5060;branch=z9hG4bKstray{i}\r\nVia: SIP/2.0/UDP {v};branch=z9hG4bKvictim{i}\r\nFrom: <sip:a@test.example>;tag=1\r\nTo: <sip:b@test.example>;tag=2\r\nCall-ID: stray-{i}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+        );
+        attacker
+            .send_to(stray.as_bytes(), "127.0.51.1:5060")
+            .unwrap();
+    }
+    let mut buf = [0u8; 65_536];
+    let relayed = victim.recv(&mut buf);
+    assert!(
+        relayed.is_err(),
+        "relayed to the victim: {}",
+        String::from_utf8_lossy(&buf[..relayed.unwrap_or(0)])
+    );
+}

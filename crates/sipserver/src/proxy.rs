@@ -119,31 +119,6 @@ fn uri_target(uri: &SipUri) -> Option<Target> {
     })
 }
 
-/// Where a response goes next: the Via's `received`/`rport` when present, else sent-by.
-fn via_target(via: &Via) -> Option<Target> {
-    let proto = Proto::parse(&via.transport)?;
-    let ip = match via.param("received").flatten() {
-        Some(r) => r.parse().ok()?,
-        None => via
-            .host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .ok()?,
-    };
-    let port = via
-        .param("rport")
-        .flatten()
-        .and_then(|p| p.parse().ok())
-        .or(via.port)
-        .unwrap_or(if proto == Proto::Tls { 5061 } else { 5060 });
-    Some(Target {
-        proto,
-        addr: SocketAddr::new(ip, port),
-        conn: None,
-    })
-}
-
 /// Methods that create a dialog and so are record-routed when they have no To tag.
 fn creates_dialog(method: &str) -> bool {
     matches!(method, "INVITE" | "SUBSCRIBE" | "REFER" | "NOTIFY")
@@ -616,7 +591,7 @@ impl SipService {
     }
 
     pub(crate) fn handle_response(self: &Arc<Self>, incoming: Incoming) {
-        let Incoming { msg, source: _ } = incoming;
+        let Incoming { msg, source } = incoming;
         let Some(status) = msg.status() else { return };
         let vias = msg.values(HeaderKind::Via);
         let Some(Ok(top)) = vias.first().map(|v| Via::parse(v)) else {
@@ -631,25 +606,14 @@ impl SipService {
             return;
         }
         let mut st = self.proxy_lock();
+        // Only an answer to a transaction of ours goes anywhere, and then to the request's
+        // own source: a stray response is dropped, so nobody can bounce datagrams off this
+        // peer to whatever a second Via names. A 2xx retransmitted after its INVITE ended
+        // still finds the transaction, which lingers for 32 s (RFC 6026).
         let Some(client) = st.clients.get_mut(&branch) else {
             drop(st);
-            // Not ours any more (a 2xx retransmitted after the transaction ended): on to
-            // the next Via, if the top one is ours (§16.7 and RFC 6026).
-            if top.host.parse().ok() == Some(self.settings.listen) && vias.len() > 1 {
-                if let Some(Ok(next)) = vias.get(1).map(|v| Via::parse(v)) {
-                    if let Some(target) = via_target(&next) {
-                        let bytes = build::rewrite(
-                            &msg,
-                            &Edit {
-                                pop_via: true,
-                                ..Edit::default()
-                            },
-                        );
-                        self.metrics.response(status);
-                        self.transports.send(&target, bytes);
-                    }
-                }
-            }
+            debug!(target: LOG, src = %source.remote, branch = %branch,
+                "Stray SIP response dropped");
             return;
         };
         let invite = client.invite;
