@@ -132,6 +132,9 @@ pub static CATALOGUE: &[AlarmType] = &[
     alarm!(30017, "6f1b8d2a-3c4e-4f5a-8b7c-9d0e1f2a3017", Warning, "Licences of a lost peer removed",
         "Registration licences of a lost cluster peer have been removed from the pool",
         "Bring the peer back, or remove it from the cluster"),
+    alarm!(40001, "1d7e3b9c-2a4f-4e6d-9b8c-0a1f2e3d4001", Warning, "SIP authentication failures",
+        "Many failed SIP authentications: a source address has been blocked, or a user's password is being guessed from several addresses",
+        "Check the source (firewall it if it is not one of yours) and the strength of the user's password; the alarm clears by itself once the failures stop"),
 ];
 
 pub fn lookup(id: u32) -> Option<&'static AlarmType> {

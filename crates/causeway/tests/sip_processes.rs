@@ -986,3 +986,83 @@ fn a_stray_response_is_not_relayed_to_its_second_via() {
         String::from_utf8_lossy(&buf[..relayed.unwrap_or(0)])
     );
 }
+
+/// Password guessing (svcrack's way: REGISTER, challenge, a guess) is logged, slowed and
+/// then refused for the guessing address, with alarm 40001; the real user, from another
+/// address, registers all the while.
+#[test]
+fn password_guesses_are_throttled_and_blocked_while_the_real_user_registers_elsewhere() {
+    let c = sip_cluster(52, 2);
+    set(&c, 1, "sip.users.erin", "Right-Pa55");
+    set(&c, 1, "sip.authentication.slow_after", "3");
+    set(&c, 1, "sip.authentication.block_after", "6");
+    let peer: SocketAddr = "127.0.52.1:5060".parse().unwrap();
+    let open = |ip: &str| {
+        let s = UdpSocket::bind((ip, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+        s
+    };
+    let exchange = |sock: &UdpSocket, msg: &str| -> String {
+        sock.send_to(msg.as_bytes(), peer).unwrap();
+        let mut buf = [0u8; 65_536];
+        let n = sock.recv(&mut buf).expect("an answer");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    // One REGISTER round: challenge, then the answer computed with `password`.
+    let attempt = |sock: &UdpSocket, n: u32, password: &str| -> String {
+        let me = sock.local_addr().unwrap();
+        let msg = |cseq: u32, extra: &str| {
+            format!("REGISTER sip:test.example SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-g{n}-{cseq}\r\nFrom: <sip:erin@test.example>;tag=g{n}\r\nTo: <sip:erin@test.example>\r\nCall-ID: guess-{me}-{n}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:erin@{me}>\r\nExpires: 300\r\n{extra}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+        };
+        let first = exchange(sock, &msg(1, ""));
+        if !first.starts_with("SIP/2.0 401") {
+            return first;
+        }
+        let (realm, nonce) = (digest_param(&first, "realm"), digest_param(&first, "nonce"));
+        let ha1 = md5_hex(&format!("erin:{realm}:{password}"));
+        let ha2 = md5_hex("REGISTER:sip:test.example");
+        let response = md5_hex(&format!("{ha1}:{nonce}:00000001:beef:auth:{ha2}"));
+        let auth = format!("Authorization: Digest username=\"erin\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"sip:test.example\", qop=auth, nc=00000001, cnonce=\"beef\", response=\"{response}\", algorithm=MD5\r\n");
+        exchange(sock, &msg(2, &auth))
+    };
+    let (guesser, erin) = (open("127.0.52.21"), open("127.0.52.20"));
+    let mut answers = Vec::new();
+    for n in 0..8 {
+        let started = std::time::Instant::now();
+        let answer = attempt(&guesser, n, &format!("guess{n}"));
+        answers.push((
+            answer.lines().next().unwrap_or("").to_string(),
+            started.elapsed(),
+        ));
+    }
+    // Guesses 1-6 are wrong passwords, the 4th on answered late, then refused unchecked.
+    assert!(
+        answers[..6]
+            .iter()
+            .all(|(a, _)| a.starts_with("SIP/2.0 403 Forbidden (unknown user or wrong password)")),
+        "{answers:?}"
+    );
+    assert!(
+        answers[4].1 >= Duration::from_millis(400),
+        "slowed: {answers:?}"
+    );
+    assert!(
+        answers[6..]
+            .iter()
+            .all(|(a, _)| a.contains("too many failed authentications")),
+        "{answers:?}"
+    );
+    // The right password from the guessing address is refused too (nothing is revealed) ...
+    assert!(attempt(&guesser, 99, "Right-Pa55").contains("too many failed authentications"));
+    // ... while erin, elsewhere, registers.
+    let ok = attempt(&erin, 0, "Right-Pa55");
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    assert!(c.alarm_raised(1, 40001, "source 127.0.52.21"));
+    let log = c.log(1);
+    assert!(
+        log.contains("Authentication Failed")
+            && log.contains("127.0.52.21")
+            && log.contains("erin"),
+        "{log}"
+    );
+}

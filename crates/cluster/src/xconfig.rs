@@ -52,6 +52,36 @@ const CLUSTER_ITEMS: &[ItemDef] = &[
         about: "a SIP user's password (digest authentication)",
     },
     ItemDef {
+        path: "sip.authentication.window_s",
+        kind: Kind::Limit,
+        restart: false,
+        about: "seconds over which failed SIP authentications are counted per source and per user",
+    },
+    ItemDef {
+        path: "sip.authentication.slow_after",
+        kind: Kind::Limit,
+        restart: false,
+        about: "failures from one source in the window after which its answers are delayed (0: never)",
+    },
+    ItemDef {
+        path: "sip.authentication.block_after",
+        kind: Kind::Limit,
+        restart: false,
+        about: "failures from one source in the window after which it is refused unchecked (0: never)",
+    },
+    ItemDef {
+        path: "sip.authentication.block_s",
+        kind: Kind::Limit,
+        restart: false,
+        about: "seconds a source stays blocked",
+    },
+    ItemDef {
+        path: "sip.authentication.alarm_after",
+        kind: Kind::Limit,
+        restart: false,
+        about: "failures for one user in the window, from any source, that raise alarm 40001 (0: never)",
+    },
+    ItemDef {
         path: "zones.<name>.address",
         kind: Kind::HostPort,
         restart: false,
@@ -312,6 +342,11 @@ fn default_value(path: &str, file: &NodeConfig) -> String {
         "limits.calls.max" | "limits.bandwidth.total_kbps" | "limits.bandwidth.per_call_kbps" => {
             "0".to_string()
         }
+        "sip.authentication.window_s" => "60".to_string(),
+        "sip.authentication.slow_after" => "5".to_string(),
+        "sip.authentication.block_after" => "20".to_string(),
+        "sip.authentication.block_s" => "600".to_string(),
+        "sip.authentication.alarm_after" => "50".to_string(),
         _ => String::new(),
     }
 }

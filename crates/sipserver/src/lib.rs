@@ -3,6 +3,7 @@
 
 pub mod admission;
 mod auth;
+mod guard;
 pub mod licences;
 pub mod location;
 pub mod metrics;

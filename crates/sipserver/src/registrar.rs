@@ -9,6 +9,7 @@ use causeway_sip::{HeaderKind, Message, NameAddr, SipUri};
 use tracing::{debug, warn};
 
 use crate::auth;
+use crate::guard::Gate;
 use crate::location::{binding_key, Binding, NAMESPACE};
 use crate::service::{SipService, LOG};
 use crate::transport::{Proto, Source};
@@ -31,6 +32,42 @@ fn quality(q: Option<&str>) -> Option<u16> {
 }
 
 impl SipService {
+    /// Counts, logs and, past the thresholds, alarms a failed authentication.
+    fn authentication_failed(&self, source: &Source, user: &str, why: &str) {
+        let settings = self.config().guard;
+        let f = self.auth_guard.failed(source.remote.ip(), user, &settings);
+        warn!(target: LOG, event = "Authentication Failed", src_ip = %source.remote.ip(),
+            src_port = source.remote.port(), auth_user = %user, method = "REGISTER",
+            reason = why, failures_from_source = f.source_failures, "");
+        let alarms = self.node.alarms();
+        if f.blocked {
+            let minutes = settings.block_for.as_secs().div_ceil(60);
+            warn!(target: LOG, event = "Authentication Source Blocked", src_ip = %source.remote.ip(),
+                failures = f.source_failures, blocked_minutes = minutes, "");
+            alarms.raise(
+                40001,
+                &format!("source {}", source.remote.ip()),
+                &format!(
+                    "{} failed authentications from {} within {} s: refused for {minutes} min",
+                    f.source_failures,
+                    source.remote.ip(),
+                    settings.window.as_secs()
+                ),
+            );
+        }
+        if f.user_alarm {
+            alarms.raise(
+                40001,
+                &format!("user {user}"),
+                &format!(
+                    "{} failed authentications as {user} within {} s",
+                    f.user_failures,
+                    settings.window.as_secs()
+                ),
+            );
+        }
+    }
+
     pub(crate) async fn register(&self, req: &Message, source: &Source) {
         let reply = |status: u16, reason: &str, extra: &[String]| {
             self.respond(req, source, status, reason, extra);
@@ -52,6 +89,18 @@ impl SipService {
         let aor = self.canonical_aor(&to.uri);
         let config = self.config();
         if !config.users.is_empty() {
+            let ip = source.remote.ip();
+            match self.auth_guard.gate(ip, &config.guard) {
+                Gate::Blocked => {
+                    return reply(
+                        403,
+                        "Forbidden (too many failed authentications from this address)",
+                        &[],
+                    )
+                }
+                Gate::Slow(delay) => tokio::time::sleep(delay).await,
+                Gate::Open => {}
+            }
             let realm = self.realm();
             let checker = auth::Checker {
                 users: &config.users,
@@ -61,15 +110,17 @@ impl SipService {
             };
             let request = auth::request_fingerprint(req, source.remote);
             match auth::check(req, "REGISTER", request, &checker) {
-                auth::Verdict::Ok(name) if name == user => {}
-                auth::Verdict::Ok(_) => {
-                    return reply(403, "Forbidden (credentials are for another user)", &[])
+                auth::Verdict::Ok(name) if name == user => self.auth_guard.succeeded(ip),
+                auth::Verdict::Ok(name) => {
+                    self.authentication_failed(source, &name, "credentials for another user");
+                    return reply(403, "Forbidden (credentials are for another user)", &[]);
                 }
                 auth::Verdict::Challenge(header) => {
                     return reply(401, "Unauthorized", &[header]);
                 }
                 auth::Verdict::Refused(why) => {
-                    return reply(403, &format!("Forbidden ({why})"), &[])
+                    self.authentication_failed(source, &user, why);
+                    return reply(403, &format!("Forbidden ({why})"), &[]);
                 }
             }
         }

@@ -50,6 +50,7 @@ pub(crate) struct SipConfig {
     pub calls_max: u64,
     pub bandwidth_total_kbps: u64,
     pub bandwidth_per_call_kbps: u64,
+    pub guard: crate::guard::GuardSettings,
 }
 
 pub struct SipService {
@@ -71,6 +72,8 @@ pub struct SipService {
     pub(crate) nonce_key: crate::auth::NonceKey,
     /// Which nonce counts were used, so a captured Authorization cannot be replayed.
     pub(crate) nonce_uses: crate::auth::NonceUses,
+    /// Failed authentications per source and per user: slowed, blocked, alarmed.
+    pub(crate) auth_guard: crate::guard::AuthGuard,
     pub(crate) cancel: CancellationToken,
     /// Every task of the service, so `stop` ends them all.
     pub(crate) tasks: TaskTracker,
@@ -145,6 +148,7 @@ impl SipService {
             counter: AtomicU64::new(1),
             nonce_key: crate::auth::NonceKey::generate(),
             nonce_uses: Default::default(),
+            auth_guard: Default::default(),
             cancel,
             tasks,
         });
@@ -201,6 +205,19 @@ impl SipService {
                         .collect()
                 }
                 "limits.calls.max" => c.calls_max = value.parse().unwrap_or(0),
+                "sip.authentication.window_s" => {
+                    c.guard.window = Duration::from_secs(value.parse().unwrap_or(60))
+                }
+                "sip.authentication.slow_after" => c.guard.slow_after = value.parse().unwrap_or(5),
+                "sip.authentication.block_after" => {
+                    c.guard.block_after = value.parse().unwrap_or(20)
+                }
+                "sip.authentication.block_s" => {
+                    c.guard.block_for = Duration::from_secs(value.parse().unwrap_or(600))
+                }
+                "sip.authentication.alarm_after" => {
+                    c.guard.alarm_after = value.parse().unwrap_or(50)
+                }
                 "limits.bandwidth.total_kbps" => {
                     c.bandwidth_total_kbps = value.parse().unwrap_or(0)
                 }
@@ -363,6 +380,13 @@ impl SipService {
             }
             self.sweep_transactions();
             self.nonce_uses.sweep(unix_ms_now());
+            let (unblocked, quiet) = self.auth_guard.sweep(&self.config().guard);
+            for ip in unblocked {
+                self.node.alarms().lower(40001, &format!("source {ip}"));
+            }
+            for user in quiet {
+                self.node.alarms().lower(40001, &format!("user {user}"));
+            }
             let pool = self.licence_pool();
             *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = pool;
             let stale = self.location.stale_own(unix_ms_now());
