@@ -1066,3 +1066,66 @@ fn password_guesses_are_throttled_and_blocked_while_the_real_user_registers_else
         "{log}"
     );
 }
+
+/// A TCP connection to `peer:port` from `from` (bound first, so the peer sees that source).
+fn tcp_from(from: &str, to: &str) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    let remote: SocketAddr = to.parse().unwrap();
+    socket
+        .connect_timeout(&remote.into(), Duration::from_secs(5))
+        .unwrap();
+    socket.into()
+}
+
+/// One address holding hundreds of silent connections (TLS ClientHello never sent, TCP
+/// never a message) closes the TLS port for nobody else: handshakes are capped per source
+/// and time out, and a connection that never speaks is closed after its first-message
+/// time, not after the two-hour idle time.
+#[test]
+fn one_address_holding_silent_connections_does_not_close_sip_tls_for_others() {
+    let c = sip_cluster(53, 2);
+    let silent: Vec<TcpStream> = (0..300)
+        .map(|_| tcp_from("127.0.53.21", "127.0.53.1:5061"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // A normal TLS client from another address is served at once.
+    let options = "OPTIONS sip:127.0.53.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.53.20:5999;branch=z9hG4bKtlsflood\r\nFrom: <sip:probe@test.example>;tag=1\r\nTo: <sip:127.0.53.1>\r\nCall-ID: tls-flood\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
+    let tcp = tcp_from("127.0.53.20", "127.0.53.1:5061");
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in causeway_pki::load_certs(&c.peers[0].dir.join("ca.crt")).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.53.1".to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(options.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let answer = read_message(&mut tls, &mut buf);
+    assert_eq!(
+        answer.status(),
+        Some(200),
+        "a TLS client from elsewhere is served"
+    );
+    // Plain TCP connections that never send a message are closed by the peer.
+    let idle: Vec<TcpStream> = (0..20)
+        .map(|_| tcp_from("127.0.53.22", "127.0.53.1:5060"))
+        .collect();
+    for s in idle.iter().chain(silent.iter().take(20)) {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    }
+    let started = Instant::now();
+    for mut s in idle.into_iter().chain(silent.into_iter().take(20)) {
+        let mut one = [0u8; 1];
+        // EOF (0) or a reset: closed by the peer, not by our timeout.
+        match s.read(&mut one) {
+            Ok(0) | Err(_) if started.elapsed() < Duration::from_secs(29) => {}
+            other => panic!("still open after {:?}: {other:?}", started.elapsed()),
+        }
+    }
+}

@@ -89,6 +89,14 @@ pub struct Caps {
     /// A connection with no traffic at all for this long is closed (RFC 5626 keep-alives
     /// are traffic).
     pub idle_timeout: Duration,
+    /// A connection that has not yet sent one whole SIP message is closed after this long:
+    /// idle connections that never speak do not wait for `idle_timeout`.
+    pub first_message_timeout: Duration,
+    /// TLS handshakes in progress from one source address (the global cap is
+    /// `MAX_HANDSHAKES`): one address cannot take every handshake slot.
+    pub max_handshakes_per_source: usize,
+    /// A TLS handshake must finish within this.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Caps {
@@ -100,6 +108,9 @@ impl Default for Caps {
             max_connections_per_source: 512,
             message_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(7_300),
+            first_message_timeout: Duration::from_secs(20),
+            max_handshakes_per_source: 8,
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -140,6 +151,27 @@ pub struct Transports {
     cancel: CancellationToken,
     /// The SIP service's tasks: connections and loops end with it.
     tasks: TaskTracker,
+    /// TLS handshakes in progress per source address.
+    handshaking: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One TLS handshake in progress: its global permit and its source's count.
+struct HandshakeSlot {
+    transports: Arc<Transports>,
+    ip: IpAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut by_source = lock(&self.transports.handshaking);
+        if let Some(n) = by_source.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A second handle on a tokio UDP socket, for a reader on another runtime.
@@ -292,6 +324,7 @@ impl Transports {
             metrics,
             cancel,
             tasks,
+            handshaking: Mutex::new(HashMap::new()),
         });
         // UDP is read on a thread of its own: a worker busy elsewhere (a store write, a burst
         // of tasks) must not leave datagrams to overflow the socket's receive buffer.
@@ -494,16 +527,17 @@ impl Transports {
                         let Some((acceptor, _)) = &t.tls else { return };
                         // Handshakes are not connections yet: bounded on their own, so slow
                         // or silent clients cannot hold unbounded memory and CPU.
-                        let Ok(permit) = t.handshakes.clone().try_acquire_owned() else {
+                        let Some(slot) = t.handshake_slot(remote.ip()) else {
                             t.metrics
                                 .refused_connections
                                 .fetch_add(1, Ordering::Relaxed);
+                            debug!(target: LOG, src = %remote, "SIP TLS handshake refused: too many in progress");
                             return;
                         };
                         let accepted =
-                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            tokio::time::timeout(t.caps.handshake_timeout, acceptor.accept(stream))
                                 .await;
-                        drop(permit);
+                        drop(slot);
                         match accepted {
                             Ok(Ok(s)) => t.run_connection(s, proto, remote, None).await,
                             _ => {
@@ -516,6 +550,23 @@ impl Transports {
                 }
             });
         }
+    }
+
+    /// A slot for one TLS handshake from `ip`, if neither the global nor the per-source cap
+    /// is reached; released when dropped.
+    fn handshake_slot(self: &Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
+        let permit = self.handshakes.clone().try_acquire_owned().ok()?;
+        let mut by_source = lock(&self.handshaking);
+        let n = by_source.entry(ip).or_insert(0);
+        if *n >= self.caps.max_handshakes_per_source {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            transports: self.clone(),
+            ip,
+            _permit: permit,
+        })
     }
 
     fn refuse_connection(&self, ip: IpAddr) -> Option<&'static str> {
@@ -566,6 +617,9 @@ impl Transports {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        // A connection this peer dialled has something to carry; one it accepted must
+        // show it has, by a first message, within `first_message_timeout`.
+        let dialled = registered.is_some();
         let (id, mut out) = match registered {
             Some(r) => r,
             None => self.register_connection(proto, remote),
@@ -588,9 +642,12 @@ impl Transports {
         });
         let mut buf = BytesMut::with_capacity(8 * 1024);
         let mut message_started: Option<Instant> = None;
+        let opened = Instant::now();
+        let mut spoke = dialled;
         let why = loop {
             let deadline = match message_started {
                 Some(t) => t + self.caps.message_timeout,
+                None if !spoke => opened + self.caps.first_message_timeout,
                 None => Instant::now() + self.caps.idle_timeout,
             };
             let read = tokio::select! {
@@ -614,6 +671,7 @@ impl Transports {
                         }
                     }
                     Ok(Frame::Message { len }) => {
+                        spoke = true;
                         let raw = buf.split_to(len).freeze();
                         if !self.admit(remote.ip()) {
                             self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
