@@ -24,22 +24,102 @@ use tokio_util::sync::CancellationToken;
 use crate::users;
 
 const MAX_PENDING_HANDSHAKES: usize = 64;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress from one address: one address cannot take every slot.
+const MAX_PENDING_PER_SOURCE: usize = 4;
+/// Open connections from one address (an admin needs a few, a browser six at most).
+const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Failed logins from one address before it is told to wait.
 const MAX_FAILURES: u32 = 5;
 const NO_USERS: &str =
     "no admin user is configured: run 'causeway --node <data dir> admin passwd <user>' on the node";
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
+/// Connections (or handshakes) per source address; each [`Counted`] holds one.
+type PerSource = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One place in a [`PerSource`] count, given back when dropped.
+struct Slot {
+    counts: PerSource,
+    ip: IpAddr,
+}
+
+impl Slot {
+    fn take(counts: &PerSource, ip: IpAddr, max: usize) -> Option<Slot> {
+        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = c.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A served connection that keeps its source's connection slot while it lives.
+struct Counted {
+    inner: TlsStream<TcpStream>,
+    _slot: Slot,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Completed TLS connections, handed to axum. Handshakes run concurrently (and time out) in
 /// their own tasks, so a slow client cannot hold up the others.
 struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    rx: mpsc::Receiver<(Counted, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Counted;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -91,6 +171,7 @@ pub async fn serve_https(
     let stop = cancel.clone();
     tokio::spawn(async move {
         let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+        let (handshaking, connected) = (PerSource::default(), PerSource::default());
         loop {
             let (stream, from) = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -99,16 +180,30 @@ pub async fn serve_https(
                     Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue }
                 },
             };
+            // Caps per source before the global one: an address that already holds its
+            // share is refused without taking a slot anyone else could use.
+            let Some(connection) = Slot::take(&connected, from.ip(), MAX_CONNECTIONS_PER_SOURCE)
+            else {
+                continue;
+            };
+            let Some(handshake) = Slot::take(&handshaking, from.ip(), MAX_PENDING_PER_SOURCE)
+            else {
+                continue;
+            };
             let Ok(permit) = pending.clone().try_acquire_owned() else {
                 continue;
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                if let Ok(Ok(tls)) =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                {
-                    drop(permit);
-                    let _ = tx.send((tls, from)).await;
+                let accepted =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                drop((permit, handshake));
+                if let Ok(Ok(tls)) = accepted {
+                    let conn = Counted {
+                        inner: tls,
+                        _slot: connection,
+                    };
+                    let _ = tx.send((conn, from)).await;
                 }
             });
         }
@@ -151,18 +246,22 @@ async fn authenticate(
     next: Next,
 ) -> Response {
     let ip = from.ip();
-    {
+    let has_credentials = request.headers().contains_key(header::AUTHORIZATION);
+    if has_credentials {
+        // Counted as a failure before the check and given back if it succeeds: concurrent
+        // wrong logins from one address get MAX_FAILURES checks, not one each.
         let mut failures = auth.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((count, since)) = failures.get(&ip).copied() {
-            if since.elapsed() > FAILURE_WINDOW {
-                failures.remove(&ip);
-            } else if count >= MAX_FAILURES {
-                return refuse(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many failed logins from this address: wait a minute",
-                );
-            }
+        let entry = failures.entry(ip).or_insert((0, Instant::now()));
+        if entry.1.elapsed() > FAILURE_WINDOW {
+            *entry = (0, Instant::now());
         }
+        if entry.0 >= MAX_FAILURES {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed logins from this address: wait a minute",
+            );
+        }
+        entry.0 += 1;
     }
     let credentials = request
         .headers()
@@ -191,14 +290,18 @@ async fn authenticate(
     let login = tokio::task::spawn_blocking(move || users::check(&dir, &u, &p))
         .await
         .unwrap_or(users::Login::Refused);
+    if login == users::Login::Accepted || login == users::Login::NoUsers {
+        // Not a failed guess: the attempt counted above is given back.
+        let mut failures = auth.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = failures.get_mut(&ip) {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+    }
     if login == users::Login::NoUsers {
         return refuse(StatusCode::UNAUTHORIZED, NO_USERS);
     }
     if login != users::Login::Accepted {
-        let mut failures = auth.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = failures.entry(ip).or_insert((0, Instant::now()));
-        entry.0 += 1;
-        tracing::warn!(target: "management.admin", src_ip = %ip, user = user, "Admin login failed");
+        tracing::warn!(target: "management.admin", event = "Admin login failed", src_ip = %ip, user = user, "");
         return refuse(StatusCode::UNAUTHORIZED, "wrong user name or password");
     }
     next.run(request).await

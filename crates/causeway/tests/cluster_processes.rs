@@ -555,3 +555,92 @@ fn secrets_are_sealed_at_rest_and_force_system_key_update_reseals_or_raises_2100
     });
     assert!(c.log(2).contains("system key"), "{}", c.log(2));
 }
+
+/// A TCP connection to `to` from `from` (bound first, so the node sees that source).
+fn tcp_from(from: &str, to: &str) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    let remote: std::net::SocketAddr = to.parse().unwrap();
+    socket
+        .connect_timeout(&remote.into(), Duration::from_secs(5))
+        .unwrap();
+    socket.into()
+}
+
+/// The status line of one HTTPS request to the admin API from `from`.
+fn https_status(c: &TestCluster, from: &str, to: &str, basic: &str) -> String {
+    let tcp = tcp_from(from, to);
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in causeway_pki::load_certs(&c.peers[0].dir.join("ca.crt")).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = to.split(':').next().unwrap().to_string();
+    let name = rustls::pki_types::ServerName::try_from(host).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let request = format!("GET /api/v1/status/cluster HTTP/1.1\r\nHost: node\r\nAuthorization: Basic {basic}\r\nConnection: close\r\n\r\n");
+    if tls.write_all(request.as_bytes()).is_err() {
+        return "write failed".into();
+    }
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("no answer")
+        .to_string()
+}
+
+/// One address holding a hundred idle connections to the HTTPS admin port locks nobody
+/// else out; and 40 concurrent wrong logins from one address get 5 password checks, the
+/// rest refused before any check (counted before checking, not after).
+#[test]
+fn the_admin_https_port_survives_idle_connections_and_concurrent_guesses_are_capped() {
+    let c = TestCluster::start(55, 2, "Enforce", |k, config, _, _| {
+        config.push_str(&format!(
+            "\n[admin]\nhttps_listen = \"127.0.55.{k}:8443\"\n"
+        ));
+    });
+    wait_for(20, "cluster formed", || c.formed());
+    causeway_admin::users::set_password(&c.peers[0].dir, "admin", "Adm1n-Pass").unwrap();
+    let idle: Vec<TcpStream> = (0..100)
+        .map(|_| tcp_from("127.0.55.21", "127.0.55.1:8443"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let ok = https_status(
+        &c,
+        "127.0.55.20",
+        "127.0.55.1:8443",
+        "YWRtaW46QWRtMW4tUGFzcw==",
+    );
+    assert!(ok.contains(" 200"), "an admin from elsewhere: {ok}");
+    drop(idle);
+    let statuses: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..40)
+            .map(|_| {
+                scope.spawn(|| {
+                    https_status(&c, "127.0.55.22", "127.0.55.1:8443", "YWRtaW46d3Jvbmc=")
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Each guess is checked (401), refused before any check (429), or not let in at all
+    // (the address's connection caps): never more than 5 checks.
+    let checked = statuses.iter().filter(|s| s.contains(" 401")).count();
+    let refused = statuses.iter().filter(|s| s.contains(" 429")).count();
+    assert_eq!(checked, 5, "password checks: {statuses:?}");
+    assert!(refused > 0, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| s.contains(" 401")
+            || s.contains(" 429")
+            || s == "write failed"
+            || s == "no answer"),
+        "{statuses:?}"
+    );
+}
