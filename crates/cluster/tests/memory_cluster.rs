@@ -276,6 +276,39 @@ async fn a_node_claiming_another_peers_number_is_refused_and_the_real_peer_stays
     impostor.shutdown().await;
 }
 
+/// A connection from an Active peer's own address with a certificate that does not name
+/// it (a rogue CA, another machine behind the same NAT) is refused, and changes nothing
+/// about the real peer: still Active, its certificate still valid, no 21004 against it.
+#[tokio::test(start_paused = true)]
+async fn a_rogue_certificate_from_an_active_peers_address_raises_nothing_against_it() {
+    let c = Cluster::start(3, TlsMode::Enforce);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    // Another machine on Peer 2's address, presenting a certificate for another name.
+    let rogue_transport = c.net.transport(ip(2));
+    c.net.set_identity(ip(2), "rogue.example");
+    let mut cfg = config(2, 3, TlsMode::Enforce);
+    cfg.node.system_name = "rogue".into();
+    let resolver = Arc::new(SystemResolver {
+        ip_version: Default::default(),
+    });
+    let rogue = Node::start(cfg, Some(rogue_transport), resolver, fresh_store()).0;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let p3 = c.node(3).cluster_status();
+    assert!(p3.peers[1].is_active(), "{:?}", p3.peers[1]);
+    assert_eq!(
+        p3.peers[1].certificate,
+        causeway_mesh::CertStatus::Valid,
+        "{:?}",
+        p3.peers[1]
+    );
+    assert!(
+        !raised(c.node(3), 21004, "198.18.0.2"),
+        "{:?}",
+        c.node(3).alarms().active()
+    );
+    rogue.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn service_messages_reach_the_peer_in_order_and_sending_to_a_dead_peer_fails() {
     let net = MemoryNetwork::new();

@@ -308,6 +308,18 @@ impl Shared {
         self.update(index, |slot| slot.status.certificate = cert);
     }
 
+    /// The certificate a refused or failed connection presented, shown for a peer that has
+    /// no session; an Active peer keeps what its own session showed: a connection from its
+    /// address with another certificate is somebody else (or a stale dial), and must not
+    /// raise 21004 against it.
+    fn set_certificate_unless_active(&self, index: usize, cert: CertStatus) {
+        self.update(index, |slot| {
+            if slot.session.is_none() {
+                slot.status.certificate = cert;
+            }
+        });
+    }
+
     /// Records a failed attempt for a peer that has no session (an Active peer keeps its
     /// status: a refused impersonator must not mark the real peer down).
     /// Logs once per distinct reason, so a peer that stays down does not fill the log.
@@ -419,7 +431,7 @@ async fn connect_once(shared: &Shared, index: usize) -> Result<(Link, Hello), Fa
             certificate,
         }) => {
             if let Some(cert) = certificate {
-                shared.set_certificate(index, cert);
+                shared.set_certificate_unless_active(index, cert);
             }
             return Err(Failure::new(
                 FailureKind::Tls,
@@ -561,7 +573,7 @@ async fn accept_loop(shared: Arc<Shared>, tasks: TaskTracker) {
                 shared.log_refusal(&peer, Some(remote_ip), &reason);
                 if let Some(index) = index {
                     if let Some(cert) = certificate {
-                        shared.set_certificate(index, cert);
+                        shared.set_certificate_unless_active(index, cert);
                     }
                     shared.set_failed(index, &Failure::new(FailureKind::Tls, reason));
                 }
@@ -650,7 +662,7 @@ async fn accept_hello(shared: &Shared, mut link: Link) -> Option<(usize, Link, H
             let cert = shared
                 .transport
                 .certificate_status(&link.info, s.address(index));
-            shared.set_certificate(index, cert.clone());
+            shared.set_certificate_unless_active(index, cert.clone());
             match (s.tls_mode, cert) {
                 (TlsMode::Enforce, CertStatus::Invalid(why)) => Err(Refusal::new(
                     RefuseField::Certificate,
