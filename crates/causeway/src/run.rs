@@ -76,12 +76,18 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         (Some(id), Some(settings)) => {
             let listen = std::net::SocketAddr::new(config.listen_ip(), config.cluster.port);
             let local_ip = config.node.address.parse().ok();
+            let peer_ips = settings
+                .peers
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect();
             let t = TlsTransport::bind(
                 listen,
                 local_ip,
                 settings.tls_mode,
                 id.clone(),
                 settings.timing,
+                peer_ips,
                 cancel.clone(),
             )
             .await?;

@@ -644,3 +644,60 @@ fn the_admin_https_port_survives_idle_connections_and_concurrent_guesses_are_cap
         "{statuses:?}"
     );
 }
+
+/// A flood of silent connections to the cluster port from many addresses (every
+/// stranger's handshake slot taken, and taken again as each times out) keeps no peer out:
+/// the peers' own addresses have handshake slots of their own. Peer 2, killed and
+/// restarted during the flood, is Active again on Peer 3 while the flood goes on.
+#[test]
+fn a_connection_flood_on_the_cluster_port_keeps_no_peer_out() {
+    let mut c = TestCluster::start(56, 3, "Enforce", |_, _, _, _| {});
+    wait_for(20, "cluster formed", || c.formed());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (21..31)
+        .map(|host| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // Up to 8 silent connections from this address (its share of the node's
+                // handshake slots), each replaced as soon as the node closes it.
+                let mut held: Vec<TcpStream> = Vec::new();
+                let deadline = std::time::Instant::now() + Duration::from_secs(40);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && std::time::Instant::now() < deadline
+                {
+                    held.retain_mut(|s| {
+                        let mut one = [0u8; 1];
+                        matches!(s.read(&mut one), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                    });
+                    while held.len() < 8 {
+                        let s = tcp_from(&format!("127.0.56.{host}"), "127.0.56.3:4372");
+                        s.set_nonblocking(true).unwrap();
+                        held.push(s);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    c.kill9(2);
+    c.launch(2);
+    let active = || {
+        c.peer_state(3, 2)
+            .is_some_and(|(state, _, _)| state == "Active")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !active() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rejoined = active();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flooders {
+        f.join().unwrap();
+    }
+    assert!(
+        rejoined,
+        "Peer 2 kept out by the flood: {:?}",
+        c.peer_state(3, 2)
+    );
+}

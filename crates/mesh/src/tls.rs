@@ -23,6 +23,9 @@ use crate::wire::{read_frame, write_frame, MAX_FRAME_BEFORE_HELLO};
 /// connections are closed at once: a flood cannot starve the real peers' reconnects for long.
 const MAX_PENDING_HANDSHAKES: usize = 64;
 const MAX_PENDING_PER_SOURCE: usize = 8;
+/// Handshakes kept for the peers' own addresses: a flood from strangers that fills the
+/// others never keeps a peer out.
+const MAX_PENDING_FROM_PEERS: usize = 16;
 
 pub struct TlsTransport {
     identity: NodeIdentity,
@@ -57,12 +60,15 @@ fn describe_io(e: &std::io::Error) -> String {
 
 impl TlsTransport {
     /// Binds the cluster port and starts accepting. Fails only when the port cannot be bound.
+    /// `peer_ips`: the peers' addresses (the IP literals of the peer list), whose
+    /// handshakes have slots of their own.
     pub async fn bind(
         listen: SocketAddr,
         local_ip: Option<IpAddr>,
         mode: TlsMode,
         identity: NodeIdentity,
         timing: Timing,
+        peer_ips: Vec<IpAddr>,
         cancel: CancellationToken,
     ) -> std::io::Result<Arc<Self>> {
         let server = causeway_pki::server_config(mode, &identity).map_err(std::io::Error::other)?;
@@ -76,6 +82,7 @@ impl TlsTransport {
             TlsAcceptor::from(server),
             tx,
             timing.handshake_timeout,
+            peer_ips,
             cancel,
         ));
         Ok(Arc::new(Self {
@@ -201,9 +208,11 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     events: mpsc::Sender<AcceptEvent>,
     handshake_timeout: Duration,
+    peer_ips: Vec<IpAddr>,
     cancel: CancellationToken,
 ) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let from_peers = Arc::new(Semaphore::new(MAX_PENDING_FROM_PEERS));
     let per_source = Arc::new(Mutex::new(HashMap::new()));
     loop {
         let (stream, from) = tokio::select! {
@@ -223,7 +232,12 @@ async fn accept_loop(
             reason,
             certificate: None,
         };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
+        let slots = if peer_ips.contains(&from.ip()) {
+            &from_peers
+        } else {
+            &pending
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
             let _ = events.try_send(refuse(format!(
                 "more than {MAX_PENDING_HANDSHAKES} handshakes in progress"
             )));
