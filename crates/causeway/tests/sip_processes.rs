@@ -1129,3 +1129,28 @@ fn one_address_holding_silent_connections_does_not_close_sip_tls_for_others() {
         }
     }
 }
+
+/// RFC 3581 and §18.2.1: a client behind a NAT (its Via names a private address and asks
+/// for `rport`) is answered, and the answer's Via says where it really came from.
+#[test]
+fn a_request_from_behind_a_nat_gets_received_and_rport_in_its_answer() {
+    let _c = sip_cluster(57, 2);
+    let sock = UdpSocket::bind("127.0.57.20:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let options = "OPTIONS sip:127.0.57.1 SIP/2.0\r\nVia: SIP/2.0/UDP 10.1.2.3:5060;branch=z9hG4bKnat1;rport\r\nFrom: <sip:nat@test.example>;tag=1\r\nTo: <sip:127.0.57.1>\r\nCall-ID: nat-1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
+    sock.send_to(options.as_bytes(), "127.0.57.1:5060").unwrap();
+    let mut buf = [0u8; 65_536];
+    let n = sock.recv(&mut buf).expect("an answer at the real source");
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("SIP/2.0 200"), "{answer}");
+    let via = answer
+        .lines()
+        .find(|l| l.starts_with("Via:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        via.contains(&format!("rport={port}")) && via.contains("received=127.0.57.20"),
+        "{via}"
+    );
+}

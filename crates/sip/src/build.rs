@@ -223,3 +223,95 @@ mod tests {
         assert!(!text.contains("me;"));
     }
 }
+
+/// RFC 3261 §18.2.1 and RFC 3581 §4: the request as it arrived from `from`, its top Via
+/// marked with where it really came from — `received` when that differs from the sent-by
+/// host or `rport` is asked for, and `rport` filled in when asked for. `None` when nothing
+/// changes (the common case: a client that says where it is).
+pub fn stamp_via(msg: &Message, from: std::net::SocketAddr) -> Option<Bytes> {
+    let header = msg.headers().iter().find(|h| h.kind == HeaderKind::Via)?;
+    let raw = msg.raw();
+    let value = raw.get(header.value.clone())?;
+    // The first value: up to the first comma, and never across a folded line.
+    let end = value.iter().position(|&b| b == b',').unwrap_or(value.len());
+    let first = std::str::from_utf8(&value[..end]).ok()?;
+    if first.contains('\n') {
+        return None;
+    }
+    let via = crate::Via::parse(first).ok()?;
+    let wants_rport = via.param("rport").is_some_and(|v| v.is_none());
+    let host = via.host.trim_start_matches('[').trim_end_matches(']');
+    let differs = host.parse::<std::net::IpAddr>().ok() != Some(from.ip());
+    if !differs && !wants_rport {
+        return None;
+    }
+    let mut pieces: Vec<String> = Vec::new();
+    for (i, piece) in first.split(';').enumerate() {
+        let name = piece.split('=').next().unwrap_or("").trim();
+        if i > 0 && name.eq_ignore_ascii_case("received") {
+            continue; // ours replaces whatever was there
+        }
+        if i > 0 && name.eq_ignore_ascii_case("rport") && !piece.contains('=') {
+            pieces.push(format!("rport={}", from.port()));
+            continue;
+        }
+        pieces.push(piece.trim_end().to_string());
+    }
+    pieces.push(format!("received={}", from.ip()));
+    let stamped = pieces.join(";");
+    let start = header.value.start;
+    let mut out = BytesMut::with_capacity(raw.len() + 48);
+    out.put_slice(&raw[..start]);
+    out.put_slice(stamped.as_bytes());
+    out.put_slice(&raw[start + end..]);
+    Some(out.freeze())
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::*;
+    use crate::{Limits, Transport};
+
+    fn register(via: &str) -> Message {
+        let text = format!("REGISTER sip:example.com SIP/2.0\r\n{via}\r\nFrom: <sip:a@example.com>;tag=1\r\nTo: <sip:a@example.com>\r\nCall-ID: x\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n");
+        Message::parse(Bytes::from(text), Transport::Datagram, &Limits::default()).unwrap()
+    }
+
+    fn top_via(b: Bytes) -> String {
+        let m = Message::parse(b, Transport::Datagram, &Limits::default()).unwrap();
+        m.values(HeaderKind::Via).remove(0)
+    }
+
+    #[test]
+    fn the_top_via_says_where_the_request_came_from() {
+        let from: std::net::SocketAddr = "198.51.100.7:40123".parse().unwrap();
+        // Behind a NAT, asking for rport: both filled.
+        let m = register("Via: SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bK1;rport");
+        assert_eq!(
+            top_via(stamp_via(&m, from).unwrap()),
+            "SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bK1;rport=40123;received=198.51.100.7"
+        );
+        // Another host in sent-by, no rport: received only; the second Via untouched.
+        let m = register(
+            "v: SIP/2.0/TCP client.example;branch=z9hG4bK2, SIP/2.0/UDP 1.2.3.4;branch=z9hG4bK0",
+        );
+        let b = stamp_via(&m, from).unwrap();
+        let vias = Message::parse(b, Transport::Datagram, &Limits::default())
+            .unwrap()
+            .values(HeaderKind::Via);
+        assert_eq!(
+            vias[0],
+            "SIP/2.0/TCP client.example;branch=z9hG4bK2;received=198.51.100.7"
+        );
+        assert_eq!(vias[1], "SIP/2.0/UDP 1.2.3.4;branch=z9hG4bK0");
+        // A client that says where it is: nothing to do.
+        let m = register("Via: SIP/2.0/UDP 198.51.100.7:40123;branch=z9hG4bK3");
+        assert!(stamp_via(&m, from).is_none());
+        // A forged received is replaced.
+        let m = register("Via: SIP/2.0/UDP 10.0.0.5;received=6.6.6.6;branch=z9hG4bK4");
+        assert_eq!(
+            top_via(stamp_via(&m, from).unwrap()),
+            "SIP/2.0/UDP 10.0.0.5;branch=z9hG4bK4;received=198.51.100.7"
+        );
+    }
+}

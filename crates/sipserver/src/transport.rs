@@ -435,7 +435,18 @@ impl Transports {
     fn deliver(&self, raw: Bytes, source: Source, framing: Framing) -> Result<(), u16> {
         self.metrics.received.fetch_add(1, Ordering::Relaxed);
         match Message::parse(raw.clone(), framing, &self.caps.limits) {
-            Ok(msg) => {
+            Ok(mut msg) => {
+                // RFC 3581 / §18.2.1: a request carries where it really came from, in every
+                // answer to it and every copy forwarded.
+                if msg.is_request() {
+                    if let Some(stamped) = causeway_sip::build::stamp_via(&msg, source.remote) {
+                        match Message::parse(stamped, framing, &self.caps.limits) {
+                            Ok(m) => msg = m,
+                            Err(e) => debug!(target: LOG, src = %source.remote, reason = %e,
+                                "Via not stamped: the stamped request does not parse"),
+                        }
+                    }
+                }
                 if self.incoming.try_send(Incoming { msg, source }).is_err() {
                     // The core is behind: drop; UDP senders retransmit, and a stream's
                     // sender gets no answer and times out rather than blocking every peer.
