@@ -1154,3 +1154,46 @@ fn a_request_from_behind_a_nat_gets_received_and_rport_in_its_answer() {
         "{via}"
     );
 }
+
+/// RFC 5626: two flows of one phone (same +sip.instance, reg-id 1 and 2) are ways to one
+/// device, not two devices: an INVITE reaches the phone once, on its newest flow; the
+/// 200 OK to an outbound REGISTER carries `Require: outbound`.
+#[test]
+fn an_invite_reaches_a_phone_with_two_flows_once() {
+    let _c = sip_cluster(58, 2);
+    let peer = "127.0.58.1:5060";
+    let open = || {
+        let s = UdpSocket::bind("127.0.58.20:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        s
+    };
+    let (flow1, flow2, caller) = (open(), open(), open());
+    for (sock, reg_id) in [(&flow1, 1), (&flow2, 2)] {
+        let me = sock.local_addr().unwrap();
+        let register = format!("REGISTER sip:test.example SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-flow{reg_id}\r\nFrom: <sip:fay@test.example>;tag=f{reg_id}\r\nTo: <sip:fay@test.example>\r\nCall-ID: flows-{reg_id}\r\nCSeq: 1 REGISTER\r\nSupported: outbound, path\r\nContact: <sip:fay@{me};ob>;+sip.instance=\"<urn:uuid:00000000-0000-1000-8000-000a95a0e128>\";reg-id={reg_id}\r\nExpires: 300\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n");
+        sock.send_to(register.as_bytes(), peer).unwrap();
+        let mut buf = [0u8; 65_536];
+        let n = sock.recv(&mut buf).expect("an answer to the REGISTER");
+        let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(answer.starts_with("SIP/2.0 200"), "{answer}");
+        assert!(answer.contains("Require: outbound"), "{answer}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let me = caller.local_addr().unwrap();
+    let invite = format!("INVITE sip:fay@test.example SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-inv-flows\r\nFrom: <sip:gus@test.example>;tag=g1\r\nTo: <sip:fay@test.example>\r\nCall-ID: flows-invite\r\nCSeq: 1 INVITE\r\nContact: <sip:gus@{me}>\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n");
+    caller.send_to(invite.as_bytes(), peer).unwrap();
+    let got = |sock: &UdpSocket| {
+        let mut buf = [0u8; 65_536];
+        let mut invites = 0;
+        while let Ok(n) = sock.recv(&mut buf) {
+            if buf[..n].starts_with(b"INVITE ") {
+                invites += 1;
+            }
+        }
+        invites
+    };
+    let (on1, on2) = (got(&flow1), got(&flow2));
+    assert_eq!(on1, 0, "the older flow gets no copy");
+    assert!(on2 >= 1, "the newest flow carries the INVITE");
+}

@@ -280,10 +280,33 @@ impl SipService {
                 }
                 return;
             }
-            bindings
-                .iter()
-                .filter_map(|b| self.binding_hop(b, flow))
-                .collect()
+            // RFC 5626 §5.3: the flows of one instance (same +sip.instance, other reg-id)
+            // are ways to reach one device, not devices to fork to: the most recently
+            // registered flow that can be used carries the request.
+            let mut hops: Vec<Hop> = Vec::new();
+            let mut newest: HashMap<&str, (u64, usize)> = HashMap::new();
+            for b in &bindings {
+                let Some(hop) = self.binding_hop(b, flow) else {
+                    continue;
+                };
+                let Some(instance) = b.instance.as_deref() else {
+                    hops.push(hop);
+                    continue;
+                };
+                match newest.get_mut(instance) {
+                    Some((at, i)) => {
+                        if b.registered_at_ms > *at {
+                            *at = b.registered_at_ms;
+                            hops[*i] = hop;
+                        }
+                    }
+                    None => {
+                        newest.insert(instance, (b.registered_at_ms, hops.len()));
+                        hops.push(hop);
+                    }
+                }
+            }
+            hops
         } else if !may_leave {
             return refuse_relay();
         } else {

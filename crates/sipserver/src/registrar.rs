@@ -307,6 +307,14 @@ impl SipService {
             extra.push(format!("Path: {}", path.join(", ")));
         }
         extra.push(format!("Date: {}", httpdate(now)));
+        // RFC 5626 §6: a registration that set up a flow (instance and reg-id) is told the
+        // registrar takes part in outbound.
+        if wanted
+            .iter()
+            .any(|w| w.instance.is_some() && w.reg_id.is_some())
+        {
+            extra.push("Require: outbound".to_string());
+        }
         reply(200, "OK", &extra);
     }
 
