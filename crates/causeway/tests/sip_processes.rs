@@ -1197,3 +1197,58 @@ fn an_invite_reaches_a_phone_with_two_flows_once() {
     assert_eq!(on1, 0, "the older flow gets no copy");
     assert!(on2 >= 1, "the newest flow carries the INVITE");
 }
+
+/// The authentication policy (`sip.authentication.policy`): under `Check credentials` an
+/// INVITE from outside is challenged (407) before anything is looked up, whoever it is for;
+/// under `Do not check credentials` an unknown user and a known one with no binding are
+/// answered alike (480), so a scanner cannot list the users.
+#[test]
+fn the_authentication_policy_challenges_invites_and_hides_which_users_exist() {
+    let c = sip_cluster(59, 2);
+    set(&c, 1, "sip.users.hal", "Pod-Bay-Doors");
+    let peer = "127.0.59.1:5060";
+    let sock = UdpSocket::bind("127.0.59.20:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let me = sock.local_addr().unwrap();
+    let mut n = 0;
+    let mut invite = |to: &str, extra: &str| -> String {
+        n += 1;
+        let msg = format!("INVITE sip:{to}@test.example SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-pol{n}\r\nFrom: <sip:hal@test.example>;tag=p{n}\r\nTo: <sip:{to}@test.example>\r\nCall-ID: policy-{n}\r\nCSeq: 1 INVITE\r\nContact: <sip:hal@{me}>\r\n{extra}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n");
+        sock.send_to(msg.as_bytes(), peer).unwrap();
+        let mut buf = [0u8; 65_536];
+        loop {
+            let k = sock.recv(&mut buf).expect("an answer");
+            let text = String::from_utf8_lossy(&buf[..k]).to_string();
+            if !text.starts_with("SIP/2.0 100") {
+                return text;
+            }
+        }
+    };
+    let first = |t: &str| t.lines().next().unwrap_or("").to_string();
+    // Not checked (the default): unknown and unregistered look alike.
+    assert!(first(&invite("nobody", "")).starts_with("SIP/2.0 480"));
+    assert!(first(&invite("hal", "")).starts_with("SIP/2.0 480"));
+    set(&c, 1, "sip.authentication.policy", "Check credentials");
+    std::thread::sleep(Duration::from_millis(200));
+    let challenge = invite("nobody", "");
+    assert!(challenge.starts_with("SIP/2.0 407"), "{challenge}");
+    assert!(
+        challenge.contains("Proxy-Authenticate: Digest"),
+        "{challenge}"
+    );
+    let (realm, nonce) = (
+        digest_param(&challenge, "realm"),
+        digest_param(&challenge, "nonce"),
+    );
+    let ha1 = md5_hex(&format!("hal:{realm}:Pod-Bay-Doors"));
+    let ha2 = md5_hex("INVITE:sip:nobody@test.example");
+    let response = md5_hex(&format!("{ha1}:{nonce}:00000001:d00d:auth:{ha2}"));
+    let credentials = format!("Proxy-Authorization: Digest username=\"hal\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"sip:nobody@test.example\", qop=auth, nc=00000001, cnonce=\"d00d\", response=\"{response}\", algorithm=MD5\r\n");
+    let authenticated = invite("nobody", &credentials);
+    assert!(
+        first(&authenticated).starts_with("SIP/2.0 404"),
+        "{authenticated}"
+    );
+    let wrong = invite("nobody", &credentials.replace(&response, &md5_hex("wrong")));
+    assert!(first(&wrong).starts_with("SIP/2.0 403"), "{wrong}");
+}

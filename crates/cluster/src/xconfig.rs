@@ -28,6 +28,9 @@ enum Kind {
     TlsMode,
     /// An IP address.
     Ip,
+    /// How SIP requests from outside the cluster are authenticated (Expressway's zone
+    /// setting): `Check credentials`, `Do not check credentials`, `Treat as authenticated`.
+    AuthPolicy,
 }
 
 struct ItemDef {
@@ -50,6 +53,12 @@ const CLUSTER_ITEMS: &[ItemDef] = &[
         kind: Kind::Secret,
         restart: false,
         about: "a SIP user's password (digest authentication)",
+    },
+    ItemDef {
+        path: "sip.authentication.policy",
+        kind: Kind::AuthPolicy,
+        restart: false,
+        about: "requests other than REGISTER from outside the cluster: Check credentials (407 challenge), Do not check credentials, or Treat as authenticated",
     },
     ItemDef {
         path: "sip.authentication.window_s",
@@ -287,6 +296,16 @@ pub fn canonical(path: &str, value: Option<&str>) -> Result<Option<String>, Stri
             Ok(ip) => ip.to_string(),
             Err(_) => return bad("is not an IP address"),
         },
+        Kind::AuthPolicy => match v.to_ascii_lowercase().replace(['_', '-'], " ").as_str() {
+            "check credentials" | "check" => "Check credentials".to_string(),
+            "do not check credentials" | "do not check" => "Do not check credentials".to_string(),
+            "treat as authenticated" => "Treat as authenticated".to_string(),
+            _ => {
+                return bad(
+                    "is not 'Check credentials', 'Do not check credentials' or 'Treat as authenticated'",
+                )
+            }
+        },
     };
     Ok(Some(out))
 }
@@ -342,6 +361,7 @@ fn default_value(path: &str, file: &NodeConfig) -> String {
         "limits.calls.max" | "limits.bandwidth.total_kbps" | "limits.bandwidth.per_call_kbps" => {
             "0".to_string()
         }
+        "sip.authentication.policy" => "Do not check credentials".to_string(),
         "sip.authentication.window_s" => "60".to_string(),
         "sip.authentication.slow_after" => "5".to_string(),
         "sip.authentication.block_after" => "20".to_string(),

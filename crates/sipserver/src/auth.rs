@@ -155,11 +155,17 @@ fn parse_digest(value: &str) -> Option<HashMap<String, String>> {
     Some(out)
 }
 
-fn challenge(realm: &str, key: &NonceKey, stale: bool) -> Verdict {
-    let nonce = key.nonce(unix_ms_now());
+fn challenge(c: &Checker, stale: bool) -> Verdict {
+    let nonce = c.key.nonce(unix_ms_now());
     let stale = if stale { ", stale=true" } else { "" };
+    let header = if c.proxy {
+        "Proxy-Authenticate"
+    } else {
+        "WWW-Authenticate"
+    };
     Verdict::Challenge(format!(
-        "WWW-Authenticate: Digest realm=\"{realm}\", nonce=\"{nonce}\", algorithm=MD5, qop=\"auth\"{stale}"
+        "{header}: Digest realm=\"{}\", nonce=\"{nonce}\", algorithm=MD5, qop=\"auth\"{stale}",
+        c.realm
     ))
 }
 
@@ -169,12 +175,19 @@ pub struct Checker<'a> {
     pub realm: &'a str,
     pub key: &'a NonceKey,
     pub uses: &'a NonceUses,
+    /// A proxy's challenge (407, `Proxy-Authorization`) rather than a registrar's (401).
+    pub proxy: bool,
 }
 
 pub fn check(req: &Message, method: &str, request: u64, c: &Checker) -> Verdict {
     let (users, realm, key) = (c.users, c.realm, c.key);
-    let Some(header) = req.value(HeaderKind::Authorization) else {
-        return challenge(realm, key, false);
+    let kind = if c.proxy {
+        HeaderKind::ProxyAuthorization
+    } else {
+        HeaderKind::Authorization
+    };
+    let Some(header) = req.value(kind) else {
+        return challenge(c, false);
     };
     let Some(d) = parse_digest(&header) else {
         return Verdict::Refused("the Authorization header is not Digest");
@@ -184,12 +197,12 @@ pub fn check(req: &Message, method: &str, request: u64, c: &Checker) -> Verdict 
         return Verdict::Refused("only algorithm MD5 is supported");
     }
     if get("realm") != realm {
-        return challenge(realm, key, false);
+        return challenge(c, false);
     }
     let now = unix_ms_now();
     let issued = match key.check(get("nonce"), now) {
-        None => return challenge(realm, key, false),
-        Some((_, false)) => return challenge(realm, key, true),
+        None => return challenge(c, false),
+        Some((_, false)) => return challenge(c, true),
         Some((issued, true)) => issued,
     };
     let user = get("username");
@@ -221,7 +234,7 @@ pub fn check(req: &Message, method: &str, request: u64, c: &Checker) -> Verdict 
     }
     // Right credentials: now the nonce's use is spent. A replay is challenged afresh.
     if !c.uses.accept(get("nonce"), issued, nc, request, now) {
-        return challenge(realm, key, false);
+        return challenge(c, false);
     }
     Verdict::Ok(user.to_string())
 }
@@ -251,6 +264,7 @@ mod tests {
             realm: "testrealm@host.com",
             key: &key,
             uses: &uses,
+            proxy: false,
         };
         assert!(matches!(
             check(&req("00"), "REGISTER", 1, &c),

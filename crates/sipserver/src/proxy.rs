@@ -19,7 +19,7 @@ use causeway_sip::{HeaderKind, Message, NameAddr, SipUri, Via};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::service::{SipService, LOG};
+use crate::service::{AuthPolicy, SipService, LOG};
 use crate::transport::{Incoming, Proto, Source, Target};
 
 const T1: Duration = Duration::from_millis(500);
@@ -248,6 +248,19 @@ impl SipService {
         let has_to_tag = msg
             .value(HeaderKind::To)
             .is_some_and(|t| build::has_tag(&t));
+        // The authentication policy, for initial requests from outside the cluster (ACK and
+        // CANCEL, handled above, cannot be challenged: §22.1).
+        let from_peer = self.is_cluster_peer(source.remote.ip());
+        let policy = self.config().auth_policy;
+        let checking = policy == AuthPolicy::Check && !self.config().users.is_empty();
+        if checking
+            && !has_to_tag
+            && !from_peer
+            && !self.authenticate_request(&msg, &method, &source).await
+        {
+            return;
+        }
+        let authenticated = from_peer || checking || policy == AuthPolicy::TreatAsAuthenticated;
         // Not an open relay: beyond this cluster's domains a request goes only where a
         // dialog through this cluster (our Record-Route, now our Route) or another peer of
         // the cluster sends it.
@@ -272,8 +285,10 @@ impl SipService {
             let aor = self.canonical_aor(&uri);
             let bindings = self.location.lookup(&aor, unix_ms_now());
             if bindings.is_empty() {
+                // To an unauthenticated requester, an unknown user and a known one with no
+                // binding look alike: a scanner cannot list the users.
                 let user = uri.user.as_deref().unwrap_or("");
-                if self.config().users.contains_key(user) {
+                if !authenticated || self.config().users.contains_key(user) {
                     self.respond(&msg, &source, 480, "Temporarily Unavailable", &[]);
                 } else {
                     self.respond(&msg, &source, 404, "Not Found", &[]);

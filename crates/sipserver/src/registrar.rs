@@ -32,12 +32,72 @@ fn quality(q: Option<&str>) -> Option<u16> {
 }
 
 impl SipService {
+    /// The policy's check of a request other than REGISTER from outside the cluster: true
+    /// when it may go on; otherwise it has been answered (407 challenge, or 403).
+    pub(crate) async fn authenticate_request(
+        &self,
+        req: &Message,
+        method: &str,
+        source: &Source,
+    ) -> bool {
+        let config = self.config();
+        let ip = source.remote.ip();
+        match self.auth_guard.gate(ip, &config.guard) {
+            Gate::Blocked => {
+                self.respond(
+                    req,
+                    source,
+                    403,
+                    "Forbidden (too many failed authentications from this address)",
+                    &[],
+                );
+                return false;
+            }
+            Gate::Slow(delay) => tokio::time::sleep(delay).await,
+            Gate::Open => {}
+        }
+        let realm = self.realm();
+        let checker = auth::Checker {
+            users: &config.users,
+            realm: &realm,
+            key: &self.nonce_key,
+            uses: &self.nonce_uses,
+            proxy: true,
+        };
+        let request = auth::request_fingerprint(req, source.remote);
+        match auth::check(req, method, request, &checker) {
+            auth::Verdict::Ok(_) => {
+                self.auth_guard.succeeded(ip);
+                true
+            }
+            auth::Verdict::Challenge(header) => {
+                self.respond(req, source, 407, "Proxy Authentication Required", &[header]);
+                false
+            }
+            auth::Verdict::Refused(why) => {
+                let user = req
+                    .value(HeaderKind::From)
+                    .and_then(|f| NameAddr::parse(&f).ok()?.uri.user)
+                    .unwrap_or_default();
+                self.authentication_failed(source, method, &user, why);
+                self.respond(req, source, 403, &format!("Forbidden ({why})"), &[]);
+                false
+            }
+        }
+    }
+
     /// Counts, logs and, past the thresholds, alarms a failed authentication.
-    fn authentication_failed(&self, source: &Source, user: &str, why: &str) {
+    pub(crate) fn authentication_failed(
+        &self,
+        source: &Source,
+        method: &str,
+        user: &str,
+        why: &str,
+    ) {
         let settings = self.config().guard;
         let f = self.auth_guard.failed(source.remote.ip(), user, &settings);
         warn!(target: LOG, event = "Authentication Failed", src_ip = %source.remote.ip(),
-            src_port = source.remote.port(), auth_user = %user, method = "REGISTER",
+            src_port = source.remote.port(), auth_user = %user, method = %method,
             reason = why, failures_from_source = f.source_failures, "");
         let alarms = self.node.alarms();
         if f.blocked {
@@ -107,19 +167,25 @@ impl SipService {
                 realm: &realm,
                 key: &self.nonce_key,
                 uses: &self.nonce_uses,
+                proxy: false,
             };
             let request = auth::request_fingerprint(req, source.remote);
             match auth::check(req, "REGISTER", request, &checker) {
                 auth::Verdict::Ok(name) if name == user => self.auth_guard.succeeded(ip),
                 auth::Verdict::Ok(name) => {
-                    self.authentication_failed(source, &name, "credentials for another user");
+                    self.authentication_failed(
+                        source,
+                        "REGISTER",
+                        &name,
+                        "credentials for another user",
+                    );
                     return reply(403, "Forbidden (credentials are for another user)", &[]);
                 }
                 auth::Verdict::Challenge(header) => {
                     return reply(401, "Unauthorized", &[header]);
                 }
                 auth::Verdict::Refused(why) => {
-                    self.authentication_failed(source, &user, why);
+                    self.authentication_failed(source, "REGISTER", &user, why);
                     return reply(403, &format!("Forbidden ({why})"), &[]);
                 }
             }

@@ -51,6 +51,20 @@ pub(crate) struct SipConfig {
     pub bandwidth_total_kbps: u64,
     pub bandwidth_per_call_kbps: u64,
     pub guard: crate::guard::GuardSettings,
+    pub auth_policy: AuthPolicy,
+}
+
+/// How requests other than REGISTER from outside the cluster are authenticated
+/// (`sip.authentication.policy`, Expressway's zone setting).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum AuthPolicy {
+    /// Challenged (407) for credentials of a configured user.
+    Check,
+    /// Let through, as unauthenticated: unknown and unregistered users are answered alike.
+    #[default]
+    DoNotCheck,
+    /// Let through, as authenticated.
+    TreatAsAuthenticated,
 }
 
 pub struct SipService {
@@ -205,6 +219,13 @@ impl SipService {
                         .collect()
                 }
                 "limits.calls.max" => c.calls_max = value.parse().unwrap_or(0),
+                "sip.authentication.policy" => {
+                    c.auth_policy = match value.as_str() {
+                        "Check credentials" => AuthPolicy::Check,
+                        "Treat as authenticated" => AuthPolicy::TreatAsAuthenticated,
+                        _ => AuthPolicy::DoNotCheck,
+                    }
+                }
                 "sip.authentication.window_s" => {
                     c.guard.window = Duration::from_secs(value.parse().unwrap_or(60))
                 }

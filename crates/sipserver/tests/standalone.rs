@@ -375,9 +375,10 @@ async fn an_invite_forks_to_every_contact_and_the_best_answer_wins() {
         .await;
     assert_eq!(caller.recv_final().await.status(), Some(486));
 
-    // An unknown user: 404.
+    // An unknown user, to a caller nobody authenticated: 480, as for a known user with no
+    // binding (a scanner cannot list the users).
     caller.send(&invite("nobody", "fork3")).await;
-    assert_eq!(caller.recv_final().await.status(), Some(404));
+    assert_eq!(caller.recv_final().await.status(), Some(480));
     // Not an open relay: another domain, or a Route this cluster did not record, is refused.
     caller
         .send(&invite("x", "relay1").replace("sip:x@test.example SIP", "sip:x@198.18.0.1 SIP"))
