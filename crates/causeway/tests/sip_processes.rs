@@ -1252,3 +1252,34 @@ fn the_authentication_policy_challenges_invites_and_hides_which_users_exist() {
     let wrong = invite("nobody", &credentials.replace(&response, &md5_hex("wrong")));
     assert!(first(&wrong).starts_with("SIP/2.0 403"), "{wrong}");
 }
+
+/// A SIP client at a peer's address (or one forging it) is an ordinary client: requests
+/// relayed between peers carry a mark only the peers can make, so a request from Peer 2's
+/// address without it is not relayed outside the cluster (no open relay, no toll fraud).
+#[test]
+fn a_request_from_a_peers_address_without_the_peers_mark_is_not_relayed() {
+    let _c = sip_cluster(60, 2);
+    let outside = UdpSocket::bind("127.0.60.30:0").unwrap();
+    outside
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let target = outside.local_addr().unwrap();
+    // Bound to Peer 2's own address, on another port.
+    let forger = UdpSocket::bind("127.0.60.2:0").unwrap();
+    forger
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let me = forger.local_addr().unwrap();
+    let invite = format!("INVITE sip:victim@{target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-forged1\r\nRoute: <sip:127.0.60.1:5060;lr>\r\nFrom: <sip:fraud@test.example>;tag=f1\r\nTo: <sip:victim@{target}>\r\nCall-ID: forged-relay\r\nCSeq: 1 INVITE\r\nContact: <sip:fraud@{me}>\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n");
+    forger
+        .send_to(invite.as_bytes(), "127.0.60.1:5060")
+        .unwrap();
+    let mut buf = [0u8; 65_536];
+    let n = forger.recv(&mut buf).expect("an answer");
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("SIP/2.0 403"), "{answer}");
+    assert!(
+        outside.recv(&mut buf).is_err(),
+        "relayed outside the cluster"
+    );
+}

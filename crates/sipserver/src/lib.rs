@@ -10,6 +10,7 @@ pub mod metrics;
 mod pacer;
 mod proxy;
 mod registrar;
+mod relay;
 mod respond;
 mod service;
 pub mod status;

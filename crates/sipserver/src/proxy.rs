@@ -250,7 +250,7 @@ impl SipService {
             .is_some_and(|t| build::has_tag(&t));
         // The authentication policy, for initial requests from outside the cluster (ACK and
         // CANCEL, handled above, cannot be challenged: §22.1).
-        let from_peer = self.is_cluster_peer(source.remote.ip());
+        let from_peer = self.relayed_by_peer(&msg, &source);
         let policy = self.config().auth_policy;
         let checking = policy == AuthPolicy::Check && !self.config().users.is_empty();
         if checking
@@ -264,7 +264,7 @@ impl SipService {
         // Not an open relay: beyond this cluster's domains a request goes only where a
         // dialog through this cluster (our Record-Route, now our Route) or another peer of
         // the cluster sends it.
-        let may_leave = popped > 0 && (has_to_tag || self.is_cluster_peer(source.remote.ip()));
+        let may_leave = popped > 0 && (has_to_tag || from_peer);
         let refuse_relay = || {
             self.respond(
                 &msg,
@@ -344,7 +344,7 @@ impl SipService {
             return;
         }
         let initial_invite = method == "INVITE" && !has_to_tag;
-        let call = if initial_invite && !self.is_cluster_peer(source.remote.ip()) {
+        let call = if initial_invite && !from_peer {
             match self.admission.admit(&msg, self.admission_limits()).await {
                 Ok(call) => Some(call),
                 Err(retry_after) => {
@@ -376,6 +376,10 @@ impl SipService {
             let branch = format!("{COOKIE}cw{}", self.unique());
             let out_proto = hop.target.proto;
             let mut prepend = vec![self.via_line(out_proto, &branch)];
+            if self.is_cluster_peer(hop.target.addr.ip()) {
+                // Relayed to another peer: marked so it can tell this from a forgery.
+                prepend.push(self.relay.mark(&msg, &branch));
+            }
             if record_route {
                 prepend.push(self.record_route(out_proto, hop.flow));
                 if out_proto != source.proto {

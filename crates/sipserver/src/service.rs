@@ -88,6 +88,8 @@ pub struct SipService {
     pub(crate) nonce_uses: crate::auth::NonceUses,
     /// Failed authentications per source and per user: slowed, blocked, alarmed.
     pub(crate) auth_guard: crate::guard::AuthGuard,
+    /// The keys that mark requests relayed between peers (this peer's and the others').
+    pub(crate) relay: crate::relay::RelayKeys,
     pub(crate) cancel: CancellationToken,
     /// Every task of the service, so `stop` ends them all.
     pub(crate) tasks: TaskTracker,
@@ -163,6 +165,7 @@ impl SipService {
             nonce_key: crate::auth::NonceKey::generate(),
             nonce_uses: Default::default(),
             auth_guard: Default::default(),
+            relay: crate::relay::RelayKeys::generate(self_index),
             cancel,
             tasks,
         });
@@ -176,6 +179,7 @@ impl SipService {
             location::NAMESPACE,
             crate::admission::NAMESPACE,
             crate::licences::NAMESPACE,
+            crate::relay::NAMESPACE,
         ] {
             for id in engine.streams(ns) {
                 for (key, value) in engine.entries(&id) {
@@ -183,6 +187,21 @@ impl SipService {
                 }
             }
         }
+        // This peer's relay key, for the others to check the requests it relays.
+        let (node_for_key, own, key) = (
+            node.clone(),
+            svc.own_stream(crate::relay::NAMESPACE),
+            svc.relay.own_record(),
+        );
+        svc.tasks.spawn(async move {
+            let change = causeway_replication::Change {
+                key: crate::relay::KEY.to_string(),
+                value: Some(key),
+            };
+            if let Err(e) = node_for_key.replication().write(&own, vec![change]).await {
+                warn!(target: LOG, reason = %e, "Publishing this peer's relay key failed");
+            }
+        });
         let publisher = svc.clone();
         svc.tasks
             .spawn(async move { publisher.publish_licences().await });
@@ -201,6 +220,7 @@ impl SipService {
             location::NAMESPACE => self.location.apply(owner, key, value),
             crate::admission::NAMESPACE => self.admission.apply(owner, key, value),
             crate::licences::NAMESPACE => self.licences.apply(owner, key, value),
+            crate::relay::NAMESPACE => self.relay.apply(owner, key, value),
             _ => {}
         }
     }
@@ -328,6 +348,16 @@ impl SipService {
             .into_iter()
             .find(|(i, _, _)| *i == index)
             .and_then(|(_, ip, up)| ip.map(|ip| (ip, up)))
+    }
+
+    /// Whether `msg` was relayed by another peer of the cluster: it comes from a peer's
+    /// address *and* carries that peer's mark. A client at a peer's address is a client.
+    pub(crate) fn relayed_by_peer(&self, msg: &causeway_sip::Message, source: &Source) -> bool {
+        let ip = source.remote.ip();
+        ip != self.settings.listen
+            && self.peers().iter().any(|(i, a, _)| {
+                *i != self.self_index && *a == Some(ip) && self.relay.verify(msg, *i)
+            })
     }
 
     pub(crate) fn is_cluster_peer(&self, ip: IpAddr) -> bool {
