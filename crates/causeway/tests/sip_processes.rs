@@ -1067,18 +1067,6 @@ fn password_guesses_are_throttled_and_blocked_while_the_real_user_registers_else
     );
 }
 
-/// A TCP connection to `peer:port` from `from` (bound first, so the peer sees that source).
-fn tcp_from(from: &str, to: &str) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let local: SocketAddr = format!("{from}:0").parse().unwrap();
-    socket.bind(&local.into()).unwrap();
-    let remote: SocketAddr = to.parse().unwrap();
-    socket
-        .connect_timeout(&remote.into(), Duration::from_secs(5))
-        .unwrap();
-    socket.into()
-}
-
 /// One address holding hundreds of silent connections (TLS ClientHello never sent, TCP
 /// never a message) closes the TLS port for nobody else: handshakes are capped per source
 /// and time out, and a connection that never speaks is closed after its first-message

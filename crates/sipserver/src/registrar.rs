@@ -24,6 +24,20 @@ struct Wanted {
     reg_id: Option<u32>,
 }
 
+/// The answer to a source blocked for its failed authentications.
+const BLOCKED: &str = "Forbidden (too many failed authentications from this address)";
+
+/// What a credentials check came to.
+enum Checked {
+    Ok(String),
+    /// Answer 401/407 with this header line.
+    Challenge(String),
+    /// The source is blocked: refused unchecked.
+    Blocked,
+    /// Wrong credentials (counted and logged already).
+    Refused(&'static str),
+}
+
 fn quality(q: Option<&str>) -> Option<u16> {
     let q: f32 = q?.parse().ok()?;
     (0.0..=1.0)
@@ -32,27 +46,21 @@ fn quality(q: Option<&str>) -> Option<u16> {
 }
 
 impl SipService {
-    /// The policy's check of a request other than REGISTER from outside the cluster: true
-    /// when it may go on; otherwise it has been answered (407 challenge, or 403).
-    pub(crate) async fn authenticate_request(
+    /// The credentials of `req` checked against the configured users, through the guard:
+    /// a blocked source is refused unchecked, a slowed one waits first. `proxy`: a proxy's
+    /// challenge (407, Proxy-Authorization) rather than a registrar's (401). A failure is
+    /// counted and logged here; the caller answers.
+    async fn check_credentials(
         &self,
         req: &Message,
         method: &str,
         source: &Source,
-    ) -> bool {
+        proxy: bool,
+    ) -> Checked {
         let config = self.config();
         let ip = source.remote.ip();
         match self.auth_guard.gate(ip, &config.guard) {
-            Gate::Blocked => {
-                self.respond(
-                    req,
-                    source,
-                    403,
-                    "Forbidden (too many failed authentications from this address)",
-                    &[],
-                );
-                return false;
-            }
+            Gate::Blocked => return Checked::Blocked,
             Gate::Slow(delay) => tokio::time::sleep(delay).await,
             Gate::Open => {}
         }
@@ -62,24 +70,49 @@ impl SipService {
             realm: &realm,
             key: &self.nonce_key,
             uses: &self.nonce_uses,
-            proxy: true,
+            proxy,
         };
         let request = auth::request_fingerprint(req, source.remote);
         match auth::check(req, method, request, &checker) {
-            auth::Verdict::Ok(_) => {
+            auth::Verdict::Ok(user) => {
                 self.auth_guard.succeeded(ip);
-                true
+                Checked::Ok(user)
             }
-            auth::Verdict::Challenge(header) => {
-                self.respond(req, source, 407, "Proxy Authentication Required", &[header]);
-                false
-            }
+            auth::Verdict::Challenge(header) => Checked::Challenge(header),
             auth::Verdict::Refused(why) => {
                 let user = req
-                    .value(HeaderKind::From)
+                    .value(if proxy {
+                        HeaderKind::From
+                    } else {
+                        HeaderKind::To
+                    })
                     .and_then(|f| NameAddr::parse(&f).ok()?.uri.user)
                     .unwrap_or_default();
                 self.authentication_failed(source, method, &user, why);
+                Checked::Refused(why)
+            }
+        }
+    }
+
+    /// The policy's check of a request other than REGISTER from outside the cluster: true
+    /// when it may go on; otherwise it has been answered (407 challenge, or 403).
+    pub(crate) async fn authenticate_request(
+        &self,
+        req: &Message,
+        method: &str,
+        source: &Source,
+    ) -> bool {
+        match self.check_credentials(req, method, source, true).await {
+            Checked::Ok(_) => true,
+            Checked::Challenge(header) => {
+                self.respond(req, source, 407, "Proxy Authentication Required", &[header]);
+                false
+            }
+            Checked::Blocked => {
+                self.respond(req, source, 403, BLOCKED, &[]);
+                false
+            }
+            Checked::Refused(why) => {
                 self.respond(req, source, 403, &format!("Forbidden ({why})"), &[]);
                 false
             }
@@ -149,30 +182,9 @@ impl SipService {
         let aor = self.canonical_aor(&to.uri);
         let config = self.config();
         if !config.users.is_empty() {
-            let ip = source.remote.ip();
-            match self.auth_guard.gate(ip, &config.guard) {
-                Gate::Blocked => {
-                    return reply(
-                        403,
-                        "Forbidden (too many failed authentications from this address)",
-                        &[],
-                    )
-                }
-                Gate::Slow(delay) => tokio::time::sleep(delay).await,
-                Gate::Open => {}
-            }
-            let realm = self.realm();
-            let checker = auth::Checker {
-                users: &config.users,
-                realm: &realm,
-                key: &self.nonce_key,
-                uses: &self.nonce_uses,
-                proxy: false,
-            };
-            let request = auth::request_fingerprint(req, source.remote);
-            match auth::check(req, "REGISTER", request, &checker) {
-                auth::Verdict::Ok(name) if name == user => self.auth_guard.succeeded(ip),
-                auth::Verdict::Ok(name) => {
+            match self.check_credentials(req, "REGISTER", source, false).await {
+                Checked::Ok(name) if name == user => {}
+                Checked::Ok(name) => {
                     self.authentication_failed(
                         source,
                         "REGISTER",
@@ -181,13 +193,9 @@ impl SipService {
                     );
                     return reply(403, "Forbidden (credentials are for another user)", &[]);
                 }
-                auth::Verdict::Challenge(header) => {
-                    return reply(401, "Unauthorized", &[header]);
-                }
-                auth::Verdict::Refused(why) => {
-                    self.authentication_failed(source, "REGISTER", &user, why);
-                    return reply(403, &format!("Forbidden ({why})"), &[]);
-                }
+                Checked::Challenge(header) => return reply(401, "Unauthorized", &[header]),
+                Checked::Blocked => return reply(403, BLOCKED, &[]),
+                Checked::Refused(why) => return reply(403, &format!("Forbidden ({why})"), &[]),
             }
         }
         let call_id = req.call_id().unwrap_or_default();

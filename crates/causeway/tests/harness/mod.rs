@@ -195,3 +195,15 @@ pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A TCP connection to `to` from `from` (bound first, so the node sees that source).
+pub fn tcp_from(from: &str, to: &str) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    let remote: std::net::SocketAddr = to.parse().unwrap();
+    socket
+        .connect_timeout(&remote.into(), Duration::from_secs(5))
+        .unwrap();
+    socket.into()
+}
