@@ -541,6 +541,30 @@ peers = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 tls_verification = "Enforce"
 "#;
 
+    proptest::proptest! {
+        /// A node file damaged anywhere (bytes replaced, cut, inserted) loads or is refused
+        /// with an error naming the file; it never panics.
+        #[test]
+        fn a_damaged_node_file_is_refused_never_a_panic(
+            edits in proptest::collection::vec((0usize..400, proptest::prelude::any::<u8>(), 0u8..3), 1..8)
+        ) {
+            let mut bytes = GOOD.as_bytes().to_vec();
+            for (at, byte, how) in edits {
+                let at = at % (bytes.len() + 1);
+                match how {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 if at < bytes.len() => { bytes.remove(at); }
+                    _ => bytes.insert(at, byte),
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            if let Err(e) = parse(&text) {
+                let message = e.to_string();
+                proptest::prop_assert!(!message.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn a_good_file_loads() {
         let c = parse(GOOD).unwrap();

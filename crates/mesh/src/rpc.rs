@@ -455,6 +455,30 @@ mod tests {
         assert!(a.pending_lock().is_empty());
     }
 
+    proptest::proptest! {
+        /// Whatever a peer sends on the channel, the node neither panics nor keeps a
+        /// waiter: garbage is dropped, a request to any endpoint gets an answer.
+        #[test]
+        fn any_frame_is_handled_without_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+                                             path in "[a-z/]{0,24}", id in proptest::prelude::any::<u64>(),
+                                             body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (a, b, _) = pair();
+                let echo: Endpoint<u32, u32> = Endpoint::new("test/echo");
+                b.serve(&echo, |_, x: u32| async move { Ok(x) });
+                a.handle(2, &bytes);
+                b.handle(1, &bytes);
+                let request = postcard::to_stdvec(&Frame::Request { id, path, body: body.clone() }).unwrap();
+                b.handle(1, &request);
+                let echo_req = postcard::to_stdvec(&Frame::Request { id, path: "test/echo".into(), body }).unwrap();
+                b.handle(1, &echo_req);
+                tokio::task::yield_now().await;
+                assert!(a.pending_lock().is_empty() && b.pending_lock().is_empty());
+            });
+        }
+    }
+
     #[tokio::test]
     async fn garbage_on_the_channel_is_dropped() {
         let (a, _, _) = pair();
