@@ -1271,3 +1271,30 @@ fn a_request_from_a_peers_address_without_the_peers_mark_is_not_relayed() {
         "relayed outside the cluster"
     );
 }
+
+/// RFC 4475's `bext01` and an unknown method, to the system itself: an extension it is
+/// required to know and does not is answered 420 with Unsupported; a method it does not
+/// know, 501 (never a false 403).
+#[test]
+fn a_required_extension_and_an_unknown_method_to_the_system_get_their_rfc_answers() {
+    let _c = sip_cluster(61, 2);
+    let sock = UdpSocket::bind("127.0.61.20:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let me = sock.local_addr().unwrap();
+    let ask = |text: String| -> String {
+        sock.send_to(text.as_bytes(), "127.0.61.1:5060").unwrap();
+        let mut buf = [0u8; 65_536];
+        let n = sock.recv(&mut buf).expect("an answer");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let bext = ask(format!("OPTIONS sip:127.0.61.1 SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-bext01\r\nFrom: <sip:t@test.example>;tag=1\r\nTo: <sip:127.0.61.1>\r\nCall-ID: bext01\r\nCSeq: 8 OPTIONS\r\nRequire: newfeature1, newfeature2\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"));
+    assert!(bext.starts_with("SIP/2.0 420"), "{bext}");
+    assert!(
+        bext.contains("Unsupported: newfeature1, newfeature2"),
+        "{bext}"
+    );
+    let known = ask(format!("OPTIONS sip:127.0.61.1 SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-req-ok\r\nFrom: <sip:t@test.example>;tag=1\r\nTo: <sip:127.0.61.1>\r\nCall-ID: req-ok\r\nCSeq: 9 OPTIONS\r\nRequire: path, outbound\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"));
+    assert!(known.starts_with("SIP/2.0 200"), "{known}");
+    let unknown = ask(format!("NEWMETHOD sip:test.example SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-newmethod\r\nFrom: <sip:t@test.example>;tag=1\r\nTo: <sip:test.example>\r\nCall-ID: newmethod\r\nCSeq: 1 NEWMETHOD\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"));
+    assert!(unknown.starts_with("SIP/2.0 501"), "{unknown}");
+}

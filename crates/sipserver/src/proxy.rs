@@ -27,6 +27,25 @@ const T2: Duration = Duration::from_secs(4);
 /// How long an INVITE branch may ring before it is cancelled (Timer C, §16.6 step 11).
 const TIMER_C: Duration = Duration::from_secs(180);
 /// How long a finished transaction absorbs retransmissions (Timer J, 64·T1).
+/// The methods this system handles (as registrar, as proxy, or answering itself).
+const ALLOW: &[&str] = &[
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "OPTIONS",
+    "MESSAGE",
+    "REGISTER",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "REFER",
+    "INFO",
+    "UPDATE",
+    "PRACK",
+    "PUBLISH",
+];
+/// The extensions this system supports as a UAS (a request addressed to it may require them).
+const UAS_EXTENSIONS: &[&str] = &["path", "outbound"];
 const LINGER: Duration = Duration::from_secs(32);
 const COOKIE: &str = "z9hG4bK";
 const FLOW_PARAM: &str = "cw-flow";
@@ -232,14 +251,48 @@ impl SipService {
             self.register(&msg, &source).await;
             return;
         }
-        if remaining_routes == 0 && to_us && (method == "OPTIONS" || max_forwards == 0) {
-            // Addressed to this peer itself (a keep-alive ping, or the end of the line).
-            if method == "OPTIONS" {
-                self.respond(&msg, &source, 200, "OK", &["Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, REGISTER, SUBSCRIBE, NOTIFY, REFER, INFO, UPDATE, PRACK".into()]);
-            } else {
-                self.respond(&msg, &source, 483, "Too Many Hops", &[]);
+        if remaining_routes == 0 && to_us {
+            // Addressed to this peer itself: it is the UAS (§8.2). Extensions it is
+            // required to know first (§8.2.2.3), then the methods it serves.
+            let unsupported: Vec<String> = msg
+                .values(HeaderKind::Require)
+                .into_iter()
+                .filter(|tag| {
+                    !UAS_EXTENSIONS
+                        .iter()
+                        .any(|s| s.eq_ignore_ascii_case(tag.trim()))
+                })
+                .collect();
+            if !unsupported.is_empty() {
+                let header = format!("Unsupported: {}", unsupported.join(", "));
+                self.respond(&msg, &source, 420, "Bad Extension", &[header]);
+                return;
             }
-            return;
+            if method == "OPTIONS" {
+                self.respond(
+                    &msg,
+                    &source,
+                    200,
+                    "OK",
+                    &[format!("Allow: {}", ALLOW.join(", "))],
+                );
+                return;
+            }
+            if max_forwards == 0 {
+                self.respond(&msg, &source, 483, "Too Many Hops", &[]);
+                return;
+            }
+            if !ALLOW.contains(&method.as_str()) {
+                // A method this system does not know, to the system itself (§21.5.2).
+                self.respond(
+                    &msg,
+                    &source,
+                    501,
+                    "Not Implemented",
+                    &[format!("Allow: {}", ALLOW.join(", "))],
+                );
+                return;
+            }
         }
         if max_forwards == 0 {
             self.respond(&msg, &source, 483, "Too Many Hops", &[]);
