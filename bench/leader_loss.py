@@ -10,22 +10,14 @@ starts is stopped by PID; nothing but loopback is touched. The anchor is Patroni
 on this kind of machine (../shared/anchors/patroni/README in ../shared/anchors/README.md):
 node loss -> first acknowledged write on the new leader, median 22.2 s at its defaults and
 18.8-19.0 s tuned (Patroni will not go below ttl 20)."""
-import argparse, datetime, json, os, re, signal, statistics, subprocess, sys, tempfile, time
+import argparse, os, re, signal, statistics, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "causeway")
 ACQUIRED = re.compile(r'^(\S+) .*Event="Lease acquired".*Group="calls"')
 PATRONI_S = (18.8, 22.2)  # tuned, default: ../shared/anchors/README.md
 
 
-def sh(*args):
-    return subprocess.run([BIN, *args], check=True, capture_output=True, text=True)
-
-
-def status(d, k):
-    r = subprocess.run([BIN, "--node", f"{d}/peer{k}", "xstatus", "cluster", "--json"],
-                       capture_output=True, text=True)
-    return json.loads(r.stdout) if r.returncode == 0 else None
+# The lab helpers peer_loss.py already has (same binary, same layout).
+from peer_loss import BIN, formed, log_ms, pid, sh, start_peer, status, wait
 
 
 def holder(d, k):
@@ -41,26 +33,6 @@ def agreed_holder(d, peers):
     return seen.pop() if len(seen) == 1 and None not in seen else None
 
 
-def formed(d, n):
-    for k in range(1, n + 1):
-        s = status(d, k)
-        if not s or any(p["clustering"]["state"] not in ("Active", "This system") for p in s["peers"]):
-            return False
-    return True
-
-
-def wait(cond, timeout, what):
-    end = time.time() + timeout
-    while not cond():
-        if time.time() > end:
-            sys.exit(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def log_ms(stamp):
-    return datetime.datetime.fromisoformat(stamp).timestamp() * 1000
-
-
 def acquired_at(d, k, after_ms):
     with open(f"{d}/peer{k}/causeway.log") as f:
         for line in f:
@@ -68,19 +40,6 @@ def acquired_at(d, k, after_ms):
             if m and log_ms(m.group(1)) >= after_ms:
                 return log_ms(m.group(1))
     return None
-
-
-def start_peer(d, k):
-    log = open(f"{d}/peer{k}/causeway.log", "a")
-    p = subprocess.Popen([BIN, "run", "--config", f"{d}/peer{k}/causeway.toml"], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=log, start_new_session=True)
-    with open(f"{d}/peer{k}/causeway.pid", "w") as f:
-        f.write(f"{p.pid}\n")
-
-
-def pid(d, k):
-    with open(f"{d}/peer{k}/causeway.pid") as f:
-        return int(f.read())
 
 
 def trials(n, count):

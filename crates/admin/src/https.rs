@@ -13,6 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use base64::Engine as _;
+use causeway_common::slots::{SourceSlot, SourceSlots};
 use causeway_pki::NodeIdentity;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -35,46 +36,10 @@ const NO_USERS: &str =
     "no admin user is configured: run 'causeway --node <data dir> admin passwd <user>' on the node";
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
-/// Connections (or handshakes) per source address; each [`Counted`] holds one.
-type PerSource = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
-/// One place in a [`PerSource`] count, given back when dropped.
-struct Slot {
-    counts: PerSource,
-    ip: IpAddr,
-}
-
-impl Slot {
-    fn take(counts: &PerSource, ip: IpAddr, max: usize) -> Option<Slot> {
-        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = c.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Slot {
-            counts: counts.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = c.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                c.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// A served connection that keeps its source's connection slot while it lives.
 struct Counted {
     inner: TlsStream<TcpStream>,
-    _slot: Slot,
+    _slot: SourceSlot,
 }
 
 impl tokio::io::AsyncRead for Counted {
@@ -171,7 +136,8 @@ pub async fn serve_https(
     let stop = cancel.clone();
     tokio::spawn(async move {
         let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-        let (handshaking, connected) = (PerSource::default(), PerSource::default());
+        let handshaking = SourceSlots::new(MAX_PENDING_PER_SOURCE);
+        let connected = SourceSlots::new(MAX_CONNECTIONS_PER_SOURCE);
         loop {
             let (stream, from) = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -182,12 +148,10 @@ pub async fn serve_https(
             };
             // Caps per source before the global one: an address that already holds its
             // share is refused without taking a slot anyone else could use.
-            let Some(connection) = Slot::take(&connected, from.ip(), MAX_CONNECTIONS_PER_SOURCE)
-            else {
+            let Some(connection) = connected.take(from.ip()) else {
                 continue;
             };
-            let Some(handshake) = Slot::take(&handshaking, from.ip(), MAX_PENDING_PER_SOURCE)
-            else {
+            let Some(handshake) = handshaking.take(from.ip()) else {
                 continue;
             };
             let Ok(permit) = pending.clone().try_acquire_owned() else {

@@ -561,17 +561,8 @@ fn secrets_are_sealed_at_rest_and_force_system_key_update_reseals_or_raises_2100
 fn https_status(c: &TestCluster, from: &str, to: &str, basic: &str) -> String {
     let tcp = tcp_from(from, to);
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in causeway_pki::load_certs(&c.peers[0].dir.join("ca.crt")).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let host = to.split(':').next().unwrap().to_string();
-    let name = rustls::pki_types::ServerName::try_from(host).unwrap();
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let host = to.split(':').next().unwrap();
+    let mut tls = tls_over(c, tcp, host);
     let request = format!("GET /api/v1/status/cluster HTTP/1.1\r\nHost: node\r\nAuthorization: Basic {basic}\r\nConnection: close\r\n\r\n");
     if tls.write_all(request.as_bytes()).is_err() {
         return "write failed".into();

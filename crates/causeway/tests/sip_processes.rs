@@ -401,23 +401,14 @@ fn read_message(stream: &mut impl Read, buf: &mut Vec<u8>) -> Message {
 trait Stream: Read + Write {}
 impl<T: Read + Write> Stream for T {}
 
-fn connect(c: &TestCluster, k: usize, ip: &str, tls: bool) -> Box<dyn Stream> {
+fn connect(c: &TestCluster, ip: &str, tls: bool) -> Box<dyn Stream> {
     let port = if tls { 5061 } else { 5060 };
     let tcp = TcpStream::connect((ip, port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     if !tls {
         return Box::new(tcp);
     }
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in causeway_pki::load_certs(&c.peers[k - 1].dir.join("ca.crt")).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(ip.to_string()).unwrap();
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    Box::new(rustls::StreamOwned::new(conn, tcp))
+    Box::new(tls_over(c, tcp, ip))
 }
 
 #[test]
@@ -436,7 +427,7 @@ fn endpoint_on_its_own_connection(net: u8, tls: bool) {
     let peer = |k: usize| format!("127.0.{net}.{k}");
     // The endpoint registers with peer 1 over TCP or TLS and gives a contact nobody can
     // dial: only its connection to peer 1 reaches it.
-    let mut ep = connect(&c, 1, &peer(1), tls);
+    let mut ep = connect(&c, &peer(1), tls);
     let proto = if tls { "TLS" } else { "TCP" };
     let contact = format!(
         "<sip:dave@127.0.{net}.99:9;transport={}>",
@@ -1082,16 +1073,7 @@ fn one_address_holding_silent_connections_does_not_close_sip_tls_for_others() {
     let options = "OPTIONS sip:127.0.53.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.53.20:5999;branch=z9hG4bKtlsflood\r\nFrom: <sip:probe@test.example>;tag=1\r\nTo: <sip:127.0.53.1>\r\nCall-ID: tls-flood\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
     let tcp = tcp_from("127.0.53.20", "127.0.53.1:5061");
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in causeway_pki::load_certs(&c.peers[0].dir.join("ca.crt")).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("127.0.53.1".to_string()).unwrap();
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = tls_over(&c, tcp, "127.0.53.1");
     tls.write_all(options.as_bytes()).unwrap();
     let mut buf = Vec::new();
     let answer = read_message(&mut tls, &mut buf);

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod logging;
+pub mod slots;
 pub mod time;
 
 /// The software version every peer announces in its hello; peers with another version are

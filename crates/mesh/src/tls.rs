@@ -1,6 +1,5 @@
 //! Cluster links over mutual TLS on TCP (4372 by default).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::settings::Timing;
 use crate::transport::{AcceptEvent, BoxFuture, DialError, Link, LinkInfo, Transport};
+use causeway_common::slots::SourceSlots;
+
 use crate::wire::{read_frame, write_frame, MAX_FRAME_BEFORE_HELLO};
 
 /// Handshakes in progress at once, in all and from one source address. Past these, new
@@ -170,39 +171,6 @@ impl Transport for TlsTransport {
     }
 }
 
-/// Counts handshakes per source address; the count drops when the guard does.
-struct SourceSlot {
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl SourceSlot {
-    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
-        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= MAX_PENDING_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            counts: counts.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
-
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -213,7 +181,7 @@ async fn accept_loop(
 ) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let from_peers = Arc::new(Semaphore::new(MAX_PENDING_FROM_PEERS));
-    let per_source = Arc::new(Mutex::new(HashMap::new()));
+    let per_source = SourceSlots::new(MAX_PENDING_PER_SOURCE);
     loop {
         let (stream, from) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -243,7 +211,7 @@ async fn accept_loop(
             )));
             continue;
         };
-        let Some(slot) = SourceSlot::take(&per_source, from.ip()) else {
+        let Some(slot) = per_source.take(from.ip()) else {
             let _ = events.try_send(refuse(format!(
                 "more than {MAX_PENDING_PER_SOURCE} handshakes in progress from this address"
             )));

@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use causeway_common::slots::{SourceSlot, SourceSlots};
 use causeway_sip::{frame, Frame, Limits, Message, Transport as Framing};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -152,26 +154,7 @@ pub struct Transports {
     /// The SIP service's tasks: connections and loops end with it.
     tasks: TaskTracker,
     /// TLS handshakes in progress per source address.
-    handshaking: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One TLS handshake in progress: its global permit and its source's count.
-struct HandshakeSlot {
-    transports: Arc<Transports>,
-    ip: IpAddr,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut by_source = lock(&self.transports.handshaking);
-        if let Some(n) = by_source.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                by_source.remove(&self.ip);
-            }
-        }
-    }
+    handshaking: SourceSlots,
 }
 
 /// A second handle on a tokio UDP socket, for a reader on another runtime.
@@ -301,6 +284,7 @@ impl Transports {
             Some(l) => Some(l.local_addr()?.port()),
             None => None,
         };
+        let handshaking = SourceSlots::new(caps.max_handshakes_per_source);
         let t = Arc::new(Transports {
             bound: Bound {
                 ip,
@@ -324,7 +308,7 @@ impl Transports {
             metrics,
             cancel,
             tasks,
-            handshaking: Mutex::new(HashMap::new()),
+            handshaking,
         });
         // UDP is read on a thread of its own: a worker busy elsewhere (a store write, a burst
         // of tasks) must not leave datagrams to overflow the socket's receive buffer.
@@ -565,19 +549,9 @@ impl Transports {
 
     /// A slot for one TLS handshake from `ip`, if neither the global nor the per-source cap
     /// is reached; released when dropped.
-    fn handshake_slot(self: &Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
+    fn handshake_slot(&self, ip: IpAddr) -> Option<(OwnedSemaphorePermit, SourceSlot)> {
         let permit = self.handshakes.clone().try_acquire_owned().ok()?;
-        let mut by_source = lock(&self.handshaking);
-        let n = by_source.entry(ip).or_insert(0);
-        if *n >= self.caps.max_handshakes_per_source {
-            return None;
-        }
-        *n += 1;
-        Some(HandshakeSlot {
-            transports: self.clone(),
-            ip,
-            _permit: permit,
-        })
+        Some((permit, self.handshaking.take(ip)?))
     }
 
     fn refuse_connection(&self, ip: IpAddr) -> Option<&'static str> {

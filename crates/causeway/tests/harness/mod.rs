@@ -207,3 +207,21 @@ pub fn tcp_from(from: &str, to: &str) -> std::net::TcpStream {
         .unwrap();
     socket.into()
 }
+
+/// TLS over `tcp` to `host`, trusting the cluster's CA (as Peer 1 holds it).
+pub fn tls_over(
+    c: &TestCluster,
+    tcp: std::net::TcpStream,
+    host: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in causeway_pki::load_certs(&c.peers[0].dir.join("ca.crt")).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
