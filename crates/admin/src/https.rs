@@ -134,7 +134,10 @@ pub async fn serve_https(
     let local = tcp.local_addr()?;
     let (tx, rx) = mpsc::channel(64);
     let stop = cancel.clone();
-    tokio::spawn(async move {
+    // The accept loop and its handshakes; the server's task waits for them at the end.
+    let tasks = tokio_util::task::TaskTracker::new();
+    let handshakes = tasks.clone();
+    tasks.spawn(async move {
         let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
         let handshaking = SourceSlots::new(MAX_PENDING_PER_SOURCE);
         let connected = SourceSlots::new(MAX_CONNECTIONS_PER_SOURCE);
@@ -158,7 +161,7 @@ pub async fn serve_https(
                 continue;
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
+            handshakes.spawn(async move {
                 let accepted =
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
                 drop((permit, handshake));
@@ -189,6 +192,8 @@ pub async fn serve_https(
         if let Err(e) = served {
             tracing::error!(target: "management.admin", reason = %e, "HTTPS admin server stopped");
         }
+        tasks.close();
+        tasks.wait().await;
     }))
 }
 

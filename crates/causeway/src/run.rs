@@ -42,10 +42,9 @@ pub fn run(config_path: &Path) -> ExitCode {
         None
     };
     causeway_common::logging::init(&config.node.system_name, config.node.log_format);
-    // More workers than cores: a worker blocked in a store write (fsync) must not stall
-    // the SIP and mesh tasks queued behind it.
+    // One worker per core: the store's saves run on the replication engine's own thread,
+    // so no worker waits on an fsync.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
         .enable_all()
         .build()
     {

@@ -244,7 +244,11 @@ impl Mesh {
     pub async fn shutdown(&self) {
         self.shared.cancel.cancel();
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(2), self.tasks.wait())
+        let stopped = async {
+            self.tasks.wait().await;
+            self.shared.transport.shutdown().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(2), stopped)
             .await
             .is_err()
         {

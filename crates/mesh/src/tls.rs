@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::settings::Timing;
 use crate::transport::{AcceptEvent, BoxFuture, DialError, Link, LinkInfo, Transport};
@@ -35,6 +36,10 @@ pub struct TlsTransport {
     local_ip: Option<IpAddr>,
     timing: Timing,
     incoming: tokio::sync::Mutex<mpsc::Receiver<AcceptEvent>>,
+    /// The accept loop, handshakes in progress and every link's pumps.
+    tasks: TaskTracker,
+    /// Stops the accept loop: the caller's token, or this transport's shutdown.
+    stop_accepting: CancellationToken,
 }
 
 fn tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
@@ -78,13 +83,16 @@ impl TlsTransport {
             std::io::Error::new(e.kind(), format!("binding the cluster port {listen}: {e}"))
         })?;
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(accept_loop(
+        let tasks = TaskTracker::new();
+        let stop_accepting = cancel.child_token();
+        tasks.spawn(accept_loop(
             listener,
             TlsAcceptor::from(server),
             tx,
             timing.handshake_timeout,
             peer_ips,
-            cancel,
+            stop_accepting.clone(),
+            tasks.clone(),
         ));
         Ok(Arc::new(Self {
             identity,
@@ -92,6 +100,8 @@ impl TlsTransport {
             local_ip,
             timing,
             incoming: tokio::sync::Mutex::new(rx),
+            tasks,
+            stop_accepting,
         }))
     }
 
@@ -154,7 +164,7 @@ impl Transport for TlsTransport {
                 certificates,
                 memory_identity: None,
             };
-            Ok(spawn_pumps(tls, info))
+            Ok(spawn_pumps(tls, info, &self.tasks))
         })
     }
 
@@ -169,6 +179,13 @@ impl Transport for TlsTransport {
     fn own_certificate_status(&self, address: &str) -> CertStatus {
         check_certificate(&self.identity.chain, address, &self.identity.roots)
     }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        // Handshakes in progress end within their timeout, pumps when their link closes.
+        self.stop_accepting.cancel();
+        self.tasks.close();
+        Box::pin(self.tasks.wait())
+    }
 }
 
 async fn accept_loop(
@@ -178,6 +195,7 @@ async fn accept_loop(
     handshake_timeout: Duration,
     peer_ips: Vec<IpAddr>,
     cancel: CancellationToken,
+    tasks: TaskTracker,
 ) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let from_peers = Arc::new(Semaphore::new(MAX_PENDING_FROM_PEERS));
@@ -219,7 +237,8 @@ async fn accept_loop(
         };
         let acceptor = acceptor.clone();
         let events = events.clone();
-        tokio::spawn(async move {
+        let pumps = tasks.clone();
+        tasks.spawn(async move {
             let _ = stream.set_nodelay(true);
             let result = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await;
             drop((permit, slot));
@@ -247,6 +266,7 @@ async fn accept_loop(
                             certificates,
                             memory_identity: None,
                         },
+                        &pumps,
                     ))
                 }
             };
@@ -257,7 +277,7 @@ async fn accept_loop(
 
 /// Turns a stream into a [`Link`]: a reader task turning frames into messages on `rx`, a
 /// writer task writing what arrives on `tx` (batched, flushed when the queue is empty).
-fn spawn_pumps<S>(stream: S, info: LinkInfo) -> Link
+fn spawn_pumps<S>(stream: S, info: LinkInfo, tasks: &TaskTracker) -> Link
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -269,7 +289,7 @@ where
     let close_reason = Arc::new(Mutex::new(None));
 
     let (stop, max, why) = (close.clone(), max_frame.clone(), close_reason.clone());
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             let frame = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -293,7 +313,7 @@ where
     });
 
     let stop = close.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut w = BufWriter::with_capacity(64 * 1024, writer);
         loop {
             let frame = tokio::select! {

@@ -114,4 +114,9 @@ pub trait Transport: Send + Sync + 'static {
     fn certificate_status(&self, info: &LinkInfo, address: &str) -> CertStatus;
     /// The status of this node's own certificate for its own address.
     fn own_certificate_status(&self, address: &str) -> CertStatus;
+    /// Stops accepting; done when the transport's own tasks have ended (called by the
+    /// mesh's shutdown, after it closed every link).
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }

@@ -768,6 +768,10 @@ struct FlakyStore {
 }
 
 impl Store for FlakyStore {
+    fn in_memory(&self) -> bool {
+        true
+    }
+
     fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(table, key)
     }

@@ -49,6 +49,12 @@ pub trait Store: Send + Sync {
     /// Every row of `table` whose key starts with `prefix`, in key order.
     fn scan(&self, table: &'static str, prefix: &[u8]) -> Result<Rows, StoreError>;
     fn apply(&self, ops: &[Op]) -> Result<(), StoreError>;
+    /// True for a store kept in memory: its saves cost nothing, so callers make them inline
+    /// instead of on a thread of their own (which would let tokio's paused clock run ahead
+    /// in tests while a save is outstanding).
+    fn in_memory(&self) -> bool {
+        false
+    }
 }
 
 pub struct RedbStore {
@@ -173,6 +179,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn in_memory(&self) -> bool {
+        true
+    }
+
     fn get(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.lock().get(table).and_then(|t| t.get(key).cloned()))
     }

@@ -7,7 +7,7 @@ use causeway_common::error::{ErrorCode, Refusal};
 use causeway_mesh::rpc::{CallError, Endpoint, PeerSend, Rpc};
 use causeway_mesh::SendError;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 mod primary;
 mod receive;
+mod saver;
 mod status;
 mod write;
 
@@ -26,6 +27,7 @@ pub use primary::config_stream;
 use primary::{is_config, Takeover};
 pub use status::{EngineCounters, PeerReplication, ReplicationStatus};
 pub use write::{forward_endpoint, ForwardRequest};
+use saver::Saved;
 use write::{MajorityWaiters, PendingWrite, RpcOverLink};
 
 use crate::keyring::Keyring;
@@ -174,8 +176,11 @@ struct State {
     conflicts: BTreeMap<StreamId, String>,
     takeover: Option<Takeover>,
     store_error: Option<String>,
-    /// A save failed after the change was applied in memory (see `persist`).
+    /// The store could not be read back after a failed save: `tick` tries again.
     diverged: bool,
+    /// Bumped by every reload from the store: batches queued before it are not saved
+    /// (see `saver`).
+    save_epoch: u64,
     rejected: u64,
     primary_lost_since: Option<Instant>,
     last_check: Option<SystemTime>,
@@ -199,7 +204,11 @@ pub struct Engine {
     committer: tokio::sync::Mutex<()>,
     /// Bumped on every ack or digest: writes waiting for a majority look again.
     progress: watch::Sender<u64>,
-    counters: EngineCounters,
+    counters: Arc<EngineCounters>,
+    /// Saves the store operations in the order they were queued, off the runtime.
+    saver: saver::Saver,
+    /// This engine, for the completions of its saves.
+    me: Weak<Engine>,
     /// Typed requests to peers, over the link: the forward of a subordinate's write.
     rpc: Arc<Rpc>,
 }
@@ -272,6 +281,7 @@ impl Engine {
             takeover: None,
             store_error: None,
             diverged: false,
+            save_epoch: 0,
             rejected: 0,
             primary_lost_since: Some(now),
             last_check: None,
@@ -280,7 +290,9 @@ impl Engine {
             majority_waiters: HashMap::new(),
         };
         let rpc = Rpc::new(Arc::new(RpcOverLink(link.clone())));
-        let engine = Arc::new(Engine {
+        let counters = Arc::new(EngineCounters::default());
+        let saver = saver::Saver::start(store.clone(), counters.clone());
+        let engine = Arc::new_cyclic(|me| Engine {
             settings,
             store,
             link,
@@ -290,7 +302,9 @@ impl Engine {
             pending: Mutex::new(Vec::new()),
             committer: tokio::sync::Mutex::new(()),
             progress: watch::channel(0).0,
-            counters: EngineCounters::default(),
+            counters,
+            saver,
+            me: me.clone(),
             rpc,
         });
         let weak = Arc::downgrade(&engine);
@@ -327,10 +341,70 @@ impl Engine {
             records += all.len();
             ops.extend(stream.store_ops(&all, true, Some(&keyring)));
         }
-        self.store.apply(&ops).map_err(|e| e.to_string())?;
+        // Behind every save queued so far (sealed with the old key), and before any later
+        // one: the new key is in use once this returns.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ticket = self.save_then(&st, ops, move |_, saved| {
+            let _ = tx.send(saved.clone());
+        });
         *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = Some(keyring);
         drop(st);
-        Ok(records)
+        ticket.finish();
+        match rx.recv() {
+            Ok(Saved::Ok) => Ok(records),
+            Ok(Saved::Failed(e)) => Err(e),
+            Ok(Saved::Skipped) | Err(_) => {
+                Err("an earlier save failed; nothing was resealed".into())
+            }
+        }
+    }
+
+    /// Queues `ops` for the store behind every save queued before; `done` runs once they
+    /// are saved (or not: it is told which). Call with the lock held (`st`), then
+    /// `finish` the ticket after releasing it.
+    fn save(&self, st: &State, ops: Vec<Op>, done: saver::Completion) -> saver::Ticket {
+        self.saver.queue(st.save_epoch, ops, done)
+    }
+
+    /// Runs `then` on this engine once every save queued so far is on disk (not at all if
+    /// one of them failed). Frames that describe the streams leave through here, so a
+    /// peer is never told of a change this node has not saved.
+    fn after_saves(
+        &self,
+        st: &State,
+        then: impl FnOnce(&Arc<Engine>) + Send + 'static,
+    ) -> saver::Ticket {
+        let me = self.me.clone();
+        self.save(
+            st,
+            Vec::new(),
+            Box::new(move |saved: &Saved| {
+                if let (Saved::Ok, Some(engine)) = (saved, me.upgrade()) {
+                    then(&engine);
+                }
+            }),
+        )
+    }
+
+    /// Queues `ops` like `save`. Once they are saved or not, notes how the store is doing
+    /// (a failed save sends the engine back to what the store holds), then runs `then`,
+    /// without the lock, with the outcome.
+    fn save_then(
+        &self,
+        st: &State,
+        ops: Vec<Op>,
+        then: impl FnOnce(&Arc<Engine>, &Saved) + Send + 'static,
+    ) -> saver::Ticket {
+        let me = self.me.clone();
+        self.save(
+            st,
+            ops,
+            Box::new(move |saved: &Saved| {
+                let Some(engine) = me.upgrade() else { return };
+                engine.settle(&mut engine.lock(), saved);
+                then(&engine, saved);
+            }),
+        )
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -431,7 +505,7 @@ impl Engine {
         if st.diverged {
             self.reload(&mut st);
         }
-        self.drive_takeover(&mut st, &active);
+        let takeover = self.drive_takeover(&mut st, &active);
         if now >= st.next_report {
             st.next_report = now + self.settings.sync_report;
             self.report_sync(&st, &active);
@@ -447,9 +521,16 @@ impl Engine {
                 .collect(),
         }
         .encode();
+        // A digest counts as an ack of every position in it: it leaves once they are saved.
+        let sent = self.after_saves(&st, move |engine| {
+            for p in active {
+                engine.link.send(p, digest.clone());
+            }
+        });
         drop(st);
-        for p in active {
-            self.link.send(p, digest.clone());
+        if let Some(saved) = takeover {
+            saved.finish();
         }
+        sent.finish();
     }
 }

@@ -45,19 +45,23 @@ impl Engine {
 
     /// A new primary first takes the newest configuration any reachable peer holds, then
     /// starts its generation (EX-7).
-    pub(super) fn drive_takeover(&self, st: &mut State, active: &[usize]) {
-        let Some(t) = &st.takeover else { return };
+    pub(super) fn drive_takeover(
+        &self,
+        st: &mut State,
+        active: &[usize],
+    ) -> Option<saver::Ticket> {
+        let Some(t) = &st.takeover else { return None };
         let (epoch, started) = (t.epoch, t.started);
         let id = config_stream();
         if st.fetching.contains_key(&id) {
-            return;
+            return None;
         }
         let mine = st.streams.get(&id).map(|s| s.header).unwrap_or_default();
         // Every reachable peer must follow this epoch (so it takes no more pushes from the
         // old primary) and have said so in a digest, which also carries its newest header.
         let heard_all = active.iter().all(|p| st.peers[p - 1].epoch >= epoch);
         if !heard_all && started.elapsed() < self.settings.heartbeat * 10 {
-            return;
+            return None;
         }
         let newest = active
             .iter()
@@ -66,7 +70,7 @@ impl Engine {
             .max_by_key(|(_, h)| h.position());
         if let Some((p, _)) = newest {
             self.start_fetch(st, p, &id, mine, false);
-            return;
+            return None;
         }
         let stream = st
             .streams
@@ -78,7 +82,6 @@ impl Engine {
         let header = stream.header;
         let ops = stream.store_ops(&[], false, self.keyring().as_deref());
         st.takeover = None;
-        self.persist(st, &ops);
         info!(target: LOG, event = "Configuration primary takeover completed", epoch = epoch,
             revision = header.seq, "This peer is now the configuration primary");
         let push = Message::Push {
@@ -87,9 +90,14 @@ impl Engine {
             header,
             records: Vec::new(),
         };
-        for p in active {
-            self.send(*p, &push);
-        }
+        let active = active.to_vec();
+        Some(self.save_then(st, ops, move |engine, saved| {
+            if *saved == Saved::Ok {
+                for p in &active {
+                    engine.send(*p, &push);
+                }
+            }
+        }))
     }
 
     /// EX-13: discard this subordinate's copy of the configuration and take the primary's.

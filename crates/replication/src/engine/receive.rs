@@ -14,7 +14,9 @@ pub(super) struct Deferred {
 impl Engine {
     /// Handles one frame from peer `from`. Malformed frames are dropped and logged.
     pub fn handle(self: &Arc<Self>, from: usize, payload: &[u8]) {
-        self.handle_one(from, payload, None);
+        let mut deferred = Deferred::default();
+        self.handle_one(from, payload, &mut deferred);
+        self.save_deferred(deferred);
     }
 
     /// Handles frames that arrived together: the pushes among them are saved in one store
@@ -23,31 +25,36 @@ impl Engine {
     pub fn handle_batch(self: &Arc<Self>, frames: &[(usize, Bytes)]) {
         let mut deferred = Deferred::default();
         for (from, payload) in frames {
-            self.handle_one(*from, payload, Some(&mut deferred));
+            self.handle_one(*from, payload, &mut deferred);
         }
+        self.save_deferred(deferred);
+    }
+
+    /// Queues the pushes' saves; they are acknowledged and reported once saved.
+    fn save_deferred(&self, deferred: Deferred) {
         if deferred.ops.is_empty() {
             return;
         }
-        let saved = {
-            let mut st = self.lock();
-            self.persist(&mut st, &deferred.ops)
-        };
-        if !saved {
-            return;
-        }
-        for (to, ack) in &deferred.acks {
-            self.send(*to, ack);
-        }
-        for (id, applied, from) in &deferred.applied {
-            self.observer.applied(id, applied, Origin::Peer(*from));
-        }
+        let Deferred { ops, acks, applied } = deferred;
+        let saved = self.save_then(&self.lock(), ops, move |engine, saved| {
+            if *saved != Saved::Ok {
+                return;
+            }
+            for (to, ack) in &acks {
+                engine.send(*to, ack);
+            }
+            for (id, applied, from) in &applied {
+                engine.observer.applied(id, applied, Origin::Peer(*from));
+            }
+        });
+        saved.finish();
     }
 
     pub(super) fn handle_one(
         self: &Arc<Self>,
         from: usize,
         payload: &[u8],
-        defer: Option<&mut Deferred>,
+        defer: &mut Deferred,
     ) {
         if from == 0 || from > self.settings.peer_count || from == self.settings.self_index {
             return;
@@ -260,7 +267,7 @@ impl Engine {
         prev: (u64, u64),
         header: Header,
         records: Vec<Record>,
-        defer: Option<&mut Deferred>,
+        defer: &mut Deferred,
     ) {
         let mut st = self.lock();
         let sender_ok = if is_config(&id) {
@@ -313,24 +320,12 @@ impl Engine {
             generation: header.generation,
             seq: header.seq,
         };
-        if let Some(d) = defer {
-            // Saved, acknowledged and reported with the rest of the batch.
-            d.ops.extend(ops);
-            self.note_hash(&mut st, &id, from, hash_ok);
-            d.acks.push((from, ack));
-            if !applied.is_empty() {
-                d.applied.push((id, applied, from));
-            }
-            return;
-        }
-        if !self.persist(&mut st, &ops) {
-            return;
-        }
+        // Saved, acknowledged and reported with the rest of the frames that came with it.
+        defer.ops.extend(ops);
         self.note_hash(&mut st, &id, from, hash_ok);
-        drop(st);
-        self.send(from, &ack);
+        defer.acks.push((from, ack));
         if !applied.is_empty() {
-            self.observer.applied(&id, &applied, Origin::Peer(from));
+            defer.applied.push((id, applied, from));
         }
     }
 
@@ -361,17 +356,33 @@ impl Engine {
         let s = st.streams.get(&id).unwrap_or(&empty);
         let header = s.header;
         let range = !snapshot && generation == header.generation && after_seq <= header.seq;
-        let (records, mut after) = if range {
+        let (records, after) = if range {
             (s.since(after_seq), after_seq)
         } else {
             (s.snapshot(), 0)
         };
+        // Answered once what it carries is saved here.
+        let sent = self.after_saves(&st, move |engine| {
+            engine.send_records(from, id, header, !range, after, records)
+        });
         drop(st);
+        sent.finish();
+    }
+
+    /// A fetch's answer: `records` after `after` up to `header`, in frames of a bounded size.
+    fn send_records(
+        &self,
+        to: usize,
+        id: StreamId,
+        header: Header,
+        mut replace: bool,
+        mut after: u64,
+        records: Vec<Record>,
+    ) {
         let mut chunks = records.chunks(RECORDS_PER_FRAME).peekable();
-        let mut replace = !range;
         if chunks.peek().is_none() {
             return self.send(
-                from,
+                to,
                 &Message::Records {
                     stream: id,
                     header,
@@ -389,7 +400,7 @@ impl Engine {
                 chunk.last().map(|r| r.seq).unwrap_or(header.seq)
             };
             self.send(
-                from,
+                to,
                 &Message::Records {
                     stream: id.clone(),
                     header,
@@ -483,67 +494,73 @@ impl Engine {
         let done = upto == header.seq;
         let hash_ok = stream.header.hash == header.hash;
         let ops = stream.store_ops(&records, replace, self.keyring().as_deref());
-        if !self.persist(&mut st, &ops) {
-            st.fetching.remove(&id);
-            return;
-        }
-        if done {
-            st.fetching.remove(&id);
-            st.last_sync = Some(SystemTime::now());
-            // Only the owner's copy is the reference for "differs" (20011).
-            let from_owner = !is_config(&id) || from == st.primary;
-            if from_owner {
-                self.note_hash(&mut st, &id, from, hash_ok);
+        let records = records.len();
+        let saved = self.save_then(&st, ops, move |engine, saved| {
+            let mut st = engine.lock();
+            if *saved != Saved::Ok {
+                // Asked again by the next digest, from what the store holds.
+                st.fetching.remove(&id);
+                return;
             }
-            info!(target: LOG, peer = from, stream = %id, revision = upto,
-                records = records.len(), "Synchronisation completed successfully");
-        }
-        let owner_peer = if is_config(&id) { st.primary } else { from };
+            if done {
+                st.fetching.remove(&id);
+                st.last_sync = Some(SystemTime::now());
+                // Only the owner's copy is the reference for "differs" (20011).
+                let from_owner = !is_config(&id) || from == st.primary;
+                if from_owner {
+                    engine.note_hash(&mut st, &id, from, hash_ok);
+                }
+                info!(target: LOG, peer = from, stream = %id, revision = upto,
+                    records = records, "Synchronisation completed successfully");
+            }
+            let owner_peer = if is_config(&id) { st.primary } else { from };
+            drop(st);
+            if done && owner_peer != engine.settings.self_index {
+                engine.send(
+                    owner_peer,
+                    &Message::Ack {
+                        stream: id.clone(),
+                        generation: header.generation,
+                        seq: upto,
+                    },
+                );
+            }
+            if !applied.is_empty() {
+                engine.observer.applied(&id, &applied, Origin::Peer(from));
+            }
+        });
         drop(st);
-        if done && owner_peer != self.settings.self_index {
-            self.send(
-                owner_peer,
-                &Message::Ack {
-                    stream: id.clone(),
-                    generation: header.generation,
-                    seq: upto,
-                },
-            );
-        }
-        if !applied.is_empty() {
-            self.observer.applied(&id, &applied, Origin::Peer(from));
-        }
+        saved.finish();
     }
 
+    /// Goes back to what the store holds. Batches queued before are not saved after it
+    /// (they would leave gaps on disk): their changes are fetched again.
     pub(super) fn reload(&self, st: &mut State) {
         if let Ok(streams) = Stream::load_all(self.store.as_ref(), self.keyring().as_deref()) {
             st.streams = streams.into_iter().map(|s| (s.id.clone(), s)).collect();
             st.diverged = false;
+            st.save_epoch += 1;
         }
     }
 
-    pub(super) fn persist(&self, st: &mut State, ops: &[Op]) -> bool {
-        // A real duration for the metric, not logic: std's clock on purpose.
-        let started = std::time::Instant::now();
-        match self.store.apply(ops) {
-            Ok(()) => {
-                let c = &self.counters;
-                c.commits.fetch_add(1, Ordering::Relaxed);
-                c.commit_micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    /// Notes how a save ended; true when saved.
+    pub(super) fn settle(&self, st: &mut State, saved: &Saved) -> bool {
+        match saved {
+            Saved::Ok => {
                 st.store_error = None;
                 true
             }
-            Err(e) => {
+            Saved::Failed(e) => {
                 warn!(target: LOG, reason = %e, "Saving replicated changes failed");
-                st.store_error = Some(e.to_string());
+                st.store_error = Some(e.clone());
                 // Memory now holds changes the store does not: go back to what the store
-                // holds, so digests show what is really saved and it is fetched again. If the
-                // store cannot even be read, the next heartbeat tries again.
+                // holds, so digests show what is really saved and it is fetched again. If
+                // the store cannot even be read, the next heartbeat tries again.
                 st.diverged = true;
                 self.reload(st);
                 false
             }
+            Saved::Skipped => false,
         }
     }
 }

@@ -111,14 +111,8 @@ impl Engine {
         });
         // Group commit: whoever holds the committer lock commits every write queued so
         // far in one store transaction (one fsync); the others find theirs done.
-        let header = loop {
-            if let Ok(r) = result.try_recv() {
-                break r?;
-            }
-            let _committer = self.committer.lock().await;
-            if let Ok(r) = result.try_recv() {
-                break r?;
-            }
+        if result.try_recv().is_err() {
+            let committer = self.committer.lock().await;
             // Let writers that are ready now join this commit. Under load (writes already
             // queued behind this one), wait a moment longer for more: every commit costs a
             // store transaction and a push to every peer, whatever its size.
@@ -126,7 +120,14 @@ impl Engine {
             if self.pending_lock().len() > 1 && !self.settings.gather.is_zero() {
                 tokio::time::sleep(self.settings.gather).await;
             }
+            // Takes this write unless an earlier committer already did; either way it is
+            // being saved once this returns, and the next group can gather meanwhile.
             self.commit_pending();
+            drop(committer);
+        }
+        let header = match result.await {
+            Ok(answer) => answer?,
+            Err(_) => return Err(WriteError::Store("the engine stopped".into())),
         };
         let (confirmed, peers) = self.wait_majority(id, header.generation, header.seq).await;
         Ok(WriteOutcome {
@@ -197,40 +198,46 @@ impl Engine {
             push.2.extend(records);
             results.push((w, Ok((header, applied))));
         }
-        let saved = self.persist(&mut st, &ops);
-        if saved {
-            // Pushed under the lock: pushes of one stream leave in seq order.
-            for (id, (prev, header, records)) in pushes {
-                let push = Message::Push {
-                    stream: id,
-                    prev,
-                    header,
-                    records,
-                }
-                .encode();
-                for p in &active {
-                    self.link.send(*p, push.clone());
-                }
-                self.counters
-                    .pushes_sent
-                    .fetch_add(active.len() as u64, Ordering::Relaxed);
-            }
-        }
-        let store_error = st.store_error.clone().unwrap_or_default();
-        drop(st);
-        for (w, result) in results {
-            let answer = match result {
-                Ok((header, applied)) if saved => {
-                    if !applied.is_empty() {
-                        self.observer.applied(&w.id, &applied, w.origin);
+        // Pushed and answered once saved, in commit order: pushes of one stream leave in
+        // seq order.
+        let saved = self.save_then(&st, ops, move |engine, saved| {
+            if *saved == Saved::Ok {
+                for (id, (prev, header, records)) in pushes {
+                    let push = Message::Push {
+                        stream: id,
+                        prev,
+                        header,
+                        records,
                     }
-                    Ok(header)
+                    .encode();
+                    for p in &active {
+                        engine.link.send(*p, push.clone());
+                    }
+                    engine
+                        .counters
+                        .pushes_sent
+                        .fetch_add(active.len() as u64, Ordering::Relaxed);
                 }
-                Ok(_) => Err(WriteError::Store(store_error.clone())),
-                Err(e) => Err(e),
-            };
-            let _ = w.done.send(answer);
-        }
+            }
+            for (w, result) in results {
+                let answer = match (result, saved) {
+                    (Ok((header, applied)), Saved::Ok) => {
+                        if !applied.is_empty() {
+                            engine.observer.applied(&w.id, &applied, w.origin);
+                        }
+                        Ok(header)
+                    }
+                    (Ok(_), Saved::Failed(e)) => Err(WriteError::Store(e.clone())),
+                    (Ok(_), Saved::Skipped) => Err(WriteError::Store(
+                        "an earlier save failed, so this one was not made".into(),
+                    )),
+                    (Err(e), _) => Err(e),
+                };
+                let _ = w.done.send(answer);
+            }
+        });
+        drop(st);
+        saved.finish();
     }
 
     /// A primary that just started may have lost writes the peers hold (a store restored
