@@ -54,7 +54,12 @@ fn lab() -> &'static Lab {
     })
 }
 
-fn ask(method: &str, path: &str, content_type: Option<&str>, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+fn ask(
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
     let lab = lab();
     let mut request = Request::builder().method(method).uri(path);
     if let Some(ct) = content_type {
@@ -70,7 +75,9 @@ fn ask(method: &str, path: &str, content_type: Option<&str>, body: Vec<u8>) -> (
         .expect("answered within 10 s")
         .unwrap();
         let status = answer.status();
-        let body = axum::body::to_bytes(answer.into_body(), 1 << 20).await.unwrap();
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 20)
+            .await
+            .unwrap();
         (status, body.to_vec())
     })
 }
@@ -172,7 +179,15 @@ proptest! {
 
 #[test]
 fn a_body_over_the_limit_is_refused_with_413() {
-    let body = format!(r#"{{"path":"sip.domains","value":"{}"}}"#, "a".repeat(70 * 1024));
-    let (status, _) = ask("POST", ENDPOINTS[0], Some("application/json"), body.into_bytes());
+    let body = format!(
+        r#"{{"path":"sip.domains","value":"{}"}}"#,
+        "a".repeat(70 * 1024)
+    );
+    let (status, _) = ask(
+        "POST",
+        ENDPOINTS[0],
+        Some("application/json"),
+        body.into_bytes(),
+    );
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 }

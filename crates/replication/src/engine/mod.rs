@@ -25,9 +25,9 @@ mod write;
 
 pub use primary::config_stream;
 use primary::{is_config, Takeover};
+use saver::Saved;
 pub use status::{EngineCounters, PeerReplication, ReplicationStatus};
 pub use write::{forward_endpoint, ForwardRequest};
-use saver::Saved;
 use write::{MajorityWaiters, PendingWrite, RpcOverLink};
 
 use crate::keyring::Keyring;

@@ -45,11 +45,7 @@ impl Engine {
 
     /// A new primary first takes the newest configuration any reachable peer holds, then
     /// starts its generation (EX-7).
-    pub(super) fn drive_takeover(
-        &self,
-        st: &mut State,
-        active: &[usize],
-    ) -> Option<saver::Ticket> {
+    pub(super) fn drive_takeover(&self, st: &mut State, active: &[usize]) -> Option<saver::Ticket> {
         let Some(t) = &st.takeover else { return None };
         let (epoch, started) = (t.epoch, t.started);
         let id = config_stream();

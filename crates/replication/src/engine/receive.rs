@@ -50,12 +50,7 @@ impl Engine {
         saved.finish();
     }
 
-    pub(super) fn handle_one(
-        self: &Arc<Self>,
-        from: usize,
-        payload: &[u8],
-        defer: &mut Deferred,
-    ) {
+    pub(super) fn handle_one(self: &Arc<Self>, from: usize, payload: &[u8], defer: &mut Deferred) {
         if from == 0 || from > self.settings.peer_count || from == self.settings.self_index {
             return;
         }

@@ -325,7 +325,11 @@ mod tests {
         let saver = Saver::start(store.clone(), Arc::default());
         assert!(saver.queue.is_none());
         let (ticket, rx) = queue(&saver, 0, vec![put(7)]);
-        assert_eq!(store.get("t", &[7]).unwrap(), Some(vec![7]), "saved at once");
+        assert_eq!(
+            store.get("t", &[7]).unwrap(),
+            Some(vec![7]),
+            "saved at once"
+        );
         assert!(rx.try_recv().is_err(), "completion waits for finish()");
         ticket.finish();
         assert_eq!(outcome(&rx), Saved::Ok);
