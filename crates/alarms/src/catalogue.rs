@@ -31,12 +31,14 @@ pub struct AlarmType {
     pub action: &'static str,
 }
 
+/// One catalogue entry: `alarm!(id, uuid, Severity, title, detail, action)`.
+#[macro_export]
 macro_rules! alarm {
     ($id:expr, $uuid:expr, $sev:ident, $title:expr, $detail:expr, $action:expr) => {
-        AlarmType {
+        $crate::AlarmType {
             id: $id,
             uuid: $uuid,
-            severity: Severity::$sev,
+            severity: $crate::Severity::$sev,
             title: $title,
             detail: $detail,
             action: $action,
@@ -114,31 +116,41 @@ pub static CATALOGUE: &[AlarmType] = &[
     alarm!(21005, "a97c6d57-6fa1-4f3a-b0b0-26220544dec5", Warning, "Failed to update key file",
         "Failed to update key file: the system key that encrypts this peer's secrets at rest could not be created or changed",
         "Run 'xcommand ForceSystemKeyUpdate' on this peer"),
-    alarm!(30012, "1a6c3e7b-8d9f-4a0b-9c2d-4e5f6a7b3012", Warning, "Licences of a lost peer",
-        "The licences of a lost cluster peer will be removed from the pool after the grace period",
-        "Bring the peer back, or remove it from the cluster"),
-    alarm!(30013, "2b7d4f8c-9e0a-4b1c-8d3e-5f6a7b8c3013", Warning, "Licences of a lost peer",
-        "Call licences of a lost cluster peer will be removed from the pool after the grace period",
-        "Bring the peer back, or remove it from the cluster"),
-    alarm!(30014, "3c8e5a9d-0f1b-4c2d-9e4f-6a7b8c9d3014", Warning, "Licences of a lost peer",
-        "Registration licences of a lost cluster peer will be removed from the pool after the grace period",
-        "Bring the peer back, or remove it from the cluster"),
-    alarm!(30015, "4d9f6b0e-1a2c-4d3e-8f5a-7b8c9d0e3015", Warning, "Licences of a lost peer removed",
-        "The licences of a lost cluster peer have been removed from the pool",
-        "Bring the peer back, or remove it from the cluster"),
-    alarm!(30016, "5e0a7c1f-2b3d-4e4f-9a6b-8c9d0e1f3016", Warning, "Licences of a lost peer removed",
-        "Call licences of a lost cluster peer have been removed from the pool",
-        "Bring the peer back, or remove it from the cluster"),
-    alarm!(30017, "6f1b8d2a-3c4e-4f5a-8b7c-9d0e1f2a3017", Warning, "Licences of a lost peer removed",
-        "Registration licences of a lost cluster peer have been removed from the pool",
-        "Bring the peer back, or remove it from the cluster"),
-    alarm!(40001, "1d7e3b9c-2a4f-4e6d-9b8c-0a1f2e3d4001", Warning, "SIP authentication failures",
-        "Many failed SIP authentications: a source address has been blocked, or a user's password is being guessed from several addresses",
-        "Check the source (firewall it if it is not one of yours) and the strength of the user's password; the alarm clears by itself once the failures stop"),
 ];
 
+/// Alarm types added by the services hosted on the node (their own catalogues), beside the
+/// node's own `CATALOGUE`.
+static REGISTERED: std::sync::RwLock<Vec<&'static [AlarmType]>> =
+    std::sync::RwLock::new(Vec::new());
+
+/// Adds a service's alarm types. Registering the same list again changes nothing; an ID
+/// already taken by another type is refused with the ID named.
+pub fn register(alarms: &'static [AlarmType]) -> Result<(), String> {
+    let mut registered = REGISTERED.write().unwrap_or_else(|p| p.into_inner());
+    if registered.iter().any(|r| std::ptr::eq(*r, alarms)) {
+        return Ok(());
+    }
+    if let Some(taken) = alarms.iter().find(|a| {
+        CATALOGUE
+            .iter()
+            .chain(registered.iter().flat_map(|r| r.iter()))
+            .any(|b| b.id == a.id)
+    }) {
+        return Err(format!("alarm {} is already in the catalogue", taken.id));
+    }
+    registered.push(alarms);
+    Ok(())
+}
+
 pub fn lookup(id: u32) -> Option<&'static AlarmType> {
-    CATALOGUE.iter().find(|a| a.id == id)
+    if let Some(a) = CATALOGUE.iter().find(|a| a.id == id) {
+        return Some(a);
+    }
+    let registered = REGISTERED.read().unwrap_or_else(|p| p.into_inner());
+    registered
+        .iter()
+        .flat_map(|r| r.iter())
+        .find(|a| a.id == id)
 }
 
 #[cfg(test)]

@@ -7,5 +7,5 @@
 mod catalogue;
 mod table;
 
-pub use catalogue::{lookup, AlarmType, Severity, CATALOGUE};
+pub use catalogue::{lookup, register, AlarmType, Severity, CATALOGUE};
 pub use table::{ActiveAlarm, AlarmEvent, AlarmEventKind, AlarmTable};

@@ -97,6 +97,9 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     let resolver = Arc::new(SystemResolver {
         ip_version: config.cluster.ip_version,
     });
+    // Every service's items and alarms, whether or not this peer runs it: the
+    // configuration primary checks every peer's items.
+    causeway_sipserver::catalogue::register();
     let store = NodeStore::open(&data_dir);
     let (node, _services) = Node::start(config.clone(), transport, resolver, store);
     let mut app = causeway_admin::router(node.clone());

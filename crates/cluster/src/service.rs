@@ -5,6 +5,14 @@
 //! lease groups, the alarm table and `/metrics` — instead of making its own. The binary,
 //! the composition root, hands it to [`Node::host`](crate::Node::host); the node stops
 //! every hosted service, newest first, before it lets go of its leases and its mesh.
+//!
+//! A service's configuration items and alarm types are its own, defined in its crate
+//! (`sipserver::catalogue` is the model): a static list of
+//! [`ItemDef`](crate::xconfig::ItemDef)s and one of `AlarmType`s, added to the node's
+//! catalogues with [`xconfig::register`](crate::xconfig::register) and
+//! `causeway_alarms::register`. The binary registers every service's lists before the
+//! node starts, whether or not this peer runs the service: the configuration primary
+//! checks the items of every peer's services.
 
 use causeway_mesh::BoxFuture;
 

@@ -13,7 +13,7 @@ use crate::config::{valid_address, NodeConfig};
 
 /// How a value is checked and written back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub enum Kind {
     /// Comma-separated DNS domains, each once.
     Domains,
     /// A password; never shown back.
@@ -28,109 +28,76 @@ enum Kind {
     TlsMode,
     /// An IP address.
     Ip,
-    /// How SIP requests from outside the cluster are authenticated (Expressway's zone
-    /// setting): `Check credentials`, `Do not check credentials`, `Treat as authenticated`.
-    AuthPolicy,
+    /// One of these words, written as here; any case, `_` or `-` for a space, and any
+    /// unambiguous start (`check` for `Check credentials`) are accepted.
+    Choice(&'static [&'static str]),
 }
 
-struct ItemDef {
+/// A cluster-wide configuration item. The node defines its own; each service defines
+/// its items in its own crate and registers them (`register`).
+#[derive(Debug)]
+pub struct ItemDef {
     /// `<name>` stands for an operator-chosen name (a family of items).
-    path: &'static str,
-    kind: Kind,
-    restart: bool,
-    about: &'static str,
+    pub path: &'static str,
+    pub kind: Kind,
+    /// A change takes effect only after a restart (20007).
+    pub restart: bool,
+    pub about: &'static str,
+    /// Shown when the item is not set ("" for none).
+    pub default: &'static str,
 }
 
-const CLUSTER_ITEMS: &[ItemDef] = &[
-    ItemDef {
-        path: "sip.domains",
-        kind: Kind::Domains,
-        restart: false,
-        about: "SIP domains this cluster is authoritative for",
-    },
-    ItemDef {
-        path: "sip.users.<name>",
-        kind: Kind::Secret,
-        restart: false,
-        about: "a SIP user's password (digest authentication)",
-    },
-    ItemDef {
-        path: "sip.authentication.policy",
-        kind: Kind::AuthPolicy,
-        restart: false,
-        about: "requests other than REGISTER from outside the cluster: Check credentials (407 challenge), Do not check credentials, or Treat as authenticated",
-    },
-    ItemDef {
-        path: "sip.authentication.window_s",
-        kind: Kind::Limit,
-        restart: false,
-        about: "seconds over which failed SIP authentications are counted per source and per user",
-    },
-    ItemDef {
-        path: "sip.authentication.slow_after",
-        kind: Kind::Limit,
-        restart: false,
-        about: "failures from one source in the window after which its answers are delayed (0: never)",
-    },
-    ItemDef {
-        path: "sip.authentication.block_after",
-        kind: Kind::Limit,
-        restart: false,
-        about: "failures from one source in the window after which it is refused unchecked (0: never)",
-    },
-    ItemDef {
-        path: "sip.authentication.block_s",
-        kind: Kind::Limit,
-        restart: false,
-        about: "seconds a source stays blocked",
-    },
-    ItemDef {
-        path: "sip.authentication.alarm_after",
-        kind: Kind::Limit,
-        restart: false,
-        about: "failures for one user in the window, from any source, that raise alarm 40001 (0: never)",
-    },
-    ItemDef {
-        path: "zones.<name>.address",
-        kind: Kind::HostPort,
-        restart: false,
-        about: "a neighbour zone's SIP address",
-    },
-    ItemDef {
-        path: "routing.rules.<name>",
-        kind: Kind::Rule,
-        restart: false,
-        about: "a search rule: destination pattern and target zone",
-    },
-    ItemDef {
-        path: "limits.calls.max",
-        kind: Kind::Limit,
-        restart: false,
-        about: "concurrent calls across the cluster (0: no limit)",
-    },
-    ItemDef {
-        path: "limits.bandwidth.total_kbps",
-        kind: Kind::Limit,
-        restart: false,
-        about: "total call bandwidth across the cluster, kbit/s (0: no limit)",
-    },
-    ItemDef {
-        path: "limits.bandwidth.per_call_kbps",
-        kind: Kind::Limit,
-        restart: false,
-        about: "bandwidth of one call, kbit/s (0: no limit)",
-    },
+/// Items added by the services the binary hosts (their own catalogues).
+static REGISTERED: std::sync::RwLock<Vec<&'static [ItemDef]>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds a service's configuration items. Registering the same list again changes nothing;
+/// a path another item already has is refused with the path named.
+pub fn register(items: &'static [ItemDef]) -> Result<(), String> {
+    let mut registered = REGISTERED.write().unwrap_or_else(|p| p.into_inner());
+    if registered.iter().any(|r| std::ptr::eq(*r, items)) {
+        return Ok(());
+    }
+    let known = |path: &str| {
+        NODE_ITEMS
+            .iter()
+            .chain(registered.iter().flat_map(|r| r.iter()))
+            .any(|d| d.path == path)
+            || is_peer_specific(path)
+    };
+    if let Some(taken) = items.iter().find(|d| known(d.path)) {
+        return Err(format!(
+            "configuration item {} is already defined",
+            taken.path
+        ));
+    }
+    registered.push(items);
+    Ok(())
+}
+
+/// Every cluster-wide item: the node's own, then the services' in registration order.
+fn all_items() -> Vec<&'static ItemDef> {
+    let registered = REGISTERED.read().unwrap_or_else(|p| p.into_inner());
+    NODE_ITEMS
+        .iter()
+        .chain(registered.iter().flat_map(|r| r.iter()))
+        .collect()
+}
+
+/// The node's own cluster-wide items.
+const NODE_ITEMS: &[ItemDef] = &[
     ItemDef {
         path: "cluster.tls_verification",
         kind: Kind::TlsMode,
         restart: true,
         about: "TLS verification between peers: Permissive or Enforce",
+        default: "", // the node file's mode, see default_value,
     },
     ItemDef {
         path: "cluster.address_mapping.<name>",
         kind: Kind::Ip,
         restart: false,
         about: "the address a peer name maps to, consulted before DNS",
+        default: "",
     },
 ];
 
@@ -188,8 +155,8 @@ fn name_ok(name: &str, dots: bool) -> bool {
 
 /// The cluster-wide item a path names, or why none does.
 fn cluster_item(path: &str) -> Option<&'static ItemDef> {
-    CLUSTER_ITEMS
-        .iter()
+    all_items()
+        .into_iter()
         .find(|d| match d.path.split_once("<name>") {
             None => d.path == path,
             Some((prefix, suffix)) => path
@@ -204,8 +171,8 @@ pub fn is_peer_specific(path: &str) -> bool {
 }
 
 fn unknown(path: &str) -> String {
-    let known: Vec<&str> = CLUSTER_ITEMS
-        .iter()
+    let known: Vec<&str> = all_items()
+        .into_iter()
         .map(|d| d.path)
         .chain(PEER_ITEMS.iter().map(|(p, _)| *p))
         .collect();
@@ -296,16 +263,24 @@ pub fn canonical(path: &str, value: Option<&str>) -> Result<Option<String>, Stri
             Ok(ip) => ip.to_string(),
             Err(_) => return bad("is not an IP address"),
         },
-        Kind::AuthPolicy => match v.to_ascii_lowercase().replace(['_', '-'], " ").as_str() {
-            "check credentials" | "check" => "Check credentials".to_string(),
-            "do not check credentials" | "do not check" => "Do not check credentials".to_string(),
-            "treat as authenticated" => "Treat as authenticated".to_string(),
-            _ => {
-                return bad(
-                    "is not 'Check credentials', 'Do not check credentials' or 'Treat as authenticated'",
-                )
+        Kind::Choice(choices) => {
+            let words = |t: &str| t.to_ascii_lowercase().replace(['_', '-'], " ");
+            let given = words(v);
+            let given = given.split_whitespace().collect::<Vec<_>>().join(" ");
+            let exact = choices.iter().copied().find(|c| words(c) == given);
+            let starting: Vec<&str> = choices
+                .iter()
+                .copied()
+                .filter(|c| !given.is_empty() && words(c).starts_with(&given))
+                .collect();
+            match (exact, starting.as_slice()) {
+                (Some(c), _) | (None, &[c]) => c.to_string(),
+                _ => {
+                    let list: Vec<String> = choices.iter().map(|c| format!("'{c}'")).collect();
+                    return bad(&format!("is not one of {}", list.join(", ")));
+                }
             }
-        },
+        }
     };
     Ok(Some(out))
 }
@@ -325,7 +300,7 @@ pub fn shown(path: &str, value: &str) -> String {
 /// The cluster-wide items: every fixed path (set or default) and every set family member.
 pub fn cluster_items(entries: &[(String, String)], file: &NodeConfig) -> Vec<ConfigItem> {
     let mut out = Vec::new();
-    for def in CLUSTER_ITEMS {
+    for def in all_items() {
         if def.path.contains("<name>") {
             for (k, v) in entries {
                 if cluster_item(k).is_some_and(|d| std::ptr::eq(d, def)) {
@@ -337,7 +312,7 @@ pub fn cluster_items(entries: &[(String, String)], file: &NodeConfig) -> Vec<Con
                 .iter()
                 .find(|(k, _)| k == def.path)
                 .map(|(_, v)| v.clone())
-                .unwrap_or_else(|| default_value(def.path, file));
+                .unwrap_or_else(|| default_value(def, file));
             out.push(item(def.path, &value, def));
         }
     }
@@ -355,19 +330,10 @@ fn item(path: &str, value: &str, def: &ItemDef) -> ConfigItem {
     }
 }
 
-fn default_value(path: &str, file: &NodeConfig) -> String {
-    match path {
+fn default_value(def: &ItemDef, file: &NodeConfig) -> String {
+    match def.path {
         "cluster.tls_verification" => tls_text(file.cluster.tls_verification),
-        "limits.calls.max" | "limits.bandwidth.total_kbps" | "limits.bandwidth.per_call_kbps" => {
-            "0".to_string()
-        }
-        "sip.authentication.policy" => "Do not check credentials".to_string(),
-        "sip.authentication.window_s" => "60".to_string(),
-        "sip.authentication.slow_after" => "5".to_string(),
-        "sip.authentication.block_after" => "20".to_string(),
-        "sip.authentication.block_s" => "600".to_string(),
-        "sip.authentication.alarm_after" => "50".to_string(),
-        _ => String::new(),
+        _ => def.default.to_string(),
     }
 }
 
@@ -456,11 +422,83 @@ pub fn set_peer_item(file: &mut NodeConfig, path: &str, value: &str) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A service's items as the node's tests see them (SIP's own are in its crate).
+    pub(crate) static TEST_ITEMS: &[ItemDef] = &[
+        ItemDef {
+            path: "sip.domains",
+            kind: Kind::Domains,
+            restart: false,
+            about: "SIP domains",
+            default: "",
+        },
+        ItemDef {
+            path: "sip.users.<name>",
+            kind: Kind::Secret,
+            restart: false,
+            about: "a SIP user's password",
+            default: "",
+        },
+        ItemDef {
+            path: "zones.<name>.address",
+            kind: Kind::HostPort,
+            restart: false,
+            about: "a zone's address",
+            default: "",
+        },
+        ItemDef {
+            path: "routing.rules.<name>",
+            kind: Kind::Rule,
+            restart: false,
+            about: "a search rule",
+            default: "",
+        },
+        ItemDef {
+            path: "limits.calls.max",
+            kind: Kind::Limit,
+            restart: false,
+            about: "concurrent calls",
+            default: "0",
+        },
+        ItemDef {
+            path: "test.mode",
+            kind: Kind::Choice(&["Fast", "Slow and steady"]),
+            restart: false,
+            about: "a choice",
+            default: "Fast",
+        },
+    ];
+
+    #[test]
+    fn a_services_items_join_once_and_a_taken_path_is_refused_by_name() {
+        register(TEST_ITEMS).unwrap();
+        register(TEST_ITEMS).unwrap();
+        static CLASH: &[ItemDef] = &[ItemDef {
+            path: "cluster.tls_verification",
+            kind: Kind::Limit,
+            restart: false,
+            about: "",
+            default: "",
+        }];
+        let e = register(CLASH).unwrap_err();
+        assert!(e.contains("cluster.tls_verification"), "{e}");
+        assert_eq!(
+            canonical("test.mode", Some("slow")).unwrap(),
+            Some("Slow and steady".into())
+        );
+        assert_eq!(
+            canonical("test.mode", Some("FAST")).unwrap(),
+            Some("Fast".into())
+        );
+        let e = canonical("test.mode", Some("")).unwrap_err();
+        assert!(e.contains("'Fast', 'Slow and steady'"), "{e}");
+    }
 
     #[test]
     fn values_are_checked_and_canonical_and_errors_name_the_field() {
+        register(TEST_ITEMS).unwrap();
         assert_eq!(
             canonical("sip.domains", Some(" Example.com, example.org ")).unwrap(),
             Some("example.com,example.org".into())

@@ -3,6 +3,7 @@
 
 pub mod admission;
 mod auth;
+pub mod catalogue;
 mod guard;
 pub mod licences;
 pub mod location;

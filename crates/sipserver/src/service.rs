@@ -124,6 +124,7 @@ impl SipService {
         settings: SipSettings,
         cancel: CancellationToken,
     ) -> anyhow::Result<Arc<SipService>> {
+        crate::catalogue::register();
         // Its own token under the process's: stopping SIP stops nothing else.
         let cancel = cancel.child_token();
         let tasks = TaskTracker::new();

@@ -45,6 +45,8 @@ async fn solo(net: u8) -> Solo {
     let resolver = Arc::new(causeway_mesh::SystemResolver {
         ip_version: causeway_mesh::IpVersion::IPv4,
     });
+    // As the binary does: SIP's items are known before anything is configured.
+    causeway_sipserver::catalogue::register();
     let (node, _) = Node::start(config, None, resolver, store);
     node.set_configuration("sip.domains", Some("test.example"))
         .await

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_cluster::config::{AdminSection, ClusterSection, NodeSection, TlsSection};
+use causeway_cluster::xconfig::{self, ItemDef, Kind};
 use causeway_cluster::{Node, NodeConfig, NodeStore};
 use causeway_mesh::{MemoryNetwork, SystemResolver, TlsMode};
 use causeway_store::MemoryStore;
@@ -15,7 +16,26 @@ pub fn ip(k: usize) -> IpAddr {
     format!("198.18.0.{k}").parse().unwrap()
 }
 
+/// The items of a service the node's tests write (SIP's own live in its crate).
+static SERVICE_ITEMS: &[ItemDef] = &[
+    ItemDef {
+        path: "sip.domains",
+        kind: Kind::Domains,
+        restart: false,
+        about: "SIP domains",
+        default: "",
+    },
+    ItemDef {
+        path: "limits.calls.max",
+        kind: Kind::Limit,
+        restart: false,
+        about: "concurrent calls",
+        default: "0",
+    },
+];
+
 pub fn config(k: usize, n: usize, mode: TlsMode) -> NodeConfig {
+    let _ = xconfig::register(SERVICE_ITEMS);
     NodeConfig {
         node: NodeSection {
             system_name: format!("peer{k}"),

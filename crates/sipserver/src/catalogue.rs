@@ -1,0 +1,178 @@
+//! What the SIP service adds to the node's catalogues: its configuration items and its
+//! alarms. The binary registers them at start whether or not this peer runs SIP (the
+//! configuration primary checks every peer's items); the service registers them again
+//! when it starts, which changes nothing.
+
+use causeway_alarms::AlarmType;
+use causeway_cluster::xconfig::{ItemDef, Kind};
+
+/// How SIP requests from outside the cluster are authenticated (Expressway's zone
+/// setting); see `docs/security.md`.
+pub const AUTH_POLICIES: &[&str] = &[
+    "Check credentials",
+    "Do not check credentials",
+    "Treat as authenticated",
+];
+
+pub static ITEMS: &[ItemDef] = &[
+    ItemDef {
+        path: "sip.domains",
+        kind: Kind::Domains,
+        restart: false,
+        about: "SIP domains this cluster is authoritative for",
+        default: "",
+    },
+    ItemDef {
+        path: "sip.users.<name>",
+        kind: Kind::Secret,
+        restart: false,
+        about: "a SIP user's password (digest authentication)",
+        default: "",
+    },
+    ItemDef {
+        path: "sip.authentication.policy",
+        kind: Kind::Choice(AUTH_POLICIES),
+        restart: false,
+        about: "requests other than REGISTER from outside the cluster: Check credentials (407 challenge), Do not check credentials, or Treat as authenticated",
+        default: "Do not check credentials",
+    },
+    ItemDef {
+        path: "sip.authentication.window_s",
+        kind: Kind::Limit,
+        restart: false,
+        about: "seconds over which failed SIP authentications are counted per source and per user",
+        default: "60",
+    },
+    ItemDef {
+        path: "sip.authentication.slow_after",
+        kind: Kind::Limit,
+        restart: false,
+        about: "failures from one source in the window after which its answers are delayed (0: never)",
+        default: "5",
+    },
+    ItemDef {
+        path: "sip.authentication.block_after",
+        kind: Kind::Limit,
+        restart: false,
+        about: "failures from one source in the window after which it is refused unchecked (0: never)",
+        default: "20",
+    },
+    ItemDef {
+        path: "sip.authentication.block_s",
+        kind: Kind::Limit,
+        restart: false,
+        about: "seconds a source stays blocked",
+        default: "600",
+    },
+    ItemDef {
+        path: "sip.authentication.alarm_after",
+        kind: Kind::Limit,
+        restart: false,
+        about: "failures for one user in the window, from any source, that raise alarm 40001 (0: never)",
+        default: "50",
+    },
+    ItemDef {
+        path: "zones.<name>.address",
+        kind: Kind::HostPort,
+        restart: false,
+        about: "a neighbour zone's SIP address",
+        default: "",
+    },
+    ItemDef {
+        path: "routing.rules.<name>",
+        kind: Kind::Rule,
+        restart: false,
+        about: "a search rule: destination pattern and target zone",
+        default: "",
+    },
+    ItemDef {
+        path: "limits.calls.max",
+        kind: Kind::Limit,
+        restart: false,
+        about: "concurrent calls across the cluster (0: no limit)",
+        default: "0",
+    },
+    ItemDef {
+        path: "limits.bandwidth.total_kbps",
+        kind: Kind::Limit,
+        restart: false,
+        about: "total call bandwidth across the cluster, kbit/s (0: no limit)",
+        default: "0",
+    },
+    ItemDef {
+        path: "limits.bandwidth.per_call_kbps",
+        kind: Kind::Limit,
+        restart: false,
+        about: "bandwidth of one call, kbit/s (0: no limit)",
+        default: "0",
+    },
+];
+
+pub static ALARMS: &[AlarmType] = &[
+    causeway_alarms::alarm!(30012, "1a6c3e7b-8d9f-4a0b-9c2d-4e5f6a7b3012", Warning, "Licences of a lost peer",
+        "The licences of a lost cluster peer will be removed from the pool after the grace period",
+        "Bring the peer back, or remove it from the cluster"),
+    causeway_alarms::alarm!(30013, "2b7d4f8c-9e0a-4b1c-8d3e-5f6a7b8c3013", Warning, "Licences of a lost peer",
+        "Call licences of a lost cluster peer will be removed from the pool after the grace period",
+        "Bring the peer back, or remove it from the cluster"),
+    causeway_alarms::alarm!(30014, "3c8e5a9d-0f1b-4c2d-9e4f-6a7b8c9d3014", Warning, "Licences of a lost peer",
+        "Registration licences of a lost cluster peer will be removed from the pool after the grace period",
+        "Bring the peer back, or remove it from the cluster"),
+    causeway_alarms::alarm!(30015, "4d9f6b0e-1a2c-4d3e-8f5a-7b8c9d0e3015", Warning, "Licences of a lost peer removed",
+        "The licences of a lost cluster peer have been removed from the pool",
+        "Bring the peer back, or remove it from the cluster"),
+    causeway_alarms::alarm!(30016, "5e0a7c1f-2b3d-4e4f-9a6b-8c9d0e1f3016", Warning, "Licences of a lost peer removed",
+        "Call licences of a lost cluster peer have been removed from the pool",
+        "Bring the peer back, or remove it from the cluster"),
+    causeway_alarms::alarm!(30017, "6f1b8d2a-3c4e-4f5a-8b7c-9d0e1f2a3017", Warning, "Licences of a lost peer removed",
+        "Registration licences of a lost cluster peer have been removed from the pool",
+        "Bring the peer back, or remove it from the cluster"),
+    causeway_alarms::alarm!(40001, "1d7e3b9c-2a4f-4e6d-9b8c-0a1f2e3d4001", Warning, "SIP authentication failures",
+        "Many failed SIP authentications: a source address has been blocked, or a user's password is being guessed from several addresses",
+        "Check the source (firewall it if it is not one of yours) and the strength of the user's password; the alarm clears by itself once the failures stop"),
+];
+
+/// Adds SIP's items and alarms to the node's catalogues (idempotent).
+pub fn register() {
+    // Only a clash of IDs or paths between compiled-in catalogues can fail: a
+    // programming error the tests below catch.
+    if let Err(e) = causeway_cluster::xconfig::register(ITEMS) {
+        tracing::error!(target: "developer.sip", reason = %e, "SIP configuration items not registered");
+    }
+    if let Err(e) = causeway_alarms::register(ALARMS) {
+        tracing::error!(target: "developer.sip", reason = %e, "SIP alarms not registered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sips_items_and_alarms_join_the_catalogues_once_and_are_checked_there() {
+        assert!(causeway_cluster::xconfig::register(ITEMS).is_ok());
+        assert!(causeway_alarms::register(ALARMS).is_ok());
+        assert!(
+            causeway_cluster::xconfig::register(ITEMS).is_ok(),
+            "again: no change"
+        );
+        assert_eq!(causeway_alarms::lookup(40001).map(|a| a.id), Some(40001));
+        let canonical = causeway_cluster::xconfig::canonical;
+        assert_eq!(
+            canonical("sip.authentication.policy", Some("check")).unwrap(),
+            Some("Check credentials".into())
+        );
+        assert_eq!(
+            canonical("sip.authentication.policy", Some("treat_as_authenticated")).unwrap(),
+            Some("Treat as authenticated".into())
+        );
+        let e = canonical("sip.authentication.policy", Some("maybe")).unwrap_err();
+        assert!(
+            e.starts_with("sip.authentication.policy:") && e.contains("'Check credentials'"),
+            "{e}"
+        );
+        assert!(canonical("limits.calls.max", Some("-1"))
+            .unwrap_err()
+            .starts_with("limits.calls.max:"));
+    }
+}
