@@ -492,7 +492,7 @@ impl SipService {
     /// The limits in force now, for an admission decision.
     pub(crate) fn admission_limits(&self) -> Limits {
         let config = self.config();
-        let licensed = self.pool.lock().unwrap_or_else(|p| p.into_inner()).calls;
+        let licensed = self.licences.current().calls;
         let calls_max = match (config.calls_max, licensed) {
             (0, l) => l,
             (m, 0) => m,

@@ -3,6 +3,7 @@
 
 pub mod admission;
 mod auth;
+mod authenticator;
 pub mod catalogue;
 mod guard;
 pub mod licences;

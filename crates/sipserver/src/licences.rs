@@ -10,15 +10,19 @@
 //! licence limit (a lab).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use causeway_replication::Change;
+use causeway_cluster::Node;
+use causeway_replication::{Change, StreamId};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::service::{SipService, LOG};
+use crate::location::Location;
+use crate::service::LOG;
 
 pub const NAMESPACE: &str = "licences";
 const KEY: &str = "installed";
@@ -172,40 +176,74 @@ impl Licences {
     }
 }
 
-impl SipService {
+/// The licence part of the SIP service: what every peer installs, which peers are lost
+/// and since when, and the pool that follows (refreshed every second by the service).
+pub struct LicencePool {
+    node: Arc<Node>,
+    self_index: usize,
+    /// This peer's `licences/peerN`.
+    own: StreamId,
+    licences: Licences,
+    pool: Mutex<Pool>,
+}
+
+impl LicencePool {
+    pub fn new(node: Arc<Node>, self_index: usize) -> Self {
+        LicencePool {
+            node,
+            self_index,
+            own: StreamId::new(NAMESPACE, &crate::location::stream_name(self_index)),
+            licences: Licences::default(),
+            pool: Mutex::new(Pool::default()),
+        }
+    }
+
+    /// One record of a peer's licence stream, as replicated.
+    pub fn apply(&self, owner: usize, key: &str, value: Option<&[u8]>) {
+        self.licences.apply(owner, key, value);
+    }
+
+    /// The pool as last refreshed.
+    pub fn current(&self) -> Pool {
+        *self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Peers lost for longer than `d`.
+    pub fn down_longer_than(&self, d: Duration) -> Vec<usize> {
+        self.licences.down_longer_than(d)
+    }
+
     /// Publishes this peer's licences, once at start (they change with a restart only).
-    pub(crate) async fn publish_licences(&self) {
-        let own = self.own_stream(NAMESPACE);
+    pub async fn publish(&self) {
         let l = &self.node.config().licences;
         let mine = Installed {
             calls: l.rich_media_sessions,
             registrations: l.room_systems,
         };
         let value = postcard::to_stdvec(&mine).unwrap_or_default();
-        if self.node.replication().get(&own, KEY).as_deref() == Some(value.as_slice()) {
+        if self.node.replication().get(&self.own, KEY).as_deref() == Some(value.as_slice()) {
             return;
         }
         let change = Change {
             key: KEY.to_string(),
             value: Some(value),
         };
-        if let Err(e) = self.node.replication().write(&own, vec![change]).await {
+        if let Err(e) = self.node.replication().write(&self.own, vec![change]).await {
             warn!(target: LOG, reason = %e, "Publishing this peer's licences failed");
         }
     }
 
-    /// The pool as it stands, after noting who is up and keeping the licence alarms equal
-    /// to it.
-    pub(crate) fn licence_pool(&self) -> Pool {
-        let peers = self.peers();
+    /// Computes the pool anew from `peers` (index, address, up), keeps the licence alarms
+    /// equal to it, and records newly seen losses in this peer's stream (on `tasks`).
+    pub fn refresh(&self, peers: &[(usize, Option<IpAddr>, bool)], tasks: &TaskTracker) -> Pool {
         let up: Vec<(usize, bool)> = peers.iter().map(|(i, _, up)| (*i, *up)).collect();
         let now_ms = causeway_common::time::unix_ms_now();
         let down = self.licences.observe(&up);
         let down = self.licences.lost_for(&down, now_ms);
         let changes = self.licences.report_changes(self.self_index, &down, now_ms);
         if !changes.is_empty() {
-            let (node, own) = (self.node.clone(), self.own_stream(NAMESPACE));
-            self.tasks.spawn(async move {
+            let (node, own) = (self.node.clone(), self.own.clone());
+            tasks.spawn(async move {
                 if let Err(e) = node.replication().write(&own, changes).await {
                     warn!(target: LOG, reason = %e, "Recording when peers were lost failed");
                 }
@@ -219,7 +257,7 @@ impl SipService {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let alarms = self.node.alarms();
-        for (peer, address, _) in &peers {
+        for (peer, address, _) in peers {
             if *peer == self.self_index {
                 continue;
             }
@@ -249,17 +287,19 @@ impl SipService {
                 }
             }
         }
-        self.licences.pool(&down, grace)
+        let pool = self.licences.pool(&down, grace);
+        *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = pool;
+        pool
     }
 
     /// Whether `aor` may register under the registration licences: an AOR that has a
     /// binding already always may (looked up only when licences are installed).
-    pub(crate) fn registration_licence_free(&self, aor: &str, now_ms: u64) -> bool {
-        let pool = *self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.registrations == 0 || !self.location.lookup(aor, now_ms).is_empty() {
+    pub fn registration_free(&self, aor: &str, location: &Location, now_ms: u64) -> bool {
+        let pool = self.current();
+        if pool.registrations == 0 || !location.lookup(aor, now_ms).is_empty() {
             return true;
         }
-        (self.location.aor_count() as u64) < pool.registrations
+        (location.aor_count() as u64) < pool.registrations
     }
 }
 

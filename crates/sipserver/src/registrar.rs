@@ -8,8 +8,7 @@ use causeway_replication::Change;
 use causeway_sip::{HeaderKind, Message, NameAddr, SipUri};
 use tracing::{debug, warn};
 
-use crate::auth;
-use crate::guard::Gate;
+use crate::authenticator::{Checked, BLOCKED};
 use crate::location::{binding_key, Binding, NAMESPACE};
 use crate::service::{SipService, LOG};
 use crate::transport::{Proto, Source};
@@ -24,20 +23,6 @@ struct Wanted {
     reg_id: Option<u32>,
 }
 
-/// The answer to a source blocked for its failed authentications.
-const BLOCKED: &str = "Forbidden (too many failed authentications from this address)";
-
-/// What a credentials check came to.
-enum Checked {
-    Ok(String),
-    /// Answer 401/407 with this header line.
-    Challenge(String),
-    /// The source is blocked: refused unchecked.
-    Blocked,
-    /// Wrong credentials (counted and logged already).
-    Refused(&'static str),
-}
-
 fn quality(q: Option<&str>) -> Option<u16> {
     let q: f32 = q?.parse().ok()?;
     (0.0..=1.0)
@@ -46,54 +31,6 @@ fn quality(q: Option<&str>) -> Option<u16> {
 }
 
 impl SipService {
-    /// The credentials of `req` checked against the configured users, through the guard:
-    /// a blocked source is refused unchecked, a slowed one waits first. `proxy`: a proxy's
-    /// challenge (407, Proxy-Authorization) rather than a registrar's (401). A failure is
-    /// counted and logged here; the caller answers.
-    async fn check_credentials(
-        &self,
-        req: &Message,
-        method: &str,
-        source: &Source,
-        proxy: bool,
-    ) -> Checked {
-        let config = self.config();
-        let ip = source.remote.ip();
-        match self.auth_guard.gate(ip, &config.guard) {
-            Gate::Blocked => return Checked::Blocked,
-            Gate::Slow(delay) => tokio::time::sleep(delay).await,
-            Gate::Open => {}
-        }
-        let realm = self.realm();
-        let checker = auth::Checker {
-            users: &config.users,
-            realm: &realm,
-            key: &self.nonce_key,
-            uses: &self.nonce_uses,
-            proxy,
-        };
-        let request = auth::request_fingerprint(req, source.remote);
-        match auth::check(req, method, request, &checker) {
-            auth::Verdict::Ok(user) => {
-                self.auth_guard.succeeded(ip);
-                Checked::Ok(user)
-            }
-            auth::Verdict::Challenge(header) => Checked::Challenge(header),
-            auth::Verdict::Refused(why) => {
-                let user = req
-                    .value(if proxy {
-                        HeaderKind::From
-                    } else {
-                        HeaderKind::To
-                    })
-                    .and_then(|f| NameAddr::parse(&f).ok()?.uri.user)
-                    .unwrap_or_default();
-                self.authentication_failed(source, method, &user, why);
-                Checked::Refused(why)
-            }
-        }
-    }
-
     /// The policy's check of a request other than REGISTER from outside the cluster: true
     /// when it may go on; otherwise it has been answered (407 challenge, or 403).
     pub(crate) async fn authenticate_request(
@@ -102,7 +39,11 @@ impl SipService {
         method: &str,
         source: &Source,
     ) -> bool {
-        match self.check_credentials(req, method, source, true).await {
+        match self
+            .auth
+            .check(req, method, source, true, &self.config(), &self.realm())
+            .await
+        {
             Checked::Ok(_) => true,
             Checked::Challenge(header) => {
                 self.respond(req, source, 407, "Proxy Authentication Required", &[header]);
@@ -116,48 +57,6 @@ impl SipService {
                 self.respond(req, source, 403, &format!("Forbidden ({why})"), &[]);
                 false
             }
-        }
-    }
-
-    /// Counts, logs and, past the thresholds, alarms a failed authentication.
-    pub(crate) fn authentication_failed(
-        &self,
-        source: &Source,
-        method: &str,
-        user: &str,
-        why: &str,
-    ) {
-        let settings = self.config().guard;
-        let f = self.auth_guard.failed(source.remote.ip(), user, &settings);
-        warn!(target: LOG, event = "Authentication Failed", src_ip = %source.remote.ip(),
-            src_port = source.remote.port(), auth_user = %user, method = %method,
-            reason = why, failures_from_source = f.source_failures, "");
-        let alarms = self.node.alarms();
-        if f.blocked {
-            let minutes = settings.block_for.as_secs().div_ceil(60);
-            warn!(target: LOG, event = "Authentication Source Blocked", src_ip = %source.remote.ip(),
-                failures = f.source_failures, blocked_minutes = minutes, "");
-            alarms.raise(
-                40001,
-                &format!("source {}", source.remote.ip()),
-                &format!(
-                    "{} failed authentications from {} within {} s: refused for {minutes} min",
-                    f.source_failures,
-                    source.remote.ip(),
-                    settings.window.as_secs()
-                ),
-            );
-        }
-        if f.user_alarm {
-            alarms.raise(
-                40001,
-                &format!("user {user}"),
-                &format!(
-                    "{} failed authentications as {user} within {} s",
-                    f.user_failures,
-                    settings.window.as_secs()
-                ),
-            );
         }
     }
 
@@ -182,14 +81,19 @@ impl SipService {
         let aor = self.canonical_aor(&to.uri);
         let config = self.config();
         if !config.users.is_empty() {
-            match self.check_credentials(req, "REGISTER", source, false).await {
+            match self
+                .auth
+                .check(req, "REGISTER", source, false, &config, &self.realm())
+                .await
+            {
                 Checked::Ok(name) if name == user => {}
                 Checked::Ok(name) => {
-                    self.authentication_failed(
+                    self.auth.failed(
                         source,
                         "REGISTER",
                         &name,
                         "credentials for another user",
+                        &config.guard,
                     );
                     return reply(403, "Forbidden (credentials are for another user)", &[]);
                 }
@@ -287,7 +191,7 @@ impl SipService {
             }
         }
         let adds = wanted.iter().any(|w| w.expires > 0);
-        if adds && !self.registration_licence_free(&aor, now) {
+        if adds && !self.licences.registration_free(&aor, &self.location, now) {
             return reply(
                 503,
                 "Service Unavailable (no registration licence free in the cluster)",

@@ -76,18 +76,12 @@ pub struct SipService {
     pub(crate) config: RwLock<Arc<SipConfig>>,
     pub(crate) proxy: Mutex<ProxyState>,
     pub(crate) admission: Arc<CallAdmission>,
-    pub(crate) licences: crate::licences::Licences,
-    /// The licence pool as last computed (every second).
-    pub(crate) pool: Mutex<crate::licences::Pool>,
+    pub(crate) licences: crate::licences::LicencePool,
     pub(crate) self_index: usize,
     /// Makes branches and tags unique across restarts and peers.
     pub(crate) instance: u64,
     pub(crate) counter: AtomicU64,
-    pub(crate) nonce_key: crate::auth::NonceKey,
-    /// Which nonce counts were used, so a captured Authorization cannot be replayed.
-    pub(crate) nonce_uses: crate::auth::NonceUses,
-    /// Failed authentications per source and per user: slowed, blocked, alarmed.
-    pub(crate) auth_guard: crate::guard::AuthGuard,
+    pub(crate) auth: crate::authenticator::Authenticator,
     /// The keys that mark requests relayed between peers (this peer's and the others').
     pub(crate) relay: crate::relay::RelayKeys,
     pub(crate) cancel: CancellationToken,
@@ -158,14 +152,11 @@ impl SipService {
             config: RwLock::new(Arc::new(SipConfig::default())),
             proxy: Mutex::new(ProxyState::default()),
             admission,
-            licences: Default::default(),
-            pool: Mutex::new(Default::default()),
+            licences: crate::licences::LicencePool::new(node.clone(), self_index),
             self_index,
             instance: unix_ms_now() ^ (std::process::id() as u64) << 40,
             counter: AtomicU64::new(1),
-            nonce_key: crate::auth::NonceKey::generate(),
-            nonce_uses: Default::default(),
-            auth_guard: Default::default(),
+            auth: crate::authenticator::Authenticator::new(node.clone()),
             relay: crate::relay::RelayKeys::generate(self_index),
             cancel,
             tasks,
@@ -205,7 +196,7 @@ impl SipService {
         });
         let publisher = svc.clone();
         svc.tasks
-            .spawn(async move { publisher.publish_licences().await });
+            .spawn(async move { publisher.licences.publish().await });
         svc.tasks.spawn(svc.clone().dispatch(rx));
         svc.tasks.spawn(svc.clone().housekeeping());
         Ok(svc)
@@ -431,16 +422,8 @@ impl SipService {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             self.sweep_transactions();
-            self.nonce_uses.sweep(unix_ms_now());
-            let (unblocked, quiet) = self.auth_guard.sweep(&self.config().guard);
-            for ip in unblocked {
-                self.node.alarms().lower(40001, &format!("source {ip}"));
-            }
-            for user in quiet {
-                self.node.alarms().lower(40001, &format!("user {user}"));
-            }
-            let pool = self.licence_pool();
-            *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = pool;
+            self.auth.sweep(&self.config().guard);
+            self.licences.refresh(&self.peers(), &self.tasks);
             let stale = self.location.stale_own(unix_ms_now());
             if !stale.is_empty() {
                 let changes = stale

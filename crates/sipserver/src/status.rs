@@ -77,11 +77,7 @@ impl SipService {
             aors,
             bindings: all.len(),
             per_peer,
-            licences: self
-                .pool
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .registrations,
+            licences: self.licences.current().registrations,
             rows: all
                 .into_iter()
                 .take(limit)
@@ -104,7 +100,7 @@ impl SipService {
         CallsStatus {
             peer: self.self_index,
             calls_max: config.calls_max,
-            licences: self.pool.lock().unwrap_or_else(|p| p.into_inner()).calls,
+            licences: self.licences.current().calls,
             bandwidth_total_kbps: config.bandwidth_total_kbps,
             calls: per_peer.iter().map(|p| p.1).sum(),
             kbps: per_peer.iter().map(|p| p.2).sum(),
