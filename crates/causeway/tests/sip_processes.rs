@@ -1229,6 +1229,80 @@ fn the_authentication_policy_challenges_invites_and_hides_which_users_exist() {
     assert!(first(&wrong).starts_with("SIP/2.0 403"), "{wrong}");
 }
 
+/// The policy is set per neighbour zone, as on Expressway: requests from a zone's address
+/// follow its policy, every other source the Default Zone's (`sip.authentication.policy`).
+#[test]
+fn each_zone_has_its_own_authentication_policy_and_other_sources_the_default_zones() {
+    let c = sip_cluster(63, 2);
+    set(&c, 1, "sip.users.hal", "Pod-Bay-Doors");
+    let peer = "127.0.63.1:5060";
+    let neighbour = UdpSocket::bind("127.0.63.20:0").unwrap();
+    let stranger = UdpSocket::bind("127.0.63.30:0").unwrap();
+    let mut n = 0;
+    let mut invite = |sock: &UdpSocket| -> String {
+        n += 1;
+        let me = sock.local_addr().unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let msg = format!("INVITE sip:nobody@test.example SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-zone{n}\r\nFrom: <sip:hal@test.example>;tag=z{n}\r\nTo: <sip:nobody@test.example>\r\nCall-ID: zone-{n}\r\nCSeq: 1 INVITE\r\nContact: <sip:hal@{me}>\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n");
+        let mut buf = [0u8; 65_536];
+        // UDP: send again (same bytes) if an answer is lost under load.
+        for _ in 0..3 {
+            sock.send_to(msg.as_bytes(), peer).unwrap();
+            while let Ok(k) = sock.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..k]).to_string();
+                if !text.starts_with("SIP/2.0 100") {
+                    return text.lines().next().unwrap_or("").to_string();
+                }
+            }
+        }
+        panic!("no answer to INVITE {n}");
+    };
+    // The neighbour zone checks credentials; the Default Zone does not (the default).
+    set(&c, 1, "zones.neighbour.address", "127.0.63.20:5060");
+    set(&c, 1, "zones.neighbour.authentication_policy", "check");
+    std::thread::sleep(Duration::from_millis(200));
+    let zone = invite(&neighbour);
+    assert!(zone.starts_with("SIP/2.0 407"), "from the zone: {zone}");
+    let other = invite(&stranger);
+    assert!(other.starts_with("SIP/2.0 480"), "from elsewhere: {other}");
+    // The other way round: the Default Zone checks, the zone is treated as authenticated
+    // (so it is told 404 for a user that does not exist).
+    set(&c, 1, "sip.authentication.policy", "Check credentials");
+    set(
+        &c,
+        1,
+        "zones.neighbour.authentication_policy",
+        "Treat as authenticated",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let zone = invite(&neighbour);
+    assert!(zone.starts_with("SIP/2.0 404"), "from the zone: {zone}");
+    let other = invite(&stranger);
+    assert!(other.starts_with("SIP/2.0 407"), "from elsewhere: {other}");
+    // The zone's own policy removed: it follows the Default Zone again.
+    let out = Command::new(env!("CARGO_BIN_EXE_causeway"))
+        .arg("--node")
+        .arg(&c.peers[0].dir)
+        .args([
+            "xconfiguration",
+            "unset",
+            "zones.neighbour.authentication_policy",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let zone = invite(&neighbour);
+    assert!(
+        zone.starts_with("SIP/2.0 407"),
+        "from the zone, no policy of its own: {zone}"
+    );
+}
+
 /// A SIP client at a peer's address (or one forging it) is an ordinary client: requests
 /// relayed between peers carry a mark only the peers can make, so a request from Peer 2's
 /// address without it is not relayed outside the cluster (no open relay, no toll fraud).

@@ -79,6 +79,13 @@ pub static ITEMS: &[ItemDef] = &[
         default: "",
     },
     ItemDef {
+        path: "zones.<name>.authentication_policy",
+        kind: Kind::Choice(AUTH_POLICIES),
+        restart: false,
+        about: "requests from this neighbour zone (a source at the IP of its address): Check credentials, Do not check credentials, or Treat as authenticated; unset: sip.authentication.policy",
+        default: "",
+    },
+    ItemDef {
         path: "routing.rules.<name>",
         kind: Kind::Rule,
         restart: false,

@@ -51,7 +51,31 @@ pub(crate) struct SipConfig {
     pub bandwidth_total_kbps: u64,
     pub bandwidth_per_call_kbps: u64,
     pub guard: crate::guard::GuardSettings,
+    /// The Default Zone's policy: every source that is not a neighbour zone's.
     pub auth_policy: AuthPolicy,
+    /// Neighbour zones with a policy of their own, by the IP of their address.
+    pub zone_policies: HashMap<IpAddr, (String, AuthPolicy)>,
+}
+
+impl SipConfig {
+    /// The authentication policy for a request from `ip`: its zone's, or the Default
+    /// Zone's (Expressway's zone setting).
+    pub fn policy_for(&self, ip: IpAddr) -> AuthPolicy {
+        self.zone_policies
+            .get(&ip)
+            .map(|(_, p)| *p)
+            .unwrap_or(self.auth_policy)
+    }
+}
+
+impl AuthPolicy {
+    fn parse(value: &str) -> AuthPolicy {
+        match value {
+            "Check credentials" => AuthPolicy::Check,
+            "Treat as authenticated" => AuthPolicy::TreatAsAuthenticated,
+            _ => AuthPolicy::DoNotCheck,
+        }
+    }
 }
 
 /// How requests other than REGISTER from outside the cluster are authenticated
@@ -96,10 +120,11 @@ impl Observer for Watcher {
     fn applied(&self, stream: &StreamId, applied: &[Applied], _origin: Origin) {
         let Some(svc) = self.0.upgrade() else { return };
         if *stream == config_stream() {
-            if applied
-                .iter()
-                .any(|a| a.key.starts_with("sip.") || a.key.starts_with("limits."))
-            {
+            if applied.iter().any(|a| {
+                ["sip.", "limits.", "zones."]
+                    .iter()
+                    .any(|p| a.key.starts_with(p))
+            }) {
                 svc.reload_config();
             }
         } else {
@@ -220,6 +245,8 @@ impl SipService {
     pub(crate) fn reload_config(&self) {
         let entries = self.node.replication().entries(&config_stream());
         let mut c = SipConfig::default();
+        // zone → (address, policy), matched up once every item is read.
+        let mut zones: HashMap<String, (Option<String>, Option<AuthPolicy>)> = HashMap::new();
         for (key, value) in entries {
             let value = String::from_utf8_lossy(&value).into_owned();
             match key.as_str() {
@@ -231,13 +258,7 @@ impl SipService {
                         .collect()
                 }
                 "limits.calls.max" => c.calls_max = value.parse().unwrap_or(0),
-                "sip.authentication.policy" => {
-                    c.auth_policy = match value.as_str() {
-                        "Check credentials" => AuthPolicy::Check,
-                        "Treat as authenticated" => AuthPolicy::TreatAsAuthenticated,
-                        _ => AuthPolicy::DoNotCheck,
-                    }
-                }
+                "sip.authentication.policy" => c.auth_policy = AuthPolicy::parse(&value),
                 "sip.authentication.window_s" => {
                     c.guard.window = Duration::from_secs(value.parse().unwrap_or(60))
                 }
@@ -258,10 +279,32 @@ impl SipService {
                     c.bandwidth_per_call_kbps = value.parse().unwrap_or(0)
                 }
                 k => {
+                    if let Some(rest) = k.strip_prefix("zones.") {
+                        if let Some(zone) = rest.strip_suffix(".address") {
+                            zones.entry(zone.to_string()).or_default().0 = Some(value.clone());
+                        } else if let Some(zone) = rest.strip_suffix(".authentication_policy") {
+                            zones.entry(zone.to_string()).or_default().1 =
+                                Some(AuthPolicy::parse(&value));
+                        }
+                    }
                     if let Some(user) = k.strip_prefix("sip.users.") {
                         c.users.insert(user.to_string(), value);
                     }
                 }
+            }
+        }
+        // A zone is recognised by the IP of its address; a zone named by DNS is matched
+        // once zones resolve names (issue 16).
+        for (zone, (address, policy)) in zones {
+            let ip = address.as_deref().and_then(|a| {
+                let host = a.rsplit_once(':').map_or(a, |(h, _)| h);
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                    .ok()
+            });
+            if let (Some(ip), Some(policy)) = (ip, policy) {
+                c.zone_policies.insert(ip, (zone, policy));
             }
         }
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
