@@ -43,16 +43,12 @@ pub fn response(
     out.freeze()
 }
 
-/// Whether a To/From value carries a tag parameter (outside the URI's brackets).
+/// Whether a To/From value carries a tag parameter (outside the URI's brackets, any URI
+/// scheme, whitespace allowed around `;` and `=` as in RFC 4475 §3.1.1.1).
 pub fn has_tag(value: &str) -> bool {
-    let params = match value.rfind('>') {
-        Some(i) => &value[i..],
-        None => value,
-    };
-    params
-        .split(';')
-        .skip(1)
-        .any(|p| p.trim().to_ascii_lowercase().starts_with("tag="))
+    crate::uri::header_params(value)
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("tag"))
 }
 
 fn put_header(out: &mut BytesMut, msg: &Message, h: &crate::message::Header) {
@@ -183,6 +179,13 @@ mod tests {
         assert_eq!(parsed.status(), Some(180));
         assert!(has_tag("<sip:a@b;tag=x>;tag=y"));
         assert!(!has_tag("<sip:a@b;tag=x>"));
+        assert!(has_tag(
+            "sip:vivekg@chair-dnrc.example.com ;   tag    = 1918181833n"
+        ));
+        assert!(has_tag("<tel:+1234>;tag=1"));
+        assert!(has_tag("<sip:a@b>;+sip.instance=\"<urn:x>\";tag=2"));
+        assert!(!has_tag("sip:a@b;user=phone"));
+        assert!(!has_tag("\"tag=1;\" <sip:a@b>"));
     }
 
     #[test]

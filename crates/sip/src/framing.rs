@@ -38,11 +38,18 @@ pub fn frame(buf: &[u8], limits: &Limits) -> Result<Frame, ParseError> {
     let mut length = None;
     for line in buf[..head_end].split(|b| *b == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.starts_with(b" ") || line.starts_with(b"\t") {
+            continue; // a folded continuation of the header before, not a header
+        }
         let Some(colon) = line.iter().position(|b| *b == b':') else {
             continue;
         };
         let name = trim_ascii(&line[..colon]);
         if HeaderKind::of(name) == HeaderKind::ContentLength {
+            if length.is_some() {
+                // RFC 4475 §3.3.9 (mcl01): which one frames the message cannot be known.
+                return Err(ParseError::Field("Content-Length", "more than one"));
+            }
             let v = std::str::from_utf8(trim_ascii(&line[colon + 1..]))
                 .ok()
                 .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))

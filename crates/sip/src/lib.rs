@@ -6,6 +6,7 @@ pub mod build;
 mod framing;
 mod limits;
 mod message;
+mod syntax;
 pub mod uri;
 
 pub use framing::{frame, Frame};

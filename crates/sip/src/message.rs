@@ -7,6 +7,8 @@ use std::ops::Range;
 use bytes::Bytes;
 
 use crate::limits::Limits;
+use crate::syntax::{check_name_addr, check_via, is_token, split_top};
+use crate::uri::SipUri;
 
 /// Why a message was refused. `status()` is the response a request gets (RFC 3261 §21).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +65,7 @@ pub enum HeaderKind {
     ProxyAuthorization,
     Supported,
     Require,
+    ProxyRequire,
     Other,
 }
 
@@ -99,6 +102,7 @@ impl HeaderKind {
             _ if eq("proxy-authorization") => HeaderKind::ProxyAuthorization,
             _ if eq("supported") => HeaderKind::Supported,
             _ if eq("require") => HeaderKind::Require,
+            _ if eq("proxy-require") => HeaderKind::ProxyRequire,
             _ => HeaderKind::Other,
         }
     }
@@ -114,7 +118,26 @@ impl HeaderKind {
                 | HeaderKind::Path
                 | HeaderKind::Supported
                 | HeaderKind::Require
+                | HeaderKind::ProxyRequire
         )
+    }
+
+    /// Headers a message may carry once at most: their value is not a list (RFC 3261
+    /// §7.3.1), so a second row is an error (RFC 4475 §3.3.8, §3.3.9), with the name to
+    /// say so.
+    fn single(self) -> Option<&'static str> {
+        Some(match self {
+            HeaderKind::From => "From",
+            HeaderKind::To => "To",
+            HeaderKind::CallId => "Call-ID",
+            HeaderKind::CSeq => "CSeq",
+            HeaderKind::MaxForwards => "Max-Forwards",
+            HeaderKind::ContentLength => "Content-Length",
+            HeaderKind::ContentType => "Content-Type",
+            HeaderKind::Expires => "Expires",
+            HeaderKind::MinExpires => "Min-Expires",
+            _ => return None,
+        })
     }
 }
 
@@ -152,10 +175,6 @@ pub struct Message {
     start: StartLine,
     headers: Vec<Header>,
     body: Range<usize>,
-}
-
-fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
 }
 
 fn trim(raw: &[u8], mut r: Range<usize>) -> Range<usize> {
@@ -252,6 +271,43 @@ impl Message {
         }
         if self.first(HeaderKind::Expires).is_some() {
             self.expires()?;
+        }
+        self.check_structure()
+    }
+
+    /// One row at most of a header whose value is not a list, and Via, From, To and
+    /// Contact values as the grammar has them: a proxy copies their bytes unchanged into
+    /// what it forwards, so a malformed one is refused rather than passed on.
+    fn check_structure(&self) -> Result<(), ParseError> {
+        let mut seen: Vec<HeaderKind> = Vec::with_capacity(8);
+        for h in &self.headers {
+            let Some(name) = h.kind.single() else {
+                continue;
+            };
+            if seen.contains(&h.kind) {
+                return Err(ParseError::Field(name, "more than one"));
+            }
+            seen.push(h.kind);
+        }
+        for h in &self.headers {
+            let value = &self.raw[h.value.clone()];
+            let (name, result) = match h.kind {
+                HeaderKind::Via => (
+                    "Via",
+                    split_top(value).and_then(|vias| vias.into_iter().try_for_each(check_via)),
+                ),
+                HeaderKind::From => ("From", check_name_addr(value)),
+                HeaderKind::To => ("To", check_name_addr(value)),
+                HeaderKind::Contact => (
+                    "Contact",
+                    split_top(value).and_then(|contacts| match contacts[..] {
+                        [one] if one.trim_ascii() == b"*" => Ok(()),
+                        _ => contacts.into_iter().try_for_each(check_name_addr),
+                    }),
+                ),
+                _ => continue,
+            };
+            result.map_err(|why| ParseError::Field(name, why))?;
         }
         Ok(())
     }
@@ -411,6 +467,12 @@ fn parse_start_line(raw: &[u8], line: Range<usize>) -> Result<StartLine, ParseEr
     if first.is_empty() || !first.iter().all(|b| is_token(*b)) {
         return Err(ParseError::StartLine("the method is not a token"));
     }
+    // RFC 4475 §3.1.2.10 (trws): one SP between the elements and none after the version.
+    if matches!(text.last(), Some(b' ' | b'\t')) {
+        return Err(ParseError::StartLine(
+            "spaces after the SIP version at the end of the request line",
+        ));
+    }
     let sp2 = text
         .iter()
         .rposition(|b| *b == b' ')
@@ -428,8 +490,29 @@ fn parse_start_line(raw: &[u8], line: Range<usize>) -> Result<StartLine, ParseEr
             "the Request-URI is empty or has spaces",
         ));
     }
-    if !uri.contains(&b':') {
+    // §3.1.2.7 (ltgtruri): characters no URI may hold (RFC 3986 §2), '<' and '>' above all.
+    if uri.iter().any(|b| *b == 0x7f || b"<>\"{}|\\^`".contains(b)) {
+        return Err(ParseError::StartLine(
+            "the Request-URI has characters no URI may hold ('<', '>', '\"' …)",
+        ));
+    }
+    let scheme = &uri[..uri.iter().position(|b| *b == b':').unwrap_or(0)];
+    if !scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        || !scheme
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(b))
+    {
         return Err(ParseError::StartLine("the Request-URI has no scheme"));
+    }
+    // A SIP or SIPS Request-URI must read as one, without headers (RFC 3261 §19.1.1's
+    // table; RFC 4475 §3.1.2.11, escruri). Other schemes are the proxy's to refuse (416).
+    if scheme.eq_ignore_ascii_case(b"sip") || scheme.eq_ignore_ascii_case(b"sips") {
+        let text = std::str::from_utf8(uri).map_err(|_| ParseError::StartLine("not ASCII"))?;
+        if SipUri::parse(text)?.headers.is_some() {
+            return Err(ParseError::StartLine(
+                "the Request-URI has headers ('?…'), which it may not",
+            ));
+        }
     }
     Ok(StartLine::Request {
         method: line.start..line.start + sp1,
@@ -445,6 +528,8 @@ fn parse_headers(
 ) -> Result<Vec<Header>, ParseError> {
     let mut headers: Vec<Header> = Vec::with_capacity(16);
     let mut line_no = 1;
+    // Whether the current header's value is inside a quoted string, across folded lines.
+    let mut quoted = false;
     while pos < end {
         let eol = find(raw, b"\r\n", pos).filter(|e| *e < end).unwrap_or(end);
         let line = pos..eol;
@@ -461,6 +546,9 @@ fn parse_headers(
             if folded.len() > limits.max_header_line {
                 return Err(ParseError::Header(line_no, "longer than the limit"));
             }
+            if !controls_quoted(&raw[line.clone()], &mut quoted) {
+                return Err(ParseError::Header(line_no, "control characters"));
+            }
             last.value = folded;
         } else {
             let colon = raw[line.clone()]
@@ -472,7 +560,10 @@ fn parse_headers(
             if name.is_empty() || !raw[name.clone()].iter().all(|b| is_token(*b)) {
                 return Err(ParseError::Header(line_no, "the name is not a token"));
             }
-            if raw[line.clone()].iter().any(|b| *b < 0x20 && *b != b'\t') {
+            quoted = false;
+            if raw[pos..colon].iter().any(|b| *b < 0x20 && *b != b'\t')
+                || !controls_quoted(&raw[colon + 1..eol], &mut quoted)
+            {
                 return Err(ParseError::Header(line_no, "control characters"));
             }
             if headers.len() == limits.max_headers {
@@ -487,6 +578,27 @@ fn parse_headers(
         pos = eol + 2;
     }
     Ok(headers)
+}
+
+/// Whether every control character (tab aside) in `line` is the second octet of a
+/// quoted-pair inside a quoted string (RFC 3261 §25.1: `"BEL:\<07>"` is a valid display
+/// name, RFC 4475 §3.1.1.2); `quoted` carries the state from line to folded line.
+fn controls_quoted(line: &[u8], quoted: &mut bool) -> bool {
+    let mut escaped = false;
+    for &b in line {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match b {
+            b'"' => *quoted = !*quoted,
+            b'\\' if *quoted => escaped = true,
+            b'\t' => {}
+            _ if b < 0x20 || b == 0x7f => return false,
+            _ => {}
+        }
+    }
+    true
 }
 
 /// A header value with folding (CRLF + whitespace) replaced by one space, as text.

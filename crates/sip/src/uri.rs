@@ -86,17 +86,20 @@ impl SipUri {
         {
             return Err(bad("spaces, brackets or control characters"));
         }
-        let (rest, headers) = match rest.split_once('?') {
-            Some((r, h)) => (r, Some(h.to_string())),
-            None => (rest, None),
-        };
-        let (user, hostpart) = match rest.rfind('@') {
+        // The user part ends at the '@', which neither the host, the parameters nor the
+        // headers may hold unescaped; the user part may hold '?', ';' and ':' (RFC 3261
+        // §25.1 user-unreserved, RFC 4475 §3.1.1.2).
+        let (user, rest) = match rest.rfind('@') {
             Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
             None => (None, rest),
         };
         if user.is_some_and(|u| u.is_empty()) {
             return Err(bad("empty user part"));
         }
+        let (hostpart, headers) = match rest.split_once('?') {
+            Some((r, h)) => (r, Some(h.to_string())),
+            None => (rest, None),
+        };
         let (hostport, params) = match hostpart.find(';') {
             Some(i) => (&hostpart[..i], parse_params(&hostpart[i + 1..])),
             None => (hostpart, Vec::new()),
@@ -255,6 +258,22 @@ impl fmt::Display for NameAddr {
     }
 }
 
+/// The header parameters of a From, To or Contact value, whatever its URI's scheme: those
+/// after `<…>`, or after the first `;` of a URI not in brackets (RFC 3261 §20.10).
+pub fn header_params(value: &str) -> Params {
+    let after = match find_unquoted(value, b'<') {
+        Some(open) => match value[open..].find('>') {
+            Some(close) => &value[open + close + 1..],
+            None => return Vec::new(),
+        },
+        None => match value.find(';') {
+            Some(i) => &value[i..],
+            None => return Vec::new(),
+        },
+    };
+    parse_params(after)
+}
+
 fn find_unquoted(text: &str, c: u8) -> Option<usize> {
     let mut quoted = false;
     let mut escaped = false;
@@ -284,17 +303,19 @@ impl Via {
     pub fn parse(text: &str) -> Result<Via, ParseError> {
         let bad = |why| ParseError::Field("Via", why);
         let text = text.trim();
-        let (proto, rest) = text
-            .split_once([' ', '\t'])
+        // `SIP / 2.0 / UDP host`: whitespace may stand around the slashes (RFC 3261 §25.1
+        // SLASH, RFC 4475 §3.1.1.1), so the protocol ends at the whitespace after the
+        // transport.
+        let not_sip = bad("the protocol is not SIP/2.0/<transport>");
+        let (name, rest) = text.split_once('/').ok_or(not_sip.clone())?;
+        let (version, rest) = rest.split_once('/').ok_or(not_sip.clone())?;
+        let rest = rest.trim_start();
+        let (transport, rest) = rest
+            .split_once(|c: char| c.is_ascii_whitespace())
             .ok_or(bad("not 'SIP/2.0/<transport> <host>'"))?;
-        let mut parts = proto.split('/').map(str::trim);
-        let (Some(name), Some(version), Some(transport), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad("the protocol is not SIP/2.0/<transport>"));
-        };
+        let (name, version) = (name.trim(), version.trim());
         if !name.eq_ignore_ascii_case("SIP") || version != "2.0" || transport.is_empty() {
-            return Err(bad("the protocol is not SIP/2.0/<transport>"));
+            return Err(not_sip);
         }
         let rest = rest.trim();
         let (sent_by, params) = match rest.find(';') {
@@ -364,6 +385,16 @@ mod tests {
         ] {
             assert!(SipUri::parse(bad).is_err(), "{bad} was accepted");
         }
+        // RFC 4475 §3.1.1.2 (intmeth): '?', ';' and ':' in the user part.
+        let odd = SipUri::parse("sip:1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*:&it+has=1,weird!*pas$wo~d_too.(doesn't-it)@example.com").unwrap();
+        assert_eq!(odd.host, "example.com");
+        assert!(odd.headers.is_none() && odd.params.is_empty());
+        assert!(odd
+            .user
+            .unwrap()
+            .starts_with("1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*:"));
+        let semi = SipUri::parse("sip:user;par=u%40example.net@example.com").unwrap();
+        assert_eq!(semi.user.as_deref(), Some("user;par=u%40example.net"));
     }
 
     #[test]
@@ -392,5 +423,19 @@ mod tests {
         assert_eq!(v.param("rport"), Some(None));
         assert!(Via::parse("SIP/3.0/UDP h").is_err());
         assert!(Via::parse("SIP/2.0/UDP").is_err());
+        // RFC 4475 §3.1.1.1 (wsinv), unfolded: whitespace around the slashes.
+        let v = Via::parse("SIP  /   2.0 /UDP    192.0.2.2;branch=390skdjuw").unwrap();
+        assert_eq!(
+            (v.transport.as_str(), v.host.as_str()),
+            ("UDP", "192.0.2.2")
+        );
+        assert_eq!(v.branch(), Some("390skdjuw"));
+        let v =
+            Via::parse("SIP  / 2.0  / TCP     spindle.example.com   ;  branch  =   z9hG4bK9ikj8")
+                .unwrap();
+        assert_eq!(
+            (v.transport.as_str(), v.branch()),
+            ("TCP", Some("z9hG4bK9ikj8"))
+        );
     }
 }

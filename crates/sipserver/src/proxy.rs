@@ -298,13 +298,25 @@ impl SipService {
             self.respond(&msg, &source, 483, "Too Many Hops", &[]);
             return;
         }
+        // §16.3 step 5: this proxy supports no extension a Proxy-Require may ask for; the
+        // answer lists what it did not understand (RFC 4475 §3.3.5, bext01).
+        let proxy_require: Vec<String> = msg
+            .values(HeaderKind::ProxyRequire)
+            .into_iter()
+            .filter(|tag| !tag.is_empty())
+            .collect();
+        if !proxy_require.is_empty() {
+            let header = format!("Unsupported: {}", proxy_require.join(", "));
+            self.respond(&msg, &source, 420, "Bad Extension", &[header]);
+            return;
+        }
         let has_to_tag = msg
             .value(HeaderKind::To)
             .is_some_and(|t| build::has_tag(&t));
         // The authentication policy, for initial requests from outside the cluster (ACK and
         // CANCEL, handled above, cannot be challenged: §22.1).
         let from_peer = self.relayed_by_peer(&msg, &source);
-        let policy = self.config().auth_policy;
+        let policy = self.config().policy_for(source.remote.ip());
         let checking = policy == AuthPolicy::Check && !self.config().users.is_empty();
         if checking
             && !has_to_tag

@@ -441,8 +441,11 @@ impl Transports {
             Err(e) => {
                 self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                 debug!(target: LOG, src = %source.remote, reason = %e, "Malformed SIP message");
-                // A request whose start line we could read gets a 400 naming the reason.
+                // A request whose start line we could read gets a 400 naming the reason,
+                // counted with every other message and response this system sends.
                 if let Some(resp) = crate::respond::to_malformed(&raw, &e) {
+                    self.metrics.sent.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.response(e.status());
                     match source.conn {
                         Some(c) => {
                             self.send_on(c, resp);
@@ -676,6 +679,8 @@ impl Transports {
                         self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                         let raw = buf.split().freeze();
                         if let Some(resp) = crate::respond::to_malformed(&raw, &e) {
+                            self.metrics.sent.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.response(e.status());
                             self.send_on(id, resp);
                         }
                         broken = Some("message cannot be framed");
