@@ -1,6 +1,6 @@
 //! An in-memory lease for a service's own tests: the test decides who holds it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -12,6 +12,7 @@ pub struct FakeLease {
     members: Vec<usize>,
     state: watch::Sender<LeaseState>,
     eligible: AtomicBool,
+    resigned: AtomicUsize,
 }
 
 impl FakeLease {
@@ -21,6 +22,7 @@ impl FakeLease {
             members,
             state: watch::channel(LeaseState::nobody()).0,
             eligible: AtomicBool::new(true),
+            resigned: AtomicUsize::new(0),
         }
     }
 
@@ -34,6 +36,11 @@ impl FakeLease {
 
     pub fn is_eligible(&self) -> bool {
         self.eligible.load(Ordering::Relaxed)
+    }
+
+    /// How many times the service resigned the lease.
+    pub fn resignations(&self) -> usize {
+        self.resigned.load(Ordering::Relaxed)
     }
 }
 
@@ -52,6 +59,14 @@ impl LeaderLease for FakeLease {
 
     fn set_eligible(&self, eligible: bool) {
         self.eligible.store(eligible, Ordering::Relaxed);
+    }
+
+    /// A holder that resigns holds nothing; the test decides who holds it next.
+    fn resign(&self) {
+        if matches!(self.state().holder, Holder::Me { .. }) {
+            self.resigned.fetch_add(1, Ordering::Relaxed);
+            self.set(Holder::Nobody);
+        }
     }
 }
 

@@ -2,12 +2,13 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use causeway_mesh::rpc::Rpc;
 use causeway_store::Store;
-use openraft::{Config, Raft, ServerState, SnapshotPolicy};
+use openraft::storage::RaftLogStorage;
+use openraft::{Config, Raft, ServerState, SnapshotPolicy, Vote};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -123,7 +124,11 @@ pub struct LeaseGroup {
     members: Vec<usize>,
     timing: LeaseTiming,
     state: watch::Sender<LeaseState>,
-    raft: Arc<OnceLock<Raft<TypeConfig>>>,
+    /// The running Raft member; none during a quiet start (at start, and after `resign`).
+    raft: Arc<RwLock<Option<Raft<TypeConfig>>>>,
+    /// Stops the current Raft member's renewing and publishing: `resign` cancels it, and
+    /// the member starts again (quietly) under a new one.
+    incarnation: Mutex<CancellationToken>,
     eligible: AtomicBool,
     rpc: Arc<Rpc>,
     endpoints: Endpoints,
@@ -199,7 +204,8 @@ impl LeaseGroup {
             members: members.clone(),
             timing,
             state: watch::channel(LeaseState::nobody()).0,
-            raft: Arc::new(OnceLock::new()),
+            raft: Arc::new(RwLock::new(None)),
+            incarnation: Mutex::new(CancellationToken::new()),
             eligible: AtomicBool::new(true),
             rpc: rpc.clone(),
             endpoints: endpoints.clone(),
@@ -216,63 +222,46 @@ impl LeaseGroup {
         };
         let g = group.clone();
         group.tasks.spawn(async move {
-            // Quiet start: by the end of it every lease this member helped confirm before a
-            // restart has run out, so its votes cannot make a second holder. The random
-            // part gives each member its own tick phase: openraft checks its election timer
-            // on ticks, so members started together would otherwise stand at the same
-            // instants, split the vote, and do it again every round.
-            tokio::select! {
-                _ = g.cancel.cancelled() => return,
-                _ = tokio::time::sleep(g.timing.lease() + g.timing.start_jitter()) => {}
-            }
-            let raft = match Raft::new(
-                g.me as MemberId,
-                config,
-                network,
-                log,
-                StateMachine::default(),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(target: LOG, group = %g.name, reason = %e, "Lease group failed to start");
+            // One Raft member after another: the first at start, the next after each
+            // `resign`. Each begins with the quiet start.
+            loop {
+                let stop = g.cancel.child_token();
+                *g.incarnation_lock() = stop.clone();
+                run_member(
+                    g.clone(),
+                    config.clone(),
+                    network.clone(),
+                    log.clone(),
+                    stop,
+                )
+                .await;
+                if g.cancel.is_cancelled() {
                     return;
                 }
-            };
-            // A member whose records were reset neither initialises (that would make it
-            // stand, voting for itself in a term it may have voted in) nor stands until it
-            // has heard a leader; it learns the voters from that leader's log.
-            let amnesiac = g.records_reset.borrow().is_some();
-            raft.runtime_config()
-                .elect(g.eligible.load(Ordering::Relaxed) && !amnesiac);
-            if !amnesiac && !raft.is_initialized().await.unwrap_or(true) {
-                let voters: BTreeSet<MemberId> = g.members.iter().map(|&m| m as MemberId).collect();
-                // Every member does this with the same voters: the same first entry, so it
-                // does not matter who is first (openraft allows it).
-                if let Err(e) = raft.initialize(voters).await {
-                    info!(target: LOG, group = %g.name, reason = %e, "Lease group already initialised");
-                }
+                info!(target: LOG, event = "Lease group member restarting", group = %g.name,
+                    member = g.me, "Resigned: quiet for one lease time");
             }
-            let _ = g.raft.set(raft.clone());
-            info!(target: LOG, event = "Lease group started", group = %g.name,
-                member = g.me, members = ?g.members, "");
-            let (confirmed_tx, confirmed_rx) = watch::channel(None);
-            g.tasks.spawn(renew(g.clone(), raft.clone(), confirmed_tx));
-            publish(g.clone(), raft.clone(), confirmed_rx).await;
-            let _ = raft.shutdown().await;
         });
         Ok(group)
     }
 
+    fn incarnation_lock(&self) -> std::sync::MutexGuard<'_, CancellationToken> {
+        self.incarnation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn raft(&self) -> Option<Raft<TypeConfig>> {
+        self.raft.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn serve_endpoints(self: &Arc<Self>) {
         let members = self.members.clone();
-        let starting = move |raft: &OnceLock<Raft<TypeConfig>>, from: usize| {
+        let starting = move |raft: &RwLock<Option<Raft<TypeConfig>>>, from: usize| {
             if !members.contains(&from) {
                 return Err(format!("Peer {from} is not a member of this group"));
             }
-            raft.get()
-                .cloned()
+            raft.read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
                 .ok_or_else(|| "starting: quiet for one lease time".to_string())
         };
         let starting = Arc::new(starting);
@@ -317,7 +306,7 @@ impl LeaseGroup {
         for path in self.endpoints.paths() {
             self.rpc.unserve(path);
         }
-        if let Some(raft) = self.raft.get() {
+        if let Some(raft) = self.raft() {
             let _ = raft.shutdown().await;
         }
         self.tasks.close();
@@ -351,12 +340,82 @@ impl LeaseGroup {
     }
 }
 
+/// One Raft member of `g`, from its quiet start until `stop` (the group's shutdown, or a
+/// resign).
+async fn run_member(
+    g: Arc<LeaseGroup>,
+    config: Arc<Config>,
+    network: MeshNetwork,
+    log: LogStore,
+    stop: CancellationToken,
+) {
+    // Quiet start: by the end of it every lease this member helped confirm before a
+    // restart has run out, so its votes cannot make a second holder. The random part
+    // gives each member its own tick phase: openraft checks its election timer on ticks,
+    // so members started together would otherwise stand at the same instants, split the
+    // vote, and do it again every round.
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = tokio::time::sleep(g.timing.lease() + g.timing.start_jitter()) => {}
+    }
+    let log_for_vote = log.clone();
+    let raft = match Raft::new(
+        g.me as MemberId,
+        config,
+        network,
+        log,
+        StateMachine::default(),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(target: LOG, group = %g.name, reason = %e, "Lease group failed to start");
+            return;
+        }
+    };
+    // A member whose records were reset neither initialises (that would make it stand,
+    // voting for itself in a term it may have voted in) nor stands until it has heard a
+    // leader; it learns the voters from that leader's log.
+    let amnesiac = g.records_reset.borrow().is_some();
+    raft.runtime_config()
+        .elect(g.eligible.load(Ordering::Relaxed) && !amnesiac);
+    if !amnesiac && !raft.is_initialized().await.unwrap_or(true) {
+        let voters: BTreeSet<MemberId> = g.members.iter().map(|&m| m as MemberId).collect();
+        // Every member does this with the same voters: the same first entry, so it does
+        // not matter who is first (openraft allows it).
+        if let Err(e) = raft.initialize(voters).await {
+            info!(target: LOG, group = %g.name, reason = %e, "Lease group already initialised");
+        }
+    }
+    *g.raft.write().unwrap_or_else(|p| p.into_inner()) = Some(raft.clone());
+    info!(target: LOG, event = "Lease group started", group = %g.name,
+        member = g.me, members = ?g.members, "");
+    let (confirmed_tx, confirmed_rx) = watch::channel(None);
+    let renewing = tokio::spawn(renew(g.clone(), raft.clone(), confirmed_tx, stop.clone()));
+    publish(g.clone(), raft.clone(), confirmed_rx, stop).await;
+    let _ = renewing.await;
+    *g.raft.write().unwrap_or_else(|p| p.into_inner()) = None;
+    let term = raft.metrics().borrow().current_term;
+    let _ = raft.shutdown().await;
+    if !g.cancel.is_cancelled() {
+        // Resigned. A member restarted with its own committed vote would lead the same
+        // term again at once; standing (and losing) in the next term instead makes the
+        // others elect a new leader in a later term. Its vote there goes to nobody else.
+        let mut log = log_for_vote;
+        if let Err(e) = log.save_vote(&Vote::new(term + 1, g.me as MemberId)).await {
+            warn!(target: LOG, group = %g.name, reason = %e, "Resigning: saving the vote failed");
+        }
+    }
+}
+
 /// While this member leads, confirms its leadership with a quorum every `renew`; each
 /// confirmed round started at `t0` extends the lease to `t0 + hold`.
 async fn renew(
     g: Arc<LeaseGroup>,
     raft: Raft<TypeConfig>,
     confirmed: watch::Sender<Option<(u64, Instant)>>,
+    stop: CancellationToken,
 ) {
     let mut metrics = raft.metrics();
     loop {
@@ -366,7 +425,7 @@ async fn renew(
         };
         if !leader {
             tokio::select! {
-                _ = g.cancel.cancelled() => return,
+                _ = stop.cancelled() => return,
                 r = metrics.changed() => if r.is_err() { return },
             }
             continue;
@@ -385,7 +444,7 @@ async fn renew(
             });
         }
         tokio::select! {
-            _ = g.cancel.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = sleep_until(t0 + g.timing.renew) => {}
         }
     }
@@ -397,6 +456,7 @@ async fn publish(
     g: Arc<LeaseGroup>,
     raft: Raft<TypeConfig>,
     mut confirmed: watch::Receiver<Option<(u64, Instant)>>,
+    stop: CancellationToken,
 ) {
     let mut metrics = raft.metrics();
     loop {
@@ -438,7 +498,7 @@ async fn publish(
         };
         g.set_holder(holder);
         tokio::select! {
-            _ = g.cancel.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = metrics.changed() => if r.is_err() { break },
             r = confirmed.changed() => if r.is_err() { break },
             _ = sleep_until(deadline.unwrap_or(now)), if deadline.is_some() => {}
@@ -462,10 +522,21 @@ impl LeaderLease for LeaseGroup {
 
     fn set_eligible(&self, eligible: bool) {
         self.eligible.store(eligible, Ordering::Relaxed);
-        if let Some(raft) = self.raft.get() {
+        if let Some(raft) = self.raft() {
             raft.runtime_config()
                 .elect(eligible && self.records_reset.borrow().is_none());
         }
+    }
+
+    fn resign(&self) {
+        if !matches!(self.state().holder, Holder::Me { .. }) {
+            return;
+        }
+        // "Lost" first, then no more renewing: the others elect only after a lease time
+        // without this member's heartbeats, by when its last confirmed round has run out.
+        self.set_holder(Holder::Nobody);
+        self.incarnation_lock().cancel();
+        info!(target: LOG, event = "Lease resigned", group = %self.name, member = self.me, "");
     }
 }
 

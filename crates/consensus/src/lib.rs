@@ -93,6 +93,12 @@ pub trait LeaderLease: Send + Sync {
     /// An ineligible member votes but never stands for election (a witness, a database node
     /// out of sync). Taking eligibility away from the holder does not end its lease.
     fn set_eligible(&self, eligible: bool);
+    /// Gives the lease up if this member holds it ("lost" is delivered at once): it stops
+    /// renewing, and its Raft member starts again with a quiet start, so another member is
+    /// elected once the lease has run out. It stands again afterwards only if eligible:
+    /// take eligibility away first to step aside for good (a switchover, a database node
+    /// whose PostgreSQL failed). Nothing happens if it does not hold the lease.
+    fn resign(&self);
 }
 
 /// Which peers take part in a group.

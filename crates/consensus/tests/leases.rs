@@ -419,3 +419,53 @@ async fn a_member_with_unreadable_records_votes_again_only_after_hearing_a_leade
     }
     lab.stop().await;
 }
+
+/// A holder that resigns (a switchover, or a service whose own part failed) lets go at once
+/// and, once ineligible, is replaced by another member within the lease time plus one
+/// election and its quiet start; it is never one of two holders, and it can stand again.
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_resigns_is_replaced_and_never_holds_with_another() {
+    let lab = Lab::start(3);
+    let first = lab
+        .wait_holder(Duration::from_secs(5), "first election")
+        .await;
+    let group = lab.members[first - 1].as_ref().unwrap().group.clone();
+    group.set_eligible(false);
+    let t = Instant::now();
+    group.resign();
+    assert!(
+        !matches!(group.state().holder, causeway_consensus::Holder::Me { .. }),
+        "lost at once"
+    );
+    let second = lab.wait_new_holder(first, t, failover_bound()).await;
+    assert_ne!(second, first);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.observer.check();
+    assert_eq!(
+        lab.holder(),
+        Some(second),
+        "the ineligible member stays aside"
+    );
+    // Eligible again, it holds the lease once the new holder resigns in turn.
+    group.set_eligible(true);
+    let other = lab.members[second - 1].as_ref().unwrap().group.clone();
+    for k in 1..=3 {
+        if k != first {
+            lab.members[k - 1]
+                .as_ref()
+                .unwrap()
+                .group
+                .set_eligible(false);
+        }
+    }
+    let t = Instant::now();
+    other.resign();
+    let third = lab.wait_new_holder(second, t, failover_bound()).await;
+    assert_eq!(third, first);
+    // Resigning without holding the lease changes nothing.
+    other.resign();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(lab.holder(), Some(first));
+    drop((group, other));
+    lab.stop().await;
+}
