@@ -96,11 +96,23 @@ impl Leases {
         self.groups.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts group `name` with `members` (peer numbers), or returns it when it runs.
+    /// Starts group `name` with `members` (peer numbers) on the node's lease timing, or
+    /// returns it when it runs.
     pub fn start_group(
         &self,
         name: &str,
         members: Vec<usize>,
+    ) -> Result<Arc<LeaseGroup>, ConsensusError> {
+        self.start_group_with(name, members, self.timing)
+    }
+
+    /// As `start_group`, with timing of its own: a service whose fencing takes longer than
+    /// the default lease allows (stopping PostgreSQL) runs a longer lease.
+    pub fn start_group_with(
+        &self,
+        name: &str,
+        members: Vec<usize>,
+        timing: LeaseTiming,
     ) -> Result<Arc<LeaseGroup>, ConsensusError> {
         let mut groups = self.lock();
         if let Some(g) = groups.iter().find(|g| g.name() == name) {
@@ -121,7 +133,7 @@ impl Leases {
             &voters.join(","),
             self.store.clone(),
             self.rpc.clone(),
-            self.timing,
+            timing,
         )?;
         groups.push(group.clone());
         // Alarm 20030 follows the group's "records reset" state.
