@@ -111,24 +111,38 @@ impl Engine {
         });
         // Group commit: whoever holds the committer lock commits every write queued so
         // far in one store transaction (one fsync); the others find theirs done.
-        if result.try_recv().is_err() {
-            let committer = self.committer.lock().await;
-            // Let writers that are ready now join this commit. Under load (writes already
-            // queued behind this one), wait a moment longer for more: every commit costs a
-            // store transaction and a push to every peer, whatever its size.
-            tokio::task::yield_now().await;
-            if self.pending_lock().len() > 1 && !self.settings.gather.is_zero() {
-                tokio::time::sleep(self.settings.gather).await;
+        // Group commit: whoever holds the committer lock commits every write queued so
+        // far (one store transaction, one push per stream). Under load (a group of several)
+        // it keeps the lock until that group is saved, so the writers that arrive
+        // meanwhile make one next group, not many small ones each with its own pushes;
+        // a lone write lets the next one start while it is being saved.
+        let answer = match result.try_recv() {
+            Ok(answer) => answer,
+            Err(_) => {
+                let committer = self.committer.lock().await;
+                match result.try_recv() {
+                    // An earlier committer took this write and has saved it.
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        // Let writers that are ready now join this commit. Under load
+                        // (writes already queued behind this one), wait a moment longer
+                        // for more: every commit costs a store transaction and a push to
+                        // every peer, whatever its size.
+                        tokio::task::yield_now().await;
+                        if self.pending_lock().len() > 1 && !self.settings.gather.is_zero() {
+                            tokio::time::sleep(self.settings.gather).await;
+                        }
+                        if self.commit_pending() <= 1 {
+                            drop(committer);
+                        }
+                        (&mut result)
+                            .await
+                            .map_err(|_| WriteError::Store("the engine stopped".into()))?
+                    }
+                }
             }
-            // Takes this write unless an earlier committer already did; either way it is
-            // being saved once this returns, and the next group can gather meanwhile.
-            self.commit_pending();
-            drop(committer);
-        }
-        let header = match result.await {
-            Ok(answer) => answer?,
-            Err(_) => return Err(WriteError::Store("the engine stopped".into())),
         };
+        let header = answer?;
         let (confirmed, peers) = self.wait_majority(id, header.generation, header.seq).await;
         Ok(WriteOutcome {
             generation: header.generation,
@@ -144,11 +158,13 @@ impl Engine {
 
     /// Commits every queued write: applied in queue order, persisted in one transaction,
     /// pushed as one frame per stream, then each writer told where its change landed.
-    pub(super) fn commit_pending(&self) {
+    /// Returns how many writes it took.
+    pub(super) fn commit_pending(&self) -> usize {
         let batch = std::mem::take(&mut *self.pending_lock());
         if batch.is_empty() {
-            return;
+            return 0;
         }
+        let taken = batch.len();
         let active = self.link.active_peers();
         let keyring = self.keyring();
         let mut st = self.lock();
@@ -238,6 +254,7 @@ impl Engine {
         });
         drop(st);
         saved.finish();
+        taken
     }
 
     /// A primary that just started may have lost writes the peers hold (a store restored
