@@ -110,8 +110,6 @@ impl Engine {
             done,
         });
         // Group commit: whoever holds the committer lock commits every write queued so
-        // far in one store transaction (one fsync); the others find theirs done.
-        // Group commit: whoever holds the committer lock commits every write queued so
         // far (one store transaction, one push per stream). Under load (a group of several)
         // it keeps the lock until that group is saved, so the writers that arrive
         // meanwhile make one next group, not many small ones each with its own pushes;
