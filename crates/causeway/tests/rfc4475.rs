@@ -30,7 +30,6 @@ mod harness;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::*;
@@ -352,20 +351,6 @@ impl Client {
         got.retain(|d| !is_answer(d));
         Ok(got)
     }
-}
-
-fn set(c: &TestCluster, k: usize, path: &str, value: &str) {
-    let out = Command::new(BIN)
-        .arg("--node")
-        .arg(&c.peers[k - 1].dir)
-        .args(["xconfiguration", "set", path, value])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "xconfiguration set {path} {value}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// `causeway_sip_messages_sent` in peer `k`'s `/metrics` (its admin socket).

@@ -27,20 +27,6 @@ fn sip_cluster(net: u8, n: usize) -> TestCluster {
     c
 }
 
-fn set(c: &TestCluster, k: usize, path: &str, value: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_causeway"))
-        .arg("--node")
-        .arg(&c.peers[k - 1].dir)
-        .args(["xconfiguration", "set", path, value])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "xconfiguration set {path} {value}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A SIPp process this test started; killed by its PID if still running at the end.
 struct Sipp {
     child: Option<Child>,

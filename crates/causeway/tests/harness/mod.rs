@@ -185,6 +185,21 @@ impl Drop for TestCluster {
     }
 }
 
+/// `xconfiguration set` on peer `k`; the test fails with the CLI's error if it is refused.
+pub fn set(c: &TestCluster, k: usize, path: &str, value: &str) {
+    let out = Command::new(BIN)
+        .arg("--node")
+        .arg(&c.peers[k - 1].dir)
+        .args(["xconfiguration", "set", path, value])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "xconfiguration set {path} {value}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !cond() {
