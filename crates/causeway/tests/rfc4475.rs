@@ -28,7 +28,6 @@
 mod harness;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -355,12 +354,7 @@ impl Client {
 
 /// `causeway_sip_messages_sent` in peer `k`'s `/metrics` (its admin socket).
 fn messages_sent(c: &TestCluster, k: usize) -> u64 {
-    let mut s = std::os::unix::net::UnixStream::connect(c.peers[k - 1].dir.join("admin.sock"))
-        .expect("the admin socket accepts");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: peer\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let out = metrics(c, k);
     out.lines()
         .find(|l| l.starts_with("causeway_sip_messages_sent"))
         .and_then(|l| l.split_whitespace().last())

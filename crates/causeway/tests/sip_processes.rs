@@ -576,17 +576,6 @@ fn the_call_limit_holds_for_the_cluster_when_calls_arrive_on_every_peer_at_once(
     assert_eq!(callee.finish(10).0, 3);
 }
 
-/// Peer `k`'s `/metrics`, read over its admin socket.
-fn metrics(c: &TestCluster, k: usize) -> String {
-    let mut s = std::os::unix::net::UnixStream::connect(c.peers[k - 1].dir.join("admin.sock"))
-        .expect("the admin socket accepts");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: peer\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 /// The peer holding the `calls` lease as peer `k` sees it.
 fn admission_holder(c: &TestCluster, k: usize) -> Option<u64> {
     let status = c.xstatus(k, "cluster")?;

@@ -185,6 +185,18 @@ impl Drop for TestCluster {
     }
 }
 
+/// Peer `k`'s `/metrics`, read over its admin socket.
+pub fn metrics(c: &TestCluster, k: usize) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(c.peers[k - 1].dir.join("admin.sock"))
+        .expect("the admin socket accepts");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: peer\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// `xconfiguration set` on peer `k`; the test fails with the CLI's error if it is refused.
 pub fn set(c: &TestCluster, k: usize, path: &str, value: &str) {
     let out = Command::new(BIN)
