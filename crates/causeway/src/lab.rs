@@ -45,7 +45,7 @@ fn is_our_peer(pid: i32, dir: &Path, k: usize) -> bool {
     cmdline.contains("causeway") && cmdline.contains(&*config.to_string_lossy())
 }
 
-pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
+pub fn up(peers: usize, dir: &Path, database: bool) -> anyhow::Result<()> {
     if !(1..=MAX_PEERS).contains(&peers) {
         bail!("--peers must be 1 to {MAX_PEERS}");
     }
@@ -67,6 +67,20 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
         causeway_pki::ca_init(&ca_dir, "Causeway lab CA")?
     };
     let password = random_password()?;
+    // PostgreSQL runs as the postgres OS user: it must reach every peer's data directory.
+    set_mode(&dir, 0o755)?;
+    let database = database && {
+        match causeway_dbcluster::tools::Tools::find(None) {
+            Ok(_) => true,
+            Err(e) => {
+                println!("Database cluster left off: {e:#}");
+                false
+            }
+        }
+    };
+    if database {
+        db_certificates(&dir, peers)?;
+    }
     let peer_list: Vec<String> = (1..=peers).map(|k| format!("\"127.0.0.{k}\"")).collect();
     println!(
         "Starting a {peers}-peer lab cluster in {} (TLS verification: Enforce)",
@@ -75,6 +89,7 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
     for k in 1..=peers {
         let pd = peer_dir(&dir, k);
         std::fs::create_dir_all(&pd).with_context(|| format!("creating {}", pd.display()))?;
+        set_mode(&pd, 0o755)?;
         let subject = causeway_pki::parse_subject_args(&[format!("CN:127.0.0.{k}")])?;
         let (_, csr) = causeway_pki::csr(&pd, "node", &subject)?;
         causeway_pki::sign_csr(&csr, &ca, 825, &pd.join("node.crt"))?;
@@ -89,6 +104,13 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
             pd.display(),
             peer_list.join(", ")
         );
+        let config = if database {
+            format!(
+                "{config}\n[database]\nlocalnode = \"127.0.0.{k}\"\nendpoint = \"127.0.0.{k}:9899\"\n"
+            )
+        } else {
+            config
+        };
         std::fs::write(pd.join("causeway.toml"), config)
             .context("writing the peer's configuration")?;
         causeway_admin::users::set_password(&pd, "admin", &password)?;
@@ -143,6 +165,9 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
         )
         .context("setting the lab's SIP domain")?;
     }
+    if database {
+        form_database(&dir, peers)?;
+    }
     println!();
     println!("Cluster '{CLUSTER_NAME}' is up: every peer sees every other peer Active.");
     println!("SIP domain '{SIP_DOMAIN}': register with any peer on UDP/TCP 5060 or TLS 5061.");
@@ -165,8 +190,136 @@ pub fn up(peers: usize, dir: &Path) -> anyhow::Result<()> {
         "  causeway --node {} xstatus registrations",
         peer_dir(&dir, 3).display()
     );
+    if database {
+        println!(
+            "  causeway --node {} database cluster status",
+            peer_dir(&dir, 2).display()
+        );
+        println!(
+            "  psql 'host=127.0.0.1 port=9899 user=postgres dbname=postgres sslmode=verify-ca sslcert={d}/db/client.crt sslkey={d}/db/client.key sslrootcert={d}/db/ca.crt'",
+            d = dir.display()
+        );
+    }
     println!("  causeway lab down --dir {}", dir.display());
     Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+/// The database cluster's own CA (DIR/db/ca), a server certificate per peer (CN 127.0.0.K,
+/// in DIR/peerK/dbcerts) and one client certificate with CN `postgres`, which the lab's
+/// `psql` line uses too (DIR/db/client.crt, client.key, ca.crt).
+fn db_certificates(dir: &Path, peers: usize) -> anyhow::Result<()> {
+    let db = dir.join("db");
+    std::fs::create_dir_all(&db).with_context(|| format!("creating {}", db.display()))?;
+    let ca_dir = db.join("ca");
+    let ca = if ca_dir.join("ca.key").exists() {
+        causeway_pki::CaFiles::in_dir(&ca_dir)
+    } else {
+        causeway_pki::ca_init(&ca_dir, "Causeway lab database CA")?
+    };
+    let subject = causeway_pki::parse_subject_args(&["CN:postgres".to_string()])?;
+    let (key, csr) = causeway_pki::csr(&db, "client", &subject)?;
+    causeway_pki::sign_csr(&csr, &ca, 825, &db.join("client.crt"))?;
+    if key != db.join("client.key") {
+        std::fs::rename(&key, db.join("client.key"))?;
+    }
+    std::fs::copy(&ca.cert, db.join("ca.crt")).context("copying the database CA")?;
+    for k in 1..=peers {
+        let certs = peer_dir(dir, k).join("dbcerts");
+        std::fs::create_dir_all(&certs)?;
+        let subject = causeway_pki::parse_subject_args(&[format!("CN:127.0.0.{k}")])?;
+        let (_, csr) = causeway_pki::csr(&certs, "server", &subject)?;
+        causeway_pki::sign_csr(&csr, &ca, 825, &certs.join("server.crt"))?;
+    }
+    Ok(())
+}
+
+/// `certs` on every peer, `initialize` on peer 1, `join 127.0.0.1` on the others, each
+/// waited for, as an operator would run them.
+fn form_database(dir: &Path, peers: usize) -> anyhow::Result<()> {
+    let db = dir.join("db");
+    let run = |k: usize, words: &[String]| -> anyhow::Result<String> {
+        let out = causeway_admin::client::post_json(
+            &peer_dir(dir, k).join("admin.sock"),
+            "/api/v1/dbcluster/command",
+            &serde_json::json!({ "words": words }),
+        )
+        .with_context(|| format!("peer{k}: database cluster {}", words.join(" ")))?;
+        Ok(out["message"].as_str().unwrap_or_default().to_string())
+    };
+    for k in 1..=peers {
+        let certs = peer_dir(dir, k).join("dbcerts");
+        let mut words = vec!["certs".to_string()];
+        for f in [
+            certs.join("server.key"),
+            certs.join("server.crt"),
+            db.join("client.key"),
+            db.join("client.crt"),
+            db.join("ca.crt"),
+        ] {
+            words.push(f.display().to_string());
+        }
+        run(k, &words)?;
+    }
+    println!("  database cluster: initialize on peer1");
+    run(1, &["initialize".to_string()])?;
+    wait_for_command(dir, 1)?;
+    for k in 2..=peers {
+        println!("  database cluster: join 127.0.0.1 on peer{k}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The master is known to the peer once its reports arrive.
+        loop {
+            match run(k, &["join".to_string(), "127.0.0.1".to_string()]) {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        wait_for_command(dir, k)?;
+    }
+    Ok(())
+}
+
+/// Waits for peer k's last database command to end, showing its progress.
+fn wait_for_command(dir: &Path, k: usize) -> anyhow::Result<()> {
+    let socket = peer_dir(dir, k).join("admin.sock");
+    let started = Instant::now();
+    let mut shown = String::new();
+    loop {
+        let status = causeway_admin::client::get_json(&socket, "/api/v1/dbcluster/status")?;
+        let last = &status["status"]["last_command"];
+        let result = last["result"].as_str().unwrap_or_default().to_string();
+        let enabled = status["status"]["status"] == "Enabled";
+        let master = status["status"]["node_in_use"].as_str().is_some();
+        if result == "Success" && enabled && master {
+            return Ok(());
+        }
+        if let Some(why) = result.strip_prefix("Failed: ") {
+            bail!(
+                "peer{k}: '{}' failed: {why}",
+                last["command"].as_str().unwrap_or_default()
+            );
+        }
+        if result != shown {
+            println!("    {result}");
+            shown = result;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "peer{k}: the database command did not finish within 120 s: see {}/db/postgres.log",
+                peer_dir(dir, k).display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Waits until every peer sees every other Active. A peer that exits is found by its

@@ -84,10 +84,29 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// The database cluster, in the seed's syntax: `database cluster localnode <interface>`,
+    /// `certs …`, `initialize`, `join <master address>`, `status [--json]`, `clear error`,
+    /// `upgrade_schema`, `remove`.
+    Database {
+        #[command(subcommand)]
+        command: DatabaseCommand,
+    },
     /// A local trial cluster on 127.0.0.x.
     Lab {
         #[command(subcommand)]
         command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatabaseCommand {
+    /// `database cluster <command> [arguments]`
+    Cluster {
+        /// Print `status` as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        words: Vec<String>,
     },
 }
 
@@ -212,6 +231,9 @@ enum LabCommand {
         peers: usize,
         #[arg(long, default_value = "lab")]
         dir: PathBuf,
+        /// Leave the database cluster off.
+        #[arg(long)]
+        no_database: bool,
     },
     /// Stop the lab's peers (by the PIDs in DIR/peerK/causeway.pid).
     Down {
@@ -325,8 +347,15 @@ fn main() -> ExitCode {
         Command::Admin {
             command: AdminCommand::Passwd { user },
         } => passwd(&data_dir(&cli.node), &user),
+        Command::Database {
+            command: DatabaseCommand::Cluster { json, words },
+        } => show::database_cluster(&admin_socket(&cli.node), &words, json),
         Command::Lab { command } => match command {
-            LabCommand::Up { peers, dir } => lab::up(peers, &dir),
+            LabCommand::Up {
+                peers,
+                dir,
+                no_database,
+            } => lab::up(peers, &dir, !no_database),
             LabCommand::Down { dir } => lab::down(&dir),
         },
     };

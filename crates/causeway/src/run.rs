@@ -100,6 +100,7 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     // Every service's items and alarms, whether or not this peer runs it: the
     // configuration primary checks every peer's items.
     causeway_sipserver::catalogue::register();
+    causeway_dbcluster::catalogue::register();
     let store = NodeStore::open(&data_dir);
     let (node, _services) = Node::start(config.clone(), transport, resolver, store);
     let mut app = causeway_admin::router(node.clone());
@@ -107,6 +108,13 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         let sip = start_sip(&config, section, &identity, node.clone(), cancel.clone()).await?;
         node.host(sip.clone());
         app = app.merge(causeway_sipserver::status::router(sip));
+    }
+    if let Some(section) = &config.database {
+        let db = causeway_dbcluster::DbService::start(node.clone(), section.clone())
+            .await
+            .context("starting the database cluster service")?;
+        node.host(db.clone());
+        app = app.merge(causeway_dbcluster::router(db));
     }
     let unix =
         causeway_admin::serve_unix(&config.admin_socket(), app.clone(), cancel.clone()).await?;

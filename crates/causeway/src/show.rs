@@ -370,6 +370,37 @@ pub fn simple_command(socket: &Path, route: &str, name: &str) -> anyhow::Result<
     Ok(())
 }
 
+/// `database cluster …`: `status` is read, every other command is sent as its words.
+pub fn database_cluster(socket: &Path, words: &[String], json: bool) -> anyhow::Result<()> {
+    let no_service = |e: anyhow::Error| {
+        if e.to_string().contains("404") {
+            anyhow::anyhow!(
+                "this node runs no database cluster service: add a [database] section to its file and restart it"
+            )
+        } else {
+            e
+        }
+    };
+    if words == ["status"] {
+        let value = causeway_admin::client::get_json(socket, "/api/v1/dbcluster/status")
+            .map_err(no_service)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&value["status"])?);
+        } else {
+            print!("{}", value["text"].as_str().unwrap_or_default());
+        }
+        return Ok(());
+    }
+    let out = causeway_admin::client::post_json(
+        socket,
+        "/api/v1/dbcluster/command",
+        &json!({ "words": words }),
+    )
+    .map_err(no_service)?;
+    println!("{}", out["message"].as_str().unwrap_or("done"));
+    Ok(())
+}
+
 fn sip_status(socket: &Path, path: &str, json: bool) -> anyhow::Result<Option<serde_json::Value>> {
     let value = causeway_admin::client::get_json(socket, path).map_err(|e| {
         if e.to_string().contains("404") {

@@ -42,6 +42,9 @@ pub struct NodeConfig {
     /// The SIP registrar and proxy; off when the section is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sip: Option<SipSection>,
+    /// The database cluster (DB-1…DB-7); off when the section is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseSection>,
     /// Where the file was read from; relative paths in it are relative to `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
@@ -230,6 +233,56 @@ impl Default for SipSection {
             max_expires: max_expires(),
         }
     }
+}
+
+/// † The database cluster on this node (`docs/dbcluster.md`): a PostgreSQL 15 of its own,
+/// supervised by Causeway, kept aside until the node joins a database cluster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// PostgreSQL 15's `bin` directory; `pg_config --bindir`, then
+    /// /usr/lib/postgresql/15/bin, when absent.
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+    /// The port PostgreSQL listens on, on the `localnode` address.
+    #[serde(default = "pg_port")]
+    pub port: u16,
+    /// The interface (or one of its addresses) PostgreSQL listens on until
+    /// `database cluster localnode` names another.
+    #[serde(default)]
+    pub localnode: Option<String>,
+    /// The local endpoint that leads to the current master (DB-6).
+    #[serde(default = "db_endpoint")]
+    pub endpoint: SocketAddr,
+    /// The HTTP health port (`/primary`, `/replica`, `/health`), on the `localnode` address.
+    #[serde(default = "db_health_port")]
+    pub health_port: u16,
+    /// The versioned SQL files `upgrade_schema` applies (`NNNN_<name>.sql`).
+    #[serde(default)]
+    pub schema_dir: Option<PathBuf>,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        Self {
+            bin_dir: None,
+            port: pg_port(),
+            localnode: None,
+            endpoint: db_endpoint(),
+            health_port: db_health_port(),
+            schema_dir: None,
+        }
+    }
+}
+
+fn pg_port() -> u16 {
+    5432
+}
+fn db_endpoint() -> SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9899))
+}
+fn db_health_port() -> u16 {
+    8008
 }
 
 fn sip_port() -> u16 {

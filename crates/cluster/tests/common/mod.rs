@@ -53,6 +53,7 @@ pub fn config(k: usize, n: usize, mode: TlsMode) -> NodeConfig {
         admin: AdminSection::default(),
         licences: Default::default(),
         sip: None,
+        database: None,
         source: "test.toml".into(),
         announce_version: None,
     }

@@ -1,0 +1,68 @@
+//! The database cluster (DB-1…DB-7, `docs/dbcluster.md`): a PostgreSQL 15 supervised on
+//! every database node, a master that holds the `dbcluster` lease of the node's lease
+//! groups, streaming replication over mutual TLS, the seed's `database cluster …` commands,
+//! and a local endpoint on every node that leads to the master.
+//!
+//! A service of the node ([`causeway_cluster::Service`]), off unless the node file has a
+//! `[database]` section. One loop ([`agent`]) drives every postgres state change: it
+//! observes, [`decide::decide`]s one action, runs it and says what it did.
+
+mod agent;
+pub mod catalogue;
+mod commands;
+pub mod conf;
+pub mod decide;
+mod endpoint;
+mod health;
+pub mod model;
+pub mod pgwire;
+pub mod status;
+mod supervisor;
+pub mod tools;
+
+pub use agent::DbService;
+
+pub(crate) const LOG: &str = "developer.dbcluster";
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Deserialize)]
+struct CommandRequest {
+    words: Vec<String>,
+}
+
+/// `GET /api/v1/dbcluster/status` and `POST /api/v1/dbcluster/command` (`{"words": […]}`)
+/// on the node's admin API; the CLI's `database cluster …` uses them.
+pub fn router(svc: Arc<DbService>) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/dbcluster/status",
+            get(|State(s): State<Arc<DbService>>| async move {
+                let status = s.status_json();
+                Json(json!({ "status": status, "text": status::render(&status) }))
+            }),
+        )
+        .route(
+            "/api/v1/dbcluster/command",
+            post(
+                |State(s): State<Arc<DbService>>, Json(req): Json<CommandRequest>| async move {
+                    match s.command(&req.words).await {
+                        Ok(message) => Ok(Json(json!({ "message": message }))),
+                        Err(r) => Err((
+                            StatusCode::from_u16(r.code.http_status())
+                                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                            Json::<Value>(json!({ "error": r.message, "code": r.code })),
+                        )),
+                    }
+                },
+            ),
+        )
+        .with_state(svc)
+}
