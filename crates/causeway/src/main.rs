@@ -105,7 +105,7 @@ enum DatabaseCommand {
         /// Print `status` as JSON.
         #[arg(long)]
         json: bool,
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        #[arg(required = true, num_args = 1..)]
         words: Vec<String>,
     },
 }

@@ -39,6 +39,9 @@ impl TestCluster {
     ) -> Self {
         causeway_pki::install_crypto_provider();
         let tmp = tempfile::tempdir().unwrap();
+        // A database node's PostgreSQL runs as the postgres OS user: it must reach the
+        // peers' directories.
+        set_mode(tmp.path(), 0o755);
         let ca = causeway_pki::ca_init(&tmp.path().join("ca"), "test CA").unwrap();
         let other_ca = causeway_pki::ca_init(&tmp.path().join("other-ca"), "untrusted CA").unwrap();
         let list: Vec<String> = (1..=n).map(|k| format!("\"{}\"", addr(net, k))).collect();
@@ -46,6 +49,7 @@ impl TestCluster {
         for k in 1..=n {
             let dir = tmp.path().join(format!("peer{k}"));
             std::fs::create_dir_all(&dir).unwrap();
+            set_mode(&dir, 0o755);
             let mut config = format!(
                 "[node]\nsystem_name = \"peer{k}\"\naddress = \"{}\"\ndata_dir = \"{}\"\n\n[cluster]\nname = \"test.lab.example\"\ntls_verification = \"{mode}\"\npeers = [{}]\n",
                 addr(net, k),
@@ -210,6 +214,11 @@ pub fn set(c: &TestCluster, k: usize, path: &str, value: &str) {
         "xconfiguration set {path} {value}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+pub fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
