@@ -92,7 +92,7 @@ def sh(*args, timeout=300, check=True):
 
 def db_status(d, k):
     try:
-        r = subprocess.run([BIN, "--node", f"{d}/peer{k}", "database", "cluster", "status", "--json"],
+        r = subprocess.run([BIN, "--node", f"{d}/peer{k}", "database", "cluster", "--json", "status"],
                            capture_output=True, text=True, timeout=5)
         return json.loads(r.stdout) if r.returncode == 0 else None
     except Exception:

@@ -55,7 +55,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-status() { timeout 10 "$BIN" --node "$DIR/peer$1" database cluster status --json 2>/dev/null || true; }
+status() { timeout 10 "$BIN" --node "$DIR/peer$1" database cluster --json status 2>/dev/null || true; }
 
 # The master's IP once peer $1's status shows one Connected Master and every other node in sync.
 healthy_master() {

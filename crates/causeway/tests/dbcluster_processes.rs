@@ -121,12 +121,18 @@ impl Db {
 
     /// Waits until peer k's last command succeeded and it sees a master.
     fn wait_command(&self, k: usize) {
-        wait_for(90, &format!("peer {k}'s database command to succeed"), || {
-            let Some(s) = self.status(k) else { return false };
-            let result = s["last_command"]["result"].as_str().unwrap_or_default();
-            assert!(!result.starts_with("Failed"), "peer {k}: {result}");
-            result == "Success" && s["status"] == "Enabled" && s["node_in_use"].is_string()
-        });
+        wait_for(
+            90,
+            &format!("peer {k}'s database command to succeed"),
+            || {
+                let Some(s) = self.status(k) else {
+                    return false;
+                };
+                let result = s["last_command"]["result"].as_str().unwrap_or_default();
+                assert!(!result.starts_with("Failed"), "peer {k}: {result}");
+                result == "Success" && s["status"] == "Enabled" && s["node_in_use"].is_string()
+            },
+        );
     }
 
     fn initialize_and_join(&self, peers: std::ops::RangeInclusive<usize>) {
@@ -155,13 +161,17 @@ impl Db {
         let running: Vec<usize> = (1..=self.c.peers.len())
             .filter(|&k| self.c.peers[k - 1].child.is_some())
             .collect();
-        wait_for(60, "one master and the standbys in sync on every node", || {
-            running.iter().all(|&k| {
-                let t = self.text(k);
-                t.matches("Connected Master").count() == 1
-                    && t.matches("Connected Slave ( In Sync )").count() == standbys
-            })
-        });
+        wait_for(
+            60,
+            "one master and the standbys in sync on every node",
+            || {
+                running.iter().all(|&k| {
+                    let t = self.text(k);
+                    t.matches("Connected Master").count() == 1
+                        && t.matches("Connected Slave ( In Sync )").count() == standbys
+                })
+            },
+        );
     }
 
     /// The master as the first running peer sees it.
@@ -257,13 +267,19 @@ fn three_nodes_form_share_a_table_through_any_endpoint_and_refuse_wrong_certific
     // The seed's layout on every node: (me) once, the master and two standbys in sync.
     for k in 1..=3 {
         let t = db.text(k);
-        assert!(t.starts_with("Status                : Enabled\nNodes:\n"), "{t}");
+        assert!(
+            t.starts_with("Status                : Enabled\nNodes:\n"),
+            "{t}"
+        );
         assert_eq!(t.matches("(me)").count(), 1, "{t}");
         assert!(
             t.contains(&format!("Node in use           : {}\n", db.a(1))),
             "{t}"
         );
-        assert!(t.contains("Certificates\nServer Key              : server"), "{t}");
+        assert!(
+            t.contains("Certificates\nServer Key              : server"),
+            "{t}"
+        );
     }
     // Written through one node's endpoint, read through another's.
     sql(
@@ -273,11 +289,21 @@ fn three_nodes_form_share_a_table_through_any_endpoint_and_refuse_wrong_certific
     )
     .unwrap();
     assert_eq!(
-        sql(&format!("{}:9899", db.a(3)), &db.client, "SELECT v FROM shared").unwrap(),
+        sql(
+            &format!("{}:9899", db.a(3)),
+            &db.client,
+            "SELECT v FROM shared"
+        )
+        .unwrap(),
         "written via peer 2"
     );
     // While a member, peer 3's own database is not in use: its table is not there.
-    assert!(sql(&format!("{}:9899", db.a(3)), &db.client, "SELECT v FROM mine").is_err());
+    assert!(sql(
+        &format!("{}:9899", db.a(3)),
+        &db.client,
+        "SELECT v FROM mine"
+    )
+    .is_err());
     // Health for load balancers: the master and the standbys.
     assert_eq!(http_status(&format!("{}:8008", db.a(1)), "/primary"), 200);
     assert_eq!(http_status(&format!("{}:8008", db.a(2)), "/primary"), 503);
@@ -294,7 +320,10 @@ fn three_nodes_form_share_a_table_through_any_endpoint_and_refuse_wrong_certific
     stranger.ca = db.client.ca.clone();
     for target in [format!("{}:5432", db.a(1)), format!("{}:9899", db.a(2))] {
         let e = sql(&target, &alice, "SELECT 1").unwrap_err();
-        assert!(e.contains("certificate authentication failed"), "{target}: {e}");
+        assert!(
+            e.contains("certificate authentication failed"),
+            "{target}: {e}"
+        );
         let e = sql(&target, &stranger, "SELECT 1").unwrap_err();
         assert!(
             e.contains("certificate") || e.contains("SSL") || e.contains("alert"),
@@ -319,11 +348,21 @@ fn three_nodes_form_share_a_table_through_any_endpoint_and_refuse_wrong_certific
     // `remove` on a standby: its own database is back, unchanged, and in use again.
     db.cmd(3, &["remove"]).expect("remove on a standby");
     assert_eq!(
-        sql(&format!("{}:9899", db.a(3)), &db.client, "SELECT v FROM mine").unwrap(),
+        sql(
+            &format!("{}:9899", db.a(3)),
+            &db.client,
+            "SELECT v FROM mine"
+        )
+        .unwrap(),
         "peer3-local"
     );
     assert_eq!(system_id(3), local_id);
-    assert!(sql(&format!("{}:9899", db.a(3)), &db.client, "SELECT v FROM shared").is_err());
+    assert!(sql(
+        &format!("{}:9899", db.a(3)),
+        &db.client,
+        "SELECT v FROM shared"
+    )
+    .is_err());
     assert!(db.text(3).starts_with("Status                : Disabled"));
     wait_for(20, "the others to show two nodes", || {
         let t = db.text(1);
@@ -358,7 +397,11 @@ fn a_failed_schema_upgrade_is_an_error_until_cleared() {
     assert!(e.contains("0002_broken.sql failed"), "{e}");
     // Every node shows the error; the good file stayed applied, once.
     wait_for(10, "the error on every node", || {
-        (1..=3).all(|k| db.text(k).starts_with("Status                : Error\nError                 : 0002_broken.sql failed"))
+        (1..=3).all(|k| {
+            db.text(k).starts_with(
+                "Status                : Error\nError                 : 0002_broken.sql failed",
+            )
+        })
     });
     assert!(db.c.alarm_raised(1, 21016, "database") || db.c.alarm_raised(2, 21016, "database"));
     let applied = sql(
@@ -383,7 +426,10 @@ fn a_failed_schema_upgrade_is_an_error_until_cleared() {
     let out = db.cmd(2, &["upgrade_schema"]).unwrap();
     assert!(out.contains("1 files applied"), "{out}");
     assert!(db.cmd(2, &["clear", "error"]).unwrap().contains("no error"));
-    assert!(db.c.log(2).contains("Upgrading schema with connect line 'connect_timeout=4 user=postgres host="));
+    assert!(db
+        .c
+        .log(2)
+        .contains("Upgrading schema with connect line 'connect_timeout=4 user=postgres host="));
 }
 
 /// An acknowledged insert: the row, when, and the address of the server that committed it.
@@ -420,9 +466,19 @@ fn writer(
 fn the_master_killed_is_replaced_with_no_acknowledged_write_lost_and_comes_back_as_a_standby() {
     let mut db = start(72, 3);
     db.form();
-    sql(&format!("{}:9899", db.a(3)), &db.client, "CREATE TABLE w (n int PRIMARY KEY)").unwrap();
+    sql(
+        &format!("{}:9899", db.a(3)),
+        &db.client,
+        "CREATE TABLE w (n int PRIMARY KEY)",
+    )
+    .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let w = writer(format!("{}:9899", db.a(3)), db.client.clone(), stop.clone(), 0);
+    let w = writer(
+        format!("{}:9899", db.a(3)),
+        db.client.clone(),
+        stop.clone(),
+        0,
+    );
     std::thread::sleep(Duration::from_secs(2));
     let killed_at = Instant::now();
     db.kill_node(1);
@@ -436,17 +492,38 @@ fn the_master_killed_is_replaced_with_no_acknowledged_write_lost_and_comes_back_
         "first acknowledged write {} ms after the kill",
         after[0].1.duration_since(killed_at).as_millis()
     );
-    let rows = sql(&format!("{}:9899", db.a(2)), &db.client, "SELECT string_agg(n::text, ',') FROM w").unwrap();
-    let rows: std::collections::HashSet<u32> = rows.split(',').filter_map(|n| n.parse().ok()).collect();
-    let lost: Vec<u32> = acked.iter().map(|(n, _, _)| *n).filter(|n| !rows.contains(n)).collect();
+    let rows = sql(
+        &format!("{}:9899", db.a(2)),
+        &db.client,
+        "SELECT string_agg(n::text, ',') FROM w",
+    )
+    .unwrap();
+    let rows: std::collections::HashSet<u32> =
+        rows.split(',').filter_map(|n| n.parse().ok()).collect();
+    let lost: Vec<u32> = acked
+        .iter()
+        .map(|(n, _, _)| *n)
+        .filter(|n| !rows.contains(n))
+        .collect();
     assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
     // The old master comes back by itself as a standby of the new one and catches up.
     db.c.launch(1);
     db.wait_states(2);
-    let count = |k: usize| sql(&format!("{}:5432", db.a(k)), &db.client, "SELECT count(*) FROM w").unwrap();
-    wait_for(20, "peer 1 to catch up", || count(1) == count(db.master().unwrap()));
+    let count = |k: usize| {
+        sql(
+            &format!("{}:5432", db.a(k)),
+            &db.client,
+            "SELECT count(*) FROM w",
+        )
+        .unwrap()
+    };
+    wait_for(20, "peer 1 to catch up", || {
+        count(1) == count(db.master().unwrap())
+    });
     let me = format!("{} (me)", db.a(1));
-    assert!(db.text(1).contains(&format!("  {me:<21}: Connected Slave ( In Sync )\n")));
+    assert!(db
+        .text(1)
+        .contains(&format!("  {me:<21}: Connected Slave ( In Sync )\n")));
 }
 
 /// iptables rules that cut a peer's mesh links (the cluster port, both ways); removed on drop.
@@ -459,10 +536,12 @@ impl MeshCut {
         let rules: Vec<Vec<String>> = [["-d", ip], ["-s", ip]]
             .iter()
             .map(|[dir, ip]| {
-                ["INPUT", "-p", "tcp", dir, ip, "--dport", "4372", "-j", "DROP"]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect()
+                [
+                    "INPUT", "-p", "tcp", dir, ip, "--dport", "4372", "-j", "DROP",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
             })
             .collect();
         for r in &rules {
@@ -488,18 +567,34 @@ impl Drop for MeshCut {
 fn a_master_cut_from_the_majority_refuses_writes_before_another_accepts_one() {
     let db = start(73, 3);
     db.form();
-    sql(&format!("{}:9899", db.a(1)), &db.client, "CREATE TABLE w (n int PRIMARY KEY)").unwrap();
+    sql(
+        &format!("{}:9899", db.a(1)),
+        &db.client,
+        "CREATE TABLE w (n int PRIMARY KEY)",
+    )
+    .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // One writer straight at the old master's 5432 (still open), one through peer 2's endpoint.
-    let old = writer(format!("{}:5432", db.a(1)), db.client.clone(), stop.clone(), 0);
-    let new = writer(format!("{}:9899", db.a(2)), db.client.clone(), stop.clone(), 100_000);
+    let old = writer(
+        format!("{}:5432", db.a(1)),
+        db.client.clone(),
+        stop.clone(),
+        0,
+    );
+    let new = writer(
+        format!("{}:9899", db.a(2)),
+        db.client.clone(),
+        stop.clone(),
+        100_000,
+    );
     std::thread::sleep(Duration::from_secs(2));
     let cut_at = Instant::now();
     let cut = MeshCut::new(&db.a(1));
     wait_for(30, "a new master among peers 2 and 3", || {
         db.status(2).is_some_and(|s| {
             s["nodes"].as_array().is_some_and(|ns| {
-                ns.iter().any(|n| n["state"] == "Connected Master" && n["peer"] != 1)
+                ns.iter()
+                    .any(|n| n["state"] == "Connected Master" && n["peer"] != 1)
             })
         })
     });
@@ -530,10 +625,23 @@ fn a_master_cut_from_the_majority_refuses_writes_before_another_accepts_one() {
         );
     }
     // Synchronous replication: nothing the old master acknowledged is missing.
-    let rows = sql(&format!("{}:5432", db.a(new_master)), &db.client, "SELECT string_agg(n::text, ',') FROM w").unwrap();
-    let rows: std::collections::HashSet<u32> = rows.split(',').filter_map(|n| n.parse().ok()).collect();
-    let lost: Vec<u32> = acks.iter().map(|a| a.0).filter(|n| !rows.contains(n)).collect();
-    assert!(lost.is_empty(), "acknowledged rows missing on the new master: {lost:?}");
+    let rows = sql(
+        &format!("{}:5432", db.a(new_master)),
+        &db.client,
+        "SELECT string_agg(n::text, ',') FROM w",
+    )
+    .unwrap();
+    let rows: std::collections::HashSet<u32> =
+        rows.split(',').filter_map(|n| n.parse().ok()).collect();
+    let lost: Vec<u32> = acks
+        .iter()
+        .map(|a| a.0)
+        .filter(|n| !rows.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged rows missing on the new master: {lost:?}"
+    );
     // Healed, the old master comes back as a standby by itself.
     drop(cut);
     db.wait_states(2);
@@ -544,7 +652,12 @@ fn a_master_cut_from_the_majority_refuses_writes_before_another_accepts_one() {
 fn five_nodes_keep_a_master_with_two_lost_and_refuse_writes_with_three_lost() {
     let mut db = start(74, 5);
     db.form();
-    sql(&format!("{}:9899", db.a(5)), &db.client, "CREATE TABLE w (n int PRIMARY KEY)").unwrap();
+    sql(
+        &format!("{}:9899", db.a(5)),
+        &db.client,
+        "CREATE TABLE w (n int PRIMARY KEY)",
+    )
+    .unwrap();
     // The master and one standby at once.
     let master = db.master().unwrap();
     let other = (1..=5).find(|&k| k != master).unwrap();
@@ -565,19 +678,35 @@ fn five_nodes_keep_a_master_with_two_lost_and_refuse_writes_with_three_lost() {
     db.kill_node(last[0]);
     let survivor = last[1];
     std::thread::sleep(Duration::from_secs(4));
-    for target in [format!("{}:5432", db.a(survivor)), format!("{}:9899", db.a(survivor))] {
+    for target in [
+        format!("{}:5432", db.a(survivor)),
+        format!("{}:9899", db.a(survivor)),
+    ] {
         let e = sql(&target, &db.client, "INSERT INTO w VALUES (2)").unwrap_err();
         eprintln!("{target}: {e}");
     }
-    let e = sql(&format!("{}:5432", db.a(survivor)), &db.client, "INSERT INTO w VALUES (3)").unwrap_err();
+    let e = sql(
+        &format!("{}:5432", db.a(survivor)),
+        &db.client,
+        "INSERT INTO w VALUES (3)",
+    )
+    .unwrap_err();
     assert!(e.contains("read-only transaction"), "{e}");
     wait_for(15, "alarm 21010 on the survivor", || {
         db.c.alarm_raised(survivor, 21010, "database")
     });
-    assert_eq!(http_status(&format!("{}:8008", db.a(survivor)), "/primary"), 503);
+    assert_eq!(
+        http_status(&format!("{}:8008", db.a(survivor)), "/primary"),
+        503
+    );
     // The row acknowledged before is still there, readable on the survivor.
     assert_eq!(
-        sql(&format!("{}:5432", db.a(survivor)), &db.client, "SELECT count(*) FROM w WHERE n = 1").unwrap(),
+        sql(
+            &format!("{}:5432", db.a(survivor)),
+            &db.client,
+            "SELECT count(*) FROM w WHERE n = 1"
+        )
+        .unwrap(),
         "1"
     );
 }

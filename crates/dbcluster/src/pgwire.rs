@@ -214,11 +214,7 @@ impl PgConn {
             match tag {
                 b'T' => current = Vec::new(),
                 b'D' => current.push(data_row(&body)?),
-                b'C' => {
-                    if !current.is_empty() {
-                        rows = std::mem::take(&mut current);
-                    }
-                }
+                b'C' if !current.is_empty() => rows = std::mem::take(&mut current),
                 b'E' => error = Some(server_error(&body)),
                 b'Z' => break,
                 _ => {} // EmptyQueryResponse, notices, ParameterStatus
