@@ -115,6 +115,10 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
             .context("starting the database cluster service")?;
         node.host(db.clone());
         app = app.merge(causeway_dbcluster::router(db));
+    } else if node.mesh().is_some() {
+        // A peer without a database still votes for the database cluster's master: the
+        // majority that chooses it is the peer cluster's.
+        causeway_dbcluster::start_witness(&node);
     }
     let unix =
         causeway_admin::serve_unix(&config.admin_socket(), app.clone(), cancel.clone()).await?;

@@ -202,6 +202,7 @@ impl DbService {
         svc.tasks.spawn(svc.clone().run_loop());
         svc.tasks.spawn(svc.clone().fencer());
         svc.tasks.spawn(svc.clone().reporter());
+        svc.tasks.spawn(svc.clone().watch_certificates());
         svc.tasks.spawn(crate::endpoint::serve(svc.clone()).await?);
         if let Some(task) = crate::health::serve(svc.clone()).await? {
             svc.tasks.spawn(task);
@@ -1092,12 +1093,25 @@ impl DbService {
             Err(e) => {
                 self.counters.rewinds_failed.fetch_add(1, Ordering::Relaxed);
                 warn!(target: LOG, event = "Database rewind failed", reason = %format!("{e:#}"), "Copying the database from the master instead");
-                self.copy_from(u.address, |_| {}).await?;
+                if let Err(copy) = self.copy_from(u.address, |_| {}).await {
+                    let why = format!(
+                        "pg_rewind failed ({e:#}) and so did a fresh copy ({copy:#}); retried by itself"
+                    );
+                    self.node
+                        .alarms()
+                        .raise(alarm::DATABASE_FAILURE, "database", &why);
+                    // Retried on a later cycle, not in a tight loop.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    bail!(why);
+                }
                 format!("a fresh copy (pg_rewind failed: {e:#})")
             }
         };
         // pg_rewind copies the source's configuration files: Causeway's are written again.
         self.save(|s| s.promoted_at = None)?;
+        self.node
+            .alarms()
+            .lower(alarm::DATABASE_FAILURE, "database");
         self.start_standby(Some(u)).await?;
         Ok(format!(
             "Rejoined as a standby of Peer {} ({why}) with {how}",
@@ -1311,10 +1325,21 @@ impl DbService {
             let replicas = lock(&self.seen).replicas.clone();
             for m in members.iter().filter(|m| m.peer != self.me) {
                 let subject = format!("Peer {}", m.peer);
-                if replicas
-                    .iter()
-                    .any(|r| r.peer == m.peer && r.state == "streaming")
-                {
+                let replica = replicas.iter().find(|r| r.peer == m.peer);
+                match replica.map(|r| r.flush_lag) {
+                    Some(lag) if lag > alarm::LAG_ALARM_BYTES => {
+                        alarms.raise(
+                            alarm::LAGGING,
+                            &subject,
+                            &format!("Peer {} is {lag} bytes behind the master", m.peer),
+                        );
+                    }
+                    Some(lag) if lag > alarm::LAG_ALARM_BYTES / 2 => {}
+                    _ => {
+                        alarms.lower(alarm::LAGGING, &subject);
+                    }
+                }
+                if replica.is_some_and(|r| r.state == "streaming") {
                     alarms.lower(alarm::OUT_OF_SYNC, &subject);
                 } else {
                     alarms.raise(
@@ -1327,6 +1352,7 @@ impl DbService {
         } else {
             for m in &members {
                 alarms.lower(alarm::OUT_OF_SYNC, &format!("Peer {}", m.peer));
+                alarms.lower(alarm::LAGGING, &format!("Peer {}", m.peer));
             }
         }
         match &lock(&self.seen).error {
@@ -1446,6 +1472,47 @@ impl DbService {
         .map_err(|e| anyhow!("removing Peer {peer} from the member list: {e}"))?;
         info!(target: LOG, event = "Database member removed", peer, "");
         Ok(())
+    }
+
+    /// Alarm 21014 from the installed certificates: checked at start and every 6 hours
+    /// (and after `certs`), raised from 30 days before one expires.
+    async fn watch_certificates(self: Arc<Self>) {
+        loop {
+            self.check_installed_certificates();
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(6 * 3600)) => {}
+            }
+        }
+    }
+
+    pub(crate) fn check_installed_certificates(&self) {
+        let saved = self.saved();
+        if saved.certs.is_empty() {
+            return;
+        }
+        let c = |n: &str| self.layout.cert(n);
+        let (key, crt, ca) = (c("client.key"), c("client.crt"), c("ca.crt"));
+        let server = (saved.certs.len() == 5).then(|| (c("server.key"), c("server.crt")));
+        let problem =
+            crate::status::check_certs(server.as_ref().map(|(k, c)| (k, c)), (&key, &crt, &ca))
+                .or_else(|| {
+                    let mut files = vec![crt.clone()];
+                    if let Some((_, s)) = &server {
+                        files.push(s.clone());
+                    }
+                    files
+                        .iter()
+                        .find_map(|f| crate::status::expires_within(f, 30))
+                });
+        match problem {
+            Some(p) => {
+                self.node.alarms().raise(alarm::CERTIFICATES, "database", &p);
+            }
+            None => {
+                self.node.alarms().lower(alarm::CERTIFICATES, "database");
+            }
+        }
     }
 
     pub(crate) fn wake(&self) {

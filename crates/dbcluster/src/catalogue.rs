@@ -16,11 +16,16 @@ pub static ITEMS: &[ItemDef] = &[ItemDef {
 
 pub const NO_MASTER: u32 = 21010;
 pub const OUT_OF_SYNC: u32 = 21011;
+pub const LAGGING: u32 = 21012;
 pub const FENCED: u32 = 21013;
 pub const CERTIFICATES: u32 = 21014;
 pub const EVEN: u32 = 21015;
 pub const SCHEMA: u32 = 21016;
 pub const NO_POSTGRES: u32 = 21017;
+/// The seed's "Database failure": neither a rewind nor a fresh copy brought a node back.
+pub const DATABASE_FAILURE: u32 = 20025;
+/// Flush lag that raises 21012; it is lowered below half of it.
+pub const LAG_ALARM_BYTES: u64 = 16 << 20;
 
 pub static ALARMS: &[AlarmType] = &[
     alarm!(21010, "6e0c2f1a-3b4d-4c5e-8f6a-7b8c9d0e2110", Error, "Database cluster has no master",
@@ -29,6 +34,9 @@ pub static ALARMS: &[AlarmType] = &[
     alarm!(21011, "7f1d3a2b-4c5e-4d6f-9a7b-8c9d0e1f2111", Warning, "Database cluster standby out of sync",
         "Database cluster standby out of sync: a standby is not streaming from the master",
         "Check the standby's PostgreSQL log (DIR/db/postgres.log) and its certificates; it rewinds or copies the database again by itself"),
+    alarm!(21012, "3f7d9a8b-0cbe-4dcf-9a3b-4c5d6e7f2112", Warning, "Database cluster standby lagging",
+        "Database cluster standby lagging: a standby is more than 16 MiB behind the master",
+        "Check the standby's disk and network; commits use the other standbys meanwhile"),
     alarm!(21013, "8a2e4b3c-5d6f-4e7a-8b8c-9d0e1f2a2113", Error, "Database cluster master fenced",
         "Database cluster master fenced: this node was master and lost its lease; its PostgreSQL was stopped",
         "Nothing: it comes back as a standby of the new master by itself; check why it lost the majority"),

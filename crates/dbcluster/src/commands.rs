@@ -173,9 +173,7 @@ impl DbService {
             })
             .collect();
         self.save(|s| s.certs = names).map_err(internal)?;
-        self.node
-            .alarms()
-            .lower(crate::catalogue::CERTIFICATES, "database");
+        self.check_installed_certificates();
         // Postgres reads its TLS files at start: restart the node's own database; a
         // member's instance takes them with a reload.
         let _guard = self.act_lock.lock().await;

@@ -20,7 +20,18 @@ pub mod status;
 mod supervisor;
 pub mod tools;
 
-pub use agent::DbService;
+pub use agent::{lease_timing, DbService};
+
+/// On a peer without a `[database]` section: a member of the `dbcluster` lease group that
+/// votes and never stands, so the master is chosen by a majority of the whole peer cluster.
+pub fn start_witness(node: &causeway_cluster::Node) {
+    use causeway_consensus::LeaderLease as _;
+    let leases = node.leases();
+    match leases.start_group_with("dbcluster", leases.all_peers(), lease_timing()) {
+        Ok(group) => group.set_eligible(false),
+        Err(e) => tracing::warn!(target: LOG, reason = %e, "The database cluster's lease group did not start on this peer"),
+    }
+}
 
 pub(crate) const LOG: &str = "developer.dbcluster";
 

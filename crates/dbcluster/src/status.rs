@@ -318,6 +318,22 @@ pub fn check_certs(
     check(client_crt, client_key, Some("postgres"))
 }
 
+/// "expires on …" when `crt` expires within `days`.
+pub fn expires_within(crt: &Path, days: i64) -> Option<String> {
+    let chain = causeway_pki::load_certs(crt).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    let left =
+        cert.validity().not_after.timestamp() - x509_parser::time::ASN1Time::now().timestamp();
+    (left < days * 86_400).then(|| {
+        format!(
+            "{} expires on {} ({} days from now)",
+            crt.display(),
+            cert.validity().not_after,
+            left / 86_400
+        )
+    })
+}
+
 /// TLS for connecting to PostgreSQL with the node's client certificate (`verify-ca`).
 pub fn client_tls(certs: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let id = causeway_pki::NodeIdentity::load(
