@@ -752,31 +752,54 @@ fn a_frozen_master_agent_cannot_acknowledge_writes_and_endpoint_clients_move_to_
     use causeway_dbcluster::pgwire::{Login, PgConn};
     let db = start(75, 3);
     db.form();
-    sql(&format!("{}:9899", db.a(1)), &db.client, "CREATE TABLE w (n int PRIMARY KEY)").unwrap();
+    sql(
+        &format!("{}:9899", db.a(1)),
+        &db.client,
+        "CREATE TABLE w (n int PRIMARY KEY)",
+    )
+    .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let id = causeway_pki::NodeIdentity::load(&db.client.crt, &db.client.key, &db.client.ca).unwrap();
+    let id =
+        causeway_pki::NodeIdentity::load(&db.client.crt, &db.client.key, &db.client.ca).unwrap();
     let tls = causeway_pki::client_config(causeway_pki::TlsMode::Enforce, &id).unwrap();
     let endpoint: std::net::SocketAddr = format!("{}:9899", db.a(2)).parse().unwrap();
     let connect = || {
-        rt.block_on(PgConn::tls(endpoint, tls.clone(), &Login::default(), Duration::from_secs(5)))
-            .unwrap()
+        rt.block_on(PgConn::tls(
+            endpoint,
+            tls.clone(),
+            &Login::default(),
+            Duration::from_secs(5),
+        ))
+        .unwrap()
     };
     let mut held = connect();
-    let server = |c: &mut PgConn| rt.block_on(c.value("SELECT host(inet_server_addr())")).unwrap();
+    let server = |c: &mut PgConn| {
+        rt.block_on(c.value("SELECT host(inet_server_addr())"))
+            .unwrap()
+    };
     assert_eq!(server(&mut held).as_deref(), Some(db.a(1).as_str()));
 
     // The master's agent freezes; its PostgreSQL runs on, reachable on 5432.
     let pid = db.c.peers[0].child.as_ref().unwrap().id().to_string();
-    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
     wait_for(30, "a new master among peers 2 and 3", || {
         matches!(db.master_seen_by(2), Some(2 | 3))
     });
     // The sealed standbys no longer take its WAL: a commit there is never acknowledged.
-    let e = sql_within(&format!("{}:5432", db.a(1)), &db.client, "INSERT INTO w VALUES (1)", 4)
-        .unwrap_err();
+    let e = sql_within(
+        &format!("{}:5432", db.a(1)),
+        &db.client,
+        "INSERT INTO w VALUES (1)",
+        4,
+    )
+    .unwrap_err();
     assert!(e.contains("no answer"), "{e}");
     // The endpoint closed the connection it held to the old master; a new one reaches the new.
     wait_for(10, "the held connection to be closed", || {
@@ -784,16 +807,29 @@ fn a_frozen_master_agent_cannot_acknowledge_writes_and_endpoint_clients_move_to_
     });
     let new_master = db.master_seen_by(2).unwrap();
     let mut fresh = connect();
-    assert_eq!(server(&mut fresh).as_deref(), Some(db.a(new_master).as_str()));
-    rt.block_on(fresh.query("INSERT INTO w VALUES (2)")).unwrap();
+    assert_eq!(
+        server(&mut fresh).as_deref(),
+        Some(db.a(new_master).as_str())
+    );
+    rt.block_on(fresh.query("INSERT INTO w VALUES (2)"))
+        .unwrap();
 
     // Thawed, the old master stops its PostgreSQL at once and comes back as a standby.
-    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
     db.wait_states(2);
     assert_eq!(db.master(), Some(new_master));
     // Row 1 was never acknowledged; it is not on the new master's timeline.
     assert_eq!(
-        sql(&format!("{}:9899", db.a(3)), &db.client, "SELECT string_agg(n::text, ',') FROM w").unwrap(),
+        sql(
+            &format!("{}:9899", db.a(3)),
+            &db.client,
+            "SELECT string_agg(n::text, ',') FROM w"
+        )
+        .unwrap(),
         "2"
     );
 }

@@ -13,8 +13,11 @@ mod commands;
 pub mod conf;
 pub mod decide;
 mod endpoint;
+mod failover;
 mod health;
 pub mod model;
+mod observe;
+mod peers;
 pub mod pgwire;
 pub mod status;
 mod supervisor;
@@ -29,7 +32,9 @@ pub fn start_witness(node: &causeway_cluster::Node) {
     let leases = node.leases();
     match leases.start_group_with("dbcluster", leases.all_peers(), lease_timing()) {
         Ok(group) => group.set_eligible(false),
-        Err(e) => tracing::warn!(target: LOG, reason = %e, "The database cluster's lease group did not start on this peer"),
+        Err(e) => {
+            tracing::warn!(target: LOG, reason = %e, "The database cluster's lease group did not start on this peer")
+        }
     }
 }
 
