@@ -29,6 +29,13 @@ also on Ctrl-C and on errors); nothing but loopback is touched. Every loop is bo
 count and time. A trial that loses an acknowledged write, never fails over or never becomes
 healthy again leaves a copy of the lab directory under /tmp/dbbench-evidence/.
 
+--wait-checkpoint: before the killed peer is restarted, wait until the new master has
+completed its first checkpoint on its new timeline. Without it (the anchor's way: restart at
+once) a peer that pg_rewinds against a master promoted a second ago can be left unable to
+start (pg_rewind reads the master's pg_control, whose checkpoint is still on the old
+timeline), and the cluster never becomes healthy again: the benchmark then stops with the
+evidence kept.
+
 --with-anchor also runs the Patroni anchor's run.sh (node kill, synchronous_mode on, the
 same number of trials, defaults and tuned) after this lab is down, but only when what it
 needs is already installed (etcd, and its venv with patroni): this script installs nothing.
@@ -297,6 +304,20 @@ def master_conn(d, n):
     return c
 
 
+def new_tli_checkpointed(d, n):
+    """Whether the master's last checkpoint is on its current timeline."""
+    try:
+        c = master_conn(d, n)
+        with c.cursor() as cur:
+            cur.execute("SELECT (SELECT timeline_id FROM pg_control_checkpoint()) = "
+                        "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int")
+            ok = cur.fetchone()[0]
+        c.close()
+        return ok
+    except Exception:
+        return False
+
+
 # ---------------------------------------------------------------- a trial
 
 def trial(a, d, n, path, tno, tid):
@@ -384,6 +405,12 @@ def trial(a, d, n, path, tno, tid):
         pa = promoted_at(d, primary_seen[1], offsets[primary_seen[1]])
         res["promote_logged_s"] = round(pa - t_kill_wall, 3) if pa else None
 
+    if a.wait_checkpoint and first_write:
+        # work-around (see --wait-checkpoint): the new master's first checkpoint on its new
+        # timeline, so that pg_rewind against it reads the right timeline from its pg_control
+        t0 = time.monotonic()
+        res["checkpoint_wait_s"] = round(time.monotonic() - t0, 3) if wait_for(lambda: new_tli_checkpointed(d, n), a.timeout, 0.2) else None
+
     # the killed peer back; the cluster healthy again (every node's view)
     for _ in range(100):
         if not os.path.exists(f"/proc/{pid_agent}"):
@@ -428,7 +455,7 @@ def trial(a, d, n, path, tno, tid):
 
 def fmt(r):
     keys = ["path", "trial", "old_master", "via", "new_master", "failover_s", "write_gap_s", "first_fail_s",
-            "primary_http_s", "promote_logged_s", "rejoin_s", "acked", "lost", "ambiguous",
+            "primary_http_s", "promote_logged_s", "checkpoint_wait_s", "rejoin_s", "acked", "lost", "ambiguous",
             "ambiguous_present", "error"]
     return "TRIAL " + " ".join(f"{k}={r[k]}" for k in keys if k in r)
 
@@ -440,7 +467,7 @@ def summarize(rows, paths):
         s = {"trials": len(rs), "errors": sum(1 for r in rs if r.get("error")),
              "lost_total": sum(r.get("lost", 0) for r in rs),
              "acked_total": sum(r.get("acked", 0) for r in rs)}
-        for k in ("failover_s", "write_gap_s", "primary_http_s", "promote_logged_s", "rejoin_s"):
+        for k in ("failover_s", "write_gap_s", "primary_http_s", "promote_logged_s", "checkpoint_wait_s", "rejoin_s"):
             v = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
             if v:
                 s[k] = {"median": round(statistics.median(v), 3), "min": min(v), "max": max(v), "n": len(v)}
@@ -531,6 +558,10 @@ def main():
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--jitter", type=float, default=1.0, help="random extra warm-up, uniform 0..J s (the lease is 1 s)")
     ap.add_argument("--timeout", type=float, default=60.0, help="cap of each wait in a trial, s")
+    ap.add_argument("--wait-checkpoint", action="store_true",
+                    help="before restarting the killed peer, wait until the new master has checkpointed on "
+                         "its new timeline (a work-around: a pg_rewind against a master that has not yet "
+                         "leaves a data directory that cannot start, see bench/RESULTS.md)")
     ap.add_argument("--with-anchor", action="store_true", help="also run the Patroni anchor if it is installed")
     a = ap.parse_args()
     if not 1 <= a.trials <= 100 or not 3 <= a.peers <= 16:
@@ -632,7 +663,7 @@ def main():
                 if run.get("median_s"):
                     ratios.append(f"{run['median_s'] / fo['median']:.1f}x (Patroni {timing} {run['median_s']:.1f} s, this run)")
             line += " | faster than " + ", ".join(ratios)
-        for k in ("primary_http_s", "promote_logged_s", "rejoin_s"):
+        for k in ("primary_http_s", "promote_logged_s", "checkpoint_wait_s", "rejoin_s"):
             if s.get(k):
                 line += f" {k} median={s[k]['median']:.3f} max={s[k]['max']:.3f}"
         print(line)

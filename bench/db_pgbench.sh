@@ -41,6 +41,7 @@ command -v pgbench >/dev/null || { echo "pgbench missing (Debian postgresql-clie
 
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 WORK=$(mktemp -d /tmp/cw-bench-pgbench-XXXXXX)
+chmod 755 "$WORK"   # postgres (the OS user) must reach the lab inside it
 OWN_LAB=0; HA_PID=""
 
 cleanup() {
@@ -135,6 +136,12 @@ cpu_ticks() {  # utime+stime of a PID, in clock ticks
 HZ=$(getconf CLK_TCK)
 EP_PID=$(head -1 "$DIR/peer${STANDBY##*.}/causeway.pid")
 
+# the forwarders' own CPU while idle (the causeway process does more than forward), to subtract
+IDLE=5
+e0=$(cpu_ticks "$EP_PID"); h0=$(cpu_ticks "$HA_PID"); sleep $IDLE; e1=$(cpu_ticks "$EP_PID"); h1=$(cpu_ticks "$HA_PID")
+declare -A IDLE_TPS=([endpoint]=$(python3 -c "print(($e1 - $e0) / $IDLE)") [haproxy]=$(python3 -c "print(($h1 - $h0) / $IDLE)") [direct]=0)
+log "idle CPU: endpoint's causeway ${IDLE_TPS[endpoint]} ticks/s, haproxy ${IDLE_TPS[haproxy]} ticks/s (HZ $HZ)"
+
 declare -A SUM CNT CPU
 for r in $(seq 1 "$ROUNDS"); do
   n=${#TARGETS[@]}
@@ -160,14 +167,14 @@ for r in $(seq 1 "$ROUNDS"); do
       SUM[$k]=$(python3 -c "print(${SUM[$k]:-0} + $tps)")
       CNT[$k]=$(( ${CNT[$k]:-0} + 1 ))
       txn=$(python3 -c "print($tps * $T)")
-      CPU[$k]=$(python3 -c "print(${CPU[$k]:-0} + ($c1 - $c0) / $HZ * 1e6 / max($txn, 1))")
+      CPU[$k]=$(python3 -c "print(${CPU[$k]:-0} + max($c1 - $c0 - ${IDLE_TPS[$tgt]} * $T, 0) / $HZ * 1e6 / max($txn, 1))")
     done
   done
 done
 
 echo
 echo "pgbench -c $C -j $J -T $T, scale $SCALE, $ROUNDS round(s), master $MASTER, nproc $(nproc), $(date -Is)"
-printf '%-12s %-10s %12s %10s %22s\n' mode path tps ratio "forwarder CPU us/txn"
+printf '%-12s %-10s %12s %10s %26s\n' mode path tps ratio "forwarder CPU us/txn (*)"
 for mode in select-only tpcb-like; do
   d=$(python3 -c "print(${SUM[$mode/direct]} / ${CNT[$mode/direct]})")
   for tgt in "${TARGETS[@]}"; do
@@ -175,7 +182,8 @@ for mode in select-only tpcb-like; do
     python3 -c "
 t = ${SUM[$k]} / ${CNT[$k]}
 cpu = '' if '$tgt' == 'direct' else '%.1f' % (${CPU[$k]} / ${CNT[$k]})
-print('%-12s %-10s %12.1f %10.3f %22s' % ('$mode', '$tgt', t, t / $d, cpu))"
+print('%-12s %-10s %12.1f %10.3f %26s' % ('$mode', '$tgt', t, t / $d, cpu))"
   done
 done
+echo "(*) CPU of the standby's causeway process (endpoint) or of haproxy, above its idle rate, per transaction"
 echo "logs: $WORK"

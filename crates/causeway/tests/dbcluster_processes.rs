@@ -180,6 +180,16 @@ impl Db {
         self.master_seen_by(k)
     }
 
+    /// Waits until peer `k` sees a master, and returns it.
+    fn wait_master(&self, k: usize) -> usize {
+        let mut master = None;
+        wait_for(30, &format!("peer {k} to see a master"), || {
+            master = self.master_seen_by(k);
+            master.is_some()
+        });
+        master.unwrap_or_default()
+    }
+
     fn master_seen_by(&self, k: usize) -> Option<usize> {
         let s = self.status(k)?;
         s["nodes"]
@@ -517,9 +527,8 @@ fn the_master_killed_is_replaced_with_no_acknowledged_write_lost_and_comes_back_
         )
         .unwrap()
     };
-    wait_for(20, "peer 1 to catch up", || {
-        count(1) == count(db.master().unwrap())
-    });
+    let master = db.wait_master(2);
+    wait_for(20, "peer 1 to catch up", || count(1) == count(master));
     let me = format!("{} (me)", db.a(1));
     assert!(db
         .text(1)
@@ -604,7 +613,7 @@ fn a_master_cut_from_the_majority_refuses_writes_before_another_accepts_one() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let old = old.join().unwrap();
     let new = new.join().unwrap();
-    let new_master = db.master_seen_by(2).unwrap();
+    let new_master = db.wait_master(2);
     assert_ne!(new_master, 1);
     let old_ip = db.a(1);
     let acks: Vec<&Ack> = old.iter().chain(&new).collect();
@@ -659,7 +668,7 @@ fn five_nodes_keep_a_master_with_two_lost_and_refuse_writes_with_three_lost() {
     )
     .unwrap();
     // The master and one standby at once.
-    let master = db.master().unwrap();
+    let master = db.wait_master(1);
     let other = (1..=5).find(|&k| k != master).unwrap();
     db.kill_node(master);
     db.kill_node(other);
@@ -672,7 +681,7 @@ fn five_nodes_keep_a_master_with_two_lost_and_refuse_writes_with_three_lost() {
         sql(&via, &db.client, "INSERT INTO w VALUES (1)").is_ok()
     });
     // Now three lost: no majority, no master, writes refused.
-    let new_master = db.master().unwrap();
+    let new_master = db.wait_master(alive[0]);
     db.kill_node(new_master);
     let last: Vec<usize> = alive.iter().copied().filter(|&k| k != new_master).collect();
     db.kill_node(last[0]);
@@ -805,7 +814,7 @@ fn a_frozen_master_agent_cannot_acknowledge_writes_and_endpoint_clients_move_to_
     wait_for(10, "the held connection to be closed", || {
         rt.block_on(held.query("SELECT 1")).is_err()
     });
-    let new_master = db.master_seen_by(2).unwrap();
+    let new_master = db.wait_master(2);
     let mut fresh = connect();
     assert_eq!(
         server(&mut fresh).as_deref(),

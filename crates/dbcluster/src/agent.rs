@@ -81,6 +81,8 @@ pub struct DbService {
     /// Postgres was promoted at the lease this node holds: the fencer stops it the moment
     /// the lease is lost.
     pub(crate) writable: AtomicBool,
+    /// Whether this node may stand for the lease, as the loop last decided.
+    pub(crate) eligible: AtomicBool,
     pub(crate) following: Mutex<Option<usize>>,
     pub(crate) not_streaming_since: Mutex<Option<Instant>>,
     pub(crate) starting_since: Mutex<Option<Instant>>,
@@ -171,6 +173,7 @@ impl DbService {
             act_lock: tokio::sync::Mutex::new(()),
             command_running: AtomicBool::new(false),
             writable: AtomicBool::new(false),
+            eligible: AtomicBool::new(false),
             following: Mutex::new(None),
             not_streaming_since: Mutex::new(None),
             starting_since: Mutex::new(None),
@@ -405,6 +408,7 @@ impl DbService {
             let eligible = decide::eligible(&o, &self.rival_positions())
                 && lock(&self.resigned_until).is_none_or(|t| Instant::now() >= t);
             self.lease.set_eligible(eligible);
+            self.eligible.store(eligible, Ordering::Relaxed);
             self.raise_or_lower(&o);
             if self.command_running.load(Ordering::SeqCst) {
                 continue;

@@ -59,7 +59,7 @@ impl DbService {
             upstream: following,
             streaming: seen.streaming,
             sealed_at: saved.sealed_at,
-            eligible: false,
+            eligible: self.eligible.load(Ordering::Relaxed),
             members: seen.members,
             replicas: if role == Role::Master {
                 seen.replicas
@@ -115,18 +115,22 @@ impl DbService {
                 }
                 _ = every.tick() => {}
             }
+            // Sent without waiting for the answers: a dead peer's timeout must not delay
+            // the next report to the live ones (a round ends within 300 ms).
+            let report = self.my_report();
+            let (rpc, peers) = (rpc.clone(), peers.clone());
+            self.tasks.spawn(async move {
+                let _ = rpc
+                    .call_quorum(
+                        &report_endpoint(),
+                        &peers,
+                        &report,
+                        peers.len(),
+                        Duration::from_millis(300),
+                    )
+                    .await;
+            });
             self.tend_members().await;
-            let mut report = self.my_report();
-            report.eligible = self.lease.state().is_mine() || report.role == Role::Standby;
-            let _ = rpc
-                .call_quorum(
-                    &report_endpoint(),
-                    &peers,
-                    &report,
-                    peers.len(),
-                    Duration::from_millis(300),
-                )
-                .await;
         }
     }
 
