@@ -18,6 +18,8 @@ use crate::agent::{DbService, IN_SYNC_BYTES};
 use crate::model::Role;
 use crate::LOG;
 
+const MAX_CHECKS_IN_FLIGHT: usize = 64;
+
 pub(crate) async fn serve(
     svc: Arc<DbService>,
 ) -> anyhow::Result<Option<impl std::future::Future<Output = ()> + Send + 'static>> {
@@ -28,6 +30,7 @@ pub(crate) async fn serve(
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the database health port {listen}"))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CHECKS_IN_FLIGHT));
     let checker = svc.clone();
     svc.tasks.spawn(async move { check_master(checker).await });
     Ok(Some(async move {
@@ -40,8 +43,13 @@ pub(crate) async fn serve(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            // Load balancers check every second or so: a few dozen at once is plenty.
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
             let svc2 = svc.clone();
             svc.tasks.spawn(async move {
+                let _permit = permit;
                 let mut buf = vec![0u8; 4096];
                 let mut n = 0;
                 let read = tokio::time::timeout(Duration::from_secs(2), async {
