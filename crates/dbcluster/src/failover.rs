@@ -46,7 +46,7 @@ impl DbService {
         )?;
         *lock(&self.following) = None;
         self.sql("SELECT pg_reload_conf()").await?;
-        let deadline = Instant::now() + Duration::from_millis(1500);
+        let deadline = Instant::now() + Duration::from_millis(800);
         loop {
             let rows = self
                 .sql("SELECT count(*)::text FROM pg_stat_wal_receiver")
@@ -60,25 +60,42 @@ impl DbService {
                 break;
             }
             if Instant::now() >= deadline {
-                bail!("the WAL receiver did not stop within 1.5 s");
+                bail!("the WAL receiver did not stop within 0.8 s");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The position once replay has stopped moving: a standby that has just restarted
+        // replays its own WAL for a while, and an understated position could let a candidate
+        // behind it promote.
+        let mut position = self.sealed_position().await?;
+        let settle = Instant::now() + Duration::from_millis(400);
+        loop {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            let now = self.sealed_position().await?;
+            if now == position || Instant::now() >= settle {
+                position = position.max(now);
+                break;
+            }
+            position = now;
+        }
+        Ok(Sealed {
+            position,
+            timeline: lock(&self.seen).timeline,
+        })
+    }
+
+    async fn sealed_position(&self) -> anyhow::Result<u64> {
         let pos = self
             .sql(
                 "SELECT pg_wal_lsn_diff(greatest(coalesce(pg_last_wal_receive_lsn(), '0/0'), coalesce(pg_last_wal_replay_lsn(), '0/0')), '0/0')::bigint::text",
             )
             .await?;
-        let position = pos
+        Ok(pos
             .first()
             .and_then(|r| r.first())
             .and_then(|v| v.as_deref())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        Ok(Sealed {
-            position,
-            timeline: lock(&self.seen).timeline,
-        })
+            .unwrap_or(0))
     }
 
     pub(crate) async fn promote(&self, generation: u64) -> anyhow::Result<String> {
@@ -105,7 +122,7 @@ impl DbService {
                 &targets,
                 &SealRequest { generation },
                 targets.len(),
-                Duration::from_millis(1000),
+                Duration::from_millis(1600),
             )
             .await;
         let mut sealed = 1; // this node
