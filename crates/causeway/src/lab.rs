@@ -79,6 +79,12 @@ pub fn up(peers: usize, dir: &Path, database: bool) -> anyhow::Result<()> {
         }
     };
     if database {
+        for k in 1..=peers.min(5) {
+            let addr = format!("127.0.0.{k}:5432");
+            if std::net::TcpListener::bind(&addr).is_err() {
+                bail!("{addr} is in use (another PostgreSQL?): the lab's peer {k} needs it; stop what holds it, or run 'lab up --no-database'");
+            }
+        }
         db_certificates(&dir, peers)?;
     }
     let peer_list: Vec<String> = (1..=peers).map(|k| format!("\"127.0.0.{k}\"")).collect();
