@@ -79,7 +79,7 @@ pub fn up(peers: usize, dir: &Path, database: bool) -> anyhow::Result<()> {
         }
     };
     if database {
-        for k in 1..=peers.min(5) {
+        for k in 1..=peers {
             let addr = format!("127.0.0.{k}:5432");
             if std::net::TcpListener::bind(&addr).is_err() {
                 bail!("{addr} is in use (another PostgreSQL?): the lab's peer {k} needs it; stop what holds it, or run 'lab up --no-database'");
@@ -275,7 +275,8 @@ fn form_database(dir: &Path, peers: usize) -> anyhow::Result<()> {
     println!("  database cluster: initialize on peer1");
     run(1, &["initialize".to_string()])?;
     wait_for_command(dir, 1)?;
-    for k in 2..=peers {
+    // A database cluster has at most 5 nodes; further peers keep their own database.
+    for k in 2..=peers.min(5) {
         println!("  database cluster: join 127.0.0.1 on peer{k}");
         let deadline = Instant::now() + Duration::from_secs(30);
         // The master is known to the peer once its reports arrive.
