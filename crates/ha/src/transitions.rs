@@ -57,12 +57,14 @@ impl HaState {
         }
     }
 
-    /// Whether a member in this state holds (or is adding) the virtual IP.
-    pub fn holds_address(self) -> bool {
-        matches!(
-            self,
-            HaState::PrimaryActive | HaState::FailoverActive | HaState::FailbackComplete
-        )
+    /// Whether a member of `side` in this state holds (or is adding) the virtual IP. During
+    /// a failback the secondary keeps it until its final flush (row 14).
+    pub fn holds_address(self, side: Side) -> bool {
+        match self {
+            HaState::PrimaryActive | HaState::FailoverActive | HaState::FailbackComplete => true,
+            HaState::FailbackActive => side == Side::Secondary,
+            _ => false,
+        }
     }
 }
 
@@ -361,11 +363,11 @@ mod tests {
             let mut now = start;
             for e in events {
                 if let Some((_, to)) = next(side, now, e) {
-                    if to.holds_address() && !now.holds_address() {
+                    if to.holds_address(side) && !now.holds_address(side) {
                         prop_assert!(matches!(e, Holding | Reacquired), "took the address on {:?}", e);
                     }
                     if e == LostLease {
-                        prop_assert!(!to.holds_address());
+                        prop_assert!(!to.holds_address(side));
                     }
                     now = to;
                 }
