@@ -670,6 +670,8 @@ def main():
     if report.get("every_node_missing") is not None:
         print(f"every acknowledged row on every node: missing {report['every_node_missing']}")
     print(f"results: {out_path}")
+    if report.get("interrupted"):
+        sys.exit(130)
     bad = report.get("error") or any(s["lost_total"] or s["errors"] for s in report["summary"].values())
     sys.exit(1 if bad else 0)
 

@@ -83,6 +83,12 @@ pub struct DbService {
     pub(crate) writable: AtomicBool,
     /// Whether this node may stand for the lease, as the loop last decided.
     pub(crate) eligible: AtomicBool,
+    /// The running postgres has answered SQL at least once.
+    pub(crate) answered: AtomicBool,
+    /// Starts in a row that ended before postgres answered.
+    pub(crate) start_failures: std::sync::atomic::AtomicU32,
+    /// The generation this master has checkpointed at since its promotion.
+    pub(crate) checkpointed_at: Arc<AtomicU64>,
     pub(crate) following: Mutex<Option<usize>>,
     pub(crate) not_streaming_since: Mutex<Option<Instant>>,
     pub(crate) starting_since: Mutex<Option<Instant>>,
@@ -174,6 +180,9 @@ impl DbService {
             command_running: AtomicBool::new(false),
             writable: AtomicBool::new(false),
             eligible: AtomicBool::new(false),
+            answered: AtomicBool::new(false),
+            start_failures: std::sync::atomic::AtomicU32::new(0),
+            checkpointed_at: Arc::new(AtomicU64::new(0)),
             following: Mutex::new(None),
             not_streaming_since: Mutex::new(None),
             starting_since: Mutex::new(None),
@@ -560,6 +569,7 @@ impl DbService {
         conf::write_standby_signal(&tools, &data)?;
         *lock(&self.following) = upstream.map(|u| u.peer);
         self.writable.store(false, Ordering::SeqCst);
+        self.answered.store(false, Ordering::SeqCst);
         self.supervisor()?.start(&data).await?;
         Ok(())
     }

@@ -44,6 +44,9 @@ pub struct Upstream {
     pub peer: usize,
     pub generation: u64,
     pub address: SocketAddr,
+    /// It has checkpointed since its promotion: `pg_rewind` reads its timeline from the
+    /// control file, which shows the new one only after that checkpoint.
+    pub checkpointed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +60,9 @@ pub struct Observed {
     pub promoted_at: Option<u64>,
     pub sealed_at: u64,
     pub upstream: Option<Upstream>,
+    /// Times in a row the cluster's postgres exited before it answered (a data directory
+    /// it cannot start from).
+    pub start_failures: u32,
     /// `synchronous_standby_names` and slot names the master should run with.
     pub wanted_sync_names: String,
     pub wanted_slots: Vec<String>,
@@ -105,6 +111,8 @@ pub enum Action {
 pub const REWIND_AFTER_MS: u64 = 10_000;
 /// How long postgres may run without answering before a lease holder gives the lease up.
 pub const UNRESPONSIVE_MS: u64 = 5_000;
+/// Failed starts in a row after which a standby's data is copied afresh from the master.
+pub const START_FAILURES_BEFORE_COPY: u32 = 3;
 
 pub fn decide(o: &Observed) -> Action {
     use Action::*;
@@ -158,6 +166,10 @@ pub fn decide(o: &Observed) -> Action {
         },
         (Option::None, Pg::Primary { .. }) => unreachable_fence(),
         (Option::None, Pg::Down) => match o.upstream {
+            Some(u) if o.start_failures >= START_FAILURES_BEFORE_COPY => Rewind {
+                upstream: u,
+                why: "PostgreSQL does not start from its data",
+            },
             Some(u) if needs_rewind(&u) => Rewind {
                 upstream: u,
                 why: "this node was master at an older generation",
@@ -276,7 +288,9 @@ mod tests {
                 peer: 1,
                 generation: 3,
                 address: addr(1),
+                checkpointed: true,
             }),
+            start_failures: 0,
             wanted_sync_names: String::new(),
             wanted_slots: vec![],
         }
@@ -353,6 +367,16 @@ mod tests {
         o.pg = standby(None);
         assert!(matches!(decide(&o), Action::Rewind { .. }));
         assert!(!eligible(&o, &[]));
+    }
+
+    #[test]
+    fn a_data_directory_postgres_cannot_start_from_is_copied_afresh() {
+        let mut o = base();
+        o.pg = Pg::Down;
+        o.start_failures = START_FAILURES_BEFORE_COPY;
+        assert!(matches!(decide(&o), Action::Rewind { why, .. } if why.contains("does not start")));
+        o.start_failures = 1;
+        assert!(matches!(decide(&o), Action::StartStandby { .. }));
     }
 
     #[test]
@@ -436,7 +460,8 @@ mod tests {
         ) {
             let o = Observed {
                 me: 2, member, lease, instance, pg: pg.clone(), promoted_at, sealed_at,
-                upstream: upstream.map(|(peer, generation)| Upstream { peer, generation, address: addr(peer) }),
+                upstream: upstream.map(|(peer, generation)| Upstream { peer, generation, address: addr(peer), checkpointed: true }),
+                start_failures: 0,
                 wanted_sync_names: String::new(), wanted_slots: vec![],
             };
             match decide(&o) {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use causeway_consensus::{Holder, LeaderLease};
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
@@ -179,11 +179,48 @@ impl DbService {
         .ok();
         *lock(&self.following) = None;
         self.node.alarms().lower(alarm::FENCED, "database");
+        self.checkpoint_after_promotion(generation);
         Ok(format!(
             "Promoted this node to master: lease held at generation {generation}, {sealed} of {} members sealed, position {}",
             d,
             lsn(mine.position)
         ))
+    }
+
+    /// A checkpoint right after a promotion, on a connection of its own (it may take a
+    /// while, and the loop's connection must stay free): until it completes, the control
+    /// file still shows the old timeline, and a former master rewinding from this node would
+    /// be given a data directory it cannot start from (Patroni does the same).
+    fn checkpoint_after_promotion(&self, generation: u64) {
+        let socket = self.layout.socket(self.section.port);
+        let done = self.checkpointed_at.clone();
+        self.tasks.spawn(async move {
+            let login = crate::pgwire::Login {
+                application_name: "causeway-checkpoint",
+                ..Default::default()
+            };
+            for attempt in 0..5u64 {
+                let result = async {
+                    let mut c =
+                        crate::pgwire::PgConn::unix(&socket, &login, Duration::from_secs(2)).await?;
+                    let r = c.query("CHECKPOINT").await;
+                    c.close().await;
+                    r
+                }
+                .await;
+                match result {
+                    Ok(_) => {
+                        done.store(generation, Ordering::SeqCst);
+                        info!(target: LOG, event = "Database checkpoint after promotion", generation, "");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(target: LOG, reason = %e, attempt, "Checkpoint after promotion failed");
+                        tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
+                    }
+                }
+            }
+        });
     }
 
     /// The master's synchronous set, slots, and members that have caught up.
@@ -249,6 +286,14 @@ impl DbService {
     // ---- rejoin (section 4) ----
 
     pub(crate) async fn rejoin(&self, u: Upstream, why: &str) -> anyhow::Result<String> {
+        if !u.checkpointed {
+            bail!(
+                "waiting for Peer {}'s checkpoint after its promotion before rejoining",
+                u.peer
+            );
+        }
+        let copy_only =
+            self.start_failures.load(Ordering::SeqCst) >= crate::decide::START_FAILURES_BEFORE_COPY;
         let sup = self.supervisor()?.clone();
         sup.stop(Signal::SIGINT, Duration::from_secs(10)).await;
         self.drop_conn().await;
@@ -262,17 +307,23 @@ impl DbService {
             self.layout.cert("client.key").display(),
             self.layout.cert("ca.crt").display()
         );
-        let rewound = tools
-            .run(
-                "pg_rewind",
-                &[
-                    format!("--target-pgdata={}", data.display()),
-                    format!("--source-server={source}"),
-                ],
-                Duration::from_secs(300),
-                |_| {},
-            )
-            .await;
+        let rewound = if copy_only {
+            Err(anyhow!(
+                "PostgreSQL did not start from its data after the last rejoin"
+            ))
+        } else {
+            tools
+                .run(
+                    "pg_rewind",
+                    &[
+                        format!("--target-pgdata={}", data.display()),
+                        format!("--source-server={source}"),
+                    ],
+                    Duration::from_secs(300),
+                    |_| {},
+                )
+                .await
+        };
         let how = match rewound {
             Ok(_) => {
                 self.counters.rewinds_ok.fetch_add(1, Ordering::Relaxed);
@@ -300,6 +351,7 @@ impl DbService {
         self.node
             .alarms()
             .lower(alarm::DATABASE_FAILURE, "database");
+        self.start_failures.store(0, Ordering::SeqCst);
         self.start_standby(Some(u)).await?;
         Ok(format!(
             "Rejoined as a standby of Peer {} ({why}) with {how}",

@@ -61,6 +61,8 @@ pub struct Report {
     pub generation: u64,
     /// Master: promoted at the lease it holds and configured.
     pub ready: bool,
+    /// Master: a checkpoint has completed since the promotion (`pg_rewind` needs it).
+    pub checkpointed: bool,
     /// Where its PostgreSQL listens (`localnode`:port), once `localnode` is known.
     pub address: Option<SocketAddr>,
     pub timeline: u32,

@@ -28,6 +28,10 @@ impl DbService {
         if let Some(sup) = &self.sup {
             if let Child::Exited { data, status } = sup.current() {
                 warn!(target: LOG, data = %data.display(), status = %status, "PostgreSQL exited");
+                // Exited before it ever answered: its data may be what it cannot start from.
+                if !self.answered.swap(false, Ordering::SeqCst) {
+                    self.start_failures.fetch_add(1, Ordering::SeqCst);
+                }
                 self.writable.store(false, Ordering::SeqCst);
                 sup.forget_exit();
                 self.drop_conn().await;
@@ -41,6 +45,8 @@ impl DbService {
             match self.observe_sql(instance).await {
                 Ok(pg) => {
                     *lock(&self.starting_since) = None;
+                    self.answered.store(true, Ordering::SeqCst);
+                    self.start_failures.store(0, Ordering::SeqCst);
                     pg
                 }
                 Err(_) => {
@@ -78,6 +84,7 @@ impl DbService {
             promoted_at: saved.promoted_at,
             sealed_at: saved.sealed_at,
             upstream,
+            start_failures: self.start_failures.load(Ordering::SeqCst),
             wanted_sync_names: conf::sync_names(self.me, &set, self.synchronous()),
             wanted_slots: members
                 .iter()
@@ -233,6 +240,7 @@ impl DbService {
                     peer: r.peer,
                     generation: r.generation,
                     address: r.address?,
+                    checkpointed: r.checkpointed,
                 })
             })
             .max_by_key(|u| u.generation)

@@ -53,6 +53,8 @@ impl DbService {
             role,
             generation,
             ready,
+            checkpointed: ready
+                && saved.promoted_at == Some(self.checkpointed_at.load(Ordering::SeqCst)),
             address: saved.localnode.as_ref().map(|_| self.pg_address()),
             timeline: seen.timeline,
             position: seen.position,
