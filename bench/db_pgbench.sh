@@ -78,7 +78,7 @@ if [ -z "$DIR" ]; then
   DIR=$WORK/lab
   OWN_LAB=1
   log "lab up --dir $DIR"
-  timeout 600 "$BIN" lab up --dir "$DIR" >"$WORK/lab-up.log" 2>&1 || { cat "$WORK/lab-up.log" >&2; exit 1; }
+  timeout --foreground 600 "$BIN" lab up --dir "$DIR" >"$WORK/lab-up.log" 2>&1 || { cat "$WORK/lab-up.log" >&2; exit 1; }
 fi
 DIR=$(cd "$DIR" && pwd)
 MASTER=""
@@ -116,7 +116,7 @@ if [ "$HAPROXY" = 1 ]; then
     # wait until its checks have marked the standbys down: writes through it succeed 5 times in a row
     ok=0
     for _ in $(seq 1 40); do
-      if [ "$(timeout 5 psql -h 127.0.0.1 -p 9898 -XAtc 'select pg_is_in_recovery()' 2>/dev/null)" = f ]; then ok=$((ok + 1)); else ok=0; fi
+      if [ "$(timeout --foreground 5 psql -h 127.0.0.1 -p 9898 -XAtc 'select pg_is_in_recovery()' 2>/dev/null)" = f ]; then ok=$((ok + 1)); else ok=0; fi
       [ $ok -ge 5 ] && break; sleep 0.5
     done
     [ $ok -ge 5 ] || { echo "haproxy does not lead to the master: $(cat "$WORK/haproxy.log")" >&2; exit 1; }
@@ -127,7 +127,7 @@ if [ "$HAPROXY" = 1 ]; then
 fi
 
 log "pgbench -i -s $SCALE on the master"
-timeout 600 pgbench -h "$MASTER" -p 5432 -i -I dtGvp -s "$SCALE" -q >"$WORK/init.log" 2>&1 || { cat "$WORK/init.log" >&2; exit 1; }
+timeout --foreground 600 pgbench -h "$MASTER" -p 5432 -i -I dtGvp -s "$SCALE" -q >"$WORK/init.log" 2>&1 || { cat "$WORK/init.log" >&2; exit 1; }
 
 cpu_ticks() {  # utime+stime of a PID, in clock ticks
   [ -n "$1" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
@@ -154,7 +154,7 @@ for r in $(seq 1 "$ROUNDS"); do
       case $tgt in endpoint) pid=$EP_PID ;; haproxy) pid=$HA_PID ;; *) pid="" ;; esac
       c0=$(cpu_ticks "$pid")
       out=$WORK/$mode-$tgt-$r.log
-      if ! timeout $((T + 120)) pgbench -h "${HOST[$tgt]}" -p "${PORT[$tgt]}" "${flags[@]}" >"$out" 2>&1; then
+      if ! timeout --foreground $((T + 120)) pgbench -h "${HOST[$tgt]}" -p "${PORT[$tgt]}" "${flags[@]}" >"$out" 2>&1; then
         log "pgbench $mode via $tgt failed:"; tail -5 "$out" >&2; exit 1
       fi
       c1=$(cpu_ticks "$pid")

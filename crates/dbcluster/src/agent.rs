@@ -102,6 +102,8 @@ pub struct DbService {
     pub(crate) counters: Counters,
     pub(crate) last_why: Mutex<String>,
     pub(crate) wake: Notify,
+    /// Tells the reporter to send this node's report now.
+    pub(crate) report_now: Notify,
     pub(crate) tasks: TaskTracker,
     pub(crate) cancel: CancellationToken,
 }
@@ -194,6 +196,7 @@ impl DbService {
             counters: Counters::default(),
             last_why: Mutex::new(String::new()),
             wake: Notify::new(),
+            report_now: Notify::new(),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
         });
@@ -431,6 +434,10 @@ impl DbService {
             let what = format!("{action:?}");
             match self.act(&o, action.clone()).await {
                 Ok(detail) => {
+                    if detail.is_some() {
+                        self.report_now.notify_one();
+                        self.refresh_route();
+                    }
                     if let Some(detail) = detail {
                         info!(target: LOG, event = "Database action", action = %action_name(&action),
                             generation = %generation_of(&o.lease), duration_ms = started.elapsed().as_millis() as u64,
@@ -546,6 +553,7 @@ impl DbService {
                 );
                 warn!(target: LOG, event = "Database fenced", reason = "the lease was lost", holder = %holder, "");
                 self.wake.notify_one();
+                self.report_now.notify_one();
             }
         }
     }

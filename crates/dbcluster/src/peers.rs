@@ -94,6 +94,20 @@ impl DbService {
         }
     }
 
+    /// Recomputes where the endpoint leads; connections routed to another generation are
+    /// closed by the endpoint when it changes.
+    pub(crate) fn refresh_route(&self) {
+        let route = self.compute_route();
+        self.route.send_if_modified(|r| {
+            if *r != route {
+                *r = route;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
     pub(crate) async fn reporter(self: Arc<Self>) {
         let rpc = self.node.leases().rpc().clone();
         let peers: Vec<usize> = self
@@ -111,11 +125,13 @@ impl DbService {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = route_every.tick() => {
-                    let route = self.compute_route();
-                    self.route.send_if_modified(|r| if *r != route { *r = route; true } else { false });
+                    self.refresh_route();
                     continue;
                 }
                 _ = every.tick() => {}
+                // A promotion, a fence or a new role is told at once, not at the next tick:
+                // every endpoint's route waits on it.
+                _ = self.report_now.notified() => {}
             }
             // Sent without waiting for the answers: a dead peer's timeout must not delay
             // the next report to the live ones (a round ends within 300 ms).
@@ -219,6 +235,7 @@ impl DbService {
                 if let Some(svc) = me.upgrade() {
                     if report.peer == from {
                         lock(&svc.reports).insert(from, (report, Instant::now()));
+                        svc.refresh_route();
                     }
                 }
                 Ok(())
