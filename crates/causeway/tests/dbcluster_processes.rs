@@ -522,10 +522,11 @@ fn the_master_killed_is_replaced_with_no_acknowledged_write_lost_and_comes_back_
     assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
     // The old master is back by itself as a standby of the new one and catches up.
     db.wait_states(2);
-    let count = |k: usize| {
+    let (net, client) = (db.net, db.client.clone());
+    let count = move |k: usize| {
         sql(
-            &format!("{}:5432", db.a(k)),
-            &db.client,
+            &format!("{}:5432", addr(net, k)),
+            &client,
             "SELECT count(*) FROM w",
         )
         .unwrap()
@@ -536,6 +537,47 @@ fn the_master_killed_is_replaced_with_no_acknowledged_write_lost_and_comes_back_
     assert!(db
         .text(1)
         .contains(&format!("  {me:<21}: Connected Slave ( In Sync )\n")));
+
+    // A second failover: the new master goes the same way. Its control file still names the
+    // first timeline until it checkpoints, two timelines behind: the rejoin must wait for it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = writer(
+        format!("{}:9899", db.a(1)),
+        db.client.clone(),
+        stop.clone(),
+        10_000,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    db.kill_node(master);
+    wait_for(30, "a third master", || {
+        db.master_seen_by(1).is_some_and(|m| m != master)
+    });
+    db.c.launch(master);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let acked = w.join().unwrap();
+    db.wait_states(2);
+    let third = db.wait_master(1);
+    let rows = sql(
+        &format!("{}:5432", db.a(third)),
+        &db.client,
+        "SELECT string_agg(n::text, ',') FROM w",
+    )
+    .unwrap();
+    let rows: std::collections::HashSet<u32> =
+        rows.split(',').filter_map(|n| n.parse().ok()).collect();
+    let lost: Vec<u32> = acked
+        .iter()
+        .map(|a| a.0)
+        .filter(|n| !rows.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged rows lost in the second failover: {lost:?}"
+    );
+    wait_for(20, "the second old master to catch up", || {
+        count(master) == count(third)
+    });
 }
 
 /// iptables rules that cut a peer's mesh links (the cluster port, both ways); removed on drop.
