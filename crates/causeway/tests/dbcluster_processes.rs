@@ -445,6 +445,24 @@ fn a_failed_schema_upgrade_is_an_error_until_cleared() {
 /// An acknowledged insert: the row, when, and the address of the server that committed it.
 type Ack = (u32, Instant, String);
 
+/// Every acknowledged row of `acked` is in table `w` on peer `k` (read on its 5432).
+fn assert_kept<'a>(db: &Db, k: usize, acked: impl IntoIterator<Item = &'a Ack>, what: &str) {
+    let rows = sql(
+        &format!("{}:5432", db.a(k)),
+        &db.client,
+        "SELECT string_agg(n::text, ',') FROM w",
+    )
+    .unwrap();
+    let rows: std::collections::HashSet<u32> =
+        rows.split(',').filter_map(|n| n.parse().ok()).collect();
+    let lost: Vec<u32> = acked
+        .into_iter()
+        .map(|a| a.0)
+        .filter(|n| !rows.contains(n))
+        .collect();
+    assert!(lost.is_empty(), "{what}: {lost:?}");
+}
+
 /// Inserts numbered rows through `target` until told to stop, recording each acknowledged
 /// one. Bounded: 5,000 rows, 90 s.
 fn writer(
@@ -506,20 +524,7 @@ fn the_master_killed_is_replaced_with_no_acknowledged_write_lost_and_comes_back_
         "first acknowledged write {} ms after the kill",
         after[0].1.duration_since(killed_at).as_millis()
     );
-    let rows = sql(
-        &format!("{}:9899", db.a(2)),
-        &db.client,
-        "SELECT string_agg(n::text, ',') FROM w",
-    )
-    .unwrap();
-    let rows: std::collections::HashSet<u32> =
-        rows.split(',').filter_map(|n| n.parse().ok()).collect();
-    let lost: Vec<u32> = acked
-        .iter()
-        .map(|(n, _, _)| *n)
-        .filter(|n| !rows.contains(n))
-        .collect();
-    assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
+    assert_kept(&db, db.wait_master(2), &acked, "acknowledged rows lost");
     // The old master is back by itself as a standby of the new one and catches up.
     db.wait_states(2);
     let (net, client) = (db.net, db.client.clone());
@@ -558,22 +563,11 @@ fn the_master_killed_is_replaced_with_no_acknowledged_write_lost_and_comes_back_
     let acked = w.join().unwrap();
     db.wait_states(2);
     let third = db.wait_master(1);
-    let rows = sql(
-        &format!("{}:5432", db.a(third)),
-        &db.client,
-        "SELECT string_agg(n::text, ',') FROM w",
-    )
-    .unwrap();
-    let rows: std::collections::HashSet<u32> =
-        rows.split(',').filter_map(|n| n.parse().ok()).collect();
-    let lost: Vec<u32> = acked
-        .iter()
-        .map(|a| a.0)
-        .filter(|n| !rows.contains(n))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged rows lost in the second failover: {lost:?}"
+    assert_kept(
+        &db,
+        third,
+        &acked,
+        "acknowledged rows lost in the second failover",
     );
     wait_for(20, "the second old master to catch up", || {
         count(master) == count(third)
@@ -679,22 +673,11 @@ fn a_master_cut_from_the_majority_refuses_writes_before_another_accepts_one() {
         );
     }
     // Synchronous replication: nothing the old master acknowledged is missing.
-    let rows = sql(
-        &format!("{}:5432", db.a(new_master)),
-        &db.client,
-        "SELECT string_agg(n::text, ',') FROM w",
-    )
-    .unwrap();
-    let rows: std::collections::HashSet<u32> =
-        rows.split(',').filter_map(|n| n.parse().ok()).collect();
-    let lost: Vec<u32> = acks
-        .iter()
-        .map(|a| a.0)
-        .filter(|n| !rows.contains(n))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged rows missing on the new master: {lost:?}"
+    assert_kept(
+        &db,
+        new_master,
+        acks.iter().copied(),
+        "acknowledged rows missing on the new master",
     );
     // Healed, the old master comes back as a standby by itself.
     drop(cut);

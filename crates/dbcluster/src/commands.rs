@@ -224,42 +224,16 @@ impl DbService {
             *self.conn.lock().await = None;
             self.start_local().await?;
         }
-        let tools = self
-            .tools
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .clone();
-        let fresh = self.layout.root.join("cluster.new");
-        let _ = std::fs::remove_dir_all(&fresh);
-        std::fs::create_dir_all(&fresh)?;
-        tools.own(&fresh, 0o700)?;
-        tools
-            .run(
-                "pg_basebackup",
-                &[
-                    "-h".into(),
-                    self.layout.run().display().to_string(),
-                    "-p".into(),
-                    self.section.port.to_string(),
-                    "-U".into(),
-                    "postgres".into(),
-                    "-D".into(),
-                    fresh.display().to_string(),
-                    "-X".into(),
-                    "stream".into(),
-                    "-c".into(),
-                    "fast".into(),
-                ],
-                Duration::from_secs(3600),
-                |_| {},
-            )
-            .await
-            .context("copying the node's own database")?;
+        // The node's own database, over its Unix socket, stays as it is (DB-4).
+        let local = format!(
+            "host={} port={} user=postgres dbname=postgres application_name=causeway_copy",
+            self.layout.run().display(),
+            self.section.port
+        );
+        self.copy_into_cluster(local, "the node's own database", |_| {})
+            .await?;
         sup.stop(Signal::SIGINT, Duration::from_secs(10)).await;
         *self.conn.lock().await = None;
-        let data = self.layout.cluster();
-        let _ = std::fs::remove_dir_all(&data);
-        std::fs::rename(&fresh, &data)?;
         self.save(|s| {
             s.member = true;
             s.promoted_at = None;

@@ -359,19 +359,13 @@ impl DbService {
         ))
     }
 
-    /// `pg_basebackup` from `from` into the cluster directory (the old one kept aside as
-    /// `cluster.failed` until the copy is complete).
+    /// `pg_basebackup` from the master at `from` (TLS, the client certificate) into the
+    /// cluster directory.
     pub(crate) async fn copy_from(
         &self,
         from: SocketAddr,
-        mut progress: impl FnMut(u32) + Send,
+        progress: impl FnMut(u32) + Send,
     ) -> anyhow::Result<()> {
-        let tools = self.tools()?.clone();
-        let data = self.layout.cluster();
-        let fresh = self.layout.root.join("cluster.new");
-        let _ = std::fs::remove_dir_all(&fresh);
-        std::fs::create_dir_all(&fresh)?;
-        tools.own(&fresh, 0o700)?;
         let conninfo = format!(
             "host={} port={} user=postgres dbname=postgres sslmode=verify-ca sslcert={} sslkey={} sslrootcert={} connect_timeout=5 application_name=causeway_copy",
             from.ip(),
@@ -380,6 +374,24 @@ impl DbService {
             self.layout.cert("client.key").display(),
             self.layout.cert("ca.crt").display()
         );
+        self.copy_into_cluster(conninfo, &from.to_string(), progress)
+            .await
+    }
+
+    /// `pg_basebackup` from `conninfo` into the cluster directory; the old one is kept aside
+    /// as `cluster.failed` until the copy is complete.
+    pub(crate) async fn copy_into_cluster(
+        &self,
+        conninfo: String,
+        what: &str,
+        mut progress: impl FnMut(u32) + Send,
+    ) -> anyhow::Result<()> {
+        let tools = self.tools()?.clone();
+        let data = self.layout.cluster();
+        let fresh = self.layout.root.join("cluster.new");
+        let _ = std::fs::remove_dir_all(&fresh);
+        std::fs::create_dir_all(&fresh)?;
+        tools.own(&fresh, 0o700)?;
         let result = tools
             .run(
                 "pg_basebackup",
@@ -407,7 +419,7 @@ impl DbService {
                 .basebackups_failed
                 .fetch_add(1, Ordering::Relaxed);
             let _ = std::fs::remove_dir_all(&fresh);
-            return Err(e.context(format!("copying the database from {from}")));
+            return Err(e.context(format!("copying the database from {what}")));
         }
         self.counters.basebackups_ok.fetch_add(1, Ordering::Relaxed);
         let failed = self.layout.root.join("cluster.failed");
