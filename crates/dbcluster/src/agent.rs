@@ -102,6 +102,8 @@ pub struct DbService {
     pub(crate) counters: Counters,
     pub(crate) last_why: Mutex<String>,
     pub(crate) wake: Notify,
+    /// Where PostgreSQL listens (`localnode` resolved).
+    pub(crate) listen: Mutex<IpAddr>,
     /// Tells the reporter to send this node's report now.
     pub(crate) report_now: Notify,
     pub(crate) tasks: TaskTracker,
@@ -196,10 +198,12 @@ impl DbService {
             counters: Counters::default(),
             last_why: Mutex::new(String::new()),
             wake: Notify::new(),
+            listen: Mutex::new(IpAddr::from([127, 0, 0, 1])),
             report_now: Notify::new(),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
         });
+        svc.resolve_listen_ip();
         if svc.sup.is_some() {
             for data in [svc.layout.local(), svc.layout.cluster()] {
                 supervisor::stop_leftover(&data);
@@ -265,12 +269,20 @@ impl DbService {
         Ok(())
     }
 
-    /// The address PostgreSQL listens on: `localnode`, else 127.0.0.1.
+    /// The address PostgreSQL listens on: `localnode`, else 127.0.0.1. Read on every route
+    /// and report, so kept resolved (`localnode` sets it again).
     pub(crate) fn listen_ip(&self) -> IpAddr {
-        self.saved()
+        *lock(&self.listen)
+    }
+
+    /// Resolves `localnode` (an interface or one of its addresses) again.
+    pub(crate) fn resolve_listen_ip(&self) {
+        let ip = self
+            .saved()
             .localnode
             .and_then(|i| crate::tools::interface_address(&i).ok())
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        *lock(&self.listen) = ip;
     }
 
     pub(crate) fn pg_address(&self) -> SocketAddr {

@@ -115,6 +115,7 @@ impl DbService {
         let command = format!("database cluster localnode {interface}");
         self.save(|s| s.localnode = Some(interface.to_string()))
             .map_err(internal)?;
+        self.resolve_listen_ip();
         // The node's own database listens there from now on.
         let _guard = self.act_lock.lock().await;
         if let Some(sup) = &self.sup {
