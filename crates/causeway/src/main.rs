@@ -298,6 +298,9 @@ fn main() -> ExitCode {
                 if let Some(problem) = c.membership_problem() {
                     println!("warning: {problem} (the node will raise alarm 20003)");
                 }
+                if c.ha.is_some() {
+                    println!("warning: {}", run::HA_NOT_YET);
+                }
                 return ExitCode::SUCCESS;
             }
             Err(e) => {

@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{EXIT_CONFIG, EXIT_UNAVAILABLE};
 
+/// HA pairs are being built (issue 14): the section is checked, and said to do nothing yet.
+pub const HA_NOT_YET: &str = "the [ha] section is checked but HA pairs do not run in this version yet: no virtual IP is added";
+
 pub fn run(config_path: &Path) -> ExitCode {
     // Everything that can be wrong with the file is found before any port is bound.
     let config = match NodeConfig::load(config_path) {
@@ -128,6 +131,9 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         ),
         _ => None,
     };
+    if config.ha.is_some() {
+        tracing::warn!(target: "management.node", reason = HA_NOT_YET, "HA pairs not running");
+    }
     tracing::info!(
         target: "management.node",
         version = causeway_common::SOFTWARE_VERSION,

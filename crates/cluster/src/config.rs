@@ -10,6 +10,9 @@ use causeway_common::logging::LogFormat;
 use causeway_mesh::{ClusterSettings, IpVersion, Timing, TlsMode, MAX_PEERS};
 use serde::{Deserialize, Serialize};
 
+mod ha;
+pub use ha::{CapacityClass, HaMode, HaRole, HaSection, MIN_FAILOVER_WAIT_MS};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -45,6 +48,9 @@ pub struct NodeConfig {
     /// The database cluster (DB-1…DB-7); off when the section is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<DatabaseSection>,
+    /// This node's part in an HA pair (HA-1…HA-11); none when the section is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<HaSection>,
     /// Where the file was read from; relative paths in it are relative to `node.data_dir`.
     #[serde(skip)]
     pub source: PathBuf,
@@ -483,6 +489,16 @@ impl NodeConfig {
                     "node.address is not an IP address: set sip.listen to the address SIP listens on",
                 ));
             }
+        }
+        if let Some(ha) = &self.ha {
+            let me = self
+                .cluster
+                .peers
+                .iter()
+                .position(|p| *p == self.node.address)
+                .map_or(0, |i| i + 1);
+            ha.check(&self.node.address, &self.cluster.peers, me)
+                .map_err(|(field, message)| self.field(field, message))?;
         }
         Ok(())
     }

@@ -54,6 +54,7 @@ pub fn config(k: usize, n: usize, mode: TlsMode) -> NodeConfig {
         licences: Default::default(),
         sip: None,
         database: None,
+        ha: None,
         source: "test.toml".into(),
         announce_version: None,
     }
