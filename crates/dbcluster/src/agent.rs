@@ -580,6 +580,9 @@ impl DbService {
     }
 
     pub(crate) async fn start_standby(&self, upstream: Option<Upstream>) -> anyhow::Result<()> {
+        if let Some(u) = upstream {
+            self.refuse_if_sealed_above(u)?;
+        }
         let tools = self.tools()?.clone();
         let data = self.layout.cluster();
         let conninfo = upstream
@@ -594,7 +597,23 @@ impl DbService {
         Ok(())
     }
 
+    /// A seal may have come between the observation and this action (both run under
+    /// `act_lock`, the observation does not): the seal is checked again here, so no standby
+    /// ever streams from a master older than the generation it sealed for.
+    fn refuse_if_sealed_above(&self, u: Upstream) -> anyhow::Result<()> {
+        let sealed_at = self.saved().sealed_at;
+        if u.generation < sealed_at {
+            bail!(
+                "not following Peer {} at generation {}: this node is sealed at generation {sealed_at}",
+                u.peer,
+                u.generation
+            );
+        }
+        Ok(())
+    }
+
     pub(crate) async fn follow(&self, u: Upstream) -> anyhow::Result<()> {
+        self.refuse_if_sealed_above(u)?;
         let tools = self.tools()?.clone();
         conf::write(
             &tools,
