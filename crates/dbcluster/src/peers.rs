@@ -306,6 +306,11 @@ impl DbService {
 
     /// On the master: `peer` leaves. Its slot goes once its standby has stopped.
     pub(crate) async fn drop_member(&self, peer: usize) -> anyhow::Result<()> {
+        // With the loop's actions, so its `configure` cannot put the leaving node back into
+        // the synchronous set between these two steps.
+        let _guard = tokio::time::timeout(Duration::from_secs(5), self.act_lock.lock())
+            .await
+            .map_err(|_| anyhow!("Peer {} is busy: try again", self.me))?;
         if !self.my_report().is_ready_master() {
             bail!("Peer {} is not the master", self.me);
         }
