@@ -438,7 +438,12 @@ impl DbService {
                 continue;
             }
             let action = decide::decide(&o);
-            let _guard = self.act_lock.lock().await;
+            // A seal, a member change or a command that held the lock has changed what was
+            // observed: wait for it, then observe again rather than act on the old view.
+            let Ok(_guard) = self.act_lock.try_lock() else {
+                drop(self.act_lock.lock().await);
+                continue;
+            };
             if self.command_running.load(Ordering::SeqCst) {
                 continue;
             }
