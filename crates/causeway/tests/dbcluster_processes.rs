@@ -908,3 +908,40 @@ fn every_node_killed_and_restarted_in_reverse_order_keeps_every_acknowledged_row
     assert_eq!(rows, want.join(","));
     sql(&via(3), &db.client, "INSERT INTO w VALUES (1000)").unwrap();
 }
+
+#[test]
+fn asynchronous_replication_commits_without_a_standby_and_synchronous_waits_for_one() {
+    let mut db = start(77, 3);
+    // Two database nodes; peer 3 runs the service but stays out, a voter of the lease only.
+    db.certs(1);
+    db.certs(2);
+    db.initialize_and_join(2..=2);
+    db.wait_states(1);
+    let master = format!("{}:9899", db.a(1));
+    sql(&master, &db.client, "CREATE TABLE w (n int PRIMARY KEY)").unwrap();
+    db.kill_node(2);
+    // Synchronous (the default): a commit waits for the lost standby.
+    let e = sql_within(&master, &db.client, "INSERT INTO w VALUES (1)", 3).unwrap_err();
+    assert!(e.contains("no answer"), "{e}");
+    // Asynchronous: the master commits alone.
+    set(&db.c, 1, "database.replication", "Asynchronous");
+    wait_for(20, "a commit without a standby", || {
+        sql_within(
+            &master,
+            &db.client,
+            "INSERT INTO w VALUES (2) ON CONFLICT DO NOTHING",
+            2,
+        )
+        .is_ok()
+    });
+    assert_eq!(
+        sql(&master, &db.client, "SHOW synchronous_standby_names").unwrap(),
+        ""
+    );
+    // And back: the set names the standby again.
+    set(&db.c, 3, "database.replication", "Synchronous");
+    wait_for(20, "the synchronous set back", || {
+        sql(&master, &db.client, "SHOW synchronous_standby_names")
+            .is_ok_and(|s| s.contains("causeway_peer2"))
+    });
+}
