@@ -111,6 +111,25 @@ pub enum Trigger {
     Shutdown,
 }
 
+impl Trigger {
+    pub const ALL: [Trigger; 14] = [
+        Trigger::Holding,
+        Trigger::Started,
+        Trigger::InSync,
+        Trigger::Behind,
+        Trigger::TakeOver,
+        Trigger::LostLease,
+        Trigger::OtherHolds,
+        Trigger::Reacquired,
+        Trigger::StartedAfterFailover,
+        Trigger::FailbackRequested,
+        Trigger::FailbackAccepted,
+        Trigger::Released,
+        Trigger::FailbackFailed,
+        Trigger::Shutdown,
+    ];
+}
+
 /// One row of the table.
 #[derive(Clone, Copy, Debug)]
 pub struct Transition {
@@ -331,22 +350,7 @@ mod tests {
     }
 
     fn trigger() -> impl Strategy<Value = Trigger> {
-        proptest::sample::select(vec![
-            Holding,
-            Started,
-            InSync,
-            Behind,
-            TakeOver,
-            LostLease,
-            OtherHolds,
-            Reacquired,
-            StartedAfterFailover,
-            FailbackRequested,
-            FailbackAccepted,
-            Released,
-            FailbackFailed,
-            Shutdown,
-        ])
+        proptest::sample::select(Trigger::ALL.to_vec())
     }
 
     proptest! {

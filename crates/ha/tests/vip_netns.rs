@@ -74,6 +74,15 @@ impl Drop for Pair {
     }
 }
 
+/// A runtime for one namespace's thread (netlink sockets belong to the namespace they were
+/// opened in).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Runs `f` on a thread of its own inside namespace `ns` (setns moves only that thread).
 fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{ns}");
@@ -120,11 +129,7 @@ fn the_virtual_ip_is_added_announced_reachable_and_removed() {
     let (added_mac, was_present) = {
         let vip = vip.clone();
         in_namespace(&pair.a, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
+            runtime().block_on(async {
                 let nl = NetlinkVip::connect().unwrap();
                 assert!(!nl.present(&vip).await.unwrap());
                 nl.add(&vip).await.unwrap();
@@ -154,11 +159,7 @@ fn the_virtual_ip_is_added_announced_reachable_and_removed() {
 
     let vip2 = vip.clone();
     in_namespace(&pair.a, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        runtime().block_on(async {
             let nl = NetlinkVip::connect().unwrap();
             nl.remove(&vip2).await.unwrap();
             nl.remove(&vip2).await.unwrap(); // idempotent
