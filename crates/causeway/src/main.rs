@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod lab;
+mod lab_ha;
 mod run;
 mod show;
 
@@ -91,11 +92,64 @@ enum Command {
         #[command(subcommand)]
         command: DatabaseCommand,
     },
+    /// HA information in the seed's layout: role, addresses, and per paired peer the
+    /// failover and failback types, wait time, heartbeat status and current state.
+    Gethainfo {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Server information in the seed's layout: HA role, services and their status.
+    Getserverinfo {
+        #[arg(long)]
+        json: bool,
+    },
+    /// HA pair operations: `switchover`, `failover` (on the secondary), `failback` (on the
+    /// primary), `status`.
+    Ha {
+        #[command(subcommand)]
+        command: HaCommand,
+    },
+    /// The address keeper of an HA pair (started by the node itself).
+    #[command(name = "ha-keeper", hide = true)]
+    HaKeeper {
+        #[arg(long)]
+        interface: String,
+        #[arg(long)]
+        vip: String,
+    },
     /// A local trial cluster on 127.0.0.x.
     Lab {
         #[command(subcommand)]
         command: LabCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum HaCommand {
+    /// The holder hands the virtual IP to the other member (run on either).
+    Switchover {
+        #[arg(long)]
+        pair: Option<usize>,
+        /// Move back within the guard window, or release with the peer unreachable.
+        #[arg(long)]
+        force: bool,
+    },
+    /// On the secondary: take the virtual IP now (manual failover).
+    Failover {
+        #[arg(long)]
+        pair: Option<usize>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// On the primary after a failover: take the virtual IP back.
+    Failback {
+        #[arg(long)]
+        pair: Option<usize>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// The pair's status with the events log, as JSON.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -240,6 +294,30 @@ enum LabCommand {
         #[arg(long, default_value = "lab")]
         dir: PathBuf,
     },
+    /// An HA pair and its witness in network namespaces (root).
+    Ha {
+        #[command(subcommand)]
+        command: LabHaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabHaCommand {
+    /// Namespaces <prefix>-p, -s, -w (primary, secondary, witness) and -c (a client) on a
+    /// bridge in <subnet>.0/24; the virtual IP <subnet>.10 answers SIP on UDP 5060.
+    Up {
+        #[arg(long, default_value = "lab-ha")]
+        dir: PathBuf,
+        #[arg(long, default_value = "cwha")]
+        prefix: String,
+        #[arg(long, default_value = "198.18.0")]
+        subnet: String,
+    },
+    /// Stop the nodes by PID and remove the namespaces (from DIR/lab-ha.json).
+    Down {
+        #[arg(long, default_value = "lab-ha")]
+        dir: PathBuf,
+    },
 }
 
 /// The admin socket for `--node`: a directory means its `admin.sock`.
@@ -298,9 +376,6 @@ fn main() -> ExitCode {
                 if let Some(problem) = c.membership_problem() {
                     println!("warning: {problem} (the node will raise alarm 20003)");
                 }
-                if c.ha.is_some() {
-                    println!("warning: {}", run::HA_NOT_YET);
-                }
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
@@ -353,6 +428,36 @@ fn main() -> ExitCode {
         Command::Database {
             command: DatabaseCommand::Cluster { json, words },
         } => show::database_cluster(&admin_socket(&cli.node), &words, json),
+        Command::Gethainfo { json } => show::ha_info(
+            &admin_socket(&cli.node),
+            &data_dir(&cli.node),
+            "gethainfo",
+            json,
+        ),
+        Command::Getserverinfo { json } => show::ha_info(
+            &admin_socket(&cli.node),
+            &data_dir(&cli.node),
+            "getserverinfo",
+            json,
+        ),
+        Command::Ha { command } => {
+            let socket = admin_socket(&cli.node);
+            match command {
+                HaCommand::Switchover { pair, force } => {
+                    show::ha_command(&socket, "switchover", pair, force)
+                }
+                HaCommand::Failover { pair, force } => {
+                    show::ha_command(&socket, "failover", pair, force)
+                }
+                HaCommand::Failback { pair, force } => {
+                    show::ha_command(&socket, "failback", pair, force)
+                }
+                HaCommand::Status => show::ha_info(&socket, &data_dir(&cli.node), "status", true),
+            }
+        }
+        Command::HaKeeper { interface, vip } => {
+            return ExitCode::from(causeway_ha::keeper::main(&interface, &vip) as u8)
+        }
         Command::Lab { command } => match command {
             LabCommand::Up {
                 peers,
@@ -360,6 +465,12 @@ fn main() -> ExitCode {
                 no_database,
             } => lab::up(peers, &dir, !no_database),
             LabCommand::Down { dir } => lab::down(&dir),
+            LabCommand::Ha {
+                command: LabHaCommand::Up { dir, prefix, subnet },
+            } => lab_ha::up(&dir, &prefix, &subnet),
+            LabCommand::Ha {
+                command: LabHaCommand::Down { dir },
+            } => lab_ha::down(&dir),
         },
     };
     match result {

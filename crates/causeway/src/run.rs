@@ -12,9 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{EXIT_CONFIG, EXIT_UNAVAILABLE};
 
-/// HA pairs are being built (issue 14): the section is checked, and said to do nothing yet.
-pub const HA_NOT_YET: &str = "the [ha] section is checked but HA pairs do not run in this version yet: no virtual IP is added";
-
 pub fn run(config_path: &Path) -> ExitCode {
     // Everything that can be wrong with the file is found before any port is bound.
     let config = match NodeConfig::load(config_path) {
@@ -104,6 +101,7 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     // configuration primary checks every peer's items.
     causeway_sipserver::catalogue::register();
     causeway_dbcluster::catalogue::register();
+    causeway_ha::catalogue::register();
     let store = NodeStore::open(&data_dir);
     let (node, _services) = Node::start(config.clone(), transport, resolver, store);
     let mut app = causeway_admin::router(node.clone());
@@ -111,6 +109,9 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         let sip = start_sip(&config, section, &identity, node.clone(), cancel.clone()).await?;
         node.host(sip.clone());
         app = app.merge(causeway_sipserver::status::router(sip));
+    } else if node.mesh().is_some() {
+        // A peer without SIP still votes for the admission lease of the peers with it.
+        causeway_sipserver::start_witness(&node);
     }
     if let Some(section) = &config.database {
         let db = causeway_dbcluster::DbService::start(node.clone(), section.clone())
@@ -123,6 +124,16 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         // majority that chooses it is the peer cluster's.
         causeway_dbcluster::start_witness(&node);
     }
+    if node.mesh().is_some() {
+        // Every clustered node runs it: without an [ha] section it can be a pair's witness.
+        let ha = causeway_ha::HaService::start(node.clone(), config.ha.clone())
+            .await
+            .context("starting the HA service")?;
+        node.host(ha.clone());
+        app = app.merge(causeway_ha::router(ha));
+    } else if config.ha.is_some() {
+        anyhow::bail!("an HA pair needs the peer cluster: list the primary, the secondary and the witness in cluster.peers");
+    }
     let unix =
         causeway_admin::serve_unix(&config.admin_socket(), app.clone(), cancel.clone()).await?;
     let https = match (config.admin.https_listen, &identity) {
@@ -131,9 +142,6 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         ),
         _ => None,
     };
-    if config.ha.is_some() {
-        tracing::warn!(target: "management.node", reason = HA_NOT_YET, "HA pairs not running");
-    }
     tracing::info!(
         target: "management.node",
         version = causeway_common::SOFTWARE_VERSION,
@@ -183,6 +191,10 @@ async fn start_sip(
     }
     if !config.node.address.is_empty() {
         local_names.push(config.node.address.to_ascii_lowercase());
+    }
+    if let Some(ip) = section.listen {
+        // An HA pair's virtual IP: requests to it are for this system while it holds it.
+        local_names.push(ip.to_string());
     }
     let settings = causeway_sipserver::SipSettings {
         listen,

@@ -543,3 +543,64 @@ pub fn calls(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `gethainfo` / `getserverinfo` (`which`), or `ha status --json`. With the node down,
+/// `gethainfo` says so and shows the state each pair was left in, as the seed does.
+pub fn ha_info(socket: &Path, data_dir: &Path, which: &str, json: bool) -> anyhow::Result<()> {
+    match causeway_admin::client::get_json(socket, "/api/v1/ha/status") {
+        Ok(value) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value["status"])?);
+            } else {
+                print!("{}", value[which].as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        Err(e) if e.to_string().contains("404") => Err(anyhow::anyhow!(
+            "this node runs no HA service: it needs the peer cluster (cluster.peers)"
+        )),
+        Err(e) => {
+            if which != "gethainfo" {
+                println!("Health Monitor is not running");
+                return Err(e);
+            }
+            println!("Health Monitor is not running. Following information is from the last saved configuration");
+            let mut found = false;
+            if let Ok(dir) = std::fs::read_dir(data_dir.join("ha")) {
+                let mut files: Vec<_> = dir.filter_map(Result::ok).map(|e| e.path()).collect();
+                files.sort();
+                for f in files {
+                    let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                    let Some(pair) = name.strip_prefix("state-").and_then(|n| n.strip_suffix(".json")) else {
+                        continue;
+                    };
+                    let v: serde_json::Value = std::fs::read(&f)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_default();
+                    found = true;
+                    println!(
+                        "Pair of Peer {pair}: Last shutdown state: {} ({})",
+                        v["state"].as_str().unwrap_or("unknown"),
+                        v["at"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            if !found {
+                println!("No HA state saved in {}", data_dir.join("ha").display());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `ha switchover|failover|failback [--pair N] [--force]`.
+pub fn ha_command(socket: &Path, word: &str, pair: Option<usize>, force: bool) -> anyhow::Result<()> {
+    let out = causeway_admin::client::post_json(
+        socket,
+        "/api/v1/ha/command",
+        &json!({ "words": [word], "pair": pair, "force": force }),
+    )?;
+    println!("{}", out["message"].as_str().unwrap_or("done"));
+    Ok(())
+}

@@ -11,7 +11,7 @@ use causeway_mesh::{ClusterSettings, IpVersion, Timing, TlsMode, MAX_PEERS};
 use serde::{Deserialize, Serialize};
 
 mod ha;
-pub use ha::{CapacityClass, HaMode, HaRole, HaSection, MIN_FAILOVER_WAIT_MS};
+pub use ha::{prefix_len, CapacityClass, HaMode, HaRole, HaSection, MIN_FAILOVER_WAIT_MS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -13,7 +13,10 @@ pub mod xconfig;
 
 /// The node's operator-facing errors: a message saying what to do, and a code.
 pub use causeway_common::error::Refusal as NodeError;
-pub use config::{ConfigError, DatabaseSection, HaSection, NodeConfig, SipSection};
+pub use config::{
+    prefix_len as ha_prefix_len, CapacityClass, ConfigError, DatabaseSection, HaMode, HaRole,
+    HaSection, NodeConfig, SipSection,
+};
 pub use leases::{LeaseStatus, Leases};
 pub use node::{ClusterStatus, Node, NodeStore, PeerAlarm, SetOutcome};
 pub use peer_alarms::{peer_alarms, MANAGED_ALARMS};

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod fsio;
 pub mod logging;
 pub mod slots;
 pub mod time;

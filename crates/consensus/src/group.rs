@@ -124,6 +124,13 @@ pub struct LeaseGroup {
     members: Vec<usize>,
     timing: LeaseTiming,
     state: watch::Sender<LeaseState>,
+    /// While this member holds the lease: its generation and when the hold of its last
+    /// confirmed round ends. A service that must undo something by then on its own (the HA
+    /// address keeper) is told each extension.
+    hold: watch::Sender<Option<(u64, Instant)>>,
+    /// When this member last accepted a leader's append-entries (tokio's clock): how long
+    /// the holder has been silent, as a voter sees it.
+    last_heard_holder: Arc<Mutex<Option<Instant>>>,
     /// The running Raft member; none during a quiet start (at start, and after `resign`).
     raft: Arc<RwLock<Option<Raft<TypeConfig>>>>,
     /// Stops the current Raft member's renewing and publishing: `resign` cancels it, and
@@ -204,6 +211,8 @@ impl LeaseGroup {
             members: members.clone(),
             timing,
             state: watch::channel(LeaseState::nobody()).0,
+            hold: watch::channel(None).0,
+            last_heard_holder: Arc::new(Mutex::new(None)),
             raft: Arc::new(RwLock::new(None)),
             incarnation: Mutex::new(CancellationToken::new()),
             eligible: AtomicBool::new(true),
@@ -275,9 +284,19 @@ impl LeaseGroup {
             async move { raft?.vote(req).await.map_err(|e| e.to_string()) }
         });
         let (r, s) = (self.raft.clone(), starting.clone());
+        let heard = self.last_heard_holder.clone();
         self.rpc.serve(&self.endpoints.append, move |from, req| {
             let raft = s(&r, from);
-            async move { raft?.append_entries(req).await.map_err(|e| e.to_string()) }
+            let heard = heard.clone();
+            async move {
+                let resp = raft?.append_entries(req).await.map_err(|e| e.to_string())?;
+                // Accepted (even with a log conflict to repair): the sender leads a term
+                // this member does not dispute.
+                if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+                    *heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                }
+                Ok(resp)
+            }
         });
         let (r, s) = (self.raft.clone(), starting);
         self.rpc.serve(&self.endpoints.snapshot, move |from, req| {
@@ -299,10 +318,38 @@ impl LeaseGroup {
         self.timing
     }
 
+    /// While this member holds the lease: `(generation, end of the hold)`, updated after
+    /// every confirmed round; `None` otherwise.
+    pub fn hold(&self) -> watch::Receiver<Option<(u64, Instant)>> {
+        self.hold.subscribe()
+    }
+
+    /// When this member last accepted the holder's append-entries; `None` if never since it
+    /// started.
+    pub fn last_heard_holder(&self) -> Option<Instant> {
+        *self
+            .last_heard_holder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stands for election now instead of on openraft's own timer: a service that knows
+    /// the holder is gone (its own failure detector agrees with a witness) saves the wait.
+    /// It cannot make two holders: a voter refuses every vote for one lease time after the
+    /// last append-entries it accepted, and a holder never stands. Returns why not when this
+    /// member is starting (quiet) or stopped.
+    pub async fn stand_now(&self) -> Result<(), String> {
+        let raft = self
+            .raft()
+            .ok_or_else(|| "starting: quiet for one lease time".to_string())?;
+        raft.trigger().elect().await.map_err(|e| e.to_string())
+    }
+
     /// Lets go of the lease ("lost" is published first), stops answering, stops Raft.
     pub async fn shutdown(&self) {
         self.cancel.cancel();
         self.set_holder(Holder::Nobody);
+        self.hold.send_replace(None);
         for path in self.endpoints.paths() {
             self.rpc.unserve(path);
         }
@@ -497,6 +544,12 @@ async fn publish(
             },
         };
         g.set_holder(holder);
+        let hold = deadline.map(|until| (term, until));
+        g.hold.send_if_modified(|h| {
+            let changed = *h != hold;
+            *h = hold;
+            changed
+        });
         tokio::select! {
             _ = stop.cancelled() => break,
             r = metrics.changed() => if r.is_err() { break },
@@ -505,6 +558,7 @@ async fn publish(
         }
     }
     g.set_holder(Holder::Nobody);
+    g.hold.send_replace(None);
 }
 
 impl LeaderLease for LeaseGroup {
@@ -535,6 +589,7 @@ impl LeaderLease for LeaseGroup {
         // "Lost" first, then no more renewing: the others elect only after a lease time
         // without this member's heartbeats, by when its last confirmed round has run out.
         self.set_holder(Holder::Nobody);
+        self.hold.send_replace(None);
         self.incarnation_lock().cancel();
         info!(target: LOG, event = "Lease resigned", group = %self.name, member = self.me, "");
     }

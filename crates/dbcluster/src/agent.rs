@@ -255,16 +255,9 @@ impl DbService {
         let mut next = s.clone();
         change(&mut next);
         let path = self.layout.state_file();
-        let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec_pretty(&next)?;
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        causeway_common::fsio::write_atomic(&path, &bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
         *s = next;
         Ok(())
     }

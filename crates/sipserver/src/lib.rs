@@ -20,3 +20,16 @@ pub mod transport;
 
 pub use service::{SipService, SipSettings};
 pub use transport::{Caps, Proto};
+
+/// On a peer without a `[sip]` section: a member of the `calls` lease group that votes and
+/// never stands, so the peers that do run SIP keep a majority (and their admission lease)
+/// whichever peers carry SIP.
+pub fn start_witness(node: &causeway_cluster::Node) {
+    use causeway_consensus::LeaderLease as _;
+    let leases = node.leases();
+    match leases.start_group(admission::LEASE, leases.all_peers()) {
+        Ok(group) => group.set_eligible(false),
+        Err(e) => tracing::warn!(target: "developer.sip", reason = %e,
+            "The calls lease group did not start on this peer"),
+    }
+}

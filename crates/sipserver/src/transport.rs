@@ -239,6 +239,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A socket bound to `ip:port` even when `ip` is not on an interface yet (`IP_FREEBIND`):
+/// an HA pair's virtual IP, which only the lease holder has. Nothing reaches the socket
+/// until the address arrives, and no bind is needed on the failover path.
+fn bind_freely(ip: IpAddr, port: u16, kind: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let addr = std::net::SocketAddr::new(ip, port);
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+    if ip.is_ipv4() {
+        socket.set_freebind_v4(true)?;
+    } else {
+        socket.set_freebind_v6(true)?;
+    }
+    if kind == socket2::Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn listen_freely(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
+    let socket = bind_freely(ip, port, socket2::Type::STREAM)?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 impl Transports {
     /// Binds UDP and TCP on `ip:udp_port`/`ip:tcp_port`, and TLS on `tls_port` when given a
     /// TLS configuration. Port 0 picks a free port (tests).
@@ -255,20 +280,18 @@ impl Transports {
         tasks: TaskTracker,
     ) -> anyhow::Result<Arc<Transports>> {
         use anyhow::Context as _;
-        let udp = UdpSocket::bind((ip, udp_port))
-            .await
+        let udp = bind_freely(ip, udp_port, socket2::Type::DGRAM)
+            .and_then(|s| UdpSocket::from_std(s.into()))
             .with_context(|| format!("binding SIP UDP on {ip}:{udp_port}"))?;
         let udp_port = udp.local_addr()?.port();
         let udp_buffer = enlarge_receive_buffer(&udp, UDP_RECEIVE_BUFFER);
         // TCP on the same port number as UDP when asked for 0 in tests.
-        let tcp = TcpListener::bind((ip, tcp_port))
-            .await
+        let tcp = listen_freely(ip, tcp_port)
             .with_context(|| format!("binding SIP TCP on {ip}:{tcp_port}"))?;
         let tcp_port = tcp.local_addr()?.port();
         let (tls_listener, tls_pair) = match tls {
             Some((port, server, client)) => {
-                let l = TcpListener::bind((ip, port))
-                    .await
+                let l = listen_freely(ip, port)
                     .with_context(|| format!("binding SIP TLS on {ip}:{port}"))?;
                 (
                     Some(l),

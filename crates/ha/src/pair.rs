@@ -1,0 +1,132 @@
+//! What pair members and the witness say to each other on the mesh (docs/ha.md, sections 1,
+//! 2 and 8), and the pair's settings as the primary gives them to its secondary.
+
+use std::net::IpAddr;
+
+use causeway_cluster::{CapacityClass, HaMode, HaSection};
+use causeway_mesh::rpc::Endpoint;
+use serde::{Deserialize, Serialize};
+
+use crate::transitions::HaState;
+
+/// The lease of a pair: 25 ms heartbeats, held 100 ms after each confirmed round, no vote
+/// for another holder before 150 ms of silence (docs/ha.md, section 3).
+pub fn lease_timing() -> causeway_consensus::LeaseTiming {
+    use std::time::Duration;
+    causeway_consensus::LeaseTiming {
+        heartbeat: Duration::from_millis(25),
+        election_timeout_min: Duration::from_millis(100),
+        election_timeout_max: Duration::from_millis(150),
+        renew: Duration::from_millis(25),
+    }
+}
+
+/// The primary's settings for its pair: the secondary learns them at pairing and keeps them,
+/// so it can take over a primary it can no longer reach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairSettings {
+    pub vip: IpAddr,
+    pub prefix: u8,
+    pub failover: HaMode,
+    pub failback: HaMode,
+    pub failover_wait_ms: u64,
+    pub guard_window_s: u64,
+}
+
+impl PairSettings {
+    /// From a primary's `[ha]` section (checked at load, so the netmask parses).
+    pub fn of_primary(section: &HaSection) -> Option<Self> {
+        let vip = section.virtual_ip?;
+        let prefix = causeway_cluster::ha_prefix_len(section.netmask.as_deref()?, vip).ok()?;
+        Some(Self {
+            vip,
+            prefix,
+            failover: section.failover,
+            failback: section.failback,
+            failover_wait_ms: section.failover_wait_ms,
+            guard_window_s: section.guard_window_s,
+        })
+    }
+}
+
+/// Who is in a pair, by peer number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Members {
+    pub primary: usize,
+    pub secondary: usize,
+    pub witness: usize,
+}
+
+impl Members {
+    pub fn voters(&self) -> Vec<usize> {
+        vec![self.primary, self.secondary, self.witness]
+    }
+
+    /// The lease group's name: `ha/<primary's peer number>`.
+    pub fn group(&self) -> String {
+        format!("ha/{}", self.primary)
+    }
+}
+
+/// The witness a pair uses when the section names none: the lowest peer outside the pair.
+pub fn default_witness(peers: usize, primary: usize, secondary: usize) -> Option<usize> {
+    (1..=peers).find(|&p| p != primary && p != secondary)
+}
+
+/// `ha/hello`: a pair member introduces the pair to the other member and to the witness.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    pub members: Members,
+    pub version: String,
+    pub capacity: CapacityClass,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HelloAnswer {
+    /// The primary's settings, when the answer comes from the primary.
+    pub settings: Option<PairSettings>,
+    pub capacity: CapacityClass,
+}
+
+pub fn hello() -> Endpoint<Hello, HelloAnswer> {
+    Endpoint::new("ha/hello")
+}
+
+/// `ha/hb/<pair>`: sent every 25 ms to each other member; the answer is the same shape.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Beat {
+    pub seq: u64,
+    /// The sender's state for the pair (`None` on the witness).
+    pub state: Option<HaState>,
+    /// The lease generation the sender holds the address at, if it has it.
+    pub vip_at: Option<u64>,
+}
+
+pub fn heartbeat(pair: usize) -> Endpoint<Beat, Beat> {
+    Endpoint::new(format!("ha/hb/{pair}"))
+}
+
+/// `ha/prevote/<pair>`: "may I stand?" Answered yes only by a member that has not heard
+/// the holder for the failover wait less 20 ms either.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Prevote {
+    pub failover_wait_ms: u64,
+}
+
+pub fn prevote(pair: usize) -> Endpoint<Prevote, ()> {
+    Endpoint::new(format!("ha/prevote/{pair}"))
+}
+
+/// `ha/handover/<pair>`: the holder hands the address over (switchover), or the primary
+/// asks the secondary that holds to give it back (failback).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Handover {
+    /// "I have released: take it." (switchover, graceful shutdown)
+    Take,
+    /// "Release it to me." (failback)
+    GiveBack { force: bool },
+}
+
+pub fn handover(pair: usize) -> Endpoint<Handover, String> {
+    Endpoint::new(format!("ha/handover/{pair}"))
+}

@@ -1,0 +1,368 @@
+//! The HA service of a node (docs/ha.md): one [`Instance`] per pair this node is in — as
+//! primary, as secondary (one or two), or as the witness — and the pairing handshake.
+//!
+//! Every node of a clustered system runs it: a node without an `[ha]` section can be a
+//! pair's witness, started when a pair member introduces the pair (`ha/hello`) and again
+//! at every start from `DIR/ha/witness.json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use causeway_cluster::{CapacityClass, HaRole, HaSection, Node};
+use causeway_common::error::Refusal;
+use causeway_mesh::BoxFuture;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::catalogue::{NO_WITNESS, PAIRING_REFUSED};
+use crate::instance::{Instance, Role};
+use crate::pair::{self, default_witness, Hello, HelloAnswer, Members, PairSettings};
+use crate::LOG;
+
+pub struct HaService {
+    node: Arc<Node>,
+    section: Option<HaSection>,
+    dir: PathBuf,
+    me: usize,
+    peers: Vec<String>,
+    instances: Mutex<BTreeMap<usize, Arc<Instance>>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+fn refuse_pairing(node: &Node, pair: usize, reason: String) -> String {
+    node.alarms()
+        .raise(PAIRING_REFUSED, &format!("pair {pair}"), &reason);
+    warn!(target: LOG, event = "Pairing refused", pair = pair, reason = %reason, "");
+    reason
+}
+
+impl HaService {
+    /// Starts the service: the pairs of the `[ha]` section, and the witness of every pair
+    /// that named this node before.
+    pub async fn start(node: Arc<Node>, section: Option<HaSection>) -> anyhow::Result<Arc<Self>> {
+        let config = node.config().clone();
+        let dir = config.node.data_dir.join("ha");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (me, peers) = match node.mesh() {
+            Some(m) => (m.settings().self_index, m.settings().peers.clone()),
+            None => anyhow::bail!(
+                "an HA pair needs the peer cluster: list the primary, the secondary and the witness in cluster.peers"
+            ),
+        };
+        let svc = Arc::new(Self {
+            node: node.clone(),
+            section: section.clone(),
+            dir: dir.clone(),
+            me,
+            peers: peers.clone(),
+            instances: Mutex::new(BTreeMap::new()),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        if let Some(s) = &section {
+            let witness_of = |primary: usize, secondary: usize| -> anyhow::Result<usize> {
+                match s.witness.as_deref() {
+                    None => default_witness(peers.len(), primary, secondary).ok_or_else(|| {
+                        anyhow::anyhow!("ha.witness: the pair has no third peer to be its witness; a pair without a witness is not supported yet: add a peer")
+                    }),
+                    Some("none") | Some("cluster") => anyhow::bail!(
+                        "ha.witness = \"{}\" is not supported yet: name a third peer by number",
+                        s.witness.as_deref().unwrap_or_default()
+                    ),
+                    Some(n) => n.parse().context("ha.witness"),
+                }
+            };
+            match s.role {
+                HaRole::Primary => {
+                    let secondary = s.secondary.context("ha.secondary is missing")?;
+                    let members = Members { primary: me, secondary, witness: witness_of(me, secondary)? };
+                    let settings = PairSettings::of_primary(s)
+                        .context("ha.virtual_ip and ha.netmask")?;
+                    svc.add(Role::Primary, members, Some(settings))?;
+                }
+                HaRole::Secondary => {
+                    for &p in &s.primaries {
+                        let members = Members { primary: p, secondary: me, witness: witness_of(p, me)? };
+                        let settings = std::fs::read(svc.settings_file(p))
+                            .ok()
+                            .and_then(|b| serde_json::from_slice::<PairSettings>(&b).ok());
+                        svc.add(Role::Secondary, members, settings)?;
+                    }
+                }
+                HaRole::Witness => {}
+            }
+            node.alarms().lower(NO_WITNESS, "ha");
+        }
+        for members in svc.saved_witness_pairs() {
+            if let Err(e) = svc.add(Role::Witness, members, None) {
+                warn!(target: LOG, pair = members.primary, reason = %e, "Witness of a pair not started");
+            }
+        }
+        svc.serve_hello();
+        let s = svc.clone();
+        svc.tasks.spawn(async move { s.introduce().await });
+        Ok(svc)
+    }
+
+    fn settings_file(&self, pair: usize) -> PathBuf {
+        self.dir.join(format!("pair-{pair}.json"))
+    }
+
+    fn saved_witness_pairs(&self) -> Vec<Members> {
+        std::fs::read(self.dir.join("witness.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn capacity(&self) -> CapacityClass {
+        self.section
+            .as_ref()
+            .map_or(CapacityClass::Standard, |s| s.capacity_class)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<usize, Arc<Instance>>> {
+        self.instances.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, role: Role, members: Members, settings: Option<PairSettings>) -> anyhow::Result<()> {
+        if self.lock().contains_key(&members.primary) {
+            return Ok(());
+        }
+        let group = self
+            .node
+            .leases()
+            .start_group_with(&members.group(), members.voters(), pair::lease_timing())
+            .with_context(|| format!("starting the lease group of pair {}", members.primary))?;
+        let interface = self
+            .section
+            .as_ref()
+            .map(|s| s.health_monitor_interface.clone())
+            .unwrap_or_default();
+        let program = std::env::current_exe().context("finding this program for the address keeper")?;
+        let instance = Instance::new(
+            role,
+            members,
+            self.me,
+            interface,
+            group,
+            self.node.leases().rpc().clone(),
+            self.node.alarms().clone(),
+            settings,
+            self.dir.join(format!("state-{}.json", members.primary)),
+            program,
+        );
+        instance.start();
+        info!(target: LOG, event = "HA pair started", pair = members.primary, role = role.seed_name(),
+            primary = members.primary, secondary = members.secondary, witness = members.witness, "");
+        self.lock().insert(members.primary, instance);
+        Ok(())
+    }
+
+    fn serve_hello(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.node
+            .leases()
+            .rpc()
+            .serve(&pair::hello(), move |from, h: Hello| {
+                let answer = match me.upgrade() {
+                    Some(s) => s.answer_hello(from, h),
+                    None => Err("stopping".into()),
+                };
+                async move { answer }
+            });
+    }
+
+    fn answer_hello(&self, from: usize, h: Hello) -> Result<HelloAnswer, String> {
+        let pair = h.members.primary;
+        if h.version != causeway_common::SOFTWARE_VERSION {
+            return Err(refuse_pairing(
+                &self.node,
+                pair,
+                format!(
+                    "different software versions: Peer {from} runs {}, this node {}",
+                    h.version,
+                    causeway_common::SOFTWARE_VERSION
+                ),
+            ));
+        }
+        if h.members.witness == self.me {
+            if !self.lock().contains_key(&pair) {
+                let mut saved = self.saved_witness_pairs();
+                saved.retain(|m| m.primary != pair);
+                saved.push(h.members);
+                if let Ok(b) = serde_json::to_vec(&saved) {
+                    let _ = causeway_common::fsio::write_atomic(&self.dir.join("witness.json"), &b);
+                }
+                self.add(Role::Witness, h.members, None)
+                    .map_err(|e| format!("{e:#}"))?;
+            }
+            return Ok(HelloAnswer { settings: None, capacity: self.capacity() });
+        }
+        let mine = self.lock().get(&pair).cloned();
+        let Some(instance) = mine else {
+            return Err(refuse_pairing(
+                &self.node,
+                pair,
+                format!("this node (Peer {}) is not in a pair with primary Peer {pair}: check ha.primaries / ha.secondary", self.me),
+            ));
+        };
+        if instance.members != h.members {
+            return Err(refuse_pairing(
+                &self.node,
+                pair,
+                format!(
+                    "the pair differs: Peer {from} has primary {}, secondary {}, witness {}; this node has primary {}, secondary {}, witness {}",
+                    h.members.primary, h.members.secondary, h.members.witness,
+                    instance.members.primary, instance.members.secondary, instance.members.witness
+                ),
+            ));
+        }
+        if instance.role == Role::Primary && h.capacity < self.capacity() {
+            return Err(refuse_pairing(
+                &self.node,
+                pair,
+                format!(
+                    "the secondary's capacity class ({:?}) is smaller than the primary's ({:?})",
+                    h.capacity,
+                    self.capacity()
+                )
+                .to_lowercase(),
+            ));
+        }
+        self.node.alarms().lower(PAIRING_REFUSED, &format!("pair {pair}"));
+        Ok(HelloAnswer {
+            settings: (instance.role == Role::Primary).then(|| instance.settings()).flatten(),
+            capacity: self.capacity(),
+        })
+    }
+
+    /// Introduces each pair to its other members until both have answered, and keeps the
+    /// secondary's copy of the primary's settings fresh (every 10 s).
+    async fn introduce(self: Arc<Self>) {
+        let rpc = self.node.leases().rpc().clone();
+        loop {
+            let instances: Vec<Arc<Instance>> = self.lock().values().cloned().collect();
+            let mut all_done = true;
+            for i in instances.iter().filter(|i| i.role != Role::Witness) {
+                let hello = Hello {
+                    members: i.members,
+                    version: causeway_common::SOFTWARE_VERSION.to_string(),
+                    capacity: self.capacity(),
+                };
+                for peer in i.members.voters().into_iter().filter(|&p| p != self.me) {
+                    match rpc.call(&pair::hello(), peer, &hello, Duration::from_secs(1)).await {
+                        Ok(answer) => {
+                            if let Some(s) = answer.settings {
+                                if i.settings().as_ref() != Some(&s) {
+                                    if let Ok(b) = serde_json::to_vec(&s) {
+                                        let _ = causeway_common::fsio::write_atomic(
+                                            &self.settings_file(i.pair()),
+                                            &b,
+                                        );
+                                    }
+                                    info!(target: LOG, event = "HA pair settings received", pair = i.pair(),
+                                        vip = %s.vip, "Configuration successfully created");
+                                    i.set_settings(s);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            all_done = false;
+                            if let causeway_mesh::rpc::CallError::Remote { reason, .. } = &e {
+                                refuse_pairing(&self.node, i.pair(), reason.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            let pause = if all_done { Duration::from_secs(10) } else { Duration::from_secs(1) };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    fn instance(&self, pair: Option<usize>) -> Result<Arc<Instance>, Refusal> {
+        let map = self.lock();
+        match pair {
+            Some(p) => map
+                .get(&p)
+                .cloned()
+                .ok_or_else(|| Refusal::invalid(format!("this node is in no pair with primary Peer {p}"))),
+            None => {
+                let mut ours = map.values().filter(|i| i.role != Role::Witness);
+                match (ours.next(), ours.next()) {
+                    (Some(i), None) => Ok(i.clone()),
+                    (None, _) => Err(Refusal::invalid("this node is not a member of an HA pair")),
+                    (Some(_), Some(_)) => Err(Refusal::invalid(
+                        "this secondary backs up two primaries: say which with --pair <primary's peer number>",
+                    )),
+                }
+            }
+        }
+    }
+
+    /// `ha switchover|failover|failback [--pair N] [--force]`.
+    pub async fn command(&self, words: &[String], pair: Option<usize>, force: bool) -> Result<String, Refusal> {
+        let instance = self.instance(pair)?;
+        match words.first().map(String::as_str) {
+            Some("switchover") => instance.switchover(force).await,
+            Some("failover") => instance.failover(force),
+            Some("failback") => instance.failback(force).await,
+            other => Err(Refusal::invalid(format!(
+                "unknown command '{}': use switchover, failover or failback",
+                other.unwrap_or_default()
+            ))),
+        }
+    }
+
+    pub fn status_json(&self) -> Value {
+        let config = self.node.config();
+        let pairs: Vec<Value> = self
+            .lock()
+            .values()
+            .map(|i| i.status_json(&self.peers))
+            .collect();
+        json!({
+            "running": true,
+            "role": self.section.as_ref().map(|s| format!("{:?}", s.role)),
+            "health_monitor_address": config.node.address,
+            "health_monitor_interface": self.section.as_ref().map(|s| s.health_monitor_interface.clone()),
+            "system_name": config.node.system_name,
+            "version": causeway_common::SOFTWARE_VERSION,
+            "me": self.me,
+            "pairs": pairs,
+        })
+    }
+}
+
+impl causeway_cluster::Service for HaService {
+    fn name(&self) -> &'static str {
+        "ha"
+    }
+
+    fn status(&self) -> Value {
+        self.status_json()
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.cancel.cancel();
+            self.node.leases().rpc().unserve(pair::hello().path());
+            let instances: Vec<Arc<Instance>> = self.lock().values().cloned().collect();
+            for i in instances {
+                i.stop().await;
+            }
+            self.tasks.close();
+            self.tasks.wait().await;
+        })
+    }
+}
