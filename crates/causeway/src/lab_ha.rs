@@ -17,11 +17,35 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 const CLUSTER_NAME: &str = "ha.lab.example";
-const ROLES: [(&str, &str, u8); 3] = [
+/// Role, namespace suffix, host number; Peer N is the Nth row.
+const ROLES: [(&str, &str, u8); 4] = [
     ("primary", "p", 11),
     ("secondary", "s", 12),
     ("witness", "w", 13),
+    // Only with --second-primary (N:1): a second pair, same secondary and witness.
+    ("primary2", "p2", 14),
 ];
+
+/// How `lab ha up` builds the pair.
+pub struct Options {
+    pub prefix: String,
+    pub subnet: String,
+    /// `automatic` or `manual`.
+    pub failover: String,
+    /// A second primary (`<subnet>.14`, virtual IP `<subnet>.20`) backed up by the same
+    /// secondary.
+    pub second_primary: bool,
+}
+
+impl Options {
+    fn roles(&self) -> &'static [(&'static str, &'static str, u8)] {
+        if self.second_primary {
+            &ROLES
+        } else {
+            &ROLES[..3]
+        }
+    }
+}
 
 /// What `up` made, for `down` and for tests (`DIR/lab-ha.json`).
 #[derive(Serialize, Deserialize, Default)]
@@ -74,7 +98,11 @@ fn node_dir(dir: &Path, role: &str) -> PathBuf {
     dir.join(role)
 }
 
-pub fn up(dir: &Path, prefix: &str, subnet: &str) -> anyhow::Result<()> {
+pub fn up(dir: &Path, options: &Options) -> anyhow::Result<()> {
+    let (prefix, subnet) = (options.prefix.as_str(), options.subnet.as_str());
+    if !matches!(options.failover.as_str(), "automatic" | "manual") {
+        bail!("--failover is automatic or manual");
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("'lab ha up' makes network namespaces and moves a virtual IP: run it as root");
     }
@@ -95,7 +123,10 @@ pub fn up(dir: &Path, prefix: &str, subnet: &str) -> anyhow::Result<()> {
         );
     }
     let ns = |x: &str| format!("{prefix}-{x}");
-    let all: Vec<String> = ["br", "p", "s", "w", "c"].iter().map(|x| ns(x)).collect();
+    let all: Vec<String> = ["br", "p", "s", "w", "c", "p2"]
+        .iter()
+        .map(|x| ns(x))
+        .collect();
     let existing = existing_namespaces();
     if let Some(clash) = all.iter().find(|n| existing.contains(n)) {
         bail!("network namespace {clash} exists already: remove it, or use another --prefix");
@@ -109,7 +140,7 @@ pub fn up(dir: &Path, prefix: &str, subnet: &str) -> anyhow::Result<()> {
         nodes: vec![],
         client_namespace: ns("c"),
     };
-    let result = build(&dir, &mut lab, &ns);
+    let result = build(&dir, &mut lab, options, &ns);
     // Saved whatever happened, so `down` can remove what was made.
     std::fs::write(dir.join("lab-ha.json"), serde_json::to_vec_pretty(&lab)?)?;
     if let Err(e) = result {
@@ -117,29 +148,59 @@ pub fn up(dir: &Path, prefix: &str, subnet: &str) -> anyhow::Result<()> {
         return Err(e);
     }
     println!();
-    println!("HA lab is up in {}: virtual IP {vip} answers SIP OPTIONS on UDP 5060.", dir.display());
+    println!(
+        "HA lab is up in {}: virtual IP {vip} answers SIP OPTIONS on UDP 5060.",
+        dir.display()
+    );
     for (role, n, addr, pid) in &lab.nodes {
-        println!("  {role:<9} netns {n:<10} {addr:<14} PID {pid:<7} log {}", node_dir(&dir, role).join("causeway.log").display());
+        println!(
+            "  {role:<9} netns {n:<10} {addr:<14} PID {pid:<7} log {}",
+            node_dir(&dir, role).join("causeway.log").display()
+        );
     }
     println!("  client    netns {}", lab.client_namespace);
     println!();
-    println!("  causeway --node {} gethainfo", node_dir(&dir, "primary").display());
-    println!("  causeway --node {} ha switchover", node_dir(&dir, "primary").display());
+    println!(
+        "  causeway --node {} gethainfo",
+        node_dir(&dir, "primary").display()
+    );
+    println!(
+        "  causeway --node {} ha switchover",
+        node_dir(&dir, "primary").display()
+    );
     println!("  causeway lab ha down --dir {}", dir.display());
     Ok(())
 }
 
-fn build(dir: &Path, lab: &mut HaLab, ns: &dyn Fn(&str) -> String) -> anyhow::Result<()> {
+fn build(
+    dir: &Path,
+    lab: &mut HaLab,
+    options: &Options,
+    ns: &dyn Fn(&str) -> String,
+) -> anyhow::Result<()> {
+    let roles = options.roles();
     let subnet = lab.subnet.clone();
     let br = ns("br");
     run_ip(&["netns", "add", &br])?;
     lab.namespaces.push(br.clone());
     run_ip(&["-n", &br, "link", "set", "lo", "up"])?;
     run_ip(&[
-        "-n", &br, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0",
+        "-n",
+        &br,
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "stp_state",
+        "0",
+        "forward_delay",
+        "0",
     ])?;
     run_ip(&["-n", &br, "link", "set", "br0", "up"])?;
-    for (x, host) in [("p", 11u8), ("s", 12), ("w", 13), ("c", 100)] {
+    let mut hosts: Vec<(&str, u8)> = roles.iter().map(|(_, x, h)| (*x, *h)).collect();
+    hosts.push(("c", 100));
+    for (x, host) in hosts {
         let n = ns(x);
         run_ip(&["netns", "add", &n])?;
         lab.namespaces.push(n.clone());
@@ -149,17 +210,30 @@ fn build(dir: &Path, lab: &mut HaLab, ns: &dyn Fn(&str) -> String) -> anyhow::Re
             "-n", &br, "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &n,
         ])?;
         run_ip(&["-n", &br, "link", "set", &outer, "master", "br0", "up"])?;
-        run_ip(&["-n", &n, "addr", "add", &format!("{subnet}.{host}/24"), "dev", "eth0"])?;
+        run_ip(&[
+            "-n",
+            &n,
+            "addr",
+            "add",
+            &format!("{subnet}.{host}/24"),
+            "dev",
+            "eth0",
+        ])?;
         run_ip(&["-n", &n, "link", "set", "eth0", "up"])?;
     }
     let ca_dir = dir.join("ca");
     let ca = causeway_pki::ca_init(&ca_dir, "Causeway HA lab CA")?;
     let exe = std::env::current_exe().context("finding the causeway binary")?;
-    let peers: Vec<String> = ROLES
+    let peers: Vec<String> = roles
         .iter()
         .map(|(_, _, h)| format!("\"{subnet}.{h}\""))
         .collect();
-    for (role, x, host) in ROLES {
+    let primaries = if options.second_primary {
+        "[1, 4]"
+    } else {
+        "[1]"
+    };
+    for &(role, x, host) in roles {
         let nd = node_dir(dir, role);
         std::fs::create_dir_all(&nd)?;
         let address = format!("{subnet}.{host}");
@@ -167,14 +241,19 @@ fn build(dir: &Path, lab: &mut HaLab, ns: &dyn Fn(&str) -> String) -> anyhow::Re
         let (_, csr) = causeway_pki::csr(&nd, "node", &subject)?;
         causeway_pki::sign_csr(&csr, &ca, 825, &nd.join("node.crt"))?;
         std::fs::copy(&ca.cert, nd.join("ca.crt"))?;
+        let own_vip = if role == "primary2" {
+            format!("{subnet}.20")
+        } else {
+            lab.vip.clone()
+        };
         let ha = match role {
-            "primary" => format!(
-                "role = \"primary\"\nhealth_monitor_interface = \"eth0\"\nvirtual_ip = \"{}\"\n\
+            "primary" | "primary2" => format!(
+                "role = \"primary\"\nhealth_monitor_interface = \"eth0\"\nvirtual_ip = \"{own_vip}\"\n\
                  netmask = \"255.255.255.0\"\nsecondary = 2\nwitness = \"3\"\n\
-                 failover = \"automatic\"\nfailback = \"manual\"\n",
-                lab.vip
+                 failover = \"{}\"\nfailback = \"manual\"\n",
+                options.failover
             ),
-            "secondary" => "role = \"secondary\"\nhealth_monitor_interface = \"eth0\"\nprimaries = [1]\nwitness = \"3\"\n".to_string(),
+            "secondary" => format!("role = \"secondary\"\nhealth_monitor_interface = \"eth0\"\nprimaries = {primaries}\nwitness = \"3\"\n"),
             _ => "role = \"witness\"\nhealth_monitor_interface = \"eth0\"\n".to_string(),
         };
         let sip = if role == "witness" {
@@ -182,7 +261,11 @@ fn build(dir: &Path, lab: &mut HaLab, ns: &dyn Fn(&str) -> String) -> anyhow::Re
         } else {
             format!(
                 "\n[sip]\nlisten = \"{}\"\nudp_port = 5060\ntcp_port = 5060\ntls_port = 0\n",
-                lab.vip
+                if role == "secondary" {
+                    &lab.vip
+                } else {
+                    &own_vip
+                }
             )
         };
         let config = format!(
@@ -196,7 +279,8 @@ fn build(dir: &Path, lab: &mut HaLab, ns: &dyn Fn(&str) -> String) -> anyhow::Re
         );
         std::fs::write(nd.join("causeway.toml"), config)?;
     }
-    for (role, x, host) in ROLES {
+    let mut children = vec![];
+    for &(role, x, host) in roles {
         let nd = node_dir(dir, role);
         let log = std::fs::File::create(nd.join("causeway.log"))?;
         let child = Command::new("ip")
@@ -216,45 +300,69 @@ fn build(dir: &Path, lab: &mut HaLab, ns: &dyn Fn(&str) -> String) -> anyhow::Re
         std::fs::write(nd.join("causeway.pid"), format!("{pid}\n"))?;
         lab.nodes
             .push((role.to_string(), ns(x), format!("{subnet}.{host}"), pid));
+        children.push(child);
     }
-    wait_until_paired(dir, lab)
+    wait_until_paired(dir, lab, &mut children)
 }
 
 /// Waits until the primary is `PRIMARY_ACTIVE`, the secondary `SECONDARY_ACTIVE` and the
 /// virtual IP answers an OPTIONS from the client namespace.
-fn wait_until_paired(dir: &Path, lab: &HaLab) -> anyhow::Result<()> {
+fn wait_until_paired(
+    dir: &Path,
+    lab: &HaLab,
+    children: &mut [std::process::Child],
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut shown = String::new();
     loop {
         let state = |role: &str| {
-            causeway_admin::client::get_json(&node_dir(dir, role).join("admin.sock"), "/api/v1/ha/status")
-                .ok()
-                .and_then(|v| v["status"]["pairs"][0]["state"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "starting".into())
+            causeway_admin::client::get_json(
+                &node_dir(dir, role).join("admin.sock"),
+                "/api/v1/ha/status",
+            )
+            .ok()
+            .and_then(|v| {
+                v["status"]["pairs"][0]["state"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "starting".into())
         };
         let (p, s) = (state("primary"), state("secondary"));
         let line = format!("  primary {p}, secondary {s}");
+        let second_ok =
+            !lab.nodes.iter().any(|n| n.0 == "primary2") || state("primary2") == "PRIMARY_ACTIVE";
         if line != shown {
             println!("{line} ({:.1} s)", started.elapsed().as_secs_f64());
             shown = line;
         }
         if p == "PRIMARY_ACTIVE"
             && s == "SECONDARY_ACTIVE"
+            && second_ok
             && options_from(&lab.client_namespace, &lab.vip, Duration::from_millis(500)).is_ok()
         {
-            println!("  {}:5060 answers SIP OPTIONS from {}", lab.vip, lab.client_namespace);
+            println!(
+                "  {}:5060 answers SIP OPTIONS from {}",
+                lab.vip, lab.client_namespace
+            );
             return Ok(());
         }
-        for (role, _, _, pid) in &lab.nodes {
-            if !is_our_node(*pid, &node_dir(dir, role).join("causeway.toml")) {
+        // By its `Child`, not by /proc: a process in the middle of its exec shows no
+        // command line for a moment.
+        for ((role, ..), child) in lab.nodes.iter().zip(children.iter_mut()) {
+            if let Ok(Some(status)) = child.try_wait() {
                 bail!(
-                    "the {role} exited during start-up; its log says:\n{}",
-                    std::fs::read_to_string(node_dir(dir, role).join("causeway.log")).unwrap_or_default()
+                    "the {role} exited during start-up ({status}); its log says:\n{}",
+                    std::fs::read_to_string(node_dir(dir, role).join("causeway.log"))
+                        .unwrap_or_default()
                 );
             }
         }
         if started.elapsed() > Duration::from_secs(60) {
-            bail!("the pair did not form within 60 s: see the logs in {}", dir.display());
+            bail!(
+                "the pair did not form within 60 s: see the logs in {}",
+                dir.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

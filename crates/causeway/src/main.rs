@@ -312,6 +312,13 @@ enum LabHaCommand {
         prefix: String,
         #[arg(long, default_value = "198.18.0")]
         subnet: String,
+        /// The pair's failover type: automatic or manual.
+        #[arg(long, default_value = "automatic")]
+        failover: String,
+        /// Add a second primary (<subnet>.14, virtual IP <subnet>.20) that the same
+        /// secondary backs up (N:1).
+        #[arg(long)]
+        second_primary: bool,
     },
     /// Stop the nodes by PID and remove the namespaces (from DIR/lab-ha.json).
     Down {
@@ -466,8 +473,23 @@ fn main() -> ExitCode {
             } => lab::up(peers, &dir, !no_database),
             LabCommand::Down { dir } => lab::down(&dir),
             LabCommand::Ha {
-                command: LabHaCommand::Up { dir, prefix, subnet },
-            } => lab_ha::up(&dir, &prefix, &subnet),
+                command:
+                    LabHaCommand::Up {
+                        dir,
+                        prefix,
+                        subnet,
+                        failover,
+                        second_primary,
+                    },
+            } => lab_ha::up(
+                &dir,
+                &lab_ha::Options {
+                    prefix,
+                    subnet,
+                    failover,
+                    second_primary,
+                },
+            ),
             LabCommand::Ha {
                 command: LabHaCommand::Down { dir },
             } => lab_ha::down(&dir),

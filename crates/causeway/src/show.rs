@@ -571,7 +571,10 @@ pub fn ha_info(socket: &Path, data_dir: &Path, which: &str, json: bool) -> anyho
                 files.sort();
                 for f in files {
                     let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                    let Some(pair) = name.strip_prefix("state-").and_then(|n| n.strip_suffix(".json")) else {
+                    let Some(pair) = name
+                        .strip_prefix("state-")
+                        .and_then(|n| n.strip_suffix(".json"))
+                    else {
                         continue;
                     };
                     let v: serde_json::Value = std::fs::read(&f)
@@ -595,7 +598,12 @@ pub fn ha_info(socket: &Path, data_dir: &Path, which: &str, json: bool) -> anyho
 }
 
 /// `ha switchover|failover|failback [--pair N] [--force]`.
-pub fn ha_command(socket: &Path, word: &str, pair: Option<usize>, force: bool) -> anyhow::Result<()> {
+pub fn ha_command(
+    socket: &Path,
+    word: &str,
+    pair: Option<usize>,
+    force: bool,
+) -> anyhow::Result<()> {
     let out = causeway_admin::client::post_json(
         socket,
         "/api/v1/ha/command",

@@ -267,11 +267,13 @@ impl Instance {
             HaState::FailbackActive => "Failback in progress; starting primary instance".into(),
             other => other.seed_name().to_string(),
         };
-        self.event(sh, description, format!("{} → {}", from.seed_name(), to.seed_name()));
-        if matches!(
-            to,
-            HaState::FailoverActive | HaState::FailbackComplete
-        ) || (to == HaState::PrimaryActive && from == HaState::FailoverInvoked)
+        self.event(
+            sh,
+            description,
+            format!("{} → {}", from.seed_name(), to.seed_name()),
+        );
+        if matches!(to, HaState::FailoverActive | HaState::FailbackComplete)
+            || (to == HaState::PrimaryActive && from == HaState::FailoverInvoked)
         {
             sh.last_move = Some(Instant::now());
             sh.moves += 1;
@@ -314,17 +316,18 @@ impl Instance {
 
     fn serve(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
-        self.rpc.serve(&pair::heartbeat(self.pair()), move |_from, beat: Beat| {
-            let answer = me.upgrade().map(|i| {
-                let sh = i.lock();
-                Beat {
-                    seq: beat.seq,
-                    state: i.role.side().map(|_| sh.state),
-                    vip_at: sh.vip_at,
-                }
+        self.rpc
+            .serve(&pair::heartbeat(self.pair()), move |_from, beat: Beat| {
+                let answer = me.upgrade().map(|i| {
+                    let sh = i.lock();
+                    Beat {
+                        seq: beat.seq,
+                        state: i.role.side().map(|_| sh.state),
+                        vip_at: sh.vip_at,
+                    }
+                });
+                async move { answer.ok_or_else(|| "stopping".to_string()) }
             });
-            async move { answer.ok_or_else(|| "stopping".to_string()) }
-        });
         let me = Arc::downgrade(self);
         self.rpc
             .serve(&pair::prevote(self.pair()), move |from, p: Prevote| {
@@ -360,10 +363,7 @@ impl Instance {
         let wait = Duration::from_millis(p.failover_wait_ms.saturating_sub(20));
         let silent = self.silent_for();
         if silent < wait {
-            return Err(format!(
-                "heard the holder {} ms ago",
-                silent.as_millis()
-            ));
+            return Err(format!("heard the holder {} ms ago", silent.as_millis()));
         }
         info!(target: LOG, event = "HA pre-vote granted", pair = self.pair(), candidate = from,
             silent_ms = silent.as_millis() as u64, "");
@@ -372,7 +372,10 @@ impl Instance {
 
     async fn answer_handover(&self, from: usize, h: Handover) -> Result<String, String> {
         if Some(from) != self.pair_peer() {
-            return Err(format!("Peer {from} is not the other member of pair {}", self.pair()));
+            return Err(format!(
+                "Peer {from} is not the other member of pair {}",
+                self.pair()
+            ));
         }
         match h {
             Handover::Take => {
@@ -439,7 +442,11 @@ impl Instance {
                 tokio::spawn(async move {
                     let beat = {
                         let sh = me.lock();
-                        Beat { seq, state: me.role.side().map(|_| sh.state), vip_at: sh.vip_at }
+                        Beat {
+                            seq,
+                            state: me.role.side().map(|_| sh.state),
+                            vip_at: sh.vip_at,
+                        }
                     };
                     let sent = Instant::now();
                     let answer = me
@@ -475,7 +482,11 @@ impl Instance {
             let fresh = b
                 .last_answer
                 .is_some_and(|t| now.saturating_duration_since(t) < DOWN_AFTER);
-            let up = if b.up { fresh } else { fresh && b.ok_in_row >= 3 };
+            let up = if b.up {
+                fresh
+            } else {
+                fresh && b.ok_in_row >= 3
+            };
             if up != b.up {
                 b.up = up;
                 b.down_since = (!up).then_some(now);
@@ -486,7 +497,11 @@ impl Instance {
             }
         }
         for (peer, up) in changes {
-            let who = if Some(peer) == self.pair_peer() { "pair peer" } else { "witness" };
+            let who = if Some(peer) == self.pair_peer() {
+                "pair peer"
+            } else {
+                "witness"
+            };
             let text = if up { "Heartbeat up" } else { "Heartbeat down" };
             self.event(&mut sh, format!("{text}: Peer {peer}"), who.to_string());
         }
@@ -509,7 +524,8 @@ impl Instance {
                 }
                 _ => {}
             }
-            let both = sh.vip_at.is_some() && sh.beats.get(&p).is_some_and(|b| b.up && b.vip_at.is_some());
+            let both =
+                sh.vip_at.is_some() && sh.beats.get(&p).is_some_and(|b| b.up && b.vip_at.is_some());
             if both {
                 self.alarms.raise(
                     TWO_HOLDERS,
@@ -589,13 +605,26 @@ impl Instance {
             }
             self.step(&mut keeper).await;
         }
-        // Stopping: the address goes first, then the lease.
+        // Stopping (row 18): the address goes first, then the lease; a holder then hands
+        // over, so the peer stands at once instead of after the failover wait.
         let g = self.lock().generation.unwrap_or(0);
+        let held = self.group.state().is_mine();
         if let Some(mut k) = keeper {
             let _ = k.send(Order::Release { generation: g }).await;
             k.stop().await;
         }
         self.group.resign();
+        if let (true, Some(peer)) = (held, self.pair_peer()) {
+            let _ = self
+                .rpc
+                .call(
+                    &pair::handover(self.pair()),
+                    peer,
+                    &Handover::Take,
+                    Duration::from_millis(200),
+                )
+                .await;
+        }
         let mut sh = self.lock();
         sh.vip_at = None;
         self.go(&mut sh, Trigger::Shutdown);
@@ -615,11 +644,18 @@ impl Instance {
                     String::new(),
                 );
             }
-            Report::Removed { generation, expired } => {
+            Report::Removed {
+                generation,
+                expired,
+            } => {
                 sh.vip_at = None;
                 sh.hold_sent = None;
                 let vip = self.vip().map(|v| v.to_string()).unwrap_or_default();
-                let why = if expired { "the hold ran out" } else { "released" };
+                let why = if expired {
+                    "the hold ran out"
+                } else {
+                    "released"
+                };
                 self.event(
                     &mut sh,
                     format!("Virtual IP {vip} removed (generation {generation})"),
@@ -659,10 +695,15 @@ impl Instance {
             let mut sh = self.lock();
             let sh = &mut *sh;
             let holding = match (lease, hold) {
-                (Holder::Me { generation }, Some((g, until))) if g == generation && sh.releasing.is_none() => {
+                (Holder::Me { generation }, Some((g, until)))
+                    if g == generation && sh.releasing.is_none() =>
+                {
                     sh.generation = Some(g);
                     if sh.hold_sent.is_none_or(|(hg, hu)| hg != g || hu != until) {
-                        orders.push(Order::Hold { generation: g, until_ns: to_monotonic(until) });
+                        orders.push(Order::Hold {
+                            generation: g,
+                            until_ns: to_monotonic(until),
+                        });
                         sh.hold_sent = Some((g, until));
                     }
                     true
@@ -707,7 +748,12 @@ impl Instance {
             if let Some(peer) = self.pair_peer() {
                 let r = self
                     .rpc
-                    .call(&pair::handover(self.pair()), peer, &h, Duration::from_millis(200))
+                    .call(
+                        &pair::handover(self.pair()),
+                        peer,
+                        &h,
+                        Duration::from_millis(200),
+                    )
                     .await;
                 if let Err(e) = r {
                     info!(target: LOG, event = "HA handover not taken", pair = self.pair(), reason = %e, "");
@@ -743,11 +789,12 @@ impl Instance {
         }
         if self.role == Role::Primary && sh.state == HaState::FailbackComplete {
             // No instance streams to realign yet: complete once the secondary is back.
-            if sh
-                .beats
-                .get(&self.members.secondary)
-                .is_some_and(|b| matches!(b.state, Some(HaState::SecondaryActive | HaState::SecondaryAlone)))
-            {
+            if sh.beats.get(&self.members.secondary).is_some_and(|b| {
+                matches!(
+                    b.state,
+                    Some(HaState::SecondaryActive | HaState::SecondaryAlone)
+                )
+            }) {
                 self.go(sh, Trigger::InSync);
             }
         }
@@ -755,7 +802,10 @@ impl Instance {
             self.alarms.raise(
                 FAILED_OVER,
                 &subject,
-                &format!("this secondary serves the virtual IP of Peer {}", self.members.primary),
+                &format!(
+                    "this secondary serves the virtual IP of Peer {}",
+                    self.members.primary
+                ),
             );
         } else {
             self.alarms.lower(FAILED_OVER, &subject);
@@ -797,7 +847,9 @@ impl Instance {
                         self.go(sh, Trigger::OtherHolds);
                     }
                     HaState::FailbackActive
-                        if sh.failback_started.is_some_and(|t| now - t > FAILBACK_LIMIT) =>
+                        if sh
+                            .failback_started
+                            .is_some_and(|t| now - t > FAILBACK_LIMIT) =>
                     {
                         sh.failback_started = None;
                         sh.take_over = false;
@@ -805,7 +857,8 @@ impl Instance {
                     }
                     HaState::Terminated => {
                         // The secondary that holds was lost: serve again if failover is automatic.
-                        let peer_lost = !peer_holds && silent >= Duration::from_millis(s.failover_wait_ms);
+                        let peer_lost =
+                            !peer_holds && silent >= Duration::from_millis(s.failover_wait_ms);
                         let auto_back = s.failback == HaMode::Automatic
                             && peer_holds
                             && self.check_guard(false).is_ok();
@@ -824,13 +877,16 @@ impl Instance {
                     self.alarms.raise(
                         FAILED_OVER,
                         &format!("pair {}", self.pair()),
-                        &format!("the secondary, Peer {}, serves the virtual IP", self.members.secondary),
+                        &format!(
+                            "the secondary, Peer {}, serves the virtual IP",
+                            self.members.secondary
+                        ),
                     );
                 }
                 let may = match sh.state {
-                    HaState::GracefulShutdown | HaState::PrimaryActive | HaState::FailoverInvoked => {
-                        sh.releasing.is_none()
-                    }
+                    HaState::GracefulShutdown
+                    | HaState::PrimaryActive
+                    | HaState::FailoverInvoked => sh.releasing.is_none(),
                     HaState::FailbackActive => sh.take_over,
                     _ => false,
                 };
@@ -840,7 +896,8 @@ impl Instance {
             }
             Role::Secondary => {
                 if !sh.state.holds_address(Side::Secondary) {
-                    self.alarms.lower(FAILED_OVER, &format!("pair {}", self.pair()));
+                    self.alarms
+                        .lower(FAILED_OVER, &format!("pair {}", self.pair()));
                 }
                 match sh.state {
                     HaState::GracefulShutdown => {
@@ -862,8 +919,14 @@ impl Instance {
                 let grace_over = heard_since_start || self.started.elapsed() >= START_GRACE;
                 if sh.take_over && !peer_holds {
                     *stand = true;
-                } else if waited && !peer_holds && grace_over && sh.releasing.is_none()
-                    && matches!(sh.state, HaState::SecondaryActive | HaState::FailoverInvoked)
+                } else if waited
+                    && !peer_holds
+                    && grace_over
+                    && sh.releasing.is_none()
+                    && matches!(
+                        sh.state,
+                        HaState::SecondaryActive | HaState::FailoverInvoked
+                    )
                 {
                     if s.failover == HaMode::Automatic {
                         *stand = true;
@@ -901,7 +964,9 @@ impl Instance {
                 .call_quorum(
                     &pair::prevote(self.pair()),
                     &self.others(),
-                    &Prevote { failover_wait_ms: s.failover_wait_ms },
+                    &Prevote {
+                        failover_wait_ms: s.failover_wait_ms,
+                    },
                     1,
                     Duration::from_millis(20),
                 )
@@ -916,7 +981,10 @@ impl Instance {
                     })
                     .collect();
                 let mut sh = self.lock();
-                self.idle(&mut sh, &format!("pre-vote refused: {}", refused.join(", ")));
+                self.idle(
+                    &mut sh,
+                    &format!("pre-vote refused: {}", refused.join(", ")),
+                );
                 return;
             }
         }
@@ -963,14 +1031,23 @@ impl Instance {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             self.rpc
-                .call(&pair::handover(self.pair()), peer, &Handover::Take, Duration::from_millis(500))
+                .call(
+                    &pair::handover(self.pair()),
+                    peer,
+                    &Handover::Take,
+                    Duration::from_millis(500),
+                )
                 .await
                 .map_err(|e| Refusal::unavailable(e.to_string()))?;
-            Ok(format!("Switchover started: Peer {peer} takes the virtual IP"))
+            Ok(format!(
+                "Switchover started: Peer {peer} takes the virtual IP"
+            ))
         } else {
             // Not the holder: ask the holder to give it back, and stand.
             self.ask_give_back(peer, force).await?;
-            Ok(format!("Switchover started: taking the virtual IP from Peer {peer}"))
+            Ok(format!(
+                "Switchover started: taking the virtual IP from Peer {peer}"
+            ))
         }
     }
 
@@ -984,9 +1061,7 @@ impl Instance {
             )
             .await
             .map_err(|e| match e {
-                causeway_mesh::rpc::CallError::Remote { reason, .. } => {
-                    Refusal::conflict(reason)
-                }
+                causeway_mesh::rpc::CallError::Remote { reason, .. } => Refusal::conflict(reason),
                 other => Refusal::unavailable(other.to_string()),
             })?;
         let mut sh = self.lock();
@@ -1000,15 +1075,15 @@ impl Instance {
     /// `ha failover [--force]` on the secondary: stand now (manual failover).
     pub fn failover(&self, force: bool) -> Result<String, Refusal> {
         if self.role != Role::Secondary {
-            return Err(Refusal::invalid("'ha failover' is run on the secondary",
-            ));
+            return Err(Refusal::invalid("'ha failover' is run on the secondary"));
         }
         let primary = self.members.primary;
         let holder_alive = matches!(self.group.state().holder, Holder::Peer { peer, .. } if peer == primary)
             && self.silent_for() < DOWN_AFTER;
         if holder_alive && !force {
-            return Err(Refusal::conflict(format!("the primary, Peer {primary}, holds the virtual IP: use 'ha switchover'"),
-            ));
+            return Err(Refusal::conflict(format!(
+                "the primary, Peer {primary}, holds the virtual IP: use 'ha switchover'"
+            )));
         }
         if self.group.state().is_mine() {
             return Ok("This secondary already holds the virtual IP".into());
@@ -1027,8 +1102,10 @@ impl Instance {
         }
         let state = self.state();
         if state != HaState::Terminated {
-            return Err(Refusal::conflict(format!("the primary is {}: a failback starts from TERMINATED", state.seed_name()),
-            ));
+            return Err(Refusal::conflict(format!(
+                "the primary is {}: a failback starts from TERMINATED",
+                state.seed_name()
+            )));
         }
         self.check_guard(force)?;
         self.ask_give_back(self.members.secondary, force).await?;
@@ -1042,7 +1119,12 @@ impl Instance {
 
     pub fn status_json(&self, peer_addresses: &[String]) -> serde_json::Value {
         let sh = self.lock();
-        let addr = |p: usize| peer_addresses.get(p.wrapping_sub(1)).cloned().unwrap_or_default();
+        let addr = |p: usize| {
+            peer_addresses
+                .get(p.wrapping_sub(1))
+                .cloned()
+                .unwrap_or_default()
+        };
         let beats: serde_json::Map<String, serde_json::Value> = sh
             .beats
             .iter()
@@ -1050,7 +1132,10 @@ impl Instance {
                 let mean = if b.rtts.is_empty() {
                     None
                 } else {
-                    Some(b.rtts.iter().sum::<Duration>().as_secs_f64() * 1000.0 / b.rtts.len() as f64)
+                    Some(
+                        b.rtts.iter().sum::<Duration>().as_secs_f64() * 1000.0
+                            / b.rtts.len() as f64,
+                    )
                 };
                 (
                     p.to_string(),

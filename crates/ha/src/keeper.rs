@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
-use crate::vip::{NetlinkVip, VirtualIp, Vip};
+use crate::vip::{NetlinkVip, Vip, VirtualIp};
 
 /// Agent → keeper.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,7 +126,13 @@ async fn keep(vip: Vip) -> i32 {
     let net = match NetlinkVip::connect() {
         Ok(n) => n,
         Err(e) => {
-            say(&mut out, &Report::Failed { reason: format!("opening netlink: {e}") }).await;
+            say(
+                &mut out,
+                &Report::Failed {
+                    reason: format!("opening netlink: {e}"),
+                },
+            )
+            .await;
             return 1;
         }
     };
@@ -137,7 +143,13 @@ async fn keep(vip: Vip) -> i32 {
             say(&mut out, &Report::Failed { reason }).await;
         }
     }
-    say(&mut out, &Report::Ready { removed_leftover: leftover }).await;
+    say(
+        &mut out,
+        &Report::Ready {
+            removed_leftover: leftover,
+        },
+    )
+    .await;
 
     let (order_tx, mut orders) = mpsc::channel::<Option<Order>>(64);
     tokio::spawn(async move {
@@ -369,7 +381,9 @@ mod tests {
     fn the_vip_argument_is_address_and_prefix() {
         let v = parse_vip("eth0", "198.18.0.10/24").unwrap();
         assert_eq!(v.prefix, 24);
-        assert!(parse_vip("eth0", "198.18.0.10").unwrap_err().contains("ADDRESS/PREFIX"));
+        assert!(parse_vip("eth0", "198.18.0.10")
+            .unwrap_err()
+            .contains("ADDRESS/PREFIX"));
         assert!(parse_vip("eth0", "x/24").unwrap_err().contains("not an IP"));
     }
 

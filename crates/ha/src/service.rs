@@ -81,14 +81,22 @@ impl HaService {
             match s.role {
                 HaRole::Primary => {
                     let secondary = s.secondary.context("ha.secondary is missing")?;
-                    let members = Members { primary: me, secondary, witness: witness_of(me, secondary)? };
-                    let settings = PairSettings::of_primary(s)
-                        .context("ha.virtual_ip and ha.netmask")?;
+                    let members = Members {
+                        primary: me,
+                        secondary,
+                        witness: witness_of(me, secondary)?,
+                    };
+                    let settings =
+                        PairSettings::of_primary(s).context("ha.virtual_ip and ha.netmask")?;
                     svc.add(Role::Primary, members, Some(settings))?;
                 }
                 HaRole::Secondary => {
                     for &p in &s.primaries {
-                        let members = Members { primary: p, secondary: me, witness: witness_of(p, me)? };
+                        let members = Members {
+                            primary: p,
+                            secondary: me,
+                            witness: witness_of(p, me)?,
+                        };
                         let settings = std::fs::read(svc.settings_file(p))
                             .ok()
                             .and_then(|b| serde_json::from_slice::<PairSettings>(&b).ok());
@@ -131,7 +139,12 @@ impl HaService {
         self.instances.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn add(&self, role: Role, members: Members, settings: Option<PairSettings>) -> anyhow::Result<()> {
+    fn add(
+        &self,
+        role: Role,
+        members: Members,
+        settings: Option<PairSettings>,
+    ) -> anyhow::Result<()> {
         if self.lock().contains_key(&members.primary) {
             return Ok(());
         }
@@ -145,7 +158,8 @@ impl HaService {
             .as_ref()
             .map(|s| s.health_monitor_interface.clone())
             .unwrap_or_default();
-        let program = std::env::current_exe().context("finding this program for the address keeper")?;
+        let program =
+            std::env::current_exe().context("finding this program for the address keeper")?;
         let instance = Instance::new(
             role,
             members,
@@ -203,7 +217,10 @@ impl HaService {
                 self.add(Role::Witness, h.members, None)
                     .map_err(|e| format!("{e:#}"))?;
             }
-            return Ok(HelloAnswer { settings: None, capacity: self.capacity() });
+            return Ok(HelloAnswer {
+                settings: None,
+                capacity: self.capacity(),
+            });
         }
         let mine = self.lock().get(&pair).cloned();
         let Some(instance) = mine else {
@@ -236,9 +253,13 @@ impl HaService {
                 .to_lowercase(),
             ));
         }
-        self.node.alarms().lower(PAIRING_REFUSED, &format!("pair {pair}"));
+        self.node
+            .alarms()
+            .lower(PAIRING_REFUSED, &format!("pair {pair}"));
         Ok(HelloAnswer {
-            settings: (instance.role == Role::Primary).then(|| instance.settings()).flatten(),
+            settings: (instance.role == Role::Primary)
+                .then(|| instance.settings())
+                .flatten(),
             capacity: self.capacity(),
         })
     }
@@ -257,7 +278,10 @@ impl HaService {
                     capacity: self.capacity(),
                 };
                 for peer in i.members.voters().into_iter().filter(|&p| p != self.me) {
-                    match rpc.call(&pair::hello(), peer, &hello, Duration::from_secs(1)).await {
+                    match rpc
+                        .call(&pair::hello(), peer, &hello, Duration::from_secs(1))
+                        .await
+                    {
                         Ok(answer) => {
                             if let Some(s) = answer.settings {
                                 if i.settings().as_ref() != Some(&s) {
@@ -282,7 +306,11 @@ impl HaService {
                     }
                 }
             }
-            let pause = if all_done { Duration::from_secs(10) } else { Duration::from_secs(1) };
+            let pause = if all_done {
+                Duration::from_secs(10)
+            } else {
+                Duration::from_secs(1)
+            };
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
@@ -293,10 +321,9 @@ impl HaService {
     fn instance(&self, pair: Option<usize>) -> Result<Arc<Instance>, Refusal> {
         let map = self.lock();
         match pair {
-            Some(p) => map
-                .get(&p)
-                .cloned()
-                .ok_or_else(|| Refusal::invalid(format!("this node is in no pair with primary Peer {p}"))),
+            Some(p) => map.get(&p).cloned().ok_or_else(|| {
+                Refusal::invalid(format!("this node is in no pair with primary Peer {p}"))
+            }),
             None => {
                 let mut ours = map.values().filter(|i| i.role != Role::Witness);
                 match (ours.next(), ours.next()) {
@@ -311,7 +338,12 @@ impl HaService {
     }
 
     /// `ha switchover|failover|failback [--pair N] [--force]`.
-    pub async fn command(&self, words: &[String], pair: Option<usize>, force: bool) -> Result<String, Refusal> {
+    pub async fn command(
+        &self,
+        words: &[String],
+        pair: Option<usize>,
+        force: bool,
+    ) -> Result<String, Refusal> {
         let instance = self.instance(pair)?;
         match words.first().map(String::as_str) {
             Some("switchover") => instance.switchover(force).await,

@@ -3,8 +3,7 @@
 
 use serde_json::Value;
 
-const RULE: &str =
-    "----------------------------------------------------------------------------";
+const RULE: &str = "----------------------------------------------------------------------------";
 
 fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("")
@@ -47,8 +46,14 @@ pub fn gethainfo(status: &Value) -> String {
     line(RULE.into());
     line("Base high availability configuration for this server".into());
     line(RULE.into());
-    line(format!("Server role: {}", if role.is_empty() { "Witness" } else { role }));
-    line(format!("Health Monitor IP Address: {}", s(status, "health_monitor_address")));
+    line(format!(
+        "Server role: {}",
+        if role.is_empty() { "Witness" } else { role }
+    ));
+    line(format!(
+        "Health Monitor IP Address: {}",
+        s(status, "health_monitor_address")
+    ));
     let own_vip = pairs
         .iter()
         .find(|p| s(p, "role") == "Primary")
@@ -70,7 +75,10 @@ pub fn gethainfo(status: &Value) -> String {
         let (peer, peer_address) = if peer_is_primary {
             (p["primary"].as_u64().unwrap_or(0), s(p, "primary_address"))
         } else {
-            (p["secondary"].as_u64().unwrap_or(0), s(p, "secondary_address"))
+            (
+                p["secondary"].as_u64().unwrap_or(0),
+                s(p, "secondary_address"),
+            )
         };
         let beat = p["heartbeats"].get(peer.to_string());
         let witness = p["witness"].as_u64().unwrap_or(0);
@@ -100,10 +108,15 @@ pub fn gethainfo(status: &Value) -> String {
             s(p, "witness_address"),
             witness_beat.map_or("Down", |b| s(b, "status"))
         ));
-        line(format!("Split brain protection: {} *", s(p, "split_brain_protection")));
+        line(format!(
+            "Split brain protection: {} *",
+            s(p, "split_brain_protection")
+        ));
         line(format!(
             "Lease generation: {} *",
-            p["generation"].as_u64().map_or("-".into(), |g| g.to_string())
+            p["generation"]
+                .as_u64()
+                .map_or("-".into(), |g| g.to_string())
         ));
         line("Direct connect used: No".into());
         line(format!(
@@ -125,7 +138,9 @@ pub fn gethainfo(status: &Value) -> String {
             line(format!(
                 "Heartbeat status of Peer {n}: {} ({}) *",
                 b.map_or("Down", |b| s(b, "status")),
-                b.and_then(|b| b.get("state")).and_then(Value::as_str).unwrap_or("unknown")
+                b.and_then(|b| b.get("state"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown")
             ));
         }
     }
@@ -252,7 +267,8 @@ Current state: PRIMARY_ACTIVE
         st["pairs"][0]["vip_held"] = json!(false);
         let text = gethainfo(&st);
         assert!(text.contains("Virtual IP Address: Not Applicable for a secondary\n"));
-        assert!(text.contains("Health Monitor IP Address 198.18.0.11\nVirtual IP Address: 198.18.0.10\n"));
+        assert!(text
+            .contains("Health Monitor IP Address 198.18.0.11\nVirtual IP Address: 198.18.0.10\n"));
         let info = getserverinfo(&st);
         assert!(info.contains("High Availability Role: 2"));
         assert!(info.contains("DORMANT mode"));

@@ -1,0 +1,715 @@
+//! HA pairs with real processes in real network namespaces (docs/ha.md, section 13): each
+//! test builds its own lab with `causeway lab ha up` (its own namespace names and its own
+//! /24 of 198.18.0.0/15), probes the virtual IP from the client namespace every millisecond
+//! (SIP OPTIONS over UDP), watches the address in each node's namespace with `ip monitor`,
+//! and removes everything it made (`lab ha down`) when it ends, pass or fail.
+//!
+//! Needs root, `ip` (iproute2) and `iptables` (partitions), as `.ci/run` provides.
+
+use std::io::BufRead as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_causeway");
+
+struct Lab {
+    dir: tempfile::TempDir,
+    prefix: String,
+    subnet: String,
+}
+
+/// Node roles, their namespace suffix and host number.
+const P: (&str, &str, u8) = ("primary", "p", 11);
+const S: (&str, &str, u8) = ("secondary", "s", 12);
+const W: (&str, &str, u8) = ("witness", "w", 13);
+const P2: (&str, &str, u8) = ("primary2", "p2", 14);
+
+type Node = (&'static str, &'static str, u8);
+
+impl Lab {
+    fn up(tag: char, net: u8, extra: &[&str]) -> Lab {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the HA tests make network namespaces: run them as root (CI does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab {
+            prefix: format!("h{}{tag}", std::process::id() % 10_000),
+            subnet: format!("198.18.{net}"),
+            dir,
+        };
+        let out = Command::new(BIN)
+            .args(["lab", "ha", "up", "--dir"])
+            .arg(lab.dir.path())
+            .args(["--prefix", &lab.prefix, "--subnet", &lab.subnet])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab ha up failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    fn ns(&self, n: Node) -> String {
+        format!("{}-{}", self.prefix, n.1)
+    }
+
+    fn ip(&self, n: Node) -> String {
+        format!("{}.{}", self.subnet, n.2)
+    }
+
+    fn vip(&self) -> String {
+        format!("{}.10", self.subnet)
+    }
+
+    fn node_dir(&self, n: Node) -> PathBuf {
+        self.dir.path().join(n.0)
+    }
+
+    fn cli(&self, n: Node, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--node")
+            .arg(self.node_dir(n))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// The node's `ha status` for its `index`th pair.
+    fn status(&self, n: Node, index: usize) -> Value {
+        let out = self.cli(n, &["ha", "status"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["pairs"][index].clone()
+    }
+
+    fn state(&self, n: Node) -> String {
+        self.status(n, 0)["state"]
+            .as_str()
+            .unwrap_or("down")
+            .to_string()
+    }
+
+    fn wait_state(&self, n: Node, want: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.state(n);
+            if now == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} is {now}, not {want}, after {within:?}",
+                n.0
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self, n: Node) -> i32 {
+        std::fs::read_to_string(self.node_dir(n).join("causeway.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn signal(&self, n: Node, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid(n)), sig).unwrap();
+    }
+
+    /// Waits for the node's process to be gone (its PID no longer runs its config).
+    fn wait_gone(&self, n: Node) {
+        let pid = self.pid(n);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+            && Instant::now() < deadline
+        {
+            // Reap it if it was our child (restarted by this test).
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the node again in its namespace, as an operator would.
+    fn restart(&self, n: Node) -> Child {
+        let dir = self.node_dir(n);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("causeway.log"))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(n), BIN, "run", "--config"])
+            .arg(dir.join("causeway.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        std::fs::write(dir.join("causeway.pid"), format!("{}\n", child.id())).unwrap();
+        child
+    }
+
+    fn has_vip(&self, n: Node, vip: &str) -> bool {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns(n), "-o", "addr", "show", "dev", "eth0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&format!(" {vip}/"))
+    }
+
+    /// Drops everything between `a` and `b` (both directions), in `a`'s namespace.
+    fn cut(&self, a: Node, b: Node) {
+        for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &self.ns(a), "iptables", "-A", chain, dir])
+                .arg(self.ip(b))
+                .args(["-j", "DROP"])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "iptables in {}", self.ns(a));
+        }
+    }
+
+    fn heal(&self, nodes: &[Node]) {
+        for &n in nodes {
+            let _ = Command::new("ip")
+                .args(["netns", "exec", &self.ns(n), "iptables", "-F"])
+                .status();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .args(["lab", "ha", "down", "--dir"])
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+// ---------------------------------------------------------------- the client's probe
+
+/// SIP OPTIONS to `vip:5060` every millisecond from the client namespace for `duration`;
+/// for each probe, when it was sent and whether its 200 came within 100 ms.
+struct Probe(std::thread::JoinHandle<Vec<(Instant, bool)>>);
+
+impl Probe {
+    fn start(lab: &Lab, vip: &str, duration: Duration) -> Probe {
+        let ns = std::fs::File::open(format!("/run/netns/{}-c", lab.prefix)).unwrap();
+        let vip = vip.to_string();
+        let handle = std::thread::spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.set_nonblocking(true).unwrap();
+            let local = sock.local_addr().unwrap();
+            let start = Instant::now();
+            let mut sent: Vec<Instant> = vec![];
+            let mut answered: Vec<Option<Instant>> = vec![];
+            let mut buf = [0u8; 2048];
+            while start.elapsed() < duration {
+                let i = sent.len();
+                let msg = format!(
+                    "OPTIONS sip:{vip} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-t{i}\r\n\
+                     Max-Forwards: 70\r\nFrom: <sip:t@{vip}>;tag=t\r\nTo: <sip:{vip}>\r\n\
+                     Call-ID: t-{i}@probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+                );
+                sent.push(Instant::now());
+                answered.push(None);
+                let _ = sock.send_to(msg.as_bytes(), (vip.as_str(), 5060));
+                let due = start + Duration::from_millis(i as u64 + 1);
+                while Instant::now() < due {
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, _)) => {
+                            let text = String::from_utf8_lossy(&buf[..n]);
+                            if let Some(id) = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("Call-ID: t-"))
+                                .and_then(|l| l.split('@').next())
+                                .and_then(|n| n.parse::<usize>().ok())
+                            {
+                                if let Some(slot) = answered.get_mut(id) {
+                                    slot.get_or_insert(Instant::now());
+                                }
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_micros(100)),
+                    }
+                }
+            }
+            sent.into_iter()
+                .zip(answered)
+                .map(|(s, a)| (s, a.is_some_and(|a| a - s <= Duration::from_millis(100))))
+                .collect()
+        });
+        Probe(handle)
+    }
+
+    /// The longest run of unanswered probes sent after `t0`, from the first lost probe's
+    /// send time to the next answered probe's (the keepalived anchor's definition).
+    fn outage_after(self, t0: Instant) -> (Duration, bool) {
+        let probes = self.0.join().unwrap();
+        let mut runs = vec![];
+        let mut lost_since: Option<Instant> = None;
+        for (at, ok) in probes.iter().filter(|(at, _)| *at >= t0) {
+            match (ok, lost_since) {
+                (false, None) => lost_since = Some(*at),
+                (true, Some(since)) => {
+                    runs.push((since - t0, *at - since));
+                    lost_since = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(since) = lost_since {
+            println!(
+                "unanswered from {:?} after the fault to the probe's end ({} probes after the fault)",
+                since - t0,
+                probes.iter().filter(|(at, _)| *at >= t0).count()
+            );
+        }
+        if runs.len() > 1 {
+            println!("outages (start after the fault, length): {runs:?}");
+        }
+        let worst = runs.iter().map(|r| r.1).max().unwrap_or_default();
+        (worst, lost_since.is_none())
+    }
+}
+
+// ---------------------------------------------------------------- address monitors
+
+/// `ip -ts monitor address` in each node's namespace: every add and delete of the virtual
+/// IP, stamped with the host's wall clock (one clock for every namespace).
+struct Monitors {
+    children: Vec<Child>,
+    events: Arc<Mutex<Vec<(f64, String, bool)>>>,
+    initial: Vec<(String, bool)>,
+}
+
+fn wall_seconds(stamp: &str) -> Option<f64> {
+    // 2026-11-30T14:49:04.274064
+    let (date, time) = stamp.split_once('T')?;
+    let day: f64 = date.rsplit('-').next()?.parse().ok()?;
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(day * 86_400.0 + h * 3600.0 + m * 60.0 + s)
+}
+
+impl Monitors {
+    fn start(lab: &Lab, nodes: &[Node], vip: &str) -> Monitors {
+        let events = Arc::new(Mutex::new(vec![]));
+        let mut children = vec![];
+        for &n in nodes {
+            let mut child = Command::new("ip")
+                .args(["-ts", "-n", &lab.ns(n), "monitor", "address"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let out = child.stdout.take().unwrap();
+            let (events, who, needle) = (events.clone(), n.0.to_string(), format!(" {vip}/"));
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    if !line.contains(&needle) {
+                        continue;
+                    }
+                    let Some(stamp) = line.strip_prefix('[').and_then(|l| l.split(']').next())
+                    else {
+                        continue;
+                    };
+                    if let Some(t) = wall_seconds(stamp) {
+                        let added = !line.contains("Deleted");
+                        events.lock().unwrap().push((t, who.clone(), added));
+                    }
+                }
+            });
+            children.push(child);
+        }
+        // Give the monitors a moment to subscribe before the state they start from is read.
+        std::thread::sleep(Duration::from_millis(100));
+        let initial = nodes
+            .iter()
+            .map(|&n| (n.0.to_string(), lab.has_vip(n, vip)))
+            .collect();
+        Monitors {
+            children,
+            events,
+            initial,
+        }
+    }
+
+    /// Every (time, node, added) in order, and the most holders seen at any instant.
+    fn stop(mut self) -> (Vec<(f64, String, bool)>, usize) {
+        std::thread::sleep(Duration::from_millis(100));
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let mut events = self.events.lock().unwrap().clone();
+        events.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut holding: std::collections::BTreeMap<String, bool> =
+            self.initial.iter().cloned().collect();
+        let mut most = holding.values().filter(|h| **h).count();
+        for (_, who, added) in &events {
+            holding.insert(who.clone(), *added);
+            most = most.max(holding.values().filter(|h| **h).count());
+        }
+        (events, most)
+    }
+}
+
+fn only_holder(lab: &Lab, holder: Node, others: &[Node]) {
+    let vip = lab.vip();
+    assert!(lab.has_vip(holder, &vip), "{} should hold {vip}", holder.0);
+    for &o in others {
+        assert!(!lab.has_vip(o, &vip), "{} holds {vip} too", o.0);
+    }
+}
+
+// ---------------------------------------------------------------- the tests
+
+#[test]
+fn kill_9_of_the_primary_fails_over_once_and_the_primary_comes_back_terminated_until_failback() {
+    let lab = Lab::up('a', 50, &[]);
+    only_holder(&lab, P, &[S, W]);
+    let monitors = Monitors::start(&lab, &[P, S], &lab.vip());
+    let probe = Probe::start(&lab, &lab.vip(), Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    lab.signal(P, nix::sys::signal::Signal::SIGKILL);
+    let (outage, recovered) = probe.outage_after(t0);
+    println!("kill -9 of the primary: client outage {outage:?}");
+    assert!(recovered, "the virtual IP did not answer again within 2 s");
+    assert!(
+        outage > Duration::ZERO,
+        "the probe saw no outage: it is not probing the primary"
+    );
+    lab.wait_gone(P);
+    only_holder(&lab, S, &[P]);
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(2));
+    let (events, most) = monitors.stop();
+    assert_eq!(most, 1, "two holders at once: {events:?}");
+
+    // The primary comes back TERMINATED: it does not take the address back by itself.
+    let mut child = lab.restart(P);
+    lab.wait_state(P, "TERMINATED", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    only_holder(&lab, S, &[P]);
+    let info = String::from_utf8_lossy(&lab.cli(P, &["gethainfo"]).stdout).to_string();
+    assert!(info.contains("Current state: TERMINATED"), "{info}");
+    assert!(info.contains("Heartbeat status: Up"), "{info}");
+
+    // Failback within the guard window needs --force.
+    let refused = lab.cli(P, &["ha", "failback"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("guard window"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let ok = lab.cli(P, &["ha", "failback", "--force"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
+    lab.wait_state(S, "SECONDARY_ACTIVE", Duration::from_secs(3));
+    only_holder(&lab, P, &[S]);
+    // The seed's transitions, in the events log of each side.
+    let events: Vec<String> = lab.status(P, 0)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["remarks"].as_str().unwrap_or("").to_string())
+        .collect();
+    for step in [
+        "GRACEFUL_SHUTDOWN → TERMINATED",
+        "TERMINATED → FAILBACK_ACTIVE",
+        "FAILBACK_ACTIVE → FAILBACK_COMPLETE",
+        "FAILBACK_COMPLETE → PRIMARY_ACTIVE",
+    ] {
+        assert!(
+            events.iter().any(|e| e == step),
+            "no '{step}' in {events:?}"
+        );
+    }
+    lab.signal(P, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+}
+
+#[test]
+fn the_primarys_link_down_fails_over_and_the_primary_drops_the_address() {
+    let lab = Lab::up('b', 51, &[]);
+    let monitors = Monitors::start(&lab, &[P, S], &lab.vip());
+    let probe = Probe::start(&lab, &lab.vip(), Duration::from_millis(2000));
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let down = Command::new("ip")
+        .args(["-n", &lab.ns(P), "link", "set", "eth0", "down"])
+        .status()
+        .unwrap();
+    assert!(down.success());
+    let (outage, recovered) = probe.outage_after(t0);
+    println!("primary's link down: client outage {outage:?}");
+    assert!(recovered);
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(2));
+    // The primary cannot reach anyone: its keeper removed the address at the hold's end.
+    only_holder(&lab, S, &[P]);
+    let (events, most) = monitors.stop();
+    assert_eq!(most, 1, "two holders at once: {events:?}");
+    let up = Command::new("ip")
+        .args(["-n", &lab.ns(P), "link", "set", "eth0", "up"])
+        .status()
+        .unwrap();
+    assert!(up.success());
+    lab.wait_state(P, "TERMINATED", Duration::from_secs(10));
+    only_holder(&lab, S, &[P]);
+}
+
+#[test]
+fn switchover_moves_the_address_and_moving_back_within_the_guard_window_needs_force() {
+    let lab = Lab::up('c', 52, &[]);
+    let probe = Probe::start(&lab, &lab.vip(), Duration::from_millis(3000));
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let out = lab.cli(P, &["ha", "switchover"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (outage, recovered) = probe.outage_after(t0);
+    println!("switchover: client outage {outage:?}");
+    assert!(recovered);
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(2));
+    lab.wait_state(P, "TERMINATED", Duration::from_secs(2));
+    only_holder(&lab, S, &[P]);
+    // Back again, from either side, is refused within the guard window …
+    for n in [P, S] {
+        let again = lab.cli(n, &["ha", "switchover"]);
+        assert!(
+            !again.status.success(),
+            "{} moved back inside the guard window",
+            n.0
+        );
+        assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    }
+    // … and done with --force.
+    let forced = lab.cli(S, &["ha", "switchover", "--force"]);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
+    only_holder(&lab, P, &[S]);
+}
+
+#[test]
+fn graceful_shutdown_of_the_primary_hands_the_address_over() {
+    let lab = Lab::up('d', 53, &[]);
+    let monitors = Monitors::start(&lab, &[P, S], &lab.vip());
+    lab.signal(P, nix::sys::signal::Signal::SIGTERM);
+    lab.wait_gone(P);
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(2));
+    only_holder(&lab, S, &[P]);
+    let (events, most) = monitors.stop();
+    assert_eq!(most, 1, "two holders at once: {events:?}");
+    // The stopped primary says so, from its saved state.
+    let info = String::from_utf8_lossy(&lab.cli(P, &["gethainfo"]).stdout).to_string();
+    assert!(info.contains("Health Monitor is not running"), "{info}");
+    assert!(
+        info.contains("Last shutdown state: GRACEFUL_SHUTDOWN"),
+        "{info}"
+    );
+}
+
+#[test]
+fn a_partition_between_the_pair_with_the_witness_on_the_primarys_side_moves_nothing() {
+    let lab = Lab::up('e', 54, &[]);
+    let monitors = Monitors::start(&lab, &[P, S], &lab.vip());
+    lab.cut(P, S);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lab.state(P), "PRIMARY_ACTIVE");
+    assert_eq!(lab.state(S), "SECONDARY_ACTIVE");
+    only_holder(&lab, P, &[S]);
+    // Each side says it lost the other (21020), and the secondary never stood: its term
+    // did not rise, so the heal deposes no one.
+    let alarms = String::from_utf8_lossy(&lab.cli(S, &["xstatus", "alarms"]).stdout).to_string();
+    assert!(alarms.contains("21020"), "{alarms}");
+    let generation = lab.status(P, 0)["generation"].as_u64();
+    lab.heal(&[P]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lab.status(P, 0)["generation"].as_u64(), generation);
+    only_holder(&lab, P, &[S]);
+    let (events, _) = monitors.stop();
+    assert!(events.is_empty(), "the address moved: {events:?}");
+}
+
+#[test]
+fn a_primary_cut_off_from_the_secondary_and_the_witness_drops_the_address_before_the_secondary_adds_it(
+) {
+    let lab = Lab::up('f', 55, &[]);
+    let monitors = Monitors::start(&lab, &[P, S], &lab.vip());
+    lab.cut(P, S);
+    lab.cut(P, W);
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(300));
+    only_holder(&lab, S, &[P]);
+    let (events, most) = monitors.stop();
+    assert_eq!(most, 1, "two holders at once: {events:?}");
+    let removed = events
+        .iter()
+        .find(|e| e.1 == "primary" && !e.2)
+        .expect("P removed it");
+    let added = events
+        .iter()
+        .find(|e| e.1 == "secondary" && e.2)
+        .expect("S added it");
+    println!(
+        "the primary removed the address {:.1} ms before the secondary added it",
+        (added.0 - removed.0) * 1000.0
+    );
+    assert!(removed.0 < added.0, "{events:?}");
+    assert_eq!(lab.state(P), "FAILOVER_INVOKED");
+    lab.heal(&[P]);
+    lab.wait_state(P, "TERMINATED", Duration::from_secs(10));
+    only_holder(&lab, S, &[P]);
+}
+
+#[test]
+fn randomized_partitions_never_give_two_holders() {
+    let trials: usize = std::env::var("HA_PARTITION_TRIALS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(12);
+    let seed: u64 = std::env::var("HA_PARTITION_SEED")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("HA_PARTITION_SEED={seed} HA_PARTITION_TRIALS={trials}");
+    let mut rng = seed | 1;
+    let mut next = move |n: u64| {
+        // xorshift64*: enough for choosing shapes and durations, replayable by seed.
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    };
+    let lab = Lab::up('g', 56, &[]);
+    let monitors = Monitors::start(&lab, &[P, S], &lab.vip());
+    let shapes: [&[(Node, Node)]; 6] = [
+        &[(P, S)],
+        &[(P, S), (P, W)],
+        &[(S, P), (S, W)],
+        &[(W, P), (W, S)],
+        &[(P, W)],
+        &[(S, W)],
+    ];
+    for trial in 0..trials {
+        let shape = shapes[next(shapes.len() as u64) as usize];
+        let hold = Duration::from_millis(50 + next(700));
+        for &(a, b) in shape {
+            lab.cut(a, b);
+        }
+        std::thread::sleep(hold);
+        lab.heal(&[P, S, W]);
+        // Settle: the mesh redials, the states converge.
+        std::thread::sleep(Duration::from_millis(2500));
+        let holders: Vec<&str> = [P, S]
+            .iter()
+            .filter(|n| lab.has_vip(**n, &lab.vip()))
+            .map(|n| n.0)
+            .collect();
+        println!(
+            "trial {trial}: cut {:?} for {hold:?}; holders now {holders:?}",
+            shape.iter().map(|(a, b)| (a.0, b.0)).collect::<Vec<_>>()
+        );
+        assert!(
+            holders.len() <= 1,
+            "two holders after trial {trial} (seed {seed})"
+        );
+    }
+    // After the last heal exactly one member holds it.
+    std::thread::sleep(Duration::from_secs(1));
+    let holders = [P, S]
+        .iter()
+        .filter(|n| lab.has_vip(**n, &lab.vip()))
+        .count();
+    assert_eq!(holders, 1, "seed {seed}");
+    let (events, most) = monitors.stop();
+    assert_eq!(
+        most, 1,
+        "two holders at one instant (seed {seed}): {events:?}"
+    );
+}
+
+#[test]
+fn with_manual_failover_the_secondary_waits_for_the_command() {
+    let lab = Lab::up('h', 57, &["--failover", "manual"]);
+    lab.signal(P, nix::sys::signal::Signal::SIGKILL);
+    lab.wait_gone(P);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lab.state(S), "SECONDARY_ACTIVE");
+    assert!(!lab.has_vip(S, &lab.vip()), "the secondary moved unasked");
+    let alarms = String::from_utf8_lossy(&lab.cli(S, &["xstatus", "alarms"]).stdout).to_string();
+    assert!(alarms.contains("21029"), "{alarms}");
+    let out = lab.cli(S, &["ha", "failover"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(2));
+    only_holder(&lab, S, &[P]);
+}
+
+#[test]
+fn one_secondary_for_two_primaries_takes_over_only_the_failed_primarys_address() {
+    let lab = Lab::up('i', 58, &["--second-primary"]);
+    let vip2 = format!("{}.20", lab.subnet);
+    let untouched = Monitors::start(&lab, &[P], &lab.vip());
+    assert!(lab.has_vip(P2, &vip2));
+    lab.signal(P2, nix::sys::signal::Signal::SIGKILL);
+    lab.wait_gone(P2);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !lab.has_vip(S, &vip2) {
+        assert!(
+            Instant::now() < deadline,
+            "the secondary did not take {vip2}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lab.status(S, 1)["state"], "FAILOVER_ACTIVE");
+    assert_eq!(lab.status(S, 0)["state"], "SECONDARY_ACTIVE");
+    assert!(!lab.has_vip(S, &lab.vip()));
+    only_holder(&lab, P, &[S]);
+    let (events, _) = untouched.stop();
+    assert!(
+        events.is_empty(),
+        "the other primary's address moved: {events:?}"
+    );
+    // Commands name the pair when the secondary has two.
+    let out = lab.cli(S, &["ha", "switchover"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pair"));
+}
