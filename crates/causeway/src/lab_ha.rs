@@ -246,14 +246,17 @@ fn build(
         } else {
             lab.vip.clone()
         };
+        let files = nd.join("files");
+        std::fs::create_dir_all(&files)?;
+        let files = format!("files_dir = \"{}\"\n", files.display());
         let ha = match role {
             "primary" | "primary2" => format!(
                 "role = \"primary\"\nhealth_monitor_interface = \"eth0\"\nvirtual_ip = \"{own_vip}\"\n\
                  netmask = \"255.255.255.0\"\nsecondary = 2\nwitness = \"3\"\n\
-                 failover = \"{}\"\nfailback = \"manual\"\n",
+                 failover = \"{}\"\nfailback = \"manual\"\n{files}",
                 options.failover
             ),
-            "secondary" => format!("role = \"secondary\"\nhealth_monitor_interface = \"eth0\"\nprimaries = {primaries}\nwitness = \"3\"\n"),
+            "secondary" => format!("role = \"secondary\"\nhealth_monitor_interface = \"eth0\"\nprimaries = {primaries}\nwitness = \"3\"\n{files}"),
             _ => "role = \"witness\"\nhealth_monitor_interface = \"eth0\"\n".to_string(),
         };
         let sip = if role == "witness" {

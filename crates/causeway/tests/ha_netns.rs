@@ -229,7 +229,12 @@ impl Probe {
                 sent.push(Instant::now());
                 answered.push(None);
                 let _ = sock.send_to(msg.as_bytes(), (vip.as_str(), 5060));
-                let due = start + Duration::from_millis(i as u64 + 1);
+                // The last probe is given the full 100 ms to be answered.
+                let due = if start.elapsed() + Duration::from_millis(1) >= duration {
+                    Instant::now() + Duration::from_millis(110)
+                } else {
+                    start + Duration::from_millis(i as u64 + 1)
+                };
                 while Instant::now() < due {
                     match sock.recv_from(&mut buf) {
                         Ok((n, _)) => {
@@ -413,7 +418,11 @@ fn kill_9_of_the_primary_fails_over_once_and_the_primary_comes_back_terminated_u
     assert!(info.contains("Current state: TERMINATED"), "{info}");
     assert!(info.contains("Heartbeat status: Up"), "{info}");
 
-    // Failback within the guard window needs --force.
+    // Failback within the guard window needs --force (once the primary has its copy of
+    // the files back; before that it is refused for that).
+    wait_for("the primary in sync", Duration::from_secs(5), || {
+        lab.status(P, 0)["data_replication"]["state"] == "Up"
+    });
     let refused = lab.cli(P, &["ha", "failback"]);
     assert!(!refused.status.success());
     assert!(
@@ -712,4 +721,61 @@ fn one_secondary_for_two_primaries_takes_over_only_the_failed_primarys_address()
     // Commands name the pair when the secondary has two.
     let out = lab.cli(S, &["ha", "switchover"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pair"));
+}
+
+fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_secondary_keeps_a_copy_of_the_primarys_files_and_the_primary_takes_back_what_changed_meanwhile(
+) {
+    let lab = Lab::up('j', 59, &[]);
+    let (pf, sf) = (lab.node_dir(P).join("files"), lab.node_dir(S).join("files"));
+    let big: Vec<u8> = (0..(1u32 << 20) + 17).map(|i| (i % 251) as u8).collect();
+    std::fs::create_dir_all(pf.join("sub")).unwrap();
+    std::fs::write(pf.join("a.txt"), b"hello").unwrap();
+    std::fs::write(pf.join("sub/big.bin"), &big).unwrap();
+    wait_for("the copy on the secondary", Duration::from_secs(10), || {
+        std::fs::read(sf.join("a.txt")).is_ok_and(|b| b == b"hello")
+            && std::fs::read(sf.join("sub/big.bin")).is_ok_and(|b| b == big)
+    });
+    assert_eq!(lab.status(S, 0)["data_replication"]["state"], "Up");
+    std::fs::remove_file(pf.join("a.txt")).unwrap();
+    wait_for(
+        "the deletion on the secondary",
+        Duration::from_secs(5),
+        || !sf.join("a.txt").exists(),
+    );
+
+    // After a failover the secondary's directory is the truth, and the primary takes it.
+    lab.signal(P, nix::sys::signal::Signal::SIGKILL);
+    lab.wait_gone(P);
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(2));
+    std::fs::write(sf.join("c.txt"), b"written during the failover").unwrap();
+    let mut child = lab.restart(P);
+    lab.wait_state(P, "TERMINATED", Duration::from_secs(10));
+    wait_for(
+        "the copy back on the primary",
+        Duration::from_secs(10),
+        || std::fs::read(pf.join("c.txt")).is_ok_and(|b| b == b"written during the failover"),
+    );
+    assert_eq!(std::fs::read(pf.join("sub/big.bin")).unwrap(), big);
+    wait_for("the primary in sync", Duration::from_secs(5), || {
+        lab.status(P, 0)["data_replication"]["state"] == "Up"
+    });
+    // In sync, so a failback after the guard window would need no --force for it.
+    let out = lab.cli(P, &["ha", "failback", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
+    lab.signal(P, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
 }

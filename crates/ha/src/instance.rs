@@ -85,6 +85,7 @@ struct PeerBeat {
     down_since: Option<Instant>,
     state: Option<HaState>,
     vip_at: Option<u64>,
+    in_sync: bool,
 }
 
 struct Shared {
@@ -107,6 +108,31 @@ struct Shared {
     /// Why the loop last did nothing, logged when it changes.
     idle_reason: String,
     moves: u64,
+    sync: Sync,
+}
+
+/// The copy of the holder's files on the member that does not hold (HA-3).
+#[derive(Clone, Debug, Default)]
+struct Sync {
+    /// A full pass with the current holder has completed and found nothing to do.
+    in_sync: bool,
+    /// During a pass: bytes to fetch and fetched.
+    needed: u64,
+    done: u64,
+    files: usize,
+    last_error: Option<String>,
+    /// The seed's event is written once per synchronisation, not per pass.
+    announced: bool,
+}
+
+impl Sync {
+    /// `floor(100 × received / total)`, at most 99 until the pass ends.
+    fn percent(&self) -> u64 {
+        if self.needed == 0 {
+            return if self.in_sync { 100 } else { 0 };
+        }
+        (self.done * 100 / self.needed).min(99)
+    }
 }
 
 pub struct Instance {
@@ -120,6 +146,9 @@ pub struct Instance {
     settings: Mutex<Option<PairSettings>>,
     state_file: PathBuf,
     keeper_program: PathBuf,
+    /// This node's copy of the pair's files (`[ha] files_dir`), if it keeps one.
+    files_dir: Option<PathBuf>,
+    scanner: crate::files::Scanner,
     shared: Mutex<Shared>,
     wake: Notify,
     started: Instant,
@@ -140,6 +169,7 @@ impl Instance {
         settings: Option<PairSettings>,
         state_file: PathBuf,
         keeper_program: PathBuf,
+        files_dir: Option<PathBuf>,
     ) -> Arc<Self> {
         // The instance stands only when its own rules say so (stand_now), never on
         // openraft's timer: a member cut off from the holder alone must not raise its term.
@@ -155,6 +185,8 @@ impl Instance {
             settings: Mutex::new(settings),
             state_file,
             keeper_program,
+            files_dir,
+            scanner: crate::files::Scanner::default(),
             shared: Mutex::new(Shared {
                 state: HaState::GracefulShutdown,
                 vip_at: None,
@@ -168,6 +200,7 @@ impl Instance {
                 failback_started: None,
                 idle_reason: String::new(),
                 moves: 0,
+                sync: Sync::default(),
             }),
             wake: Notify::new(),
             started: Instant::now(),
@@ -297,6 +330,8 @@ impl Instance {
         if self.role != Role::Witness {
             let me = self.clone();
             self.tasks.spawn(async move { me.run().await });
+            let me = self.clone();
+            self.tasks.spawn(async move { me.copy_files().await });
         }
     }
 
@@ -306,6 +341,8 @@ impl Instance {
             pair::heartbeat(self.pair()).path().to_string(),
             pair::prevote(self.pair()).path().to_string(),
             pair::handover(self.pair()).path().to_string(),
+            crate::files::index(self.pair()).path().to_string(),
+            crate::files::chunk(self.pair()).path().to_string(),
         ] {
             self.rpc.unserve(&path);
         }
@@ -324,6 +361,7 @@ impl Instance {
                         seq: beat.seq,
                         state: i.role.side().map(|_| sh.state),
                         vip_at: sh.vip_at,
+                        in_sync: sh.sync.in_sync,
                     }
                 });
                 async move { answer.ok_or_else(|| "stopping".to_string()) }
@@ -337,6 +375,32 @@ impl Instance {
                 };
                 async move { answer }
             });
+        let me = Arc::downgrade(self);
+        self.rpc
+            .serve(&crate::files::index(self.pair()), move |_from, ()| {
+                let answer = match me.upgrade() {
+                    Some(i) => match &i.files_dir {
+                        Some(dir) => i.scanner.scan(dir),
+                        None => Ok(vec![]),
+                    },
+                    None => Err("stopping".to_string()),
+                };
+                async move { answer }
+            });
+        let me = Arc::downgrade(self);
+        self.rpc.serve(
+            &crate::files::chunk(self.pair()),
+            move |_from, req: crate::files::ChunkRequest| {
+                let answer = match me.upgrade() {
+                    Some(i) => match &i.files_dir {
+                        Some(dir) => crate::files::read_chunk(dir, &req),
+                        None => Err("this member keeps no files directory".to_string()),
+                    },
+                    None => Err("stopping".to_string()),
+                };
+                async move { answer }
+            },
+        );
         let me = Arc::downgrade(self);
         self.rpc
             .serve(&pair::handover(self.pair()), move |from, h: Handover| {
@@ -446,6 +510,7 @@ impl Instance {
                             seq,
                             state: me.role.side().map(|_| sh.state),
                             vip_at: sh.vip_at,
+                            in_sync: sh.sync.in_sync,
                         }
                     };
                     let sent = Instant::now();
@@ -464,6 +529,7 @@ impl Instance {
                         b.ok_in_row += 1;
                         b.state = a.state;
                         b.vip_at = a.vip_at;
+                        b.in_sync = a.in_sync;
                     } else {
                         b.ok_in_row = 0;
                     }
@@ -550,6 +616,135 @@ impl Instance {
                 _ => {}
             }
         }
+    }
+
+    // ---------------------------------------------------------------- files
+
+    /// Every second, on the member that does not hold: one pass that makes this node's
+    /// files directory equal the holder's.
+    async fn copy_files(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut holder_seen: Option<u64> = None;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (peer, generation) = match (self.group.state().holder, self.pair_peer()) {
+                (Holder::Peer { peer, generation }, Some(p))
+                    if peer == p && self.silent_for() < Duration::from_secs(1) =>
+                {
+                    (peer, generation)
+                }
+                (Holder::Me { .. }, _) => {
+                    // The holder's own files are the truth.
+                    let mut sh = self.lock();
+                    sh.sync.in_sync = true;
+                    sh.sync.needed = 0;
+                    continue;
+                }
+                _ => continue,
+            };
+            if holder_seen != Some(generation) {
+                // A new holder: in sync again only after a pass against it.
+                holder_seen = Some(generation);
+                let mut sh = self.lock();
+                sh.sync.in_sync = false;
+                sh.sync.announced = false;
+            }
+            let result = self.copy_pass(peer).await;
+            let mut sh = self.lock();
+            match result {
+                Ok(files) => {
+                    sh.sync.files = files;
+                    sh.sync.needed = 0;
+                    sh.sync.done = 0;
+                    sh.sync.last_error = None;
+                    if !sh.sync.in_sync {
+                        sh.sync.in_sync = true;
+                        self.event(
+                            &mut sh,
+                            "Primary and secondary server synchronization completed".into(),
+                            format!("{files} files"),
+                        );
+                    }
+                }
+                Err(e) => {
+                    if sh.sync.last_error.as_deref() != Some(e.as_str()) {
+                        warn!(target: LOG, event = "HA files not copied", pair = self.pair(), reason = %e, "");
+                    }
+                    sh.sync.last_error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// One pass: the holder's index, what differs, fetched chunk by chunk.
+    async fn copy_pass(&self, peer: usize) -> Result<usize, String> {
+        let Some(dir) = self.files_dir.clone() else {
+            return Ok(0);
+        };
+        let remote = self
+            .rpc
+            .call(
+                &crate::files::index(self.pair()),
+                peer,
+                &(),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let local = {
+            let (scanner, dir) = (&self.scanner, dir.clone());
+            scanner.scan(&dir)?
+        };
+        let (fetch, delete) = crate::files::plan(&remote, &local);
+        let needed: u64 = fetch.iter().map(|f| f.size).sum();
+        if !fetch.is_empty() {
+            let mut sh = self.lock();
+            sh.sync.needed = needed.max(1);
+            sh.sync.done = 0;
+            if !sh.sync.announced && !sh.sync.in_sync {
+                sh.sync.announced = true;
+                self.event(
+                    &mut sh,
+                    "Primary and secondary server synchronization in progress".into(),
+                    format!("{} files, {needed} bytes", fetch.len()),
+                );
+            }
+        }
+        for f in &fetch {
+            crate::files::safe_relative(&f.path)?;
+            let mut bytes = Vec::with_capacity(f.size as usize);
+            while (bytes.len() as u64) < f.size {
+                let req = crate::files::ChunkRequest {
+                    path: f.path.clone(),
+                    offset: bytes.len() as u64,
+                };
+                let part = self
+                    .rpc
+                    .call(
+                        &crate::files::chunk(self.pair()),
+                        peer,
+                        &req,
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if part.is_empty() {
+                    return Err(format!("{} shrank while it was copied", f.path));
+                }
+                bytes.extend_from_slice(&part);
+                self.lock().sync.done += part.len() as u64;
+            }
+            bytes.truncate(f.size as usize);
+            crate::files::install(&dir, f, &bytes)?;
+        }
+        for p in &delete {
+            crate::files::remove(&dir, p)?;
+        }
+        Ok(remote.len())
     }
 
     // ---------------------------------------------------------------- the loop
@@ -861,6 +1056,7 @@ impl Instance {
                             !peer_holds && silent >= Duration::from_millis(s.failover_wait_ms);
                         let auto_back = s.failback == HaMode::Automatic
                             && peer_holds
+                            && sh.sync.in_sync
                             && self.check_guard(false).is_ok();
                         if (peer_lost && s.failover == HaMode::Automatic) || auto_back {
                             self.go(sh, Trigger::FailbackRequested);
@@ -902,9 +1098,8 @@ impl Instance {
                 match sh.state {
                     HaState::GracefulShutdown => {
                         self.go(sh, Trigger::Started);
-                        self.go(sh, Trigger::InSync);
                     }
-                    HaState::SecondaryAlone => {
+                    HaState::SecondaryAlone if sh.sync.in_sync => {
                         self.go(sh, Trigger::InSync);
                     }
                     HaState::FailoverInvoked if peer_holds => {
@@ -1010,10 +1205,21 @@ impl Instance {
         })?;
         if self.group.state().is_mine() {
             self.check_guard(force)?;
-            let up = self.lock().beats.get(&peer).is_some_and(|b| b.up);
+            let (up, in_sync, state) = self
+                .lock()
+                .beats
+                .get(&peer)
+                .map_or((false, false, None), |b| (b.up, b.in_sync, b.state));
             if !up && !force {
-                return Err(Refusal::unavailable(format!("Peer {peer} does not answer heartbeats: it cannot take over (use --force to release anyway)"),
-                ));
+                return Err(Refusal::unavailable(format!(
+                    "Peer {peer} does not answer heartbeats: it cannot take over (use --force to release anyway)"
+                )));
+            }
+            if !in_sync && !force {
+                return Err(Refusal::conflict(format!(
+                    "Peer {peer} is not synchronized ({}): wait, or use --force to move anyway and lose what it has not received",
+                    state.map_or("unknown", |s| s.seed_name())
+                )));
             }
             {
                 let mut sh = self.lock();
@@ -1072,6 +1278,18 @@ impl Instance {
         Ok(())
     }
 
+    fn check_in_sync(&self, force: bool, who: &str) -> Result<(), Refusal> {
+        let sync = self.lock().sync.clone();
+        if sync.in_sync || force {
+            return Ok(());
+        }
+        Err(Refusal::conflict(format!(
+            "the {who} is not synchronized ({}% complete{}): wait, or use --force to move anyway and lose what it has not received",
+            sync.percent(),
+            sync.last_error.map(|e| format!("; {e}")).unwrap_or_default()
+        )))
+    }
+
     /// `ha failover [--force]` on the secondary: stand now (manual failover).
     pub fn failover(&self, force: bool) -> Result<String, Refusal> {
         if self.role != Role::Secondary {
@@ -1088,6 +1306,7 @@ impl Instance {
         if self.group.state().is_mine() {
             return Ok("This secondary already holds the virtual IP".into());
         }
+        self.check_in_sync(force, "secondary")?;
         let mut sh = self.lock();
         sh.take_over = true;
         drop(sh);
@@ -1108,6 +1327,7 @@ impl Instance {
             )));
         }
         self.check_guard(force)?;
+        self.check_in_sync(force, "primary")?;
         self.ask_give_back(self.members.secondary, force).await?;
         let mut sh = self.lock();
         self.go(&mut sh, Trigger::FailbackRequested);
@@ -1190,6 +1410,13 @@ impl Instance {
             "events": events,
             "waiting_for": sh.idle_reason,
             "holder_silent_ms": self.silent_for().as_millis() as u64,
+            "data_replication": {
+                "state": if sh.sync.in_sync { "Up" } else if sh.sync.needed > 0 { "Setting up" } else { "Down" },
+                "percent": sh.sync.percent(),
+                "files": sh.sync.files,
+                "files_dir": self.files_dir.as_ref().map(|d| d.display().to_string()),
+                "last_error": sh.sync.last_error,
+            },
         })
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod arp;
 pub mod catalogue;
+pub mod files;
 pub mod instance;
 pub mod keeper;
 pub mod pair;

@@ -100,6 +100,8 @@ pub struct Beat {
     pub state: Option<HaState>,
     /// The lease generation the sender holds the address at, if it has it.
     pub vip_at: Option<u64>,
+    /// The sender's copy of the holder's files is complete (the holder: always).
+    pub in_sync: bool,
 }
 
 pub fn heartbeat(pair: usize) -> Endpoint<Beat, Beat> {

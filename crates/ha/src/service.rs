@@ -171,6 +171,19 @@ impl HaService {
             settings,
             self.dir.join(format!("state-{}.json", members.primary)),
             program,
+            self.section
+                .as_ref()
+                .and_then(|s| s.files_dir.clone())
+                .map(|d| {
+                    // One copy per pair: a secondary of two primaries keeps each apart.
+                    if role == Role::Secondary
+                        && self.section.as_ref().is_some_and(|s| s.primaries.len() > 1)
+                    {
+                        d.join(format!("pair-{}", members.primary))
+                    } else {
+                        d
+                    }
+                }),
         );
         instance.start();
         info!(target: LOG, event = "HA pair started", pair = members.primary, role = role.seed_name(),

@@ -118,6 +118,15 @@ pub fn gethainfo(status: &Value) -> String {
                 .as_u64()
                 .map_or("-".into(), |g| g.to_string())
         ));
+        let sync = &p["data_replication"];
+        match sync["state"].as_str() {
+            Some("Setting up") => line(format!(
+                "Primary and secondary server synchronization in progress ({}% complete) *",
+                sync["percent"].as_u64().unwrap_or(0)
+            )),
+            Some(state) => line(format!("Data replication: {state} *")),
+            None => {}
+        }
         line("Direct connect used: No".into());
         line(format!(
             "Heartbeat status: {}",
@@ -221,6 +230,7 @@ mod tests {
                 "virtual_ip": "198.18.0.10", "failover": "Automatic", "failback": "Manual",
                 "failover_wait_ms": 160, "generation": 7, "split_brain_protection": "witness",
                 "vip_held": true, "holder": "this peer (generation 7)",
+                "data_replication": {"state": "Up", "percent": 100},
                 "heartbeats": {"2": {"status": "Up", "mean_rtt_ms": 0.4}, "3": {"status": "Up"}}
             }]
         })
@@ -252,6 +262,7 @@ Failover wait time (seconds): 0.16
 Witness: Peer 3 (198.18.0.13), Up *
 Split brain protection: witness *
 Lease generation: 7 *
+Data replication: Up *
 Direct connect used: No
 Heartbeat status: Up
 Current state: PRIMARY_ACTIVE
@@ -269,6 +280,10 @@ Current state: PRIMARY_ACTIVE
         assert!(text.contains("Virtual IP Address: Not Applicable for a secondary\n"));
         assert!(text
             .contains("Health Monitor IP Address 198.18.0.11\nVirtual IP Address: 198.18.0.10\n"));
+        st["pairs"][0]["data_replication"] = json!({"state": "Setting up", "percent": 66});
+        assert!(gethainfo(&st).contains(
+            "Primary and secondary server synchronization in progress (66% complete) *\n"
+        ));
         let info = getserverinfo(&st);
         assert!(info.contains("High Availability Role: 2"));
         assert!(info.contains("DORMANT mode"));
