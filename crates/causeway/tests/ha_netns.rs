@@ -779,3 +779,99 @@ fn the_secondary_keeps_a_copy_of_the_primarys_files_and_the_primary_takes_back_w
     lab.signal(P, nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
 }
+
+#[test]
+fn a_primary_that_lost_its_data_does_not_serve_until_recovery_mode_takes_it_back_from_the_secondary(
+) {
+    let lab = Lab::up('k', 60, &["--failover", "manual"]);
+    let (pd, sf) = (lab.node_dir(P), lab.node_dir(S).join("files"));
+    std::fs::write(pd.join("files/a.txt"), b"the primary's data").unwrap();
+    wait_for("the copy on the secondary", Duration::from_secs(10), || {
+        std::fs::read(sf.join("a.txt")).is_ok_and(|b| b == b"the primary's data")
+    });
+    // The primary's machine loses its data: only its node file and certificate remain.
+    lab.signal(P, nix::sys::signal::Signal::SIGKILL);
+    lab.wait_gone(P);
+    for entry in std::fs::read_dir(&pd).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if ![
+            "causeway.toml",
+            "node.key",
+            "node.crt",
+            "ca.crt",
+            "causeway.log",
+            "causeway.pid",
+        ]
+        .contains(&name.as_str())
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    std::fs::create_dir_all(pd.join("files")).unwrap();
+    let mut child = lab.restart(P);
+    std::thread::sleep(Duration::from_secs(3));
+    // It does not serve an empty directory (the secondary would delete its copy).
+    assert!(!lab.has_vip(P, &lab.vip()));
+    let alarms = String::from_utf8_lossy(&lab.cli(P, &["xstatus", "alarms"]).stdout).to_string();
+    assert!(
+        alarms.contains("21028") && alarms.contains("recovery mode"),
+        "{alarms}"
+    );
+    assert!(
+        std::fs::read(sf.join("a.txt")).is_ok(),
+        "the secondary lost its copy"
+    );
+
+    // Restarted in recovery mode, it takes the data back, then serves on 'ha failback'.
+    lab.signal(P, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+    let toml = pd.join("causeway.toml");
+    let mut config = std::fs::read_to_string(&toml).unwrap();
+    config.push_str("recovery_mode = true\n");
+    std::fs::write(&toml, config).unwrap();
+    let mut child = lab.restart(P);
+    lab.wait_state(P, "TERMINATED", Duration::from_secs(10));
+    wait_for(
+        "the data back on the primary",
+        Duration::from_secs(10),
+        || std::fs::read(pd.join("files/a.txt")).is_ok_and(|b| b == b"the primary's data"),
+    );
+    wait_for("the recovery completed", Duration::from_secs(5), || {
+        lab.status(P, 0)["events"].as_array().is_some_and(|e| {
+            e.iter().any(|e| {
+                e["description"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("Recovery completed")
+            })
+        })
+    });
+    // Its lease records went with its data: the refusal says what to run.
+    let refused = lab.cli(P, &["ha", "failback"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(why.contains("ha failover' on the secondary"), "{why}");
+    let out = lab.cli(S, &["ha", "failover"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(3));
+    lab.wait_state(P, "TERMINATED", Duration::from_secs(3));
+    let out = lab.cli(P, &["ha", "failback", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
+    only_holder(&lab, P, &[S]);
+    assert_eq!(
+        std::fs::read(sf.join("a.txt")).unwrap(),
+        b"the primary's data"
+    );
+    lab.signal(P, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+}

@@ -37,7 +37,15 @@ pub struct ChunkRequest {
     pub offset: u64,
 }
 
-pub fn index(pair: usize) -> Endpoint<(), Vec<FileEntry>> {
+/// "Your files, please." Answered only by the holder of the pair's lease, or, for a
+/// primary in recovery mode, by its secondary: a member that merely held the address once
+/// (a primary restarted empty) must never be copied from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct IndexRequest {
+    pub recovery: bool,
+}
+
+pub fn index(pair: usize) -> Endpoint<IndexRequest, Vec<FileEntry>> {
     Endpoint::new(format!("ha/files/{pair}/index"))
 }
 

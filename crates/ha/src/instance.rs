@@ -86,6 +86,7 @@ struct PeerBeat {
     state: Option<HaState>,
     vip_at: Option<u64>,
     in_sync: bool,
+    has_copy: bool,
 }
 
 struct Shared {
@@ -109,6 +110,8 @@ struct Shared {
     idle_reason: String,
     moves: u64,
     sync: Sync,
+    /// This member has held the address since it started.
+    held_once: bool,
 }
 
 /// The copy of the holder's files on the member that does not hold (HA-3).
@@ -135,19 +138,38 @@ impl Sync {
     }
 }
 
+/// What this node keeps for a pair, from its own `[ha]` section and data directory.
+pub(crate) struct Local {
+    /// The health-monitor interface the virtual IP is added on.
+    pub interface: String,
+    /// `DIR/ha/state-<pair>.json`: the last state, for `gethainfo` while the node is down.
+    pub state_file: PathBuf,
+    /// This program, run as `ha-keeper`.
+    pub keeper_program: PathBuf,
+    /// This node's copy of the pair's files (`[ha] files_dir`), if it keeps one.
+    pub files_dir: Option<PathBuf>,
+    /// Operator commands after the address is added and after it is removed.
+    pub on_promote: Option<PathBuf>,
+    pub on_demote: Option<PathBuf>,
+    /// A primary that lost its data takes it back from the secondary before it serves.
+    pub recovery_mode: bool,
+}
+
 pub struct Instance {
     pub role: Role,
     pub members: Members,
     me: usize,
-    interface: String,
+    local: Local,
     group: Arc<LeaseGroup>,
     rpc: Arc<Rpc>,
     alarms: Arc<AlarmTable>,
     settings: Mutex<Option<PairSettings>>,
-    state_file: PathBuf,
-    keeper_program: PathBuf,
-    /// This node's copy of the pair's files (`[ha] files_dir`), if it keeps one.
-    files_dir: Option<PathBuf>,
+    /// Started with no saved state: this primary may have lost its data.
+    fresh: bool,
+    /// In recovery mode and not recovered yet.
+    recovering: std::sync::atomic::AtomicBool,
+    /// The process group of an `on_promote` command still running.
+    promoting: Mutex<Option<i32>>,
     scanner: crate::files::Scanner,
     shared: Mutex<Shared>,
     wake: Notify,
@@ -162,15 +184,16 @@ impl Instance {
         role: Role,
         members: Members,
         me: usize,
-        interface: String,
+        local: Local,
         group: Arc<LeaseGroup>,
         rpc: Arc<Rpc>,
         alarms: Arc<AlarmTable>,
         settings: Option<PairSettings>,
-        state_file: PathBuf,
-        keeper_program: PathBuf,
-        files_dir: Option<PathBuf>,
     ) -> Arc<Self> {
+        let fresh = role == Role::Primary && !local.state_file.exists();
+        let recovering = role == Role::Primary
+            && local.recovery_mode
+            && !local.state_file.with_extension("recovered").exists();
         // The instance stands only when its own rules say so (stand_now), never on
         // openraft's timer: a member cut off from the holder alone must not raise its term.
         group.set_eligible(false);
@@ -178,14 +201,14 @@ impl Instance {
             role,
             members,
             me,
-            interface,
+            local,
             group,
             rpc,
             alarms,
             settings: Mutex::new(settings),
-            state_file,
-            keeper_program,
-            files_dir,
+            fresh,
+            recovering: std::sync::atomic::AtomicBool::new(recovering),
+            promoting: Mutex::new(None),
             scanner: crate::files::Scanner::default(),
             shared: Mutex::new(Shared {
                 state: HaState::GracefulShutdown,
@@ -201,6 +224,7 @@ impl Instance {
                 idle_reason: String::new(),
                 moves: 0,
                 sync: Sync::default(),
+                held_once: false,
             }),
             wake: Notify::new(),
             started: Instant::now(),
@@ -248,7 +272,7 @@ impl Instance {
 
     fn vip(&self) -> Option<Vip> {
         self.settings().map(|s| Vip {
-            interface: self.interface.clone(),
+            interface: self.local.interface.clone(),
             address: s.vip,
             prefix: s.prefix,
         })
@@ -312,7 +336,7 @@ impl Instance {
             sh.moves += 1;
         }
         let _ = std::fs::write(
-            &self.state_file,
+            &self.local.state_file,
             format!(
                 "{{\"state\":\"{}\",\"at\":\"{}\"}}\n",
                 to.seed_name(),
@@ -362,6 +386,7 @@ impl Instance {
                         state: i.role.side().map(|_| sh.state),
                         vip_at: sh.vip_at,
                         in_sync: sh.sync.in_sync,
+                        has_copy: sh.sync.files > 0,
                     }
                 });
                 async move { answer.ok_or_else(|| "stopping".to_string()) }
@@ -376,23 +401,31 @@ impl Instance {
                 async move { answer }
             });
         let me = Arc::downgrade(self);
-        self.rpc
-            .serve(&crate::files::index(self.pair()), move |_from, ()| {
+        self.rpc.serve(
+            &crate::files::index(self.pair()),
+            move |_from, req: crate::files::IndexRequest| {
                 let answer = match me.upgrade() {
-                    Some(i) => match &i.files_dir {
+                    Some(i)
+                        if !(i.group.state().is_mine()
+                            || (req.recovery && i.role == Role::Secondary)) =>
+                    {
+                        Err("this member does not hold the pair's lease".to_string())
+                    }
+                    Some(i) => match &i.local.files_dir {
                         Some(dir) => i.scanner.scan(dir),
                         None => Ok(vec![]),
                     },
                     None => Err("stopping".to_string()),
                 };
                 async move { answer }
-            });
+            },
+        );
         let me = Arc::downgrade(self);
         self.rpc.serve(
             &crate::files::chunk(self.pair()),
             move |_from, req: crate::files::ChunkRequest| {
                 let answer = match me.upgrade() {
-                    Some(i) => match &i.files_dir {
+                    Some(i) => match &i.local.files_dir {
                         Some(dir) => crate::files::read_chunk(dir, &req),
                         None => Err("this member keeps no files directory".to_string()),
                     },
@@ -511,6 +544,7 @@ impl Instance {
                             state: me.role.side().map(|_| sh.state),
                             vip_at: sh.vip_at,
                             in_sync: sh.sync.in_sync,
+                            has_copy: sh.sync.files > 0,
                         }
                     };
                     let sent = Instant::now();
@@ -530,6 +564,7 @@ impl Instance {
                         b.state = a.state;
                         b.vip_at = a.vip_at;
                         b.in_sync = a.in_sync;
+                        b.has_copy = a.has_copy;
                     } else {
                         b.ok_in_row = 0;
                     }
@@ -631,11 +666,17 @@ impl Instance {
                 _ = self.cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let recovering = self.recovering.load(std::sync::atomic::Ordering::Relaxed);
             let (peer, generation) = match (self.group.state().holder, self.pair_peer()) {
                 (Holder::Peer { peer, generation }, Some(p))
                     if peer == p && self.silent_for() < Duration::from_secs(1) =>
                 {
                     (peer, generation)
+                }
+                // Recovery: the secondary's copy is the truth, whoever holds (generation 0
+                // stands for "no holder").
+                (_, Some(p)) if recovering && self.lock().beats.get(&p).is_some_and(|b| b.up) => {
+                    (p, 0)
                 }
                 (Holder::Me { .. }, _) => {
                     // The holder's own files are the truth.
@@ -669,6 +710,20 @@ impl Instance {
                             format!("{files} files"),
                         );
                     }
+                    if recovering {
+                        self.recovering
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
+                        // Once per data directory: the flag in the node file is then spent.
+                        let _ =
+                            std::fs::write(self.local.state_file.with_extension("recovered"), b"");
+                        self.event(
+                            &mut sh,
+                            format!(
+                                "Recovery completed: {files} files restored from the secondary"
+                            ),
+                            "ha.recovery_mode can be set back to false".into(),
+                        );
+                    }
                 }
                 Err(e) => {
                     if sh.sync.last_error.as_deref() != Some(e.as_str()) {
@@ -682,7 +737,7 @@ impl Instance {
 
     /// One pass: the holder's index, what differs, fetched chunk by chunk.
     async fn copy_pass(&self, peer: usize) -> Result<usize, String> {
-        let Some(dir) = self.files_dir.clone() else {
+        let Some(dir) = self.local.files_dir.clone() else {
             return Ok(0);
         };
         let remote = self
@@ -690,7 +745,9 @@ impl Instance {
             .call(
                 &crate::files::index(self.pair()),
                 peer,
-                &(),
+                &crate::files::IndexRequest {
+                    recovery: self.recovering.load(std::sync::atomic::Ordering::Relaxed),
+                },
                 Duration::from_secs(10),
             )
             .await
@@ -759,7 +816,7 @@ impl Instance {
             // The keeper is started once the address is known, and again if it died.
             if keeper.is_none() {
                 if let Some(vip) = self.vip() {
-                    match Keeper::spawn(&self.keeper_program, &vip).await {
+                    match Keeper::spawn(&self.local.keeper_program, &vip).await {
                         Ok(k) => {
                             info!(target: LOG, event = "HA address keeper started", pair = self.pair(),
                                 pid = k.pid().unwrap_or(0), vip = %vip, "");
@@ -831,6 +888,7 @@ impl Instance {
         match r {
             Report::Added { generation } => {
                 sh.vip_at = Some(generation);
+                self.notify(true, sh.state, generation);
                 self.alarms.lower(CANNOT_MOVE, &subject);
                 let vip = self.vip().map(|v| v.to_string()).unwrap_or_default();
                 self.event(
@@ -845,6 +903,7 @@ impl Instance {
             } => {
                 sh.vip_at = None;
                 sh.hold_sent = None;
+                self.notify(false, sh.state, generation);
                 let vip = self.vip().map(|v| v.to_string()).unwrap_or_default();
                 let why = if expired {
                     "the hold ran out"
@@ -876,6 +935,95 @@ impl Instance {
             }
             Report::Announced { .. } => {}
         }
+    }
+
+    /// Runs `on_promote` after the address was added, `on_demote` after it was removed
+    /// (docs/ha.md, section 7), like keepalived's notify scripts: never awaited here, in
+    /// its own process group, killed with its group after 10 s; a promotion command still
+    /// running at demotion is killed first.
+    fn notify(&self, promote: bool, state: HaState, generation: u64) {
+        use nix::sys::signal::{killpg, Signal};
+        let mut running = self.promoting.lock().unwrap_or_else(|p| p.into_inner());
+        if !promote {
+            if let Some(pgid) = running.take() {
+                let _ = killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+        }
+        let program = if promote {
+            &self.local.on_promote
+        } else {
+            &self.local.on_demote
+        };
+        let Some(program) = program.clone() else {
+            return;
+        };
+        let vip = self
+            .settings()
+            .map(|s| s.vip.to_string())
+            .unwrap_or_default();
+        let pair = self.pair().to_string();
+        let spawned = tokio::process::Command::new(&program)
+            .args([&pair, state.seed_name(), &vip, &generation.to_string()])
+            .env("CAUSEWAY_HA_PAIR", &pair)
+            .env("CAUSEWAY_HA_STATE", state.seed_name())
+            .env("CAUSEWAY_HA_VIP", &vip)
+            .env("CAUSEWAY_HA_GENERATION", generation.to_string())
+            .env(
+                "CAUSEWAY_HA_EVENT",
+                if promote { "promote" } else { "demote" },
+            )
+            .env(
+                "CAUSEWAY_HA_FILES",
+                self.local
+                    .files_dir
+                    .as_ref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default(),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(false)
+            .process_group(0)
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(target: LOG, event = "HA notify command failed", pair = self.pair(),
+                    command = %program.display(), reason = %e, "");
+                return;
+            }
+        };
+        let pgid = child.id().map(|p| p as i32);
+        if promote {
+            *running = pgid;
+        }
+        let (pair, what) = (
+            self.pair(),
+            if promote { "on_promote" } else { "on_demote" },
+        );
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await {
+                Ok(Ok(out)) => {
+                    let text = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout).trim(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                    info!(target: LOG, event = "HA notify command ended", pair = pair, command = what,
+                        status = %out.status, output = %text, "");
+                }
+                Ok(Err(e)) => warn!(target: LOG, event = "HA notify command failed", pair = pair,
+                    command = what, reason = %e, ""),
+                Err(_) => {
+                    if let Some(pgid) = pgid {
+                        let _ = killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
+                    }
+                    warn!(target: LOG, event = "HA notify command killed", pair = pair, command = what,
+                        reason = "still running after 10 s", "");
+                }
+            }
+        });
     }
 
     async fn step(&self, keeper: &mut Option<Keeper>) {
@@ -966,6 +1114,7 @@ impl Instance {
 
     /// Holding the lease with the address on: the states of rows 1, 7, 10, 15.
     fn on_holding(&self, sh: &mut Shared) {
+        sh.held_once = true;
         sh.take_over = false;
         sh.failback_started = None;
         let subject = format!("pair {}", self.pair());
@@ -1034,9 +1183,17 @@ impl Instance {
         }
         match self.role {
             Role::Primary => {
+                let recovering = self.recovering.load(std::sync::atomic::Ordering::Relaxed);
                 match sh.state {
-                    HaState::GracefulShutdown if peer_holds => {
+                    HaState::GracefulShutdown if peer_holds || recovering => {
                         self.go(sh, Trigger::StartedAfterFailover);
+                        if recovering {
+                            self.event(
+                                sh,
+                                "Recovery mode: taking the data back from the secondary".into(),
+                                String::new(),
+                            );
+                        }
                     }
                     HaState::FailoverInvoked if peer_holds => {
                         self.go(sh, Trigger::OtherHolds);
@@ -1052,8 +1209,10 @@ impl Instance {
                     }
                     HaState::Terminated => {
                         // The secondary that holds was lost: serve again if failover is automatic.
-                        let peer_lost =
-                            !peer_holds && silent >= Duration::from_millis(s.failover_wait_ms);
+                        let peer_lost = !peer_holds
+                            && silent >= Duration::from_millis(s.failover_wait_ms)
+                            && sh.sync.in_sync
+                            && !recovering;
                         let auto_back = s.failback == HaMode::Automatic
                             && peer_holds
                             && sh.sync.in_sync
@@ -1086,7 +1245,22 @@ impl Instance {
                     HaState::FailbackActive => sh.take_over,
                     _ => false,
                 };
-                if may && !peer_holds {
+                // A primary that starts with nothing saved while its secondary keeps a copy
+                // has lost its data: serving now would make the secondary delete its copy.
+                let secondary_has_copy = sh
+                    .beats
+                    .get(&self.members.secondary)
+                    .is_some_and(|b| b.up && b.has_copy);
+                if may && self.fresh && !sh.held_once && !sh.sync.in_sync && secondary_has_copy {
+                    self.alarms.raise(
+                        PAIRING_REFUSED,
+                        &format!("pair {} data", self.pair()),
+                        "the primary has lost its data: restart it in recovery mode (ha.recovery_mode = true, or causeway setup --recovery-mode yes) or unpair the secondary",
+                    );
+                    self.idle(sh, "lost data: waiting for recovery mode");
+                } else if may && !peer_holds {
+                    self.alarms
+                        .lower(PAIRING_REFUSED, &format!("pair {} data", self.pair()));
                     *stand = sh.take_over || silent >= Duration::from_millis(s.failover_wait_ms);
                 }
             }
@@ -1328,8 +1502,25 @@ impl Instance {
         }
         self.check_guard(force)?;
         self.check_in_sync(force, "primary")?;
-        self.ask_give_back(self.members.secondary, force).await?;
+        let log_lost = self.group.records_reset().borrow().is_some()
+            || (self.fresh && !self.lock().held_once && self.group.last_heard_holder().is_none());
+        if log_lost {
+            // With its data went its lease records: the other voters' logs are longer, so
+            // it cannot win a vote until it has heard a holder, and with a manual failover
+            // nobody holds.
+            return Err(Refusal::conflict(
+                "this primary's lease records were lost with its data: it can hold the virtual IP only after it has heard a holder. Run 'causeway ha failover' on the secondary first, then 'causeway ha failback --force' here",
+            ));
+        }
+        let secondary_holds = matches!(self.group.state().holder,
+            Holder::Peer { peer, .. } if peer == self.members.secondary)
+            && self.silent_for() < DOWN_AFTER;
+        if secondary_holds {
+            self.ask_give_back(self.members.secondary, force).await?;
+        }
+        // Nobody holds (after a recovery, or the secondary is down): stand at once.
         let mut sh = self.lock();
+        sh.take_over = true;
         self.go(&mut sh, Trigger::FailbackRequested);
         sh.failback_started = Some(Instant::now());
         Ok("Failback started: the primary takes the virtual IP back".into())
@@ -1414,7 +1605,7 @@ impl Instance {
                 "state": if sh.sync.in_sync { "Up" } else if sh.sync.needed > 0 { "Setting up" } else { "Down" },
                 "percent": sh.sync.percent(),
                 "files": sh.sync.files,
-                "files_dir": self.files_dir.as_ref().map(|d| d.display().to_string()),
+                "files_dir": self.local.files_dir.as_ref().map(|d| d.display().to_string()),
                 "last_error": sh.sync.last_error,
             },
         })

@@ -102,6 +102,8 @@ pub struct Beat {
     pub vip_at: Option<u64>,
     /// The sender's copy of the holder's files is complete (the holder: always).
     pub in_sync: bool,
+    /// The sender keeps a copy of the pair's files (it has files in it).
+    pub has_copy: bool,
 }
 
 pub fn heartbeat(pair: usize) -> Endpoint<Beat, Beat> {

@@ -112,6 +112,8 @@ impl HaService {
                 warn!(target: LOG, pair = members.primary, reason = %e, "Witness of a pair not started");
             }
         }
+        node.metrics()
+            .register(Box::new(Collector(Arc::downgrade(&svc))));
         svc.serve_hello();
         let s = svc.clone();
         svc.tasks.spawn(async move { s.introduce().await });
@@ -153,37 +155,35 @@ impl HaService {
             .leases()
             .start_group_with(&members.group(), members.voters(), pair::lease_timing())
             .with_context(|| format!("starting the lease group of pair {}", members.primary))?;
-        let interface = self
-            .section
-            .as_ref()
-            .map(|s| s.health_monitor_interface.clone())
-            .unwrap_or_default();
-        let program =
-            std::env::current_exe().context("finding this program for the address keeper")?;
+        let section = self.section.as_ref();
+        let local = crate::instance::Local {
+            interface: section
+                .map(|s| s.health_monitor_interface.clone())
+                .unwrap_or_default(),
+            state_file: self.dir.join(format!("state-{}.json", members.primary)),
+            keeper_program: std::env::current_exe()
+                .context("finding this program for the address keeper")?,
+            files_dir: section.and_then(|s| s.files_dir.clone()).map(|d| {
+                // One copy per pair: a secondary of two primaries keeps each apart.
+                if role == Role::Secondary && section.is_some_and(|s| s.primaries.len() > 1) {
+                    d.join(format!("pair-{}", members.primary))
+                } else {
+                    d
+                }
+            }),
+            on_promote: section.and_then(|s| s.on_promote.clone()),
+            on_demote: section.and_then(|s| s.on_demote.clone()),
+            recovery_mode: section.is_some_and(|s| s.recovery_mode),
+        };
         let instance = Instance::new(
             role,
             members,
             self.me,
-            interface,
+            local,
             group,
             self.node.leases().rpc().clone(),
             self.node.alarms().clone(),
             settings,
-            self.dir.join(format!("state-{}.json", members.primary)),
-            program,
-            self.section
-                .as_ref()
-                .and_then(|s| s.files_dir.clone())
-                .map(|d| {
-                    // One copy per pair: a secondary of two primaries keeps each apart.
-                    if role == Role::Secondary
-                        && self.section.as_ref().is_some_and(|s| s.primaries.len() > 1)
-                    {
-                        d.join(format!("pair-{}", members.primary))
-                    } else {
-                        d
-                    }
-                }),
         );
         instance.start();
         info!(target: LOG, event = "HA pair started", pair = members.primary, role = role.seed_name(),
@@ -409,5 +409,103 @@ impl causeway_cluster::Service for HaService {
             self.tasks.close();
             self.tasks.wait().await;
         })
+    }
+}
+
+/// `/metrics` for HA pairs, from each pair's status.
+pub(crate) struct Collector(pub std::sync::Weak<HaService>);
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ha")
+    }
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use causeway_cluster::metrics::{counter, gauge};
+        let Some(svc) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let status = svc.status_json();
+        let pairs = status["pairs"].as_array().cloned().unwrap_or_default();
+        let (mut states, mut held, mut generation, mut up, mut rtt, mut moves, mut sync) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for p in &pairs {
+            let pair = p["pair"].to_string();
+            if let Some(current) = p["state"].as_str() {
+                for s in crate::transitions::HaState::ALL {
+                    states.push((
+                        vec![("pair", pair.clone()), ("state", s.seed_name().to_string())],
+                        f64::from(u8::from(s.seed_name() == current)),
+                    ));
+                }
+                held.push((
+                    vec![("pair", pair.clone())],
+                    f64::from(u8::from(p["vip_held"] == true)),
+                ));
+                generation.push((
+                    vec![("pair", pair.clone())],
+                    p["generation"].as_f64().unwrap_or(0.0),
+                ));
+                moves.push((
+                    vec![("pair", pair.clone())],
+                    p["moves"].as_u64().unwrap_or(0),
+                ));
+                sync.push((
+                    vec![("pair", pair.clone())],
+                    p["data_replication"]["percent"].as_f64().unwrap_or(0.0) / 100.0,
+                ));
+            }
+            for (peer, b) in p["heartbeats"].as_object().cloned().unwrap_or_default() {
+                let labels = vec![("pair", pair.clone()), ("peer", format!("peer{peer}"))];
+                up.push((labels.clone(), f64::from(u8::from(b["status"] == "Up"))));
+                if let Some(ms) = b["mean_rtt_ms"].as_f64() {
+                    rtt.push((labels, ms / 1000.0));
+                }
+            }
+        }
+        gauge(
+            &mut enc,
+            "causeway_ha_state",
+            "This member's state per pair (1 for the current one)",
+            &states,
+        )?;
+        gauge(
+            &mut enc,
+            "causeway_ha_vip_held",
+            "1 while this node has the pair's virtual IP",
+            &held,
+        )?;
+        gauge(
+            &mut enc,
+            "causeway_ha_generation",
+            "Lease generation the virtual IP was last held at",
+            &generation,
+        )?;
+        gauge(
+            &mut enc,
+            "causeway_ha_heartbeat_up",
+            "1 while the member answers heartbeats",
+            &up,
+        )?;
+        gauge(
+            &mut enc,
+            "causeway_ha_heartbeat_rtt_seconds",
+            "Mean heartbeat response time over the last 40",
+            &rtt,
+        )?;
+        gauge(
+            &mut enc,
+            "causeway_ha_sync_progress_ratio",
+            "Copy of the holder's files: done / needed",
+            &sync,
+        )?;
+        counter(
+            &mut enc,
+            "causeway_ha_moves",
+            "Completed moves of the virtual IP (failover, switchover, failback)",
+            &moves,
+        )
     }
 }
