@@ -875,3 +875,64 @@ fn a_primary_that_lost_its_data_does_not_serve_until_recovery_mode_takes_it_back
     lab.signal(P, nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
 }
+
+#[test]
+fn operator_commands_run_when_the_address_arrives_and_when_it_leaves() {
+    let lab = Lab::up('l', 62, &[]);
+    let sd = lab.node_dir(S);
+    let script = sd.join("notify.sh");
+    let out = sd.join("notify.out");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$CAUSEWAY_HA_EVENT $1 $2 $3 $4\" >> {}\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&script, perms).unwrap();
+    lab.signal(S, nix::sys::signal::Signal::SIGTERM);
+    lab.wait_gone(S);
+    let toml = sd.join("causeway.toml");
+    let mut config = std::fs::read_to_string(&toml).unwrap();
+    config.push_str(&format!(
+        "on_promote = \"{0}\"\non_demote = \"{0}\"\n",
+        script.display()
+    ));
+    std::fs::write(&toml, config).unwrap();
+    let mut child = lab.restart(S);
+    lab.wait_state(S, "SECONDARY_ACTIVE", Duration::from_secs(10));
+    let ok = lab.cli(P, &["ha", "switchover"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(3));
+    let back = lab.cli(S, &["ha", "switchover", "--force"]);
+    assert!(
+        back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+    lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
+    let vip = lab.vip();
+    wait_for("both commands", Duration::from_secs(3), || {
+        std::fs::read_to_string(&out).is_ok_and(|t| t.lines().count() >= 2)
+    });
+    let lines: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(
+        lines[0].starts_with(&format!("promote 1 FAILOVER_ACTIVE {vip} ")),
+        "{lines:?}"
+    );
+    assert!(lines[1].starts_with("demote 1 "), "{lines:?}");
+    assert!(lines[1].contains(&vip), "{lines:?}");
+    lab.signal(S, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+}

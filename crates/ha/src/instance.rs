@@ -112,6 +112,8 @@ struct Shared {
     sync: Sync,
     /// This member has held the address since it started.
     held_once: bool,
+    /// The generation `on_promote` last ran for.
+    promoted_at: Option<u64>,
 }
 
 /// The copy of the holder's files on the member that does not hold (HA-3).
@@ -225,6 +227,7 @@ impl Instance {
                 moves: 0,
                 sync: Sync::default(),
                 held_once: false,
+                promoted_at: None,
             }),
             wake: Notify::new(),
             started: Instant::now(),
@@ -888,7 +891,6 @@ impl Instance {
         match r {
             Report::Added { generation } => {
                 sh.vip_at = Some(generation);
-                self.notify(true, sh.state, generation);
                 self.alarms.lower(CANNOT_MOVE, &subject);
                 let vip = self.vip().map(|v| v.to_string()).unwrap_or_default();
                 self.event(
@@ -1141,6 +1143,10 @@ impl Instance {
             }) {
                 self.go(sh, Trigger::InSync);
             }
+        }
+        if sh.promoted_at != sh.vip_at {
+            sh.promoted_at = sh.vip_at;
+            self.notify(true, sh.state, sh.vip_at.unwrap_or(0));
         }
         if self.role == Role::Secondary {
             self.alarms.raise(
