@@ -342,7 +342,8 @@ def run_keepalived(trials, workdir, res):
     wt.start()
     errf = open(os.path.join(outdir, "anchor.stderr"), "w")
     t_start = time.time()
-    p = start("anchor", cmd, stdout=subprocess.PIPE, stderr=errf, text=True, start_new_session=True)
+    p = start("anchor", cmd, stdout=subprocess.PIPE, stderr=errf, text=True, start_new_session=True,
+              env=dict(os.environ, KEEP_PROBES="1"))
     lines, trial_lines = [], []
     killer = threading.Timer(limit, lambda: p.poll() is None and os.killpg(p.pid, signal.SIGINT))
     killer.start()
@@ -358,7 +359,17 @@ def run_keepalived(trials, workdir, res):
                     r["line_wall"] = t
                     trial_lines.append(r)
                 except ValueError:
-                    pass
+                    continue
+                # The probe file (kept with KEEP_PROBES) dates the trial's probing window.
+                pf = os.path.join(outdir, f"probe_{r['mode']}_{r['advert']}_{r['trial']}.json")
+                try:
+                    with open(pf) as f:
+                        sent = json.load(f)["sent"]
+                    off = time.time() - time.monotonic()
+                    r["probe_wall"] = [round(sent[0] + off, 3), round(sent[-1] + off, 3)]
+                    os.remove(pf)
+                except (OSError, ValueError, KeyError, IndexError) as e:
+                    log(f"probe file {pf}: {e!r}")
         rc = p.wait(timeout=60)
     finally:
         killer.cancel()
@@ -380,8 +391,11 @@ def run_keepalived(trials, workdir, res):
     res["monitors"] = {n: m.raw for n, m in mons.items()}
     prev = t_start
     for r in trial_lines:
-        r["two_holders"] = overlaps_in(overlaps, prev, r["line_wall"])
-        r["window_wall"] = [round(prev, 3), round(r["line_wall"], 3)]
+        # fault window: up to the end of the trial's probing (+0.3 s); restore: the rest
+        mid = r["probe_wall"][1] + 0.3 if r.get("probe_wall") else r["line_wall"]
+        r["two_holders_fault"] = overlaps_in(overlaps, prev, mid)
+        r["two_holders_restore"] = overlaps_in(overlaps, mid, r["line_wall"])
+        r["window_wall"] = [round(prev, 3), round(mid, 3), round(r["line_wall"], 3)]
         prev = r["line_wall"]
     res["overlaps_outside_trials"] = overlaps_in(overlaps, prev, float("inf"))
     res["trials"] = trial_lines
@@ -615,6 +629,9 @@ def run_causeway(trials, modes, workdir, sip_interval, res):
                     raise RuntimeError(f"{mode} trial {i} did not recover: {r.get('restore')}")
                 time.sleep(2)  # >= 2 s between trials
     finally:
+        if len(lab.mons) == 2:  # every two-holder interval of the phase, in a trial or not
+            time.sleep(0.3)
+            res["two_holders_all"] = overlaps_in(holders_timeline(lab.mons), 0, float("inf"))
         for m in lab.mons:
             m.close()
         for role, p in lab.echo.items():
@@ -675,6 +692,17 @@ def fmt(x):
     return "n/a" if x is None else f"{x:.0f}"
 
 
+def two_holder_counts(rs):
+    def n(keys, links_up=False):
+        return sum(1 for r in rs if any(not (links_up and o["isolated_holder"])
+                                        for k in keys for o in r.get(k, [])))
+    both = ("two_holders_fault", "two_holders_restore")
+    return {"two_holder_trials": n(both), "two_holder_trials_fault": n(both[:1]),
+            "two_holder_trials_restore": n(both[1:]), "two_holder_trials_links_up": n(both, True),
+            "two_holder_max_ms": max((o["ms"] or float("inf") for r in rs for k in both for o in r.get(k, [])),
+                                     default=None)}
+
+
 def summarize(results, modes):
     rows = []
     ka = results.get("keepalived", {}).get("trials", [])
@@ -686,19 +714,14 @@ def summarize(results, modes):
             if rs:
                 med, mx, n = stats([r["outage_ms"] for r in rs])
                 rows.append({"mode": mode, "system": label + f" [{kmode}]", "n": n, "median_ms": med, "max_ms": mx,
-                             "two_holder_trials": sum(1 for r in rs if r.get("two_holders")),
-                             "two_holder_trials_links_up": sum(1 for r in rs if any(
-                                 not o["isolated_holder"] for o in r.get("two_holders", []))),
+                             **two_holder_counts(rs),
                              "restore_failures": sum(1 for r in rs if r.get("restore"))})
         rs = [r for r in cw if r["mode"] == mode]
         if rs:
-            th = sum(1 for r in rs if r["two_holders_fault"] or r["two_holders_restore"])
-            thu = sum(1 for r in rs if any(not o["isolated_holder"] for o in r["two_holders_fault"] +
-                                           r["two_holders_restore"]))
             for probe, label in (("echo", "Causeway defaults, echo probe"), ("sip", "Causeway defaults, SIP OPTIONS")):
                 med, mx, n = stats([r[probe]["outage_ms"] for r in rs])
                 rows.append({"mode": mode, "system": label, "n": n, "median_ms": med, "max_ms": mx,
-                             "two_holder_trials": th, "two_holder_trials_links_up": thu,
+                             **two_holder_counts(rs),
                              "restore_failures": sum(1 for r in rs if r.get("restore"))})
     for row in rows:  # ratios of the Causeway echo median to keepalived's, same mode
         if row["system"] == "Causeway defaults, echo probe" and row["median_ms"]:
@@ -711,12 +734,14 @@ def summarize(results, modes):
 
 def print_table(rows):
     print()
-    print(f"{'mode':<11} {'system':<46} {'n':>3} {'median ms':>10} {'max ms':>8} {'2 holders':>10} {'(links up)':>10}"
-          f"  ratios")
+    print(f"{'mode':<11} {'system':<46} {'n':>3} {'median ms':>10} {'max ms':>8}  two-holder trials: all "
+          f"(fault/restore, links up) longest  ratios")
     for r in rows:
         rat = " ".join(f"{k[9:]}={r[k]}" for k in ("ratio_vs_ka_default", "ratio_vs_ka_0.1") if k in r)
-        print(f"{r['mode']:<11} {r['system']:<46} {r['n']:>3} {fmt(r['median_ms']):>10} {fmt(r['max_ms']):>8} "
-              f"{r['two_holder_trials']:>10} {r['two_holder_trials_links_up']:>10}  {rat}"
+        th = (f"{r['two_holder_trials']:>3} ({r['two_holder_trials_fault']}/{r['two_holder_trials_restore']}, "
+              f"{r['two_holder_trials_links_up']}) {fmt(r['two_holder_max_ms'])} ms")
+        print(f"{r['mode']:<11} {r['system']:<46} {r['n']:>3} {fmt(r['median_ms']):>10} {fmt(r['max_ms']):>8}  "
+              f"{th:<28} {rat}"
               + (f"  restore_failures={r['restore_failures']}" if r["restore_failures"] else ""))
 
 
@@ -764,6 +789,23 @@ def main():
                         "probe_interval_ms": 1000 * INTERVAL, "sip_interval_ms": a.sip_interval_ms,
                         "workdir": workdir, "trials": a.trials, "modes": modes}}
     errors = []
+    load, stop_load = [], threading.Event()
+
+    def sample_load():  # evidence of other work on the machine (e.g. a compile): every 10 s
+        for _ in range(100000):
+            comms = []
+            for d in os.listdir("/proc"):
+                if d.isdigit():
+                    try:
+                        comms.append(open(f"/proc/{d}/comm").read().strip())
+                    except OSError:
+                        pass
+            load.append((round(time.time()), open("/proc/loadavg").read().split()[0],
+                         sum(1 for c in comms if c in ("rustc", "cargo", "cc", "ld", "cargo-nextest"))))
+            if stop_load.wait(10):
+                return
+
+    threading.Thread(target=sample_load, daemon=True).start()
     try:
         if not a.skip_keepalived:
             results["keepalived"] = {}
@@ -792,6 +834,8 @@ def main():
             sh(sys.executable, ANCHOR_PY, "down", check=False)
         left = [n for n in LAB_NS + ANCHOR_NS if n in namespaces()]
         alive = [(n, p.pid) for n, p in STARTED if p.poll() is None]
+        stop_load.set()
+        results["meta"]["load_samples"] = load  # (wall time, 1-min load average, rustc/cargo/ld processes)
         results["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         results["meta"]["left_namespaces"] = left
         results["meta"]["left_processes"] = alive

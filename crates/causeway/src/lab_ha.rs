@@ -35,6 +35,8 @@ pub struct Options {
     /// A second primary (`<subnet>.14`, virtual IP `<subnet>.20`) backed up by the same
     /// secondary.
     pub second_primary: bool,
+    /// The pair runs without a witness (the third node stays a peer, not a voter).
+    pub no_witness: bool,
 }
 
 impl Options {
@@ -228,6 +230,7 @@ fn build(
         .iter()
         .map(|(_, _, h)| format!("\"{subnet}.{h}\""))
         .collect();
+    let witness = if options.no_witness { "none" } else { "3" };
     let primaries = if options.second_primary {
         "[1, 4]"
     } else {
@@ -252,11 +255,11 @@ fn build(
         let ha = match role {
             "primary" | "primary2" => format!(
                 "role = \"primary\"\nhealth_monitor_interface = \"eth0\"\nvirtual_ip = \"{own_vip}\"\n\
-                 netmask = \"255.255.255.0\"\nsecondary = 2\nwitness = \"3\"\n\
+                 netmask = \"255.255.255.0\"\nsecondary = 2\nwitness = \"{witness}\"\n\
                  failover = \"{}\"\nfailback = \"manual\"\n{files}",
                 options.failover
             ),
-            "secondary" => format!("role = \"secondary\"\nhealth_monitor_interface = \"eth0\"\nprimaries = {primaries}\nwitness = \"3\"\n{files}"),
+            "secondary" => format!("role = \"secondary\"\nhealth_monitor_interface = \"eth0\"\nprimaries = {primaries}\nwitness = \"{witness}\"\n{files}"),
             _ => "role = \"witness\"\nhealth_monitor_interface = \"eth0\"\n".to_string(),
         };
         let sip = if role == "witness" {

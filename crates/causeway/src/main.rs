@@ -4,6 +4,7 @@
 mod lab;
 mod lab_ha;
 mod run;
+mod setup;
 mod show;
 
 use std::path::{Path, PathBuf};
@@ -116,6 +117,12 @@ enum Command {
         interface: String,
         #[arg(long)]
         vip: String,
+    },
+    /// The seed's setup dialogue (OP-6): host name, domain, HA role and pair, recovery mode,
+    /// DNS, time zone, NTP; writes the node file. Flags answer the questions, --yes confirms.
+    Setup {
+        #[command(flatten)]
+        args: Box<setup::Args>,
     },
     /// A local trial cluster on 127.0.0.x.
     Lab {
@@ -319,6 +326,9 @@ enum LabHaCommand {
         /// secondary backs up (N:1).
         #[arg(long)]
         second_primary: bool,
+        /// The pair runs without a witness (split brain is then possible, and said).
+        #[arg(long)]
+        no_witness: bool,
     },
     /// Stop the nodes by PID and remove the namespaces (from DIR/lab-ha.json).
     Down {
@@ -465,6 +475,7 @@ fn main() -> ExitCode {
         Command::HaKeeper { interface, vip } => {
             return ExitCode::from(causeway_ha::keeper::main(&interface, &vip) as u8)
         }
+        Command::Setup { args } => return setup::run(&args, &cli.node),
         Command::Lab { command } => match command {
             LabCommand::Up {
                 peers,
@@ -480,6 +491,7 @@ fn main() -> ExitCode {
                         subnet,
                         failover,
                         second_primary,
+                        no_witness,
                     },
             } => lab_ha::up(
                 &dir,
@@ -488,6 +500,7 @@ fn main() -> ExitCode {
                     subnet,
                     failover,
                     second_primary,
+                    no_witness,
                 },
             ),
             LabCommand::Ha {

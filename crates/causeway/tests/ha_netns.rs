@@ -936,3 +936,56 @@ fn operator_commands_run_when_the_address_arrives_and_when_it_leaves() {
     lab.signal(S, nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
 }
+
+#[test]
+fn without_a_witness_the_pair_fails_over_says_it_can_split_and_heals_to_one_holder() {
+    let lab = Lab::up('m', 64, &["--no-witness"]);
+    let info = String::from_utf8_lossy(&lab.cli(P, &["gethainfo"]).stdout).to_string();
+    assert!(info.contains("Witness: none *"), "{info}");
+    assert!(
+        info.contains("Split brain protection: none (no witness"),
+        "{info}"
+    );
+    assert_eq!(lab.status(P, 0)["split_brain_protection"], "none");
+    let alarms = String::from_utf8_lossy(&lab.cli(P, &["xstatus", "alarms"]).stdout).to_string();
+    assert!(alarms.contains("21022"), "{alarms}");
+
+    // A partition with both links up: both hold, as the status said they could.
+    lab.cut(P, S);
+    wait_for("the secondary to take over", Duration::from_secs(3), || {
+        lab.has_vip(S, &lab.vip())
+    });
+    assert!(
+        lab.has_vip(P, &lab.vip()),
+        "the primary kept it (no witness to stop it)"
+    );
+    // The heal: the higher generation keeps it, the other lets go at once.
+    let monitors = Monitors::start(&lab, &[P, S], &lab.vip());
+    lab.heal(&[P]);
+    wait_for("one holder after the heal", Duration::from_secs(5), || {
+        lab.has_vip(P, &lab.vip()) != lab.has_vip(S, &lab.vip())
+    });
+    let (events, _) = monitors.stop();
+    println!("after the heal: {events:?}");
+    let alarms = String::from_utf8_lossy(&lab.cli(S, &["xstatus", "alarms"]).stdout).to_string();
+    assert!(
+        alarms.contains("21025"),
+        "two holders were never reported: {alarms}"
+    );
+
+    // kill -9 of whoever holds: the other takes over after the failover wait.
+    let holder = if lab.has_vip(P, &lab.vip()) { P } else { S };
+    let other = if holder.0 == P.0 { S } else { P };
+    std::thread::sleep(Duration::from_secs(1));
+    lab.signal(holder, nix::sys::signal::Signal::SIGKILL);
+    lab.wait_gone(holder);
+    wait_for(
+        "the other member to take over",
+        Duration::from_secs(3),
+        || lab.has_vip(other, &lab.vip()),
+    );
+    assert!(
+        !lab.has_vip(holder, &lab.vip()),
+        "the killed node's keeper kept it"
+    );
+}

@@ -15,7 +15,10 @@ use std::time::{Duration, SystemTime};
 use causeway_alarms::AlarmTable;
 use causeway_cluster::HaMode;
 use causeway_common::error::Refusal;
-use causeway_consensus::{Holder, LeaderLease, LeaseGroup};
+use causeway_consensus::Holder;
+
+use crate::lease::PairLease;
+use causeway_consensus::LeaderLease as _;
 use causeway_mesh::rpc::Rpc;
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -162,7 +165,7 @@ pub struct Instance {
     pub members: Members,
     me: usize,
     local: Local,
-    group: Arc<LeaseGroup>,
+    lease: PairLease,
     rpc: Arc<Rpc>,
     alarms: Arc<AlarmTable>,
     settings: Mutex<Option<PairSettings>>,
@@ -187,7 +190,7 @@ impl Instance {
         members: Members,
         me: usize,
         local: Local,
-        group: Arc<LeaseGroup>,
+        lease: PairLease,
         rpc: Arc<Rpc>,
         alarms: Arc<AlarmTable>,
         settings: Option<PairSettings>,
@@ -198,13 +201,15 @@ impl Instance {
             && !local.state_file.with_extension("recovered").exists();
         // The instance stands only when its own rules say so (stand_now), never on
         // openraft's timer: a member cut off from the holder alone must not raise its term.
-        group.set_eligible(false);
+        if let PairLease::Group(g) = &lease {
+            g.set_eligible(false);
+        }
         Arc::new(Self {
             role,
             members,
             me,
             local,
-            group,
+            lease,
             rpc,
             alarms,
             settings: Mutex::new(settings),
@@ -375,14 +380,17 @@ impl Instance {
         }
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
-        self.group.shutdown().await;
+        self.lease.shutdown().await;
     }
 
     fn serve(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
         self.rpc
-            .serve(&pair::heartbeat(self.pair()), move |_from, beat: Beat| {
+            .serve(&pair::heartbeat(self.pair()), move |from, beat: Beat| {
                 let answer = me.upgrade().map(|i| {
+                    if Some(from) == i.pair_peer() {
+                        i.lease.observe_peer(beat.vip_at);
+                    }
                     let sh = i.lock();
                     Beat {
                         seq: beat.seq,
@@ -409,7 +417,7 @@ impl Instance {
             move |_from, req: crate::files::IndexRequest| {
                 let answer = match me.upgrade() {
                     Some(i)
-                        if !(i.group.state().is_mine()
+                        if !(i.lease.state().is_mine()
                             || (req.recovery && i.role == Role::Secondary)) =>
                     {
                         Err("this member does not hold the pair's lease".to_string())
@@ -452,12 +460,12 @@ impl Instance {
 
     /// How long this member has not heard a holder (since it started, if never).
     fn silent_for(&self) -> Duration {
-        let heard = self.group.last_heard_holder().unwrap_or(self.started);
+        let heard = self.lease.last_heard_holder().unwrap_or(self.started);
         Instant::now().saturating_duration_since(heard)
     }
 
     fn answer_prevote(&self, from: usize, p: Prevote) -> Result<(), String> {
-        if self.group.state().is_mine() {
+        if self.lease.state().is_mine() {
             return Err("this member holds the lease".into());
         }
         let wait = Duration::from_millis(p.failover_wait_ms.saturating_sub(20));
@@ -489,7 +497,7 @@ impl Instance {
             }
             Handover::GiveBack { force } => {
                 self.check_guard(force).map_err(|r| r.message)?;
-                if !self.group.state().is_mine() {
+                if !self.lease.state().is_mine() {
                     return Err("this member does not hold the virtual IP".into());
                 }
                 let mut sh = self.lock();
@@ -568,6 +576,9 @@ impl Instance {
                         b.vip_at = a.vip_at;
                         b.in_sync = a.in_sync;
                         b.has_copy = a.has_copy;
+                        if Some(peer) == me.pair_peer() {
+                            me.lease.observe_peer(a.vip_at);
+                        }
                     } else {
                         b.ok_in_row = 0;
                     }
@@ -641,6 +652,7 @@ impl Instance {
             }
             let w = self.members.witness;
             match sh.beats.get(&w) {
+                _ if w == 0 => {}
                 Some(b) if !down_long(b) => {
                     self.alarms.lower(WITNESS_UNREACHABLE, &subject);
                 }
@@ -670,7 +682,7 @@ impl Instance {
                 _ = tick.tick() => {}
             }
             let recovering = self.recovering.load(std::sync::atomic::Ordering::Relaxed);
-            let (peer, generation) = match (self.group.state().holder, self.pair_peer()) {
+            let (peer, generation) = match (self.lease.state().holder, self.pair_peer()) {
                 (Holder::Peer { peer, generation }, Some(p))
                     if peer == p && self.silent_for() < Duration::from_secs(1) =>
                 {
@@ -810,8 +822,8 @@ impl Instance {
     // ---------------------------------------------------------------- the loop
 
     async fn run(self: Arc<Self>) {
-        let mut lease = self.group.watch();
-        let mut hold = self.group.hold();
+        let mut lease = self.lease.watch();
+        let mut hold = self.lease.hold();
         let mut keeper: Option<Keeper> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -853,7 +865,7 @@ impl Instance {
                         warn!(target: LOG, event = "HA address keeper stopped", pair = self.pair(), "");
                         keeper = None;
                         self.lock().vip_at = None;
-                        self.group.resign();
+                        self.lease.resign();
                         continue;
                     }
                 },
@@ -863,12 +875,12 @@ impl Instance {
         // Stopping (row 18): the address goes first, then the lease; a holder then hands
         // over, so the peer stands at once instead of after the failover wait.
         let g = self.lock().generation.unwrap_or(0);
-        let held = self.group.state().is_mine();
+        let held = self.lease.state().is_mine();
         if let Some(mut k) = keeper {
             let _ = k.send(Order::Release { generation: g }).await;
             k.stop().await;
         }
-        self.group.resign();
+        self.lease.resign();
         if let (true, Some(peer)) = (held, self.pair_peer()) {
             let _ = self
                 .rpc
@@ -1029,8 +1041,8 @@ impl Instance {
     }
 
     async fn step(&self, keeper: &mut Option<Keeper>) {
-        let lease = self.group.state().holder;
-        let hold = *self.group.hold().borrow();
+        let lease = self.lease.state().holder;
+        let hold = *self.lease.hold().borrow();
         let now = Instant::now();
         let settings = self.settings();
         let mut orders = vec![];
@@ -1072,7 +1084,7 @@ impl Instance {
                 }
                 if sh.releasing.is_some() && matches!(lease, Holder::Me { .. }) {
                     // Released: now let the lease go, so the peer can win it.
-                    self.group.resign();
+                    self.lease.resign();
                 }
             }
             if holding && sh.vip_at == sh.generation {
@@ -1290,7 +1302,7 @@ impl Instance {
                 }
                 let subject = format!("pair {}", self.pair());
                 let waited = silent >= Duration::from_millis(s.failover_wait_ms);
-                let heard_since_start = self.group.last_heard_holder().is_some();
+                let heard_since_start = self.lease.last_heard_holder().is_some();
                 let grace_over = heard_since_start || self.started.elapsed() >= START_GRACE;
                 if sh.take_over && !peer_holds {
                     *stand = true;
@@ -1333,7 +1345,8 @@ impl Instance {
     async fn stand(&self, settings: &Option<PairSettings>) {
         let Some(s) = settings else { return };
         let asked = self.lock().take_over;
-        if !asked {
+        // Without a witness there is nobody else to ask: silence decides.
+        if !asked && self.lease.has_witness() {
             let answers = self
                 .rpc
                 .call_quorum(
@@ -1370,7 +1383,7 @@ impl Instance {
             }
             self.idle(&mut sh, "standing for the lease");
         }
-        if let Err(e) = self.group.stand_now().await {
+        if let Err(e) = self.lease.stand_now().await {
             let mut sh = self.lock();
             self.idle(&mut sh, &format!("cannot stand yet: {e}"));
         }
@@ -1383,7 +1396,7 @@ impl Instance {
         let peer = self.pair_peer().ok_or_else(|| {
             Refusal::invalid("a witness holds no address: run it on a pair member")
         })?;
-        if self.group.state().is_mine() {
+        if self.lease.state().is_mine() {
             self.check_guard(force)?;
             let (up, in_sync, state) = self
                 .lock()
@@ -1413,7 +1426,7 @@ impl Instance {
             self.wake.notify_one();
             // Wait until this member has let go, then tell the peer to take it.
             let deadline = Instant::now() + Duration::from_secs(1);
-            while self.group.state().is_mine() && Instant::now() < deadline {
+            while self.lease.state().is_mine() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             self.rpc
@@ -1476,14 +1489,14 @@ impl Instance {
             return Err(Refusal::invalid("'ha failover' is run on the secondary"));
         }
         let primary = self.members.primary;
-        let holder_alive = matches!(self.group.state().holder, Holder::Peer { peer, .. } if peer == primary)
+        let holder_alive = matches!(self.lease.state().holder, Holder::Peer { peer, .. } if peer == primary)
             && self.silent_for() < DOWN_AFTER;
         if holder_alive && !force {
             return Err(Refusal::conflict(format!(
                 "the primary, Peer {primary}, holds the virtual IP: use 'ha switchover'"
             )));
         }
-        if self.group.state().is_mine() {
+        if self.lease.state().is_mine() {
             return Ok("This secondary already holds the virtual IP".into());
         }
         self.check_in_sync(force, "secondary")?;
@@ -1508,8 +1521,8 @@ impl Instance {
         }
         self.check_guard(force)?;
         self.check_in_sync(force, "primary")?;
-        let log_lost = self.group.records_reset().borrow().is_some()
-            || (self.fresh && !self.lock().held_once && self.group.last_heard_holder().is_none());
+        let log_lost = self.lease.records_reset()
+            || (self.fresh && !self.lock().held_once && self.lease.last_heard_holder().is_none());
         if log_lost {
             // With its data went its lease records: the other voters' logs are longer, so
             // it cannot win a vote until it has heard a holder, and with a manual failover
@@ -1518,7 +1531,7 @@ impl Instance {
                 "this primary's lease records were lost with its data: it can hold the virtual IP only after it has heard a holder. Run 'causeway ha failover' on the secondary first, then 'causeway ha failback --force' here",
             ));
         }
-        let secondary_holds = matches!(self.group.state().holder,
+        let secondary_holds = matches!(self.lease.state().holder,
             Holder::Peer { peer, .. } if peer == self.members.secondary)
             && self.silent_for() < DOWN_AFTER;
         if secondary_holds {
@@ -1600,8 +1613,8 @@ impl Instance {
             "guard_window_s": settings.as_ref().map(|s| s.guard_window_s),
             "vip_held": sh.vip_at.is_some(),
             "generation": sh.generation,
-            "holder": self.group.state().holder.to_string(),
-            "split_brain_protection": "witness",
+            "holder": self.lease.state().holder.to_string(),
+            "split_brain_protection": if self.lease.has_witness() { "witness" } else { "none" },
             "heartbeats": beats,
             "moves": sh.moves,
             "events": events,

@@ -10,6 +10,7 @@ pub mod catalogue;
 pub mod files;
 pub mod instance;
 pub mod keeper;
+mod lease;
 pub mod pair;
 mod service;
 pub mod status;

@@ -54,12 +54,17 @@ impl PairSettings {
 pub struct Members {
     pub primary: usize,
     pub secondary: usize,
+    /// 0: the pair has no witness.
     pub witness: usize,
 }
 
 impl Members {
+    /// The lease group's voters (a pair without a witness has `witness` 0).
     pub fn voters(&self) -> Vec<usize> {
-        vec![self.primary, self.secondary, self.witness]
+        [self.primary, self.secondary, self.witness]
+            .into_iter()
+            .filter(|&m| m != 0)
+            .collect()
     }
 
     /// The lease group's name: `ha/<primary's peer number>`.

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::catalogue::{NO_WITNESS, PAIRING_REFUSED};
 use crate::instance::{Instance, Role};
+use crate::lease::{BeatLease, PairLease};
 use crate::pair::{self, default_witness, Hello, HelloAnswer, Members, PairSettings};
 use crate::LOG;
 
@@ -33,6 +34,12 @@ pub struct HaService {
     instances: Mutex<BTreeMap<usize, Arc<Instance>>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+}
+
+fn section_interface(section: Option<&HaSection>) -> String {
+    section
+        .map(|s| s.health_monitor_interface.clone())
+        .unwrap_or_default()
 }
 
 fn refuse_pairing(node: &Node, pair: usize, reason: String) -> String {
@@ -66,14 +73,13 @@ impl HaService {
             tasks: TaskTracker::new(),
         });
         if let Some(s) = &section {
+            // 0: no witness (none named, or no third peer to be one).
             let witness_of = |primary: usize, secondary: usize| -> anyhow::Result<usize> {
                 match s.witness.as_deref() {
-                    None => default_witness(peers.len(), primary, secondary).ok_or_else(|| {
-                        anyhow::anyhow!("ha.witness: the pair has no third peer to be its witness; a pair without a witness is not supported yet: add a peer")
-                    }),
-                    Some("none") | Some("cluster") => anyhow::bail!(
-                        "ha.witness = \"{}\" is not supported yet: name a third peer by number",
-                        s.witness.as_deref().unwrap_or_default()
+                    None => Ok(default_witness(peers.len(), primary, secondary).unwrap_or(0)),
+                    Some("none") => Ok(0),
+                    Some("cluster") => anyhow::bail!(
+                        "ha.witness = \"cluster\" is not supported yet: name a third peer by number, or \"none\""
                     ),
                     Some(n) => n.parse().context("ha.witness"),
                 }
@@ -105,7 +111,6 @@ impl HaService {
                 }
                 HaRole::Witness => {}
             }
-            node.alarms().lower(NO_WITNESS, "ha");
         }
         for members in svc.saved_witness_pairs() {
             if let Err(e) = svc.add(Role::Witness, members, None) {
@@ -150,16 +155,37 @@ impl HaService {
         if self.lock().contains_key(&members.primary) {
             return Ok(());
         }
-        let group = self
-            .node
-            .leases()
-            .start_group_with(&members.group(), members.voters(), pair::lease_timing())
-            .with_context(|| format!("starting the lease group of pair {}", members.primary))?;
+        let subject = format!("pair {}", members.primary);
+        let lease = if members.witness == 0 {
+            self.node.alarms().raise(
+                NO_WITNESS,
+                &subject,
+                "no witness: a partition between primary and secondary can leave both holding the virtual IP",
+            );
+            let peer = if role == Role::Primary {
+                members.secondary
+            } else {
+                members.primary
+            };
+            PairLease::Beats(BeatLease::start(
+                peer,
+                section_interface(self.section.as_ref()),
+                self.dir.join(format!("generation-{}", members.primary)),
+            ))
+        } else {
+            self.node.alarms().lower(NO_WITNESS, &subject);
+            PairLease::Group(
+                self.node
+                    .leases()
+                    .start_group_with(&members.group(), members.voters(), pair::lease_timing())
+                    .with_context(|| {
+                        format!("starting the lease group of pair {}", members.primary)
+                    })?,
+            )
+        };
         let section = self.section.as_ref();
         let local = crate::instance::Local {
-            interface: section
-                .map(|s| s.health_monitor_interface.clone())
-                .unwrap_or_default(),
+            interface: section_interface(section),
             state_file: self.dir.join(format!("state-{}.json", members.primary)),
             keeper_program: std::env::current_exe()
                 .context("finding this program for the address keeper")?,
@@ -180,7 +206,7 @@ impl HaService {
             members,
             self.me,
             local,
-            group,
+            lease,
             self.node.leases().rpc().clone(),
             self.node.alarms().clone(),
             settings,

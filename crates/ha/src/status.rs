@@ -103,15 +103,23 @@ pub fn gethainfo(status: &Value) -> String {
             "Failover wait time (seconds): {}",
             seconds(p["failover_wait_ms"].as_u64().unwrap_or(0))
         ));
-        line(format!(
-            "Witness: Peer {witness} ({}), {} *",
-            s(p, "witness_address"),
-            witness_beat.map_or("Down", |b| s(b, "status"))
-        ));
-        line(format!(
-            "Split brain protection: {} *",
-            s(p, "split_brain_protection")
-        ));
+        if witness == 0 {
+            line("Witness: none *".into());
+            line(format!(
+                "Split brain protection: none (no witness: a partition between primary and secondary can leave both holding {}) *",
+                s(p, "virtual_ip")
+            ));
+        } else {
+            line(format!(
+                "Witness: Peer {witness} ({}), {} *",
+                s(p, "witness_address"),
+                witness_beat.map_or("Down", |b| s(b, "status"))
+            ));
+            line(format!(
+                "Split brain protection: {} *",
+                s(p, "split_brain_protection")
+            ));
+        }
         line(format!(
             "Lease generation: {} *",
             p["generation"]
