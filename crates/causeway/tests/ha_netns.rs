@@ -751,6 +751,24 @@ fn the_secondary_keeps_a_copy_of_the_primarys_files_and_the_primary_takes_back_w
         Duration::from_secs(5),
         || !sf.join("a.txt").exists(),
     );
+    // A file over the 256 MiB cap is named in 21024, never skipped in silence.
+    let huge = std::fs::File::create(pf.join("huge.iso")).unwrap();
+    huge.set_len((256 << 20) + 1).unwrap();
+    let raised_21024 = || {
+        let out = lab.cli(S, &["xstatus", "alarms", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["active"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["id"] == 21024))
+            .map(|a| a["reason"].as_str().unwrap_or("").to_string())
+    };
+    wait_for("21024 naming the file", Duration::from_secs(5), || {
+        raised_21024().is_some_and(|r| r.contains("huge.iso"))
+    });
+    std::fs::remove_file(pf.join("huge.iso")).unwrap();
+    wait_for("21024 lowered", Duration::from_secs(5), || {
+        raised_21024().is_none()
+    });
 
     // After a failover the secondary's directory is the truth, and the primary takes it.
     lab.signal(P, nix::sys::signal::Signal::SIGKILL);

@@ -6,6 +6,7 @@ pub const HEARTBEAT_LOST: u32 = 21020;
 pub const FAILED_OVER: u32 = 21021;
 pub const NO_WITNESS: u32 = 21022;
 pub const WITNESS_UNREACHABLE: u32 = 21023;
+pub const REPLICATION_BEHIND: u32 = 21024;
 pub const TWO_HOLDERS: u32 = 21025;
 pub const CANNOT_MOVE: u32 = 21027;
 pub const PAIRING_REFUSED: u32 = 21028;
@@ -24,6 +25,9 @@ pub static ALARMS: &[AlarmType] = &[
     alarm!(21023, "c0a51e23-7d3b-4e61-9b0f-3a2e5d8c1023", Warning, "HA witness unreachable",
         "HA witness unreachable: one more failure stops the virtual IP",
         "Check that the witness peer runs and is reachable on the cluster port"),
+    alarm!(21024, "c0a51e24-7d3b-4e61-9b0f-3a2e5d8c1024", Warning, "HA replication behind",
+        "HA replication behind: the member that does not hold has not copied the holder's files for 10 s, or a file cannot be copied",
+        "See the reason; a file over 256 MiB, or more than 4 GiB or 100,000 files, is not replicated: move it out of the files directory"),
     alarm!(21025, "c0a51e25-7d3b-4e61-9b0f-3a2e5d8c1025", Critical, "HA virtual IP held by two nodes",
         "HA virtual IP held by two nodes: both members of the pair report the virtual IP on an interface",
         "Check for an address added by hand ('ip address show'); the member without the lease removes it by itself"),

@@ -68,6 +68,8 @@ const START_GRACE: Duration = Duration::from_secs(5);
 /// A failback that has not made the primary the holder by then has failed (row 17).
 const FAILBACK_LIMIT: Duration = Duration::from_secs(5);
 const EVENTS_KEPT: usize = 1000;
+/// A member not in sync with a reachable holder for this long raises 21024.
+const BEHIND_ALARM: Duration = Duration::from_secs(10);
 
 /// One line of the events log (the seed's Prime page).
 #[derive(Clone, Debug, Serialize)]
@@ -131,6 +133,8 @@ struct Sync {
     last_error: Option<String>,
     /// The seed's event is written once per synchronisation, not per pass.
     announced: bool,
+    /// Not in sync with a reachable holder since then (alarm 21024).
+    behind_since: Option<Instant>,
 }
 
 impl Sync {
@@ -745,6 +749,29 @@ impl Instance {
                         warn!(target: LOG, event = "HA files not copied", pair = self.pair(), reason = %e, "");
                     }
                     sh.sync.last_error = Some(e);
+                }
+            }
+            // 21024: behind the holder for 10 s, or a file that cannot be copied at all.
+            let subject = format!("pair {}", self.pair());
+            let over_caps = sh
+                .sync
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("over the 256 MiB") || e.contains("passes 4 GiB"));
+            if sh.sync.in_sync && !over_caps {
+                sh.sync.behind_since = None;
+                self.alarms.lower(REPLICATION_BEHIND, &subject);
+            } else {
+                let since = *sh.sync.behind_since.get_or_insert(Instant::now());
+                if over_caps || since.elapsed() >= BEHIND_ALARM {
+                    let why = sh.sync.last_error.clone().unwrap_or_else(|| {
+                        format!(
+                            "{}% of the holder's files copied after {} s",
+                            sh.sync.percent(),
+                            since.elapsed().as_secs()
+                        )
+                    });
+                    self.alarms.raise(REPLICATION_BEHIND, &subject, &why);
                 }
             }
         }
