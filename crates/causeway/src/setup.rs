@@ -80,6 +80,14 @@ pub struct Args {
     /// The time zone, e.g. UTC (the OS's; kept as a comment).
     #[arg(long)]
     timezone: Option<String>,
+    /// This node's health-monitor address (node.address; default: the health-monitor
+    /// interface's own address).
+    #[arg(long)]
+    address: Option<IpAddr>,
+    /// The peer list, Peer 1 first (cluster.peers): the pair members and the witness are
+    /// peers of one cluster.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
 }
 
 /// Why setup stopped without writing.
@@ -257,6 +265,9 @@ struct Answers {
     dns: Option<Vec<String>>,
     timezone: Option<String>,
     ntp: Option<Vec<String>>,
+    /// From `--address` and `--peers` only.
+    address: Option<IpAddr>,
+    peers: Vec<String>,
 }
 
 impl Answers {
@@ -293,6 +304,8 @@ impl Answers {
             dns: host_list("dns"),
             timezone: lines.host("timezone").and_then(|v| toml_string(&v)),
             ntp: host_list("ntp"),
+            address: None,
+            peers: vec![],
         }
     }
 
@@ -484,6 +497,8 @@ impl Setup {
             Stop::Invalid(format!("error: --{flag} ({field}): {why}"))
         }
         let a = &mut self.answers;
+        a.address = args.address;
+        a.peers = args.peers.iter().map(|p| p.trim().to_string()).collect();
         let mut fix = |steps: &[Step]| self.fixed.extend(steps);
         if let Some(v) = &args.hostname {
             a.hostname = parse_hostname(v).map_err(|w| bad("hostname", "node.system_name", w))?;
@@ -1081,6 +1096,19 @@ impl Setup {
             );
         }
         if a.ha {
+            // The node's address is its health-monitor address: the interface's own, unless
+            // the file names one already.
+            let unset = file
+                .get("node", "address")
+                .is_none_or(|v| v.trim_matches('"').is_empty());
+            let derived = unset.then(|| interface_address(&a.hm_interface)).flatten();
+            if let Some(ip) = a.address.or(derived) {
+                file.set("node", "address", quoted(&ip.to_string()));
+            }
+            if !a.peers.is_empty() {
+                let list: Vec<String> = a.peers.iter().map(|p| quoted(p)).collect();
+                file.set("cluster", "peers", format!("[{}]", list.join(", ")));
+            }
             file.set("ha", "role", quoted(role_name(a.role)));
             file.set("ha", "health_monitor_interface", quoted(&a.hm_interface));
             if a.role != HaRole::Witness {
@@ -1231,6 +1259,26 @@ fn interfaces() -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+/// The first address of `interface` (IPv4 first), as the health-monitor address.
+fn interface_address(interface: &str) -> Option<IpAddr> {
+    let addrs: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| a.interface_name == interface)
+        .filter_map(|a| {
+            let sa = a.address?;
+            sa.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
+        .collect();
+    addrs
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or(addrs.first())
+        .copied()
 }
 
 fn machine_hostname() -> String {

@@ -488,3 +488,53 @@ fn switching_roles_while_the_node_runs_is_refused_in_the_seeds_words() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(node.text().contains("system_name = \"cwp2\""));
 }
+
+#[test]
+fn a_new_node_file_gets_its_address_and_peer_list_from_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_causeway"))
+        .arg("--node")
+        .arg(dir.path())
+        .args(["setup", "--config"])
+        .arg(&path)
+        .args([
+            "--hostname",
+            "cwp1",
+            "--role",
+            "primary",
+            "--health-monitor-interface",
+            "eth0",
+            "--address",
+            "10.0.0.11",
+            "--peers",
+            "10.0.0.11,10.0.0.12,10.0.0.13",
+            "--virtual-ip",
+            "10.0.0.10",
+            "--netmask",
+            "24",
+            "--secondary",
+            "2",
+            "--yes",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let file = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        table(&file, "node").contains(&"address = \"10.0.0.11\"".into()),
+        "{file}"
+    );
+    assert!(
+        table(&file, "cluster")
+            .contains(&"peers = [\"10.0.0.11\", \"10.0.0.12\", \"10.0.0.13\"]".into()),
+        "{file}"
+    );
+    let check = Command::new(env!("CARGO_BIN_EXE_causeway"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", stderr(&check));
+}
