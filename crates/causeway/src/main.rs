@@ -155,6 +155,15 @@ enum HaCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Leave the pair cleanly (the seed's unpair): the secondary stops serving the pair,
+    /// the primary keeps its virtual IP on its own. Refused while the secondary holds it.
+    Unpair {
+        #[arg(long)]
+        pair: Option<usize>,
+        /// Leave on this side even if the other member cannot be told.
+        #[arg(long)]
+        force: bool,
+    },
     /// The pair's status with the events log, as JSON.
     Status,
 }
@@ -468,6 +477,9 @@ fn main() -> ExitCode {
                 }
                 HaCommand::Failback { pair, force } => {
                     show::ha_command(&socket, "failback", pair, force)
+                }
+                HaCommand::Unpair { pair, force } => {
+                    show::ha_command(&socket, "unpair", pair, force)
                 }
                 HaCommand::Status => show::ha_info(&socket, &data_dir(&cli.node), "status", true),
             }

@@ -1007,3 +1007,61 @@ fn without_a_witness_the_pair_fails_over_says_it_can_split_and_heals_to_one_hold
         "the killed node's keeper kept it"
     );
 }
+
+#[test]
+fn unpair_leaves_the_primary_serving_alone_and_takes_the_secondary_out_for_good() {
+    let lab = Lab::up('n', 65, &[]);
+    // Never while the secondary serves.
+    let ok = lab.cli(P, &["ha", "switchover"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(3));
+    let refused = lab.cli(P, &["ha", "unpair"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("fail back first"));
+    let back = lab.cli(P, &["ha", "failback", "--force"]);
+    assert!(
+        back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+    lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
+
+    let out = lab.cli(P, &["ha", "unpair"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the primary to hold alone", Duration::from_secs(3), || {
+        lab.has_vip(P, &lab.vip())
+    });
+    for n in [P, S] {
+        let info = String::from_utf8_lossy(&lab.cli(n, &["gethainfo"]).stdout).to_string();
+        assert!(
+            info.contains("Number of paired peers: 0"),
+            "{}: {info}",
+            n.0
+        );
+    }
+    // The secondary no longer takes over, and the primary keeps its address across a
+    // restart.
+    lab.signal(P, nix::sys::signal::Signal::SIGKILL);
+    lab.wait_gone(P);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !lab.has_vip(S, &lab.vip()),
+        "an unpaired secondary took over"
+    );
+    let mut child = lab.restart(P);
+    wait_for("the primary alone again", Duration::from_secs(5), || {
+        lab.has_vip(P, &lab.vip())
+    });
+    let info = String::from_utf8_lossy(&lab.cli(P, &["gethainfo"]).stdout).to_string();
+    assert!(info.contains("Number of paired peers: 0"), "{info}");
+    lab.signal(P, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+}

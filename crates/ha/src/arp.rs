@@ -34,6 +34,56 @@ pub fn garp_request(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 42] {
     f
 }
 
+const ETH_P_IPV6: u16 = 0x86dd;
+
+/// An unsolicited neighbour advertisement for `ip` from `mac` (RFC 4861 §7.2.6), to all
+/// nodes (ff02::1): Override set, Solicited clear, hop limit 255, the target link-layer
+/// address option; 86 bytes.
+pub fn unsolicited_na(mac: [u8; 6], ip: std::net::Ipv6Addr) -> [u8; 86] {
+    let all_nodes = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let mut f = [0u8; 86];
+    f[0..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 1]); // ff02::1's multicast MAC
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    // IPv6 header
+    f[14] = 0x60;
+    f[18..20].copy_from_slice(&32u16.to_be_bytes()); // payload: the ICMPv6 message
+    f[20] = 58; // ICMPv6
+    f[21] = 255; // hop limit: receivers drop an NA with any other
+    f[22..38].copy_from_slice(&ip.octets());
+    f[38..54].copy_from_slice(&all_nodes.octets());
+    // ICMPv6 neighbour advertisement
+    f[54] = 136;
+    f[58] = 0x20; // R=0 S=0 O=1
+    f[62..78].copy_from_slice(&ip.octets());
+    f[78] = 2; // target link-layer address
+    f[79] = 1; // length in units of 8 bytes
+    f[80..86].copy_from_slice(&mac);
+    let sum = icmpv6_checksum(&ip, &all_nodes, &f[54..86]);
+    f[56..58].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// The ICMPv6 checksum over the pseudo-header and `message` (its checksum field zero).
+fn icmpv6_checksum(src: &std::net::Ipv6Addr, dst: &std::net::Ipv6Addr, message: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&(message.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(message);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// If `frame` is an ARP packet, its (operation, sender MAC, sender IP, target IP).
 pub fn parse_arp(frame: &[u8]) -> Option<(u16, [u8; 6], Ipv4Addr, Ipv4Addr)> {
     if frame.len() < 42 || frame[12..14] != ETH_P_ARP.to_be_bytes() {
@@ -228,6 +278,24 @@ mod tests {
             ))
         );
         assert_eq!(parse_arp(&f[..30]), None);
+    }
+
+    #[test]
+    fn an_unsolicited_neighbour_advertisement_checks_out() {
+        let mac = [0x02, 0, 0, 0, 0, 0x11];
+        let ip: std::net::Ipv6Addr = "2001:db8::10".parse().unwrap();
+        let f = unsolicited_na(mac, ip);
+        assert_eq!(&f[0..6], &[0x33, 0x33, 0, 0, 0, 1]);
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        assert_eq!((f[20], f[21]), (58, 255));
+        assert_eq!(f[54], 136, "neighbour advertisement");
+        assert_eq!(f[58], 0x20, "Override only");
+        assert_eq!(&f[62..78], &ip.octets());
+        assert_eq!(&f[80..86], &mac);
+        // A receiver's sum over the pseudo-header and the message, checksum included, is
+        // 0xffff (its complement zero).
+        let all_nodes = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        assert_eq!(icmpv6_checksum(&ip, &all_nodes, &f[54..86]), 0);
     }
 
     #[test]

@@ -274,11 +274,24 @@ impl Instance {
     }
 
     /// The other member of the pair (for the witness: none).
-    fn pair_peer(&self) -> Option<usize> {
+    /// The other member of the pair (none for the witness, or a primary after `unpair`).
+    pub(crate) fn pair_peer(&self) -> Option<usize> {
         match self.role {
-            Role::Primary => Some(self.members.secondary),
+            Role::Primary if self.members.secondary != 0 => Some(self.members.secondary),
             Role::Secondary => Some(self.members.primary),
-            Role::Witness => None,
+            _ => None,
+        }
+    }
+
+    /// The secondary holds the address (seen from either member).
+    pub(crate) fn secondary_serves(&self) -> bool {
+        match self.role {
+            Role::Secondary => self.lease.state().is_mine(),
+            _ => {
+                matches!(self.lease.state().holder,
+                Holder::Peer { peer, .. } if peer == self.members.secondary)
+                    && self.silent_for() < DOWN_AFTER
+            }
         }
     }
 

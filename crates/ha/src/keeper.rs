@@ -255,18 +255,18 @@ async fn keep(vip: Vip) -> i32 {
     }
 }
 
-/// Gratuitous ARP on the schedule of section 4 (IPv4; IPv6 neighbour advertisements are
-/// not sent yet).
+/// Gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6) on the schedule of
+/// section 4.
 fn announce(vip: Vip, sent: mpsc::UnboundedSender<u32>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let IpAddr::V4(ip) = vip.address else {
-            return;
-        };
         let socket = match crate::arp::ArpSocket::open(&vip.interface) {
             Ok(s) => s,
             Err(_) => return,
         };
-        let frame = crate::arp::garp_request(socket.mac, ip);
+        let frame: Vec<u8> = match vip.address {
+            IpAddr::V4(ip) => crate::arp::garp_request(socket.mac, ip).to_vec(),
+            IpAddr::V6(ip) => crate::arp::unsolicited_na(socket.mac, ip).to_vec(),
+        };
         let start = tokio::time::Instant::now();
         let mut frames = 0;
         for at in crate::arp::SCHEDULE_MS {

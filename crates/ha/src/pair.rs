@@ -67,6 +67,15 @@ impl Members {
             .collect()
     }
 
+    /// A primary after `unpair`: no secondary, no witness; it keeps its address alone.
+    pub fn standalone(primary: usize) -> Self {
+        Self {
+            primary,
+            secondary: 0,
+            witness: 0,
+        }
+    }
+
     /// The lease group's name: `ha/<primary's peer number>`.
     pub fn group(&self) -> String {
         format!("ha/{}", self.primary)
@@ -138,4 +147,9 @@ pub enum Handover {
 
 pub fn handover(pair: usize) -> Endpoint<Handover, String> {
     Endpoint::new(format!("ha/handover/{pair}"))
+}
+
+/// `ha/unpair`: "unpair `pair`": the other member leaves the pair on its side.
+pub fn unpair() -> Endpoint<usize, String> {
+    Endpoint::new("ha/unpair")
 }

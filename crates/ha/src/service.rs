@@ -94,6 +94,12 @@ impl HaService {
                     };
                     let settings =
                         PairSettings::of_primary(s).context("ha.virtual_ip and ha.netmask")?;
+                    // Unpaired earlier: it keeps the address on its own.
+                    let members = if svc.unpaired(me) {
+                        Members::standalone(me)
+                    } else {
+                        members
+                    };
                     svc.add(Role::Primary, members, Some(settings))?;
                 }
                 HaRole::Secondary => {
@@ -103,6 +109,11 @@ impl HaService {
                             secondary: me,
                             witness: witness_of(p, me)?,
                         };
+                        if svc.unpaired(p) {
+                            info!(target: LOG, event = "HA pair not started", pair = p,
+                                reason = "unpaired: remove DIR/ha/unpaired-<pair> to pair again", "");
+                            continue;
+                        }
                         let settings = std::fs::read(svc.settings_file(p))
                             .ok()
                             .and_then(|b| serde_json::from_slice::<PairSettings>(&b).ok());
@@ -120,6 +131,7 @@ impl HaService {
         node.metrics()
             .register(Box::new(Collector(Arc::downgrade(&svc))));
         svc.serve_hello();
+        svc.serve_unpair();
         let s = svc.clone();
         svc.tasks.spawn(async move { s.introduce().await });
         Ok(svc)
@@ -157,11 +169,13 @@ impl HaService {
         }
         let subject = format!("pair {}", members.primary);
         let lease = if members.witness == 0 {
-            self.node.alarms().raise(
-                NO_WITNESS,
-                &subject,
-                "no witness: a partition between primary and secondary can leave both holding the virtual IP",
-            );
+            if members.secondary != 0 {
+                self.node.alarms().raise(
+                    NO_WITNESS,
+                    &subject,
+                    "no witness: a partition between primary and secondary can leave both holding the virtual IP",
+                );
+            }
             let peer = if role == Role::Primary {
                 members.secondary
             } else {
@@ -388,11 +402,109 @@ impl HaService {
             Some("switchover") => instance.switchover(force).await,
             Some("failover") => instance.failover(force),
             Some("failback") => instance.failback(force).await,
+            Some("unpair") => self.unpair(&instance, force).await,
             other => Err(Refusal::invalid(format!(
-                "unknown command '{}': use switchover, failover or failback",
+                "unknown command '{}': use switchover, failover, failback or unpair",
                 other.unwrap_or_default()
             ))),
         }
+    }
+
+    fn unpaired_file(&self, pair: usize) -> PathBuf {
+        self.dir.join(format!("unpaired-{pair}"))
+    }
+
+    fn unpaired(&self, pair: usize) -> bool {
+        self.unpaired_file(pair).exists()
+    }
+
+    fn serve_unpair(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.node
+            .leases()
+            .rpc()
+            .serve(&pair::unpair(), move |from, pair: usize| {
+                let me = me.clone();
+                async move {
+                    let svc = me.upgrade().ok_or("stopping")?;
+                    let instance = svc.lock().get(&pair).cloned();
+                    let instance = instance
+                        .filter(|i| i.role != Role::Witness && i.members.voters().contains(&from))
+                        .ok_or_else(|| {
+                            format!("this node is in no pair {pair} with Peer {from}")
+                        })?;
+                    svc.leave(&instance).await.map_err(|r| r.message)
+                }
+            });
+    }
+
+    /// `ha unpair` (the seed's only clean way): never while the secondary serves; the other
+    /// member leaves first (the secondary stops its instance, the primary keeps its address
+    /// on its own), then this one.
+    async fn unpair(&self, instance: &Arc<Instance>, force: bool) -> Result<String, Refusal> {
+        let Some(peer) = instance.pair_peer() else {
+            return Err(Refusal::invalid("this node is in no pair to unpair"));
+        };
+        if instance.secondary_serves() {
+            return Err(Refusal::conflict(
+                "the secondary holds the virtual IP: fail back first ('causeway ha failback' on the primary)",
+            ));
+        }
+        let asked = self
+            .node
+            .leases()
+            .rpc()
+            .call(
+                &pair::unpair(),
+                peer,
+                &instance.pair(),
+                Duration::from_secs(5),
+            )
+            .await;
+        let note = match asked {
+            Ok(_) => String::new(),
+            Err(e) if force => format!(
+                " (Peer {peer} was not told: {e}; it keeps its side until it is unpaired too)"
+            ),
+            Err(e) => {
+                return Err(Refusal::unavailable(format!(
+                    "Peer {peer} did not confirm: {e}. Use --force to leave on this side only"
+                )))
+            }
+        };
+        self.leave(instance).await?;
+        Ok(format!("Unpaired from Peer {peer}{note}"))
+    }
+
+    /// This side's part of an unpair: the secondary stops the pair; the primary keeps its
+    /// address on its own. Kept across restarts by `DIR/ha/unpaired-<pair>`.
+    async fn leave(&self, instance: &Arc<Instance>) -> Result<String, Refusal> {
+        let pair = instance.pair();
+        causeway_common::fsio::write_atomic(&self.unpaired_file(pair), b"").map_err(|e| {
+            Refusal::internal(format!(
+                "writing {}: {e}",
+                self.unpaired_file(pair).display()
+            ))
+        })?;
+        let removed = self.lock().remove(&pair);
+        if let Some(i) = removed {
+            i.stop().await;
+        }
+        self.node
+            .alarms()
+            .lower(NO_WITNESS, &format!("pair {pair}"));
+        info!(target: LOG, event = "HA pair unpaired", pair = pair, role = instance.role.seed_name(), "");
+        if instance.role == Role::Primary {
+            self.add(
+                Role::Primary,
+                Members::standalone(pair),
+                instance.settings(),
+            )
+            .map_err(|e| Refusal::internal(format!("{e:#}")))?;
+        } else {
+            let _ = std::fs::remove_file(self.settings_file(pair));
+        }
+        Ok("unpaired".into())
     }
 
     pub fn status_json(&self) -> Value {

@@ -68,7 +68,11 @@ pub fn gethainfo(status: &Value) -> String {
     ));
     line(format!("Version: {}", s(status, "version")));
     line(format!("UDI: causeway:{}", s(status, "system_name")));
-    let members: Vec<&&Value> = pairs.iter().filter(|p| s(p, "role") != "Witness").collect();
+    // A primary after `unpair` keeps its address but has no peer to show.
+    let members: Vec<&&Value> = pairs
+        .iter()
+        .filter(|p| s(p, "role") != "Witness" && p["secondary"].as_u64() != Some(0))
+        .collect();
     line(format!("Number of paired peers: {}", members.len()));
     for (n, p) in members.iter().enumerate() {
         let peer_is_primary = s(p, "role") == "Secondary";
