@@ -78,7 +78,7 @@ async fn alarms(State(node): State<Arc<Node>>) -> Json<Value> {
 /// message naming what to do (docs/errors.md).
 type Answer = Result<Json<Value>, (StatusCode, Json<Value>)>;
 
-fn refused(why: NodeError) -> (StatusCode, Json<Value>) {
+pub fn refused(why: NodeError) -> (StatusCode, Json<Value>) {
     let status =
         StatusCode::from_u16(why.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (

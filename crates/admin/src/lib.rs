@@ -8,7 +8,7 @@ pub mod client;
 mod https;
 pub mod users;
 
-pub use api::router;
+pub use api::{refused, router};
 pub use https::serve_https;
 
 use std::path::Path;

@@ -37,6 +37,9 @@ pub struct Options {
     pub second_primary: bool,
     /// The pair runs without a witness (the third node stays a peer, not a voter).
     pub no_witness: bool,
+    /// A cable between primary and secondary (`eth1`, in the other /15 half) that carries
+    /// direct-connect heartbeats.
+    pub direct_connect: bool,
 }
 
 impl Options {
@@ -223,6 +226,37 @@ fn build(
         ])?;
         run_ip(&["-n", &n, "link", "set", "eth0", "up"])?;
     }
+    if options.direct_connect {
+        // The other half of 198.18.0.0/15, so the cable never shares the HM subnet.
+        let cable = match subnet.strip_prefix("198.18.") {
+            Some(rest) => format!("198.19.{rest}"),
+            None => format!("198.18.{}", subnet.trim_start_matches("198.19.")),
+        };
+        let (p, s) = (ns("p"), ns("s"));
+        run_ip(&[
+            "-n", &p, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", &s,
+        ])?;
+        run_ip(&[
+            "-n",
+            &p,
+            "addr",
+            "add",
+            &format!("{cable}.1/30"),
+            "dev",
+            "eth1",
+        ])?;
+        run_ip(&[
+            "-n",
+            &s,
+            "addr",
+            "add",
+            &format!("{cable}.2/30"),
+            "dev",
+            "eth1",
+        ])?;
+        run_ip(&["-n", &p, "link", "set", "eth1", "up"])?;
+        run_ip(&["-n", &s, "link", "set", "eth1", "up"])?;
+    }
     let ca_dir = dir.join("ca");
     let ca = causeway_pki::ca_init(&ca_dir, "Causeway HA lab CA")?;
     let exe = std::env::current_exe().context("finding the causeway binary")?;
@@ -251,7 +285,10 @@ fn build(
         };
         let files = nd.join("files");
         std::fs::create_dir_all(&files)?;
-        let files = format!("files_dir = \"{}\"\n", files.display());
+        let mut files = format!("files_dir = \"{}\"\n", files.display());
+        if options.direct_connect && (role == "primary" || role == "secondary") {
+            files.push_str("direct_connect_interface = \"eth1\"\n");
+        }
         let ha = match role {
             "primary" | "primary2" => format!(
                 "role = \"primary\"\nhealth_monitor_interface = \"eth0\"\nvirtual_ip = \"{own_vip}\"\n\

@@ -338,6 +338,9 @@ enum LabHaCommand {
         /// The pair runs without a witness (split brain is then possible, and said).
         #[arg(long)]
         no_witness: bool,
+        /// A cable (eth1) between primary and secondary for direct-connect heartbeats.
+        #[arg(long)]
+        direct_connect: bool,
     },
     /// Stop the nodes by PID and remove the namespaces (from DIR/lab-ha.json).
     Down {
@@ -504,6 +507,7 @@ fn main() -> ExitCode {
                         failover,
                         second_primary,
                         no_witness,
+                        direct_connect,
                     },
             } => lab_ha::up(
                 &dir,
@@ -513,6 +517,7 @@ fn main() -> ExitCode {
                     failover,
                     second_primary,
                     no_witness,
+                    direct_connect,
                 },
             ),
             LabCommand::Ha {

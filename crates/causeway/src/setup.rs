@@ -1101,7 +1101,9 @@ impl Setup {
             let unset = file
                 .get("node", "address")
                 .is_none_or(|v| v.trim_matches('"').is_empty());
-            let derived = unset.then(|| interface_address(&a.hm_interface)).flatten();
+            let derived = unset
+                .then(|| causeway_ha::vip::interface_address(&a.hm_interface))
+                .flatten();
             if let Some(ip) = a.address.or(derived) {
                 file.set("node", "address", quoted(&ip.to_string()));
             }
@@ -1259,26 +1261,6 @@ fn interfaces() -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
-}
-
-/// The first address of `interface` (IPv4 first), as the health-monitor address.
-fn interface_address(interface: &str) -> Option<IpAddr> {
-    let addrs: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
-        .ok()?
-        .filter(|a| a.interface_name == interface)
-        .filter_map(|a| {
-            let sa = a.address?;
-            sa.as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-        })
-        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
-        .collect();
-    addrs
-        .iter()
-        .find(|ip| ip.is_ipv4())
-        .or(addrs.first())
-        .copied()
 }
 
 fn machine_hostname() -> String {

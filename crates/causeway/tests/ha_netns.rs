@@ -74,6 +74,25 @@ impl Lab {
         self.dir.path().join(n.0)
     }
 
+    /// Runs a command that must succeed; its standard output.
+    fn ok(&self, n: Node, args: &[&str]) -> String {
+        let out = self.cli(n, args);
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}",
+            n.0,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a command that must be refused; its error.
+    fn refused(&self, n: Node, args: &[&str]) -> String {
+        let out = self.cli(n, args);
+        assert!(!out.status.success(), "{} {args:?} was not refused", n.0);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     fn cli(&self, n: Node, args: &[&str]) -> Output {
         Command::new(BIN)
             .arg("--node")
@@ -414,7 +433,7 @@ fn kill_9_of_the_primary_fails_over_once_and_the_primary_comes_back_terminated_u
     lab.wait_state(P, "TERMINATED", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
     only_holder(&lab, S, &[P]);
-    let info = String::from_utf8_lossy(&lab.cli(P, &["gethainfo"]).stdout).to_string();
+    let info = lab.ok(P, &["gethainfo"]);
     assert!(info.contains("Current state: TERMINATED"), "{info}");
     assert!(info.contains("Heartbeat status: Up"), "{info}");
 
@@ -423,19 +442,9 @@ fn kill_9_of_the_primary_fails_over_once_and_the_primary_comes_back_terminated_u
     wait_for("the primary in sync", Duration::from_secs(5), || {
         lab.status(P, 0)["data_replication"]["state"] == "Up"
     });
-    let refused = lab.cli(P, &["ha", "failback"]);
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("guard window"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
-    let ok = lab.cli(P, &["ha", "failback", "--force"]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let refused = lab.refused(P, &["ha", "failback"]);
+    assert!(refused.contains("guard window"), "{}", refused);
+    lab.ok(P, &["ha", "failback", "--force"]);
     lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
     lab.wait_state(S, "SECONDARY_ACTIVE", Duration::from_secs(3));
     only_holder(&lab, P, &[S]);
@@ -496,12 +505,7 @@ fn switchover_moves_the_address_and_moving_back_within_the_guard_window_needs_fo
     let probe = Probe::start(&lab, &lab.vip(), Duration::from_millis(3000));
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
-    let out = lab.cli(P, &["ha", "switchover"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.ok(P, &["ha", "switchover"]);
     let (outage, recovered) = probe.outage_after(t0);
     println!("switchover: client outage {outage:?}");
     assert!(recovered);
@@ -510,21 +514,10 @@ fn switchover_moves_the_address_and_moving_back_within_the_guard_window_needs_fo
     only_holder(&lab, S, &[P]);
     // Back again, from either side, is refused within the guard window …
     for n in [P, S] {
-        let again = lab.cli(n, &["ha", "switchover"]);
-        assert!(
-            !again.status.success(),
-            "{} moved back inside the guard window",
-            n.0
-        );
-        assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+        assert!(lab.refused(n, &["ha", "switchover"]).contains("--force"));
     }
     // … and done with --force.
-    let forced = lab.cli(S, &["ha", "switchover", "--force"]);
-    assert!(
-        forced.status.success(),
-        "{}",
-        String::from_utf8_lossy(&forced.stderr)
-    );
+    lab.ok(S, &["ha", "switchover", "--force"]);
     lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
     only_holder(&lab, P, &[S]);
 }
@@ -540,7 +533,7 @@ fn graceful_shutdown_of_the_primary_hands_the_address_over() {
     let (events, most) = monitors.stop();
     assert_eq!(most, 1, "two holders at once: {events:?}");
     // The stopped primary says so, from its saved state.
-    let info = String::from_utf8_lossy(&lab.cli(P, &["gethainfo"]).stdout).to_string();
+    let info = lab.ok(P, &["gethainfo"]);
     assert!(info.contains("Health Monitor is not running"), "{info}");
     assert!(
         info.contains("Last shutdown state: GRACEFUL_SHUTDOWN"),
@@ -559,7 +552,7 @@ fn a_partition_between_the_pair_with_the_witness_on_the_primarys_side_moves_noth
     only_holder(&lab, P, &[S]);
     // Each side says it lost the other (21020), and the secondary never stood: its term
     // did not rise, so the heal deposes no one.
-    let alarms = String::from_utf8_lossy(&lab.cli(S, &["xstatus", "alarms"]).stdout).to_string();
+    let alarms = lab.ok(S, &["xstatus", "alarms"]);
     assert!(alarms.contains("21020"), "{alarms}");
     let generation = lab.status(P, 0)["generation"].as_u64();
     lab.heal(&[P]);
@@ -681,14 +674,9 @@ fn with_manual_failover_the_secondary_waits_for_the_command() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(lab.state(S), "SECONDARY_ACTIVE");
     assert!(!lab.has_vip(S, &lab.vip()), "the secondary moved unasked");
-    let alarms = String::from_utf8_lossy(&lab.cli(S, &["xstatus", "alarms"]).stdout).to_string();
+    let alarms = lab.ok(S, &["xstatus", "alarms"]);
     assert!(alarms.contains("21029"), "{alarms}");
-    let out = lab.cli(S, &["ha", "failover"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.ok(S, &["ha", "failover"]);
     lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(2));
     only_holder(&lab, S, &[P]);
 }
@@ -719,8 +707,7 @@ fn one_secondary_for_two_primaries_takes_over_only_the_failed_primarys_address()
         "the other primary's address moved: {events:?}"
     );
     // Commands name the pair when the secondary has two.
-    let out = lab.cli(S, &["ha", "switchover"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--pair"));
+    assert!(lab.refused(S, &["ha", "switchover"]).contains("--pair"));
 }
 
 fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
@@ -787,12 +774,7 @@ fn the_secondary_keeps_a_copy_of_the_primarys_files_and_the_primary_takes_back_w
         lab.status(P, 0)["data_replication"]["state"] == "Up"
     });
     // In sync, so a failback after the guard window would need no --force for it.
-    let out = lab.cli(P, &["ha", "failback", "--force"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.ok(P, &["ha", "failback", "--force"]);
     lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
     lab.signal(P, nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
@@ -831,7 +813,7 @@ fn a_primary_that_lost_its_data_does_not_serve_until_recovery_mode_takes_it_back
     std::thread::sleep(Duration::from_secs(3));
     // It does not serve an empty directory (the secondary would delete its copy).
     assert!(!lab.has_vip(P, &lab.vip()));
-    let alarms = String::from_utf8_lossy(&lab.cli(P, &["xstatus", "alarms"]).stdout).to_string();
+    let alarms = lab.ok(P, &["xstatus", "alarms"]);
     assert!(
         alarms.contains("21028") && alarms.contains("recovery mode"),
         "{alarms}"
@@ -866,24 +848,12 @@ fn a_primary_that_lost_its_data_does_not_serve_until_recovery_mode_takes_it_back
         })
     });
     // Its lease records went with its data: the refusal says what to run.
-    let refused = lab.cli(P, &["ha", "failback"]);
-    assert!(!refused.status.success());
-    let why = String::from_utf8_lossy(&refused.stderr).to_string();
+    let why = lab.refused(P, &["ha", "failback"]);
     assert!(why.contains("ha failover' on the secondary"), "{why}");
-    let out = lab.cli(S, &["ha", "failover"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.ok(S, &["ha", "failover"]);
     lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(3));
     lab.wait_state(P, "TERMINATED", Duration::from_secs(3));
-    let out = lab.cli(P, &["ha", "failback", "--force"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.ok(P, &["ha", "failback", "--force"]);
     lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
     only_holder(&lab, P, &[S]);
     assert_eq!(
@@ -922,19 +892,9 @@ fn operator_commands_run_when_the_address_arrives_and_when_it_leaves() {
     std::fs::write(&toml, config).unwrap();
     let mut child = lab.restart(S);
     lab.wait_state(S, "SECONDARY_ACTIVE", Duration::from_secs(10));
-    let ok = lab.cli(P, &["ha", "switchover"]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    lab.ok(P, &["ha", "switchover"]);
     lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(3));
-    let back = lab.cli(S, &["ha", "switchover", "--force"]);
-    assert!(
-        back.status.success(),
-        "{}",
-        String::from_utf8_lossy(&back.stderr)
-    );
+    lab.ok(S, &["ha", "switchover", "--force"]);
     lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
     let vip = lab.vip();
     wait_for("both commands", Duration::from_secs(3), || {
@@ -958,14 +918,14 @@ fn operator_commands_run_when_the_address_arrives_and_when_it_leaves() {
 #[test]
 fn without_a_witness_the_pair_fails_over_says_it_can_split_and_heals_to_one_holder() {
     let lab = Lab::up('m', 64, &["--no-witness"]);
-    let info = String::from_utf8_lossy(&lab.cli(P, &["gethainfo"]).stdout).to_string();
+    let info = lab.ok(P, &["gethainfo"]);
     assert!(info.contains("Witness: none *"), "{info}");
     assert!(
         info.contains("Split brain protection: none (no witness"),
         "{info}"
     );
     assert_eq!(lab.status(P, 0)["split_brain_protection"], "none");
-    let alarms = String::from_utf8_lossy(&lab.cli(P, &["xstatus", "alarms"]).stdout).to_string();
+    let alarms = lab.ok(P, &["xstatus", "alarms"]);
     assert!(alarms.contains("21022"), "{alarms}");
 
     // A partition with both links up: both hold, as the status said they could.
@@ -985,7 +945,7 @@ fn without_a_witness_the_pair_fails_over_says_it_can_split_and_heals_to_one_hold
     });
     let (events, _) = monitors.stop();
     println!("after the heal: {events:?}");
-    let alarms = String::from_utf8_lossy(&lab.cli(S, &["xstatus", "alarms"]).stdout).to_string();
+    let alarms = lab.ok(S, &["xstatus", "alarms"]);
     assert!(
         alarms.contains("21025"),
         "two holders were never reported: {alarms}"
@@ -1012,35 +972,19 @@ fn without_a_witness_the_pair_fails_over_says_it_can_split_and_heals_to_one_hold
 fn unpair_leaves_the_primary_serving_alone_and_takes_the_secondary_out_for_good() {
     let lab = Lab::up('n', 65, &[]);
     // Never while the secondary serves.
-    let ok = lab.cli(P, &["ha", "switchover"]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    lab.ok(P, &["ha", "switchover"]);
     lab.wait_state(S, "FAILOVER_ACTIVE", Duration::from_secs(3));
-    let refused = lab.cli(P, &["ha", "unpair"]);
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("fail back first"));
-    let back = lab.cli(P, &["ha", "failback", "--force"]);
-    assert!(
-        back.status.success(),
-        "{}",
-        String::from_utf8_lossy(&back.stderr)
-    );
+    let refused = lab.refused(P, &["ha", "unpair"]);
+    assert!(refused.contains("fail back first"));
+    lab.ok(P, &["ha", "failback", "--force"]);
     lab.wait_state(P, "PRIMARY_ACTIVE", Duration::from_secs(3));
 
-    let out = lab.cli(P, &["ha", "unpair"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.ok(P, &["ha", "unpair"]);
     wait_for("the primary to hold alone", Duration::from_secs(3), || {
         lab.has_vip(P, &lab.vip())
     });
     for n in [P, S] {
-        let info = String::from_utf8_lossy(&lab.cli(n, &["gethainfo"]).stdout).to_string();
+        let info = lab.ok(n, &["gethainfo"]);
         assert!(
             info.contains("Number of paired peers: 0"),
             "{}: {info}",
@@ -1060,8 +1004,41 @@ fn unpair_leaves_the_primary_serving_alone_and_takes_the_secondary_out_for_good(
     wait_for("the primary alone again", Duration::from_secs(5), || {
         lab.has_vip(P, &lab.vip())
     });
-    let info = String::from_utf8_lossy(&lab.cli(P, &["gethainfo"]).stdout).to_string();
+    let info = lab.ok(P, &["gethainfo"]);
     assert!(info.contains("Number of paired peers: 0"), "{info}");
     lab.signal(P, nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
+}
+
+#[test]
+fn a_direct_connect_cable_keeps_the_heartbeat_up_when_the_health_monitor_network_between_the_pair_fails(
+) {
+    let lab = Lab::up('o', 66, &["--direct-connect"]);
+    wait_for("the direct path up", Duration::from_secs(5), || {
+        lab.status(P, 0)["direct_connect"]["status"] == "Up"
+    });
+    let info = lab.ok(P, &["gethainfo"]);
+    assert!(info.contains("Direct connect used: Yes"), "{info}");
+    // The health-monitor network between the two fails; the cable does not.
+    lab.cut(P, S);
+    std::thread::sleep(Duration::from_secs(2));
+    let s = lab.status(S, 0);
+    assert_eq!(s["heartbeats"]["1"]["status"], "Down", "{s}");
+    assert_eq!(s["direct_connect"]["status"], "Up", "{s}");
+    let info = lab.ok(S, &["gethainfo"]);
+    assert!(info.contains("Heartbeat status: Up"), "{info}");
+    assert!(
+        s["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["description"]
+                .as_str()
+                .unwrap_or("")
+                .contains("direct connect path only")),
+        "{s}"
+    );
+    // The cable never carries the lease: the witness still hears the primary, nothing moves.
+    assert_eq!(lab.state(P), "PRIMARY_ACTIVE");
+    only_holder(&lab, P, &[S]);
 }

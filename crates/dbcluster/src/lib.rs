@@ -43,11 +43,10 @@ pub(crate) const LOG: &str = "developer.dbcluster";
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[derive(Deserialize)]
 struct CommandRequest {
@@ -71,11 +70,7 @@ pub fn router(svc: Arc<DbService>) -> Router {
                 |State(s): State<Arc<DbService>>, Json(req): Json<CommandRequest>| async move {
                     match s.command(&req.words).await {
                         Ok(message) => Ok(Json(json!({ "message": message }))),
-                        Err(r) => Err((
-                            StatusCode::from_u16(r.code.http_status())
-                                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                            Json::<Value>(json!({ "error": r.message, "code": r.code })),
-                        )),
+                        Err(r) => Err(causeway_admin::refused(r)),
                     }
                 },
             ),

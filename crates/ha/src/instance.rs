@@ -157,6 +157,8 @@ pub(crate) struct Local {
     pub keeper_program: PathBuf,
     /// This node's copy of the pair's files (`[ha] files_dir`), if it keeps one.
     pub files_dir: Option<PathBuf>,
+    /// Where this node takes direct-connect heartbeats for the pair (the cable's address).
+    pub direct: Option<std::net::SocketAddr>,
     /// Operator commands after the address is added and after it is removed.
     pub on_promote: Option<PathBuf>,
     pub on_demote: Option<PathBuf>,
@@ -179,6 +181,8 @@ pub struct Instance {
     recovering: std::sync::atomic::AtomicBool,
     /// The process group of an `on_promote` command still running.
     promoting: Mutex<Option<i32>>,
+    /// The pair peer's direct-connect address (from `ha/hello`) and when it last answered.
+    direct_peer: Mutex<(Option<std::net::SocketAddr>, Option<Instant>)>,
     scanner: crate::files::Scanner,
     shared: Mutex<Shared>,
     wake: Notify,
@@ -220,6 +224,7 @@ impl Instance {
             fresh,
             recovering: std::sync::atomic::AtomicBool::new(recovering),
             promoting: Mutex::new(None),
+            direct_peer: Mutex::new((None, None)),
             scanner: crate::files::Scanner::default(),
             shared: Mutex::new(Shared {
                 state: HaState::GracefulShutdown,
@@ -381,6 +386,11 @@ impl Instance {
             self.tasks.spawn(async move { me.run().await });
             let me = self.clone();
             self.tasks.spawn(async move { me.copy_files().await });
+            if let Some(local) = self.local.direct {
+                let me = self.clone();
+                self.tasks
+                    .spawn(async move { me.direct_beats(local).await });
+            }
         }
     }
 
@@ -681,6 +691,81 @@ impl Instance {
                     );
                 }
                 _ => {}
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- direct connect
+
+    pub(crate) fn direct_local(&self) -> Option<std::net::SocketAddr> {
+        self.local.direct
+    }
+
+    pub(crate) fn set_direct_peer(&self, addr: Option<std::net::SocketAddr>) {
+        let mut d = self.direct_peer.lock().unwrap_or_else(|p| p.into_inner());
+        if d.0 != addr {
+            *d = (addr, None);
+        }
+    }
+
+    /// The direct path answered within the heartbeat's Down time.
+    fn direct_up(&self) -> bool {
+        self.direct_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .is_some_and(|t| t.elapsed() < DOWN_AFTER)
+    }
+
+    /// Heartbeats over the cable: a ping every 25 ms to the peer's direct address, a pong for
+    /// each ping from it. Frames from any other address, or not ours, are dropped.
+    async fn direct_beats(self: Arc<Self>, local: std::net::SocketAddr) {
+        let sock = match tokio::net::UdpSocket::bind(local).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(target: LOG, event = "HA direct connect not started", pair = self.pair(),
+                    address = %local, reason = %e, "");
+                return;
+            }
+        };
+        let pair = self.pair() as u16;
+        let mut tick = tokio::time::interval(BEAT);
+        let mut buf = [0u8; 64];
+        let (mut seq, mut was_up_alone) = (0u64, false);
+        loop {
+            let peer = self.direct_peer.lock().unwrap_or_else(|p| p.into_inner()).0;
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {
+                    seq += 1;
+                    if let Some(peer) = peer {
+                        let _ = sock.send_to(&pair::direct_frame(pair::DIRECT_PING, pair, seq), peer).await;
+                    }
+                    // An event when only the cable still answers (the HM network is down).
+                    let mesh_up = self.pair_peer().is_some_and(|p| self.lock().beats.get(&p).is_some_and(|b| b.up));
+                    let alone = self.direct_up() && !mesh_up;
+                    if alone != was_up_alone {
+                        was_up_alone = alone;
+                        let mut sh = self.lock();
+                        let text = if alone { "Heartbeats answered on the direct connect path only" } else { "Heartbeats answered on the health-monitor network again" };
+                        self.event(&mut sh, text.into(), String::new());
+                    }
+                }
+                r = sock.recv_from(&mut buf) => {
+                    let Ok((n, from)) = r else { continue };
+                    if Some(from) != peer {
+                        continue;
+                    }
+                    match pair::parse_direct(&buf[..n]) {
+                        Some((pair::DIRECT_PING, p, s)) if p == pair => {
+                            let _ = sock.send_to(&pair::direct_frame(pair::DIRECT_PONG, pair, s), from).await;
+                        }
+                        Some((pair::DIRECT_PONG, p, _)) if p == pair => {
+                            self.direct_peer.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(Instant::now());
+                        }
+                        _ => {}
+                    }
+                }
             }
         }
     }
@@ -1660,6 +1745,12 @@ impl Instance {
             "events": events,
             "waiting_for": sh.idle_reason,
             "holder_silent_ms": self.silent_for().as_millis() as u64,
+            "direct_connect": {
+                "used": self.local.direct.is_some(),
+                "local": self.local.direct.map(|a| a.to_string()),
+                "peer": self.direct_peer.lock().unwrap_or_else(|p| p.into_inner()).0.map(|a| a.to_string()),
+                "status": if self.direct_up() { "Up" } else { "Down" },
+            },
             "data_replication": {
                 "state": if sh.sync.in_sync { "Up" } else if sh.sync.needed > 0 { "Setting up" } else { "Down" },
                 "percent": sh.sync.percent(),

@@ -93,6 +93,8 @@ pub struct Hello {
     pub members: Members,
     pub version: String,
     pub capacity: CapacityClass,
+    /// Where the sender takes direct-connect heartbeats for this pair, if it has a cable.
+    pub direct: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -100,6 +102,7 @@ pub struct HelloAnswer {
     /// The primary's settings, when the answer comes from the primary.
     pub settings: Option<PairSettings>,
     pub capacity: CapacityClass,
+    pub direct: Option<std::net::SocketAddr>,
 }
 
 pub fn hello() -> Endpoint<Hello, HelloAnswer> {
@@ -152,4 +155,52 @@ pub fn handover(pair: usize) -> Endpoint<Handover, String> {
 /// `ha/unpair`: "unpair `pair`": the other member leaves the pair on its side.
 pub fn unpair() -> Endpoint<usize, String> {
     Endpoint::new("ha/unpair")
+}
+
+/// Direct-connect heartbeats (docs/ha.md, section 8): UDP on the cable between the pair,
+/// port `DIRECT_PORT_BASE + pair`. They say only whether the peer is alive (Heartbeat
+/// status is Up if either path answers); the lease never rides on them.
+pub const DIRECT_PORT_BASE: u16 = 4380;
+const DIRECT_MAGIC: &[u8; 4] = b"CWHB";
+pub const DIRECT_PING: u8 = 1;
+pub const DIRECT_PONG: u8 = 2;
+
+/// One direct heartbeat: magic, kind, pair, sequence: 15 bytes.
+pub fn direct_frame(kind: u8, pair: u16, seq: u64) -> [u8; 15] {
+    let mut f = [0u8; 15];
+    f[0..4].copy_from_slice(DIRECT_MAGIC);
+    f[4] = kind;
+    f[5..7].copy_from_slice(&pair.to_be_bytes());
+    f[7..15].copy_from_slice(&seq.to_be_bytes());
+    f
+}
+
+/// `(kind, pair, seq)` of a direct heartbeat; anything else is not one.
+pub fn parse_direct(frame: &[u8]) -> Option<(u8, u16, u64)> {
+    if frame.len() != 15 || &frame[0..4] != DIRECT_MAGIC {
+        return None;
+    }
+    let kind = frame[4];
+    if kind != DIRECT_PING && kind != DIRECT_PONG {
+        return None;
+    }
+    let pair = u16::from_be_bytes([frame[5], frame[6]]);
+    let seq = u64::from_be_bytes(frame[7..15].try_into().ok()?);
+    Some((kind, pair, seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_direct_heartbeat_round_trips_and_garbage_is_not_one() {
+        let f = direct_frame(DIRECT_PING, 4, 99);
+        assert_eq!(parse_direct(&f), Some((DIRECT_PING, 4, 99)));
+        assert_eq!(parse_direct(&f[..14]), None);
+        let mut bad = f;
+        bad[4] = 7;
+        assert_eq!(parse_direct(&bad), None);
+        assert_eq!(parse_direct(b"GET / HTTP/1.1\r\n\r\n"), None);
+    }
 }

@@ -211,6 +211,24 @@ impl HaService {
                     d
                 }
             }),
+            direct: section
+                .and_then(|s| s.direct_connect_interface.as_deref())
+                .filter(|i| *i != "none")
+                .map(|interface| {
+                    crate::vip::interface_address(interface)
+                        .map(|ip| {
+                            std::net::SocketAddr::new(
+                                ip,
+                                pair::DIRECT_PORT_BASE + members.primary as u16,
+                            )
+                        })
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "ha.direct_connect_interface: '{interface}' has no address on this host"
+                            )
+                        })
+                })
+                .transpose()?,
             on_promote: section.and_then(|s| s.on_promote.clone()),
             on_demote: section.and_then(|s| s.on_demote.clone()),
             recovery_mode: section.is_some_and(|s| s.recovery_mode),
@@ -273,6 +291,7 @@ impl HaService {
             return Ok(HelloAnswer {
                 settings: None,
                 capacity: self.capacity(),
+                direct: None,
             });
         }
         let mine = self.lock().get(&pair).cloned();
@@ -309,11 +328,15 @@ impl HaService {
         self.node
             .alarms()
             .lower(PAIRING_REFUSED, &format!("pair {pair}"));
+        if Some(from) == instance.pair_peer() {
+            instance.set_direct_peer(h.direct);
+        }
         Ok(HelloAnswer {
             settings: (instance.role == Role::Primary)
                 .then(|| instance.settings())
                 .flatten(),
             capacity: self.capacity(),
+            direct: instance.direct_local(),
         })
     }
 
@@ -329,6 +352,7 @@ impl HaService {
                     members: i.members,
                     version: causeway_common::SOFTWARE_VERSION.to_string(),
                     capacity: self.capacity(),
+                    direct: i.direct_local(),
                 };
                 for peer in i.members.voters().into_iter().filter(|&p| p != self.me) {
                     match rpc
@@ -336,6 +360,9 @@ impl HaService {
                         .await
                     {
                         Ok(answer) => {
+                            if Some(peer) == i.pair_peer() {
+                                i.set_direct_peer(answer.direct);
+                            }
                             if let Some(s) = answer.settings {
                                 if i.settings().as_ref() != Some(&s) {
                                     if let Ok(b) = serde_json::to_vec(&s) {

@@ -139,10 +139,17 @@ pub fn gethainfo(status: &Value) -> String {
             Some(state) => line(format!("Data replication: {state} *")),
             None => {}
         }
-        line("Direct connect used: No".into());
+        let direct = &p["direct_connect"];
+        let direct_used = direct["used"].as_bool() == Some(true);
+        line(format!(
+            "Direct connect used: {}",
+            if direct_used { "Yes" } else { "No" }
+        ));
+        // Up when either path answers (docs/ha.md, section 8).
+        let up = beat.is_some_and(|b| s(b, "status") == "Up") || direct["status"] == "Up";
         line(format!(
             "Heartbeat status: {}",
-            beat.map_or("Down", |b| s(b, "status"))
+            if up { "Up" } else { "Down" }
         ));
         line(format!("Current state: {}", s(p, "state")));
     }

@@ -35,6 +35,27 @@ pub enum VipError {
     },
 }
 
+/// The first address of `interface` in this network namespace, IPv4 first, link-local IPv6
+/// skipped: a node's health-monitor or direct-connect address.
+pub fn interface_address(interface: &str) -> Option<IpAddr> {
+    let addrs: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| a.interface_name == interface)
+        .filter_map(|a| {
+            let sa = a.address?;
+            sa.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
+        .collect();
+    addrs
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or(addrs.first())
+        .copied()
+}
+
 /// Adding and removing the address. Both are idempotent: adding an address that is there,
 /// or removing one that is not, succeeds.
 pub trait VirtualIp: Send + Sync {
