@@ -164,6 +164,22 @@ enum HaCommand {
         #[arg(long)]
         force: bool,
     },
+    /// On the primary: change the pair's settings (written to its node file; the secondary
+    /// takes them at its next hello, within 10 s).
+    Configure {
+        #[arg(long)]
+        pair: Option<usize>,
+        /// automatic or manual
+        #[arg(long)]
+        failover: Option<String>,
+        /// automatic or manual
+        #[arg(long)]
+        failback: Option<String>,
+        #[arg(long)]
+        failover_wait_ms: Option<u64>,
+        #[arg(long)]
+        guard_window_s: Option<u64>,
+    },
     /// The pair's status with the events log, as JSON.
     Status,
 }
@@ -473,16 +489,37 @@ fn main() -> ExitCode {
             let socket = admin_socket(&cli.node);
             match command {
                 HaCommand::Switchover { pair, force } => {
-                    show::ha_command(&socket, "switchover", pair, force)
+                    show::ha_command(&socket, &["switchover".into()], pair, force)
                 }
                 HaCommand::Failover { pair, force } => {
-                    show::ha_command(&socket, "failover", pair, force)
+                    show::ha_command(&socket, &["failover".into()], pair, force)
                 }
                 HaCommand::Failback { pair, force } => {
-                    show::ha_command(&socket, "failback", pair, force)
+                    show::ha_command(&socket, &["failback".into()], pair, force)
                 }
                 HaCommand::Unpair { pair, force } => {
-                    show::ha_command(&socket, "unpair", pair, force)
+                    show::ha_command(&socket, &["unpair".into()], pair, force)
+                }
+                HaCommand::Configure {
+                    pair,
+                    failover,
+                    failback,
+                    failover_wait_ms,
+                    guard_window_s,
+                } => {
+                    let mut words = vec!["configure".to_string()];
+                    let settings = [
+                        ("failover", failover),
+                        ("failback", failback),
+                        ("failover_wait_ms", failover_wait_ms.map(|v| v.to_string())),
+                        ("guard_window_s", guard_window_s.map(|v| v.to_string())),
+                    ];
+                    for (key, value) in settings {
+                        if let Some(v) = value {
+                            words.push(format!("{key}={v}"));
+                        }
+                    }
+                    show::ha_command(&socket, &words, pair, false)
                 }
                 HaCommand::Status => show::ha_info(&socket, &data_dir(&cli.node), "status", true),
             }

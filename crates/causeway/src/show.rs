@@ -597,17 +597,17 @@ pub fn ha_info(socket: &Path, data_dir: &Path, which: &str, json: bool) -> anyho
     }
 }
 
-/// `ha switchover|failover|failback [--pair N] [--force]`.
+/// `ha switchover|failover|failback|unpair|configure … [--pair N] [--force]`.
 pub fn ha_command(
     socket: &Path,
-    word: &str,
+    words: &[String],
     pair: Option<usize>,
     force: bool,
 ) -> anyhow::Result<()> {
     let out = causeway_admin::client::post_json(
         socket,
         "/api/v1/ha/command",
-        &json!({ "words": [word], "pair": pair, "force": force }),
+        &json!({ "words": words, "pair": pair, "force": force }),
     )?;
     println!("{}", out["message"].as_str().unwrap_or("done"));
     Ok(())

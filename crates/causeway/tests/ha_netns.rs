@@ -1042,3 +1042,32 @@ fn a_direct_connect_cable_keeps_the_heartbeat_up_when_the_health_monitor_network
     assert_eq!(lab.state(P), "PRIMARY_ACTIVE");
     only_holder(&lab, P, &[S]);
 }
+
+#[test]
+fn ha_configure_on_the_primary_changes_the_pair_at_once_and_in_its_node_file() {
+    let lab = Lab::up('q', 67, &[]);
+    assert!(lab
+        .refused(S, &["ha", "configure", "--failover", "manual"])
+        .contains("run 'ha configure' on Peer 1"));
+    assert!(lab
+        .refused(P, &["ha", "configure", "--failover-wait-ms", "100"])
+        .contains("ha.failover_wait_ms"));
+    let said = lab.ok(P, &["ha", "configure", "--failover", "manual"]);
+    assert!(said.contains("Failover mode set to MANUAL."), "{said}");
+    let file = std::fs::read_to_string(lab.node_dir(P).join("causeway.toml")).unwrap();
+    assert!(file.contains("failover = \"manual\""), "{file}");
+    wait_for(
+        "the secondary to take the settings",
+        Duration::from_secs(3),
+        || lab.status(S, 0)["failover"] == "Manual",
+    );
+    // Now the secondary waits for the command when the primary dies.
+    lab.signal(P, nix::sys::signal::Signal::SIGKILL);
+    lab.wait_gone(P);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !lab.has_vip(S, &lab.vip()),
+        "the secondary moved after failover=manual"
+    );
+    assert_eq!(lab.state(S), "SECONDARY_ACTIVE");
+}

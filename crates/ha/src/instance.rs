@@ -308,6 +308,12 @@ impl Instance {
         })
     }
 
+    /// Adds a line to the events log (and the node's log).
+    pub(crate) fn record(&self, description: &str, remarks: &str) {
+        let mut sh = self.lock();
+        self.event(&mut sh, description.to_string(), remarks.to_string());
+    }
+
     pub fn state(&self) -> HaState {
         self.lock().state
     }

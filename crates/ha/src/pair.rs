@@ -95,6 +95,8 @@ pub struct Hello {
     pub capacity: CapacityClass,
     /// Where the sender takes direct-connect heartbeats for this pair, if it has a cable.
     pub direct: Option<std::net::SocketAddr>,
+    /// The primary's settings, when the primary says hello (after `ha configure`, at once).
+    pub settings: Option<PairSettings>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -32,6 +32,8 @@ pub struct HaService {
     me: usize,
     peers: Vec<String>,
     instances: Mutex<BTreeMap<usize, Arc<Instance>>>,
+    /// Says hello at once (the primary's settings changed).
+    introduce_now: tokio::sync::Notify,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -69,6 +71,7 @@ impl HaService {
             me,
             peers: peers.clone(),
             instances: Mutex::new(BTreeMap::new()),
+            introduce_now: tokio::sync::Notify::new(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -331,6 +334,9 @@ impl HaService {
         if Some(from) == instance.pair_peer() {
             instance.set_direct_peer(h.direct);
         }
+        if let (Role::Secondary, Some(s)) = (instance.role, h.settings) {
+            self.take_settings(&instance, s);
+        }
         Ok(HelloAnswer {
             settings: (instance.role == Role::Primary)
                 .then(|| instance.settings())
@@ -353,6 +359,7 @@ impl HaService {
                     version: causeway_common::SOFTWARE_VERSION.to_string(),
                     capacity: self.capacity(),
                     direct: i.direct_local(),
+                    settings: (i.role == Role::Primary).then(|| i.settings()).flatten(),
                 };
                 for peer in i.members.voters().into_iter().filter(|&p| p != self.me) {
                     match rpc
@@ -364,17 +371,7 @@ impl HaService {
                                 i.set_direct_peer(answer.direct);
                             }
                             if let Some(s) = answer.settings {
-                                if i.settings().as_ref() != Some(&s) {
-                                    if let Ok(b) = serde_json::to_vec(&s) {
-                                        let _ = causeway_common::fsio::write_atomic(
-                                            &self.settings_file(i.pair()),
-                                            &b,
-                                        );
-                                    }
-                                    info!(target: LOG, event = "HA pair settings received", pair = i.pair(),
-                                        vip = %s.vip, "Configuration successfully created");
-                                    i.set_settings(s);
-                                }
+                                self.take_settings(i, s);
                             }
                         }
                         Err(e) => {
@@ -394,6 +391,7 @@ impl HaService {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
+                _ = self.introduce_now.notified() => {}
             }
         }
     }
@@ -430,11 +428,120 @@ impl HaService {
             Some("failover") => instance.failover(force),
             Some("failback") => instance.failback(force).await,
             Some("unpair") => self.unpair(&instance, force).await,
+            Some("configure") => self.configure(&instance, &words[1..]),
             other => Err(Refusal::invalid(format!(
-                "unknown command '{}': use switchover, failover, failback or unpair",
+                "unknown command '{}': use switchover, failover, failback, unpair or configure",
                 other.unwrap_or_default()
             ))),
         }
+    }
+
+    /// `ha configure failover=… failback=… failover_wait_ms=… guard_window_s=…` on the
+    /// primary: written to its node file (so a restart keeps it), used at once, and given to
+    /// the secondary at its next `ha/hello` (within 10 s; at once when it asks).
+    fn configure(&self, instance: &Arc<Instance>, words: &[String]) -> Result<String, Refusal> {
+        use causeway_cluster::HaMode;
+        if instance.role != Role::Primary {
+            return Err(Refusal::invalid(format!(
+                "the pair's settings are the primary's: run 'ha configure' on Peer {}",
+                instance.members.primary
+            )));
+        }
+        let mut config = self.node.config().clone();
+        let source = config.source.clone();
+        // The file as it is now (an operator may have edited it since the start).
+        if let Ok(now) = causeway_cluster::NodeConfig::load(&source) {
+            config = now;
+        }
+        let ha = config
+            .ha
+            .as_mut()
+            .ok_or_else(|| Refusal::invalid("this node's file has no [ha] section"))?;
+        let mode = |v: &str, field: &str| match v.to_ascii_lowercase().as_str() {
+            "automatic" => Ok(HaMode::Automatic),
+            "manual" => Ok(HaMode::Manual),
+            _ => Err(Refusal::invalid(format!(
+                "{field}: '{v}' is neither automatic nor manual"
+            ))),
+        };
+        let number = |v: &str, field: &str| {
+            v.parse::<u64>()
+                .map_err(|_| Refusal::invalid(format!("{field}: '{v}' is not a whole number")))
+        };
+        let mut remarks = vec![];
+        for word in words {
+            let (key, value) = word.split_once('=').ok_or_else(|| {
+                Refusal::invalid(format!("'{word}': give setting=value (failover, failback, failover_wait_ms, guard_window_s)"))
+            })?;
+            match key {
+                "failover" => {
+                    ha.failover = mode(value, "ha.failover")?;
+                    remarks.push(format!(
+                        "Failover mode set to {}.",
+                        value.to_ascii_uppercase()
+                    ));
+                }
+                "failback" => {
+                    ha.failback = mode(value, "ha.failback")?;
+                    remarks.push(format!(
+                        "Failback mode set to {}.",
+                        value.to_ascii_uppercase()
+                    ));
+                }
+                "failover_wait_ms" => {
+                    ha.failover_wait_ms = number(value, "ha.failover_wait_ms")?;
+                    remarks.push(format!("Failover wait set to {value} ms."));
+                }
+                "guard_window_s" => {
+                    ha.guard_window_s = number(value, "ha.guard_window_s")?;
+                    remarks.push(format!("Guard window set to {value} s."));
+                }
+                other => {
+                    return Err(Refusal::invalid(format!(
+                        "'{other}' is not a setting 'ha configure' changes"
+                    )))
+                }
+            }
+        }
+        if remarks.is_empty() {
+            return Err(Refusal::invalid("nothing to change: give failover=, failback=, failover_wait_ms= or guard_window_s="));
+        }
+        config
+            .validate()
+            .map_err(|e| Refusal::invalid(e.to_string()))?;
+        let settings = config
+            .ha
+            .as_ref()
+            .and_then(PairSettings::of_primary)
+            .ok_or_else(|| Refusal::internal("the [ha] section lost its virtual IP"))?;
+        config.save().map_err(Refusal::internal)?;
+        instance.set_settings(settings);
+        instance.record("Configuration updated", &remarks.join(" "));
+        self.introduce_now.notify_one();
+        Ok(format!("Configuration updated: {}", remarks.join(" ")))
+    }
+
+    /// A secondary keeps its primary's settings, on disk too: it must be able to take over
+    /// a primary it cannot reach after a restart.
+    fn take_settings(&self, instance: &Arc<Instance>, s: PairSettings) {
+        if instance.settings().as_ref() == Some(&s) {
+            return;
+        }
+        if let Ok(b) = serde_json::to_vec(&s) {
+            let _ = causeway_common::fsio::write_atomic(&self.settings_file(instance.pair()), &b);
+        }
+        let first = instance.settings().is_none();
+        info!(target: LOG, event = "HA pair settings received", pair = instance.pair(), vip = %s.vip,
+            failover = ?s.failover, failback = ?s.failback, failover_wait_ms = s.failover_wait_ms, "");
+        instance.set_settings(s);
+        instance.record(
+            if first {
+                "Configuration successfully created"
+            } else {
+                "Configuration updated"
+            },
+            "from the primary",
+        );
     }
 
     fn unpaired_file(&self, pair: usize) -> PathBuf {
