@@ -383,9 +383,15 @@ pub(crate) fn drop_other_generations(
     prefix.push(b'@');
     let mut stale: Vec<Vec<u8>> = Vec::new();
     for (k, _) in store.scan(TABLE, &prefix)? {
-        let group = k.split(|b| *b == b'/').next().unwrap_or_default();
-        if group != keep.as_bytes() && !stale.iter().any(|s| s == group) {
-            stale.push(group.to_vec());
+        // `<name>@<fingerprint>/<record>`: the group key ends at the first '/' after the
+        // '@' (a name may hold '/' itself: `ha/1`).
+        let fingerprint = k[prefix.len()..]
+            .split(|b| *b == b'/')
+            .next()
+            .unwrap_or_default();
+        let group = [prefix.as_slice(), fingerprint].concat();
+        if group != keep.as_bytes() && !stale.contains(&group) {
+            stale.push(group);
         }
     }
     let ops: Vec<Op> = stale
@@ -449,6 +455,33 @@ mod tests {
         // Another group of the same name with other voters: the old one is dropped.
         drop_other_generations(store.as_ref(), "calls", "calls@def").unwrap();
         assert!(store.scan(TABLE, b"calls@abc/").unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_its_own_records_when_the_group_name_holds_a_slash() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let mine = LogStore::new(store.clone(), "ha/1@aaaa");
+        mine.write("vote", &Vote::new(7, 2), ErrorSubject::Vote)
+            .unwrap();
+        let old = LogStore::new(store.clone(), "ha/1@bbbb");
+        old.write("vote", &Vote::new(3, 2), ErrorSubject::Vote)
+            .unwrap();
+        let other_pair = LogStore::new(store.clone(), "ha/11@cccc");
+        other_pair
+            .write("vote", &Vote::new(5, 1), ErrorSubject::Vote)
+            .unwrap();
+        drop_other_generations(store.as_ref(), "ha/1", "ha/1@aaaa").unwrap();
+        let kept: Option<Vote<MemberId>> = mine.read("vote", ErrorSubject::Vote).unwrap();
+        assert_eq!(kept, Some(Vote::new(7, 2)), "its own vote was dropped");
+        let gone: Option<Vote<MemberId>> = old.read("vote", ErrorSubject::Vote).unwrap();
+        assert_eq!(gone, None, "the old generation was kept");
+        let untouched: Option<Vote<MemberId>> =
+            other_pair.read("vote", ErrorSubject::Vote).unwrap();
+        assert_eq!(
+            untouched,
+            Some(Vote::new(5, 1)),
+            "another group's records were dropped"
+        );
     }
 
     #[tokio::test]
