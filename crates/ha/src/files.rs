@@ -67,6 +67,15 @@ pub fn safe_relative(path: &str) -> Result<PathBuf, String> {
     Ok(p.to_path_buf())
 }
 
+fn hex(digest: ring::digest::Digest) -> String {
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of `bytes`, as the index writes it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes))
+}
+
 fn sha256_of(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -78,12 +87,7 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
         }
         ctx.update(&buf[..n]);
     }
-    Ok(ctx
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(ctx.finish()))
 }
 
 /// Scans a files directory, hashing only files whose size or modification time changed

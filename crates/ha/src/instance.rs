@@ -942,6 +942,10 @@ impl Instance {
                 self.lock().sync.done += part.len() as u64;
             }
             bytes.truncate(f.size as usize);
+            // A file that changed while it was copied is fetched again at the next pass.
+            if crate::files::sha256_hex(&bytes) != f.sha256 {
+                return Err(format!("{} changed while it was copied", f.path));
+            }
             crate::files::install(&dir, f, &bytes)?;
         }
         for p in &delete {
