@@ -37,6 +37,8 @@ pub struct Options {
     pub second_primary: bool,
     /// The pair runs without a witness (the third node stays a peer, not a voter).
     pub no_witness: bool,
+    /// Every peer of the cluster votes for the pair (`witness = "cluster"`).
+    pub cluster_witness: bool,
     /// A cable between primary and secondary (`eth1`, in the other /15 half) that carries
     /// direct-connect heartbeats.
     pub direct_connect: bool,
@@ -264,7 +266,11 @@ fn build(
         .iter()
         .map(|(_, _, h)| format!("\"{subnet}.{h}\""))
         .collect();
-    let witness = if options.no_witness { "none" } else { "3" };
+    let witness = match (options.no_witness, options.cluster_witness) {
+        (true, _) => "none",
+        (_, true) => "cluster",
+        _ => "3",
+    };
     let primaries = if options.second_primary {
         "[1, 4]"
     } else {
@@ -365,9 +371,13 @@ fn wait_until_paired(
             )
             .ok()
             .and_then(|v| {
-                v["status"]["pairs"][0]["state"]
-                    .as_str()
-                    .map(str::to_string)
+                // The node's own pair: a node can also witness other pairs.
+                v["status"]["pairs"].as_array().and_then(|pairs| {
+                    pairs
+                        .iter()
+                        .find(|p| p["role"] != "Witness")
+                        .and_then(|p| p["state"].as_str().map(str::to_string))
+                })
             })
             .unwrap_or_else(|| "starting".into())
         };

@@ -354,6 +354,9 @@ enum LabHaCommand {
         /// The pair runs without a witness (split brain is then possible, and said).
         #[arg(long)]
         no_witness: bool,
+        /// Every peer of the cluster votes for the pair (witness = "cluster").
+        #[arg(long, conflicts_with = "no_witness")]
+        cluster_witness: bool,
         /// A cable (eth1) between primary and secondary for direct-connect heartbeats.
         #[arg(long)]
         direct_connect: bool,
@@ -544,6 +547,7 @@ fn main() -> ExitCode {
                         failover,
                         second_primary,
                         no_witness,
+                        cluster_witness,
                         direct_connect,
                     },
             } => lab_ha::up(
@@ -554,6 +558,7 @@ fn main() -> ExitCode {
                     failover,
                     second_primary,
                     no_witness,
+                    cluster_witness,
                     direct_connect,
                 },
             ),

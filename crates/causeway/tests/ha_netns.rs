@@ -1071,3 +1071,28 @@ fn ha_configure_on_the_primary_changes_the_pair_at_once_and_in_its_node_file() {
     );
     assert_eq!(lab.state(S), "SECONDARY_ACTIVE");
 }
+
+#[test]
+fn with_the_cluster_as_witness_every_other_peer_votes_and_the_secondary_takes_over() {
+    // Four peers (two primaries, their secondary, a witness node): each pair's majority is
+    // three of the four.
+    let lab = Lab::up('r', 68, &["--second-primary", "--cluster-witness"]);
+    let info = lab.ok(P, &["gethainfo"]);
+    assert!(info.contains("Witness: the peer cluster"), "{info}");
+    // The witness node and the other primary both witness pair 1.
+    let w = lab.ok(W, &["gethainfo"]);
+    assert!(w.contains("Witness of pair: Peer 1"), "{w}");
+    let p2 = lab.ok(P2, &["ha", "status"]);
+    assert!(p2.contains("\"role\": \"Witness\""), "{p2}");
+    // A partition of the pair alone moves nothing: the other voters still hear the primary.
+    lab.cut(P, S);
+    std::thread::sleep(Duration::from_secs(2));
+    only_holder(&lab, P, &[S]);
+    lab.heal(&[P]);
+    lab.signal(P, nix::sys::signal::Signal::SIGKILL);
+    lab.wait_gone(P);
+    wait_for("the secondary to take over", Duration::from_secs(3), || {
+        lab.has_vip(S, &lab.vip())
+    });
+    assert_eq!(lab.status(S, 0)["state"], "FAILOVER_ACTIVE");
+}

@@ -365,9 +365,9 @@ impl Instance {
             description,
             format!("{} → {}", from.seed_name(), to.seed_name()),
         );
-        if matches!(to, HaState::FailoverActive | HaState::FailbackComplete)
-            || (to == HaState::PrimaryActive && from == HaState::FailoverInvoked)
-        {
+        // A move is the address going to the other member; a holder that re-acquires after a
+        // stall (row 10) has not moved it, and starts no guard window.
+        if matches!(to, HaState::FailoverActive | HaState::FailbackComplete) {
             sh.last_move = Some(Instant::now());
             sh.moves += 1;
         }
@@ -685,7 +685,8 @@ impl Instance {
             }
             let w = self.members.witness;
             match sh.beats.get(&w) {
-                _ if w == 0 => {}
+                // No witness, or the whole cluster: nobody to name.
+                _ if w == 0 || w == pair::CLUSTER_WITNESS => {}
                 Some(b) if !down_long(b) => {
                     self.alarms.lower(WITNESS_UNREACHABLE, &subject);
                 }

@@ -54,17 +54,32 @@ impl PairSettings {
 pub struct Members {
     pub primary: usize,
     pub secondary: usize,
-    /// 0: the pair has no witness.
+    /// A peer number; 0: the pair has no witness; [`CLUSTER_WITNESS`]: every other peer of
+    /// the cluster votes (`witness = "cluster"`).
     pub witness: usize,
+    /// The number of peers in the cluster (for a cluster witness).
+    #[serde(default)]
+    pub cluster: usize,
 }
+
+/// `witness = "cluster"`: the pair's majority is the whole peer cluster's.
+pub const CLUSTER_WITNESS: usize = usize::MAX;
 
 impl Members {
     /// The lease group's voters (a pair without a witness has `witness` 0).
     pub fn voters(&self) -> Vec<usize> {
+        if self.witness == CLUSTER_WITNESS {
+            return (1..=self.cluster).collect();
+        }
         [self.primary, self.secondary, self.witness]
             .into_iter()
             .filter(|&m| m != 0)
             .collect()
+    }
+
+    /// Whether `peer` witnesses this pair (a voter that is not a member).
+    pub fn is_witness(&self, peer: usize) -> bool {
+        peer != self.primary && peer != self.secondary && self.voters().contains(&peer)
     }
 
     /// A primary after `unpair`: no secondary, no witness; it keeps its address alone.
@@ -73,6 +88,7 @@ impl Members {
             primary,
             secondary: 0,
             witness: 0,
+            cluster: 0,
         }
     }
 

@@ -81,9 +81,13 @@ impl HaService {
                 match s.witness.as_deref() {
                     None => Ok(default_witness(peers.len(), primary, secondary).unwrap_or(0)),
                     Some("none") => Ok(0),
-                    Some("cluster") => anyhow::bail!(
-                        "ha.witness = \"cluster\" is not supported yet: name a third peer by number, or \"none\""
-                    ),
+                    Some("cluster") => {
+                        if peers.len() % 2 == 0 {
+                            warn!(target: LOG, event = "HA witness", peers = peers.len(),
+                                reason = "an even number of peers vote for the pair: losing half of them stops the virtual IP", "");
+                        }
+                        Ok(pair::CLUSTER_WITNESS)
+                    }
                     Some(n) => n.parse().context("ha.witness"),
                 }
             };
@@ -94,6 +98,7 @@ impl HaService {
                         primary: me,
                         secondary,
                         witness: witness_of(me, secondary)?,
+                        cluster: peers.len(),
                     };
                     let settings =
                         PairSettings::of_primary(s).context("ha.virtual_ip and ha.netmask")?;
@@ -111,6 +116,7 @@ impl HaService {
                             primary: p,
                             secondary: me,
                             witness: witness_of(p, me)?,
+                            cluster: peers.len(),
                         };
                         if svc.unpaired(p) {
                             info!(target: LOG, event = "HA pair not started", pair = p,
@@ -280,7 +286,7 @@ impl HaService {
                 ),
             ));
         }
-        if h.members.witness == self.me {
+        if h.members.is_witness(self.me) {
             if !self.lock().contains_key(&pair) {
                 let mut saved = self.saved_witness_pairs();
                 saved.retain(|m| m.primary != pair);

@@ -107,7 +107,13 @@ pub fn gethainfo(status: &Value) -> String {
             "Failover wait time (seconds): {}",
             seconds(p["failover_wait_ms"].as_u64().unwrap_or(0))
         ));
-        if witness == 0 {
+        if witness == u64::MAX {
+            line("Witness: the peer cluster (every other peer votes) *".into());
+            line(format!(
+                "Split brain protection: {} *",
+                s(p, "split_brain_protection")
+            ));
+        } else if witness == 0 {
             line("Witness: none *".into());
             line(format!(
                 "Split brain protection: none (no witness: a partition between primary and secondary can leave both holding {}) *",
