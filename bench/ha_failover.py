@@ -424,7 +424,7 @@ class Lab:
 
     def state(self, node_dir):
         try:
-            r = self.cw(node_dir, "ha", "status", timeout=10)
+            r = self.cw(node_dir, "ha", "status", "--json", timeout=10)
             v = json.loads(r.stdout)
             v = v.get("status", v)
             return v["pairs"][0]["state"]

@@ -180,8 +180,11 @@ enum HaCommand {
         #[arg(long)]
         guard_window_s: Option<u64>,
     },
-    /// The pair's status with the events log, as JSON.
-    Status,
+    /// The seed's HA status page with the events log (`--json`: everything, as JSON).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -524,7 +527,9 @@ fn main() -> ExitCode {
                     }
                     show::ha_command(&socket, &words, pair, false)
                 }
-                HaCommand::Status => show::ha_info(&socket, &data_dir(&cli.node), "status", true),
+                HaCommand::Status { json } => {
+                    show::ha_info(&socket, &data_dir(&cli.node), "ha_status", json)
+                }
             }
         }
         Command::HaKeeper { interface, vip } => {

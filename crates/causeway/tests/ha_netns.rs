@@ -104,7 +104,7 @@ impl Lab {
 
     /// The node's `ha status` for its `index`th pair.
     fn status(&self, n: Node, index: usize) -> Value {
-        let out = self.cli(n, &["ha", "status"]);
+        let out = self.cli(n, &["ha", "status", "--json"]);
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         v["pairs"][index].clone()
     }
@@ -1082,7 +1082,7 @@ fn with_the_cluster_as_witness_every_other_peer_votes_and_the_secondary_takes_ov
     // The witness node and the other primary both witness pair 1.
     let w = lab.ok(W, &["gethainfo"]);
     assert!(w.contains("Witness of pair: Peer 1"), "{w}");
-    let p2 = lab.ok(P2, &["ha", "status"]);
+    let p2 = lab.ok(P2, &["ha", "status", "--json"]);
     assert!(p2.contains("\"role\": \"Witness\""), "{p2}");
     // A partition of the pair alone moves nothing: the other voters still hear the primary.
     lab.cut(P, S);

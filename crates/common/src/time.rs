@@ -69,9 +69,32 @@ pub fn utc_time(unix_ms: u64) -> String {
     )
 }
 
+/// `2026-Dec-01, 10:15:02 UTC`: the MSE seed's events-log timestamps.
+pub fn mse_time(unix_ms: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let c = civil(unix_ms);
+    format!(
+        "{:04}-{}-{:02}, {:02}:{:02}:{:02} UTC",
+        c.year,
+        MONTHS[(c.month as usize).saturating_sub(1) % 12],
+        c.day,
+        c.hour,
+        c.minute,
+        c.second
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mse_timestamp_has_the_seeds_shape() {
+        // 2026-12-01 10:15:02 UTC
+        assert_eq!(mse_time(1_796_120_102_000), "2026-Dec-01, 10:15:02 UTC");
+    }
 
     #[test]
     fn formats_known_instants() {

@@ -1727,6 +1727,7 @@ impl Instance {
                     "description": e.description,
                     "generated_by": e.generated_by,
                     "at": causeway_common::time::iso8601(causeway_common::time::unix_ms(e.at)),
+                    "at_ms": causeway_common::time::unix_ms(e.at),
                     "remarks": e.remarks,
                 })
             })

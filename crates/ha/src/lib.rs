@@ -50,6 +50,7 @@ pub fn router(svc: Arc<HaService>) -> Router {
                     "status": status,
                     "gethainfo": status::gethainfo(&status),
                     "getserverinfo": status::getserverinfo(&status),
+                    "ha_status": status::ha_status(&status),
                 }))
             }),
         )
