@@ -238,7 +238,9 @@ impl Probe {
             let mut sent: Vec<Instant> = vec![];
             let mut answered: Vec<Option<Instant>> = vec![];
             let mut buf = [0u8; 2048];
-            while start.elapsed() < duration {
+            // Exactly one probe per millisecond of `duration` (late ones go at once), so the
+            // last one is always the one given the full answer time.
+            while (sent.len() as u128) < duration.as_millis() {
                 let i = sent.len();
                 let msg = format!(
                     "OPTIONS sip:{vip} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-t{i}\r\n\
@@ -248,8 +250,9 @@ impl Probe {
                 sent.push(Instant::now());
                 answered.push(None);
                 let _ = sock.send_to(msg.as_bytes(), (vip.as_str(), 5060));
-                // The last probe is given the full 100 ms to be answered.
-                let due = if start.elapsed() + Duration::from_millis(1) >= duration {
+                // The last probe is given the full 100 ms to be answered (the next one would
+                // be past the end).
+                let due = if Duration::from_millis(i as u64 + 1) >= duration {
                     Instant::now() + Duration::from_millis(110)
                 } else {
                     start + Duration::from_millis(i as u64 + 1)
