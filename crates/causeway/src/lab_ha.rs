@@ -26,21 +26,29 @@ const ROLES: [(&str, &str, u8); 4] = [
     ("primary2", "p2", 14),
 ];
 
-/// How `lab ha up` builds the pair.
+/// How `lab ha up` builds the pair (its command-line flags).
+#[derive(clap::Args)]
 pub struct Options {
+    #[arg(long, default_value = "cwha")]
     pub prefix: String,
+    #[arg(long, default_value = "198.18.0")]
     pub subnet: String,
-    /// `automatic` or `manual`.
+    /// The pair's failover type: automatic or manual.
+    #[arg(long, default_value = "automatic")]
     pub failover: String,
-    /// A second primary (`<subnet>.14`, virtual IP `<subnet>.20`) backed up by the same
-    /// secondary.
+    /// Add a second primary (<subnet>.14, virtual IP <subnet>.20) that the same secondary
+    /// backs up (N:1).
+    #[arg(long)]
     pub second_primary: bool,
-    /// The pair runs without a witness (the third node stays a peer, not a voter).
+    /// The pair runs without a witness (split brain is then possible, and said).
+    #[arg(long)]
     pub no_witness: bool,
-    /// Every peer of the cluster votes for the pair (`witness = "cluster"`).
+    /// Every peer of the cluster votes for the pair (witness = "cluster").
+    #[arg(long, conflicts_with = "no_witness")]
     pub cluster_witness: bool,
-    /// A cable between primary and secondary (`eth1`, in the other /15 half) that carries
+    /// A cable (eth1, in the other /15 half) between primary and secondary for
     /// direct-connect heartbeats.
+    #[arg(long)]
     pub direct_connect: bool,
 }
 

@@ -343,26 +343,8 @@ enum LabHaCommand {
     Up {
         #[arg(long, default_value = "lab-ha")]
         dir: PathBuf,
-        #[arg(long, default_value = "cwha")]
-        prefix: String,
-        #[arg(long, default_value = "198.18.0")]
-        subnet: String,
-        /// The pair's failover type: automatic or manual.
-        #[arg(long, default_value = "automatic")]
-        failover: String,
-        /// Add a second primary (<subnet>.14, virtual IP <subnet>.20) that the same
-        /// secondary backs up (N:1).
-        #[arg(long)]
-        second_primary: bool,
-        /// The pair runs without a witness (split brain is then possible, and said).
-        #[arg(long)]
-        no_witness: bool,
-        /// Every peer of the cluster votes for the pair (witness = "cluster").
-        #[arg(long, conflicts_with = "no_witness")]
-        cluster_witness: bool,
-        /// A cable (eth1) between primary and secondary for direct-connect heartbeats.
-        #[arg(long)]
-        direct_connect: bool,
+        #[command(flatten)]
+        options: lab_ha::Options,
     },
     /// Stop the nodes by PID and remove the namespaces (from DIR/lab-ha.json).
     Down {
@@ -544,29 +526,8 @@ fn main() -> ExitCode {
             } => lab::up(peers, &dir, !no_database),
             LabCommand::Down { dir } => lab::down(&dir),
             LabCommand::Ha {
-                command:
-                    LabHaCommand::Up {
-                        dir,
-                        prefix,
-                        subnet,
-                        failover,
-                        second_primary,
-                        no_witness,
-                        cluster_witness,
-                        direct_connect,
-                    },
-            } => lab_ha::up(
-                &dir,
-                &lab_ha::Options {
-                    prefix,
-                    subnet,
-                    failover,
-                    second_primary,
-                    no_witness,
-                    cluster_witness,
-                    direct_connect,
-                },
-            ),
+                command: LabHaCommand::Up { dir, options },
+            } => lab_ha::up(&dir, &options),
             LabCommand::Ha {
                 command: LabHaCommand::Down { dir },
             } => lab_ha::down(&dir),
