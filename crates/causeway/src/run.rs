@@ -168,15 +168,11 @@ async fn start_sip(
     node: Arc<Node>,
     cancel: CancellationToken,
 ) -> anyhow::Result<Arc<causeway_sipserver::SipService>> {
-    let listen = match section.listen {
-        Some(ip) => ip,
-        // check-config made sure the node's address is an IP when sip.listen is absent.
-        None => config
-            .node
-            .address
-            .parse()
-            .context("sip.listen is not set and node.address is not an IP address")?,
-    };
+    // check-config made sure the node's address is an IP when sip.listen is absent.
+    let addresses = config.sip_addresses();
+    let (&listen, also_listen) = addresses
+        .split_first()
+        .context("sip.listen is not set and node.address is not an IP address")?;
     let tls = match (identity, section.tls_port) {
         (Some(id), port) if port != 0 => {
             let (server, client) = causeway_pki::sip_tls_configs(id)
@@ -198,6 +194,7 @@ async fn start_sip(
     }
     let settings = causeway_sipserver::SipSettings {
         listen,
+        also_listen: also_listen.to_vec(),
         udp_port: section.udp_port,
         tcp_port: section.tcp_port,
         tls,

@@ -315,6 +315,30 @@ impl Probe {
     }
 }
 
+/// One OPTIONS to `vip` from the client namespace: where its 200 came from, if one came
+/// within a second.
+fn options_answered_from(lab: &Lab, vip: &str) -> Option<std::net::SocketAddr> {
+    let ns = std::fs::File::open(format!("/run/netns/{}-c", lab.prefix)).unwrap();
+    let vip = vip.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let local = sock.local_addr().unwrap();
+        let msg = format!(
+            "OPTIONS sip:{vip} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-once\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:t@{vip}>;tag=t\r\nTo: <sip:{vip}>\r\n\
+             Call-ID: once@probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        );
+        sock.send_to(msg.as_bytes(), (vip.as_str(), 5060)).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, from) = sock.recv_from(&mut buf).ok()?;
+        buf[..n].starts_with(b"SIP/2.0 200").then_some(from)
+    })
+    .join()
+    .unwrap()
+}
+
 // ---------------------------------------------------------------- address monitors
 
 /// `ip -ts monitor address` in each node's namespace: every add and delete of the virtual
@@ -690,6 +714,8 @@ fn one_secondary_for_two_primaries_takes_over_only_the_failed_primarys_address()
     let vip2 = format!("{}.20", lab.subnet);
     let untouched = Monitors::start(&lab, &[P], &lab.vip());
     assert!(lab.has_vip(P2, &vip2));
+    let vip2_sip: std::net::SocketAddr = format!("{vip2}:5060").parse().unwrap();
+    assert_eq!(options_answered_from(&lab, &vip2), Some(vip2_sip));
     lab.signal(P2, nix::sys::signal::Signal::SIGKILL);
     lab.wait_gone(P2);
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -704,6 +730,11 @@ fn one_secondary_for_two_primaries_takes_over_only_the_failed_primarys_address()
     assert_eq!(lab.status(S, 0)["state"], "SECONDARY_ACTIVE");
     assert!(!lab.has_vip(S, &lab.vip()));
     only_holder(&lab, P, &[S]);
+    // The secondary serves SIP on the address it took, answering from it (a client
+    // drops an answer from another address); the other pair's is still its primary's.
+    assert_eq!(options_answered_from(&lab, &vip2), Some(vip2_sip));
+    let vip1_sip = format!("{}:5060", lab.vip()).parse().ok();
+    assert_eq!(options_answered_from(&lab, &lab.vip()), vip1_sip);
     let (events, _) = untouched.stop();
     assert!(
         events.is_empty(),

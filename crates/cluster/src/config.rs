@@ -204,6 +204,10 @@ pub struct SipSection {
     /// Address to listen on; this system's address when it is an IP.
     #[serde(default)]
     pub listen: Option<IpAddr>,
+    /// More addresses SIP answers on, with the same ports: the secondary of two HA pairs
+    /// lists the second primary's virtual IP here.
+    #[serde(default)]
+    pub also_listen: Vec<IpAddr>,
     #[serde(default = "sip_port")]
     pub udp_port: u16,
     #[serde(default = "sip_port")]
@@ -229,6 +233,7 @@ impl Default for SipSection {
     fn default() -> Self {
         Self {
             listen: None,
+            also_listen: vec![],
             udp_port: sip_port(),
             tcp_port: sip_port(),
             tls_port: sips_port(),
@@ -489,6 +494,18 @@ impl NodeConfig {
                     "node.address is not an IP address: set sip.listen to the address SIP listens on",
                 ));
             }
+            let addresses = self.sip_addresses();
+            if let Some(twice) = addresses
+                .iter()
+                .enumerate()
+                .find(|(i, a)| addresses[..*i].contains(a))
+                .map(|(_, a)| a)
+            {
+                return Err(self.field(
+                    "sip.also_listen",
+                    format!("{twice} is listed twice (sip.listen, or node.address without it, is the first address)"),
+                ));
+            }
         }
         if let Some(ha) = &self.ha {
             let me = self
@@ -576,6 +593,17 @@ impl NodeConfig {
         })
     }
 
+    /// The addresses SIP answers on, the first first (`sip.listen`, else the node's
+    /// address); empty when this node runs no SIP.
+    pub fn sip_addresses(&self) -> Vec<IpAddr> {
+        let Some(sip) = &self.sip else { return vec![] };
+        sip.listen
+            .or_else(|| self.node.address.parse().ok())
+            .into_iter()
+            .chain(sip.also_listen.iter().copied())
+            .collect()
+    }
+
     /// The address the cluster port listens on.
     pub fn listen_ip(&self) -> IpAddr {
         self.cluster
@@ -609,6 +637,36 @@ name = "cluster.lab.example"
 peers = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 tls_verification = "Enforce"
 "#;
+
+    #[test]
+    fn sip_answers_on_its_address_and_the_ones_also_listed_each_once() {
+        let two = parse(&format!(
+            "{GOOD}[sip]\nlisten = \"198.18.0.10\"\nalso_listen = [\"198.18.0.20\"]\n"
+        ))
+        .unwrap();
+        let want: Vec<IpAddr> = vec![
+            "198.18.0.10".parse().unwrap(),
+            "198.18.0.20".parse().unwrap(),
+        ];
+        assert_eq!(two.sip_addresses(), want);
+        let node_address =
+            parse(&format!("{GOOD}[sip]\nalso_listen = [\"198.18.0.20\"]\n")).unwrap();
+        assert_eq!(
+            node_address.sip_addresses()[0],
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
+        assert!(
+            parse(GOOD).unwrap().sip_addresses().is_empty(),
+            "no [sip]: no SIP"
+        );
+        let e = parse(&format!("{GOOD}[sip]\nalso_listen = [\"127.0.0.1\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sip.also_listen") && e.contains("127.0.0.1 is listed twice"),
+            "{e}"
+        );
+    }
 
     proptest::proptest! {
         /// A node file damaged anywhere (bytes replaced, cut, inserted) loads or is refused

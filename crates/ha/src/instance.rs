@@ -164,6 +164,8 @@ pub(crate) struct Local {
     pub on_demote: Option<PathBuf>,
     /// A primary that lost its data takes it back from the secondary before it serves.
     pub recovery_mode: bool,
+    /// The addresses this node's SIP service answers on (none: it runs no SIP).
+    pub sip_addresses: Vec<std::net::IpAddr>,
 }
 
 pub struct Instance {
@@ -971,6 +973,14 @@ impl Instance {
                         Ok(k) => {
                             info!(target: LOG, event = "HA address keeper started", pair = self.pair(),
                                 pid = k.pid().unwrap_or(0), vip = %vip, "");
+                            let sip = &self.local.sip_addresses;
+                            if !sip.is_empty() && !sip.contains(&vip.address) {
+                                // Found only now: a secondary learns a primary's address
+                                // from its hello, not from its own node file.
+                                warn!(target: LOG, event = "SIP does not answer on the virtual IP",
+                                    pair = self.pair(), vip = %vip.address,
+                                    detail = "add it to sip.also_listen in the node file and restart", "");
+                            }
                             keeper = Some(k);
                         }
                         Err(e) => {

@@ -241,6 +241,7 @@ impl HaService {
             on_promote: section.and_then(|s| s.on_promote.clone()),
             on_demote: section.and_then(|s| s.on_demote.clone()),
             recovery_mode: section.is_some_and(|s| s.recovery_mode),
+            sip_addresses: self.node.config().sip_addresses(),
         };
         let instance = Instance::new(
             role,

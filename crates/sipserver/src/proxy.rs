@@ -8,7 +8,7 @@
 //! `cw-flow`, RFC 5626 style). Record-Route keeps every peer that did so on the dialog.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,6 +135,7 @@ fn uri_target(uri: &SipUri) -> Option<Target> {
         proto,
         addr: SocketAddr::new(ip, port),
         conn: None,
+        local: None,
     })
 }
 
@@ -437,18 +438,21 @@ impl SipService {
         let now = Instant::now();
         let mut st = self.proxy_lock();
         let mut branch_ids = Vec::with_capacity(hops.len());
-        for hop in hops {
+        for mut hop in hops {
+            // Out from the address the request came to: the one its sender knows this
+            // system by, and the only one this system may hold (an HA secondary of two).
+            hop.target.local = Some(source.local);
             let branch = format!("{COOKIE}cw{}", self.unique());
             let out_proto = hop.target.proto;
-            let mut prepend = vec![self.via_line(out_proto, &branch)];
+            let mut prepend = vec![self.via_line(out_proto, source.local, &branch)];
             if self.is_cluster_peer(hop.target.addr.ip()) {
                 // Relayed to another peer: marked so it can tell this from a forgery.
                 prepend.push(self.relay.mark(&msg, &branch));
             }
             if record_route {
-                prepend.push(self.record_route(out_proto, hop.flow));
+                prepend.push(self.record_route(out_proto, source.local, hop.flow));
                 if out_proto != source.proto {
-                    prepend.push(self.record_route(source.proto, None));
+                    prepend.push(self.record_route(source.proto, source.local, None));
                 }
             }
             prepend.extend(hop.routes.iter().map(|r| format!("Route: {r}")));
@@ -516,11 +520,12 @@ impl SipService {
         self.proxy.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn via_line(&self, proto: Proto, branch: &str) -> String {
+    /// The Via of a request this peer sends from its address `local`.
+    fn via_line(&self, proto: Proto, local: IpAddr, branch: &str) -> String {
         format!(
             "Via: SIP/2.0/{} {};branch={branch}",
             proto.name(),
-            self.local_address(proto)
+            SocketAddr::new(local, self.transports.port(proto))
         )
     }
 
@@ -530,13 +535,13 @@ impl SipService {
             .and_then(|c| self.transports.connection(c))
     }
 
-    fn record_route(&self, proto: Proto, flow: Option<u64>) -> String {
+    fn record_route(&self, proto: Proto, local: IpAddr, flow: Option<u64>) -> String {
         let flow = flow
             .map(|f| format!(";{FLOW_PARAM}={f}"))
             .unwrap_or_default();
         format!(
             "Record-Route: <sip:{};transport={};lr{flow}>",
-            self.local_address(proto),
+            SocketAddr::new(local, self.transports.port(proto)),
             proto.name().to_ascii_lowercase()
         )
     }
@@ -566,6 +571,7 @@ impl SipService {
                         proto: b.proto,
                         addr: b.received,
                         conn: Some(conn),
+                        local: None,
                     },
                     routes: vec![],
                     flow: Some(conn),
@@ -581,6 +587,7 @@ impl SipService {
                         proto: Proto::Tcp,
                         addr: SocketAddr::new(ip, port),
                         conn: None,
+                        local: None,
                     },
                     routes: vec![format!(
                         "<sip:{ip}:{port};transport=tcp;lr;{FLOW_PARAM}={conn}>"
@@ -595,6 +602,7 @@ impl SipService {
                 proto: Proto::Udp,
                 addr: b.received,
                 conn: None,
+                local: None,
             }
         } else {
             // The contact itself: a UDP endpoint, or one whose connection went with its peer.
@@ -622,10 +630,11 @@ impl SipService {
             self.flow_target(flow, source)
         }
         .or_else(|| next_hop(&routes, popped, msg.uri()));
-        let Some(target) = target else {
+        let Some(mut target) = target else {
             debug!(target: LOG, "ACK with nowhere to go dropped");
             return;
         };
+        target.local = Some(source.local);
         if self.is_me_target(&target) {
             return;
         }
@@ -633,7 +642,7 @@ impl SipService {
         let bytes = build::rewrite(
             msg,
             &Edit {
-                prepend: vec![self.via_line(target.proto, &branch)],
+                prepend: vec![self.via_line(target.proto, source.local, &branch)],
                 pop_routes: popped,
                 max_forwards: Some(
                     msg.max_forwards()
@@ -668,7 +677,7 @@ impl SipService {
     }
 
     fn is_me_target(&self, t: &Target) -> bool {
-        t.addr.ip() == self.settings.listen && t.addr.port() == self.transports.port(t.proto)
+        self.is_own_address(t.addr.ip()) && t.addr.port() == self.transports.port(t.proto)
     }
 
     fn cancel(&self, msg: &Message, source: &Source, key: &str) {
@@ -984,6 +993,7 @@ fn source_target(s: &Source) -> Target {
         proto: s.proto,
         addr: s.remote,
         conn: s.conn,
+        local: Some(s.local),
     }
 }
 

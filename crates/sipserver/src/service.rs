@@ -29,6 +29,9 @@ pub(crate) const LOG: &str = "network.sip";
 #[derive(Clone, Debug)]
 pub struct SipSettings {
     pub listen: IpAddr,
+    /// More addresses to answer on, with the same ports: the secondary of two HA pairs
+    /// answers on the second pair's virtual IP too.
+    pub also_listen: Vec<IpAddr>,
     pub udp_port: u16,
     pub tcp_port: u16,
     /// TLS with the node's certificate; none: no TLS listener.
@@ -149,8 +152,11 @@ impl SipService {
         let tasks = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel(16_384);
+        let addresses: Vec<IpAddr> = std::iter::once(settings.listen)
+            .chain(settings.also_listen.iter().copied())
+            .collect();
         let transports = Transports::bind(
-            settings.listen,
+            &addresses,
             settings.udp_port,
             settings.tcp_port,
             settings.tls.clone(),
@@ -326,11 +332,19 @@ impl SipService {
         &self.metrics
     }
 
+    /// Whether `ip` is one of this system's SIP addresses.
+    pub(crate) fn is_own_address(&self, ip: IpAddr) -> bool {
+        self.transports.addresses().any(|a| a == ip)
+    }
+
     /// Whether `host` names this cluster's SIP service: a configured domain, the cluster
-    /// name, or this peer's own address.
+    /// name, or one of this peer's own addresses.
     pub(crate) fn is_local_domain(&self, host: &str) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.parse::<IpAddr>().ok() == Some(self.settings.listen) {
+        if host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| self.is_own_address(ip))
+        {
             return true;
         }
         self.settings
@@ -346,7 +360,7 @@ impl SipService {
 
     /// Whether a URI names this very peer (a Route or Record-Route it wrote).
     pub(crate) fn is_me(&self, uri: &SipUri) -> bool {
-        let host_is_me = uri.ip() == Some(self.settings.listen);
+        let host_is_me = uri.ip().is_some_and(|ip| self.is_own_address(ip));
         let port_is_mine = match uri.port {
             None => true,
             Some(p) => {
@@ -389,14 +403,14 @@ impl SipService {
     /// address *and* carries that peer's mark. A client at a peer's address is a client.
     pub(crate) fn relayed_by_peer(&self, msg: &causeway_sip::Message, source: &Source) -> bool {
         let ip = source.remote.ip();
-        ip != self.settings.listen
+        !self.is_own_address(ip)
             && self.peers().iter().any(|(i, a, _)| {
                 *i != self.self_index && *a == Some(ip) && self.relay.verify(msg, *i)
             })
     }
 
     pub(crate) fn is_cluster_peer(&self, ip: IpAddr) -> bool {
-        ip != self.settings.listen
+        !self.is_own_address(ip)
             && self
                 .peers()
                 .iter()
@@ -416,6 +430,7 @@ impl SipService {
                 proto: source.proto,
                 addr: source.remote,
                 conn: source.conn,
+                local: Some(source.local),
             },
             bytes,
         );
@@ -485,6 +500,7 @@ impl SipService {
         StreamId::new(namespace, &location::stream_name(self.self_index))
     }
 
+    /// This system's first SIP address and its port for `proto`.
     pub fn local_address(&self, proto: Proto) -> SocketAddr {
         SocketAddr::new(self.settings.listen, self.transports.port(proto))
     }

@@ -1,6 +1,11 @@
-//! SIP transports (RFC 3261 §18): one UDP socket, TCP and TLS listeners, and the table of
-//! open connections (accepted or dialled) that requests and responses are written on.
-//! Every listener caps sizes, connections per source and messages per source per second.
+//! SIP transports (RFC 3261 §18): on each of the system's SIP addresses a UDP socket, TCP
+//! and TLS listeners; and the table of open connections (accepted or dialled) that requests
+//! and responses are written on. Every listener caps sizes, connections per source and
+//! messages per source per second.
+//!
+//! Most systems have one SIP address. The secondary of two HA pairs has two, one virtual IP
+//! per pair: what arrives on one address is answered from it and forwarded from it, so a
+//! client and the next hop see the address they used (`Source::local`, `Target::local`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -63,6 +68,8 @@ pub struct Source {
     pub remote: SocketAddr,
     /// The connection it arrived on (TCP/TLS).
     pub conn: Option<u64>,
+    /// This system's address it arrived at.
+    pub local: IpAddr,
 }
 
 pub struct Incoming {
@@ -76,6 +83,9 @@ pub struct Target {
     pub proto: Proto,
     pub addr: SocketAddr,
     pub conn: Option<u64>,
+    /// The address of this system to send a datagram or dial a connection from; none: the
+    /// first.
+    pub local: Option<IpAddr>,
 }
 
 /// Caps every listener applies.
@@ -117,6 +127,7 @@ impl Default for Caps {
     }
 }
 
+/// The ports every SIP address of this system listens on, and its first address.
 pub struct Bound {
     pub ip: IpAddr,
     pub udp_port: u16,
@@ -127,7 +138,15 @@ pub struct Bound {
 struct Conn {
     proto: Proto,
     remote: SocketAddr,
+    local: IpAddr,
     out: mpsc::Sender<Bytes>,
+}
+
+/// One SIP address of this system and the queue of its UDP sender.
+struct Face {
+    ip: IpAddr,
+    /// Datagrams to send, paced per destination by this address's `sip-udp-send` thread.
+    udp_out: std::sync::mpsc::SyncSender<(Bytes, SocketAddr)>,
 }
 
 struct Bucket {
@@ -138,9 +157,8 @@ struct Bucket {
 pub struct Transports {
     pub bound: Bound,
     caps: Caps,
-    /// Datagrams to send, paced per destination by the `sip-udp-send` thread: every UDP
-    /// send goes there.
-    udp_out: std::sync::mpsc::SyncSender<(Bytes, SocketAddr)>,
+    /// The first is `bound.ip`.
+    faces: Vec<Face>,
     conns: Mutex<HashMap<u64, Conn>>,
     /// Open connections by (transport, remote): requests to an address reuse one (§18.1.1).
     by_remote: Mutex<HashMap<(Proto, SocketAddr), u64>>,
@@ -264,12 +282,46 @@ fn listen_freely(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// The sockets of one SIP address, bound and not yet served.
+struct Sockets {
+    ip: IpAddr,
+    udp: UdpSocket,
+    tcp: TcpListener,
+    tls: Option<TcpListener>,
+}
+
+impl Sockets {
+    /// Binds `ip`'s UDP, TCP and (with `tls_port`) TLS ports; port 0 picks a free one.
+    fn bind(
+        ip: IpAddr,
+        udp_port: u16,
+        tcp_port: u16,
+        tls_port: Option<u16>,
+    ) -> anyhow::Result<Sockets> {
+        use anyhow::Context as _;
+        let udp = bind_freely(ip, udp_port, socket2::Type::DGRAM)
+            .and_then(|s| UdpSocket::from_std(s.into()))
+            .with_context(|| format!("binding SIP UDP on {ip}:{udp_port}"))?;
+        let tcp = listen_freely(ip, tcp_port)
+            .with_context(|| format!("binding SIP TCP on {ip}:{tcp_port}"))?;
+        let tls = match tls_port {
+            Some(port) => Some(
+                listen_freely(ip, port)
+                    .with_context(|| format!("binding SIP TLS on {ip}:{port}"))?,
+            ),
+            None => None,
+        };
+        Ok(Sockets { ip, udp, tcp, tls })
+    }
+}
+
 impl Transports {
     /// Binds UDP and TCP on `ip:udp_port`/`ip:tcp_port`, and TLS on `tls_port` when given a
-    /// TLS configuration. Port 0 picks a free port (tests).
+    /// TLS configuration, for each of `ips` (the first is the system's SIP address). Port 0
+    /// picks a free port (tests); the other addresses take the ports the first got.
     #[allow(clippy::too_many_arguments)]
     pub async fn bind(
-        ip: IpAddr,
+        ips: &[IpAddr],
         udp_port: u16,
         tcp_port: u16,
         tls: Option<(u16, Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)>,
@@ -280,33 +332,33 @@ impl Transports {
         tasks: TaskTracker,
     ) -> anyhow::Result<Arc<Transports>> {
         use anyhow::Context as _;
-        let udp = bind_freely(ip, udp_port, socket2::Type::DGRAM)
-            .and_then(|s| UdpSocket::from_std(s.into()))
-            .with_context(|| format!("binding SIP UDP on {ip}:{udp_port}"))?;
-        let udp_port = udp.local_addr()?.port();
-        let udp_buffer = enlarge_receive_buffer(&udp, UDP_RECEIVE_BUFFER);
-        // TCP on the same port number as UDP when asked for 0 in tests.
-        let tcp = listen_freely(ip, tcp_port)
-            .with_context(|| format!("binding SIP TCP on {ip}:{tcp_port}"))?;
-        let tcp_port = tcp.local_addr()?.port();
-        let (tls_listener, tls_pair) = match tls {
-            Some((port, server, client)) => {
-                let l = listen_freely(ip, port)
-                    .with_context(|| format!("binding SIP TLS on {ip}:{port}"))?;
-                (
-                    Some(l),
-                    Some((
-                        tokio_rustls::TlsAcceptor::from(server),
-                        tokio_rustls::TlsConnector::from(client),
-                    )),
-                )
-            }
-            None => (None, None),
-        };
-        let tls_port = match &tls_listener {
+        let (&ip, more) = ips
+            .split_first()
+            .context("SIP needs at least one address to listen on")?;
+        let first = Sockets::bind(ip, udp_port, tcp_port, tls.as_ref().map(|t| t.0))?;
+        let udp_port = first.udp.local_addr()?.port();
+        let tcp_port = first.tcp.local_addr()?.port();
+        let tls_port = match &first.tls {
             Some(l) => Some(l.local_addr()?.port()),
             None => None,
         };
+        let mut sockets = vec![first];
+        for &ip in more {
+            sockets.push(Sockets::bind(ip, udp_port, tcp_port, tls_port)?);
+        }
+        let mut faces = Vec::with_capacity(sockets.len());
+        let mut udp_buffer = 0;
+        for s in &sockets {
+            udp_buffer = enlarge_receive_buffer(&s.udp, UDP_RECEIVE_BUFFER);
+            faces.push(Face {
+                ip: s.ip,
+                udp_out: spawn_udp_sender(
+                    clone_std(&s.udp).context("starting the SIP UDP sender")?,
+                    metrics.clone(),
+                    cancel.clone(),
+                )?,
+            });
+        }
         let handshaking = SourceSlots::new(caps.max_handshakes_per_source);
         let t = Arc::new(Transports {
             bound: Bound {
@@ -316,28 +368,51 @@ impl Transports {
                 tls_port,
             },
             caps,
-            udp_out: spawn_udp_sender(
-                clone_std(&udp).context("starting the SIP UDP sender")?,
-                metrics.clone(),
-                cancel.clone(),
-            )?,
+            faces,
             conns: Mutex::new(HashMap::new()),
             by_remote: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             buckets: Mutex::new(HashMap::new()),
             incoming,
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
-            tls: tls_pair,
+            tls: tls.map(|(_, server, client)| {
+                (
+                    tokio_rustls::TlsAcceptor::from(server),
+                    tokio_rustls::TlsConnector::from(client),
+                )
+            }),
             metrics,
             cancel,
             tasks,
             handshaking,
         });
-        // UDP is read on a thread of its own: a worker busy elsewhere (a store write, a burst
-        // of tasks) must not leave datagrams to overflow the socket's receive buffer.
-        let reader = clone_std(&udp).context("starting the SIP UDP reader")?;
-        drop(udp);
-        let receiver = t.clone();
+        for s in sockets {
+            t.spawn_udp_reader(&s.udp, s.ip)?;
+            t.tasks
+                .spawn(t.clone().accept_loop(s.tcp, Proto::Tcp, s.ip));
+            if let Some(l) = s.tls {
+                t.tasks.spawn(t.clone().accept_loop(l, Proto::Tls, s.ip));
+            }
+        }
+        t.tasks.spawn(t.clone().forget_buckets());
+        let ips = ips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        info!(target: LOG, ip = %ips, udp = udp_port, tcp = tcp_port, udp_buffer = udp_buffer,
+            tls = tls_port.map(|p| p.to_string()).unwrap_or_else(|| "off".into()),
+            "SIP listening");
+        Ok(t)
+    }
+
+    /// Reads `udp` (bound to `local`) on a thread of its own: a worker busy elsewhere (a
+    /// store write, a burst of tasks) must not leave datagrams to overflow the socket's
+    /// receive buffer.
+    fn spawn_udp_reader(self: &Arc<Self>, udp: &UdpSocket, local: IpAddr) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let reader = clone_std(udp).context("starting the SIP UDP reader")?;
+        let receiver = self.clone();
         std::thread::Builder::new()
             .name("sip-udp".into())
             .spawn(move || {
@@ -354,21 +429,18 @@ impl Transports {
                 rt.block_on(async move {
                     // Registered with this thread's reactor.
                     match UdpSocket::from_std(reader) {
-                        Ok(sock) => receiver.udp_loop(sock).await,
+                        Ok(sock) => receiver.udp_loop(sock, local).await,
                         Err(e) => warn!(target: LOG, reason = %e, "SIP UDP reader could not start"),
                     }
                 });
             })
             .context("starting the SIP UDP reader")?;
-        t.tasks.spawn(t.clone().accept_loop(tcp, Proto::Tcp));
-        if let Some(l) = tls_listener {
-            t.tasks.spawn(t.clone().accept_loop(l, Proto::Tls));
-        }
-        t.tasks.spawn(t.clone().forget_buckets());
-        info!(target: LOG, ip = %ip, udp = udp_port, tcp = tcp_port, udp_buffer = udp_buffer,
-            tls = tls_port.map(|p| p.to_string()).unwrap_or_else(|| "off".into()),
-            "SIP listening");
-        Ok(t)
+        Ok(())
+    }
+
+    /// This system's SIP addresses, the first first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.faces.iter().map(|f| f.ip)
     }
 
     /// The port this system's messages say it listens on for `proto`.
@@ -394,6 +466,7 @@ impl Transports {
             proto: c.proto,
             addr: c.remote,
             conn: Some(conn),
+            local: Some(c.local),
         })
     }
 
@@ -473,7 +546,7 @@ impl Transports {
                         Some(c) => {
                             self.send_on(c, resp);
                         }
-                        None => self.send_datagram(resp, source.remote),
+                        None => self.send_datagram(resp, source.remote, Some(source.local)),
                     }
                 }
                 Err(e.status())
@@ -481,7 +554,7 @@ impl Transports {
         }
     }
 
-    async fn udp_loop(self: Arc<Self>, udp: UdpSocket) {
+    async fn udp_loop(self: Arc<Self>, udp: UdpSocket, local: IpAddr) {
         let mut buf = vec![0u8; 65_536];
         loop {
             let (n, from) = tokio::select! {
@@ -499,7 +572,7 @@ impl Transports {
             // RFC 5626 keep-alive: CRLF CRLF gets CRLF back; a lone CRLF is ignored.
             if data.iter().all(|b| *b == b'\r' || *b == b'\n') {
                 if data == b"\r\n\r\n" {
-                    self.send_datagram(Bytes::from_static(b"\r\n"), from);
+                    self.send_datagram(Bytes::from_static(b"\r\n"), from, Some(local));
                 }
                 continue;
             }
@@ -515,12 +588,13 @@ impl Transports {
                 proto: Proto::Udp,
                 remote: from,
                 conn: None,
+                local,
             };
             let _ = self.deliver(Bytes::copy_from_slice(data), source, Framing::Datagram);
         }
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, proto: Proto) {
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, proto: Proto, local: IpAddr) {
         loop {
             let (stream, remote) = tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -560,14 +634,14 @@ impl Transports {
                                 .await;
                         drop(slot);
                         match accepted {
-                            Ok(Ok(s)) => t.run_connection(s, proto, remote, None).await,
+                            Ok(Ok(s)) => t.run_connection(s, proto, remote, local, None).await,
                             _ => {
                                 t.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                                 debug!(target: LOG, src = %remote, "SIP TLS handshake failed");
                             }
                         }
                     }
-                    _ => t.run_connection(stream, proto, remote, None).await,
+                    _ => t.run_connection(stream, proto, remote, local, None).await,
                 }
             });
         }
@@ -594,6 +668,7 @@ impl Transports {
         &self,
         proto: Proto,
         remote: SocketAddr,
+        local: IpAddr,
     ) -> (u64, mpsc::Receiver<Bytes>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
@@ -602,6 +677,7 @@ impl Transports {
             Conn {
                 proto,
                 remote,
+                local,
                 out: tx,
             },
         );
@@ -624,6 +700,7 @@ impl Transports {
         stream: S,
         proto: Proto,
         remote: SocketAddr,
+        local: IpAddr,
         registered: Option<(u64, mpsc::Receiver<Bytes>)>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -633,7 +710,7 @@ impl Transports {
         let dialled = registered.is_some();
         let (id, mut out) = match registered {
             Some(r) => r,
-            None => self.register_connection(proto, remote),
+            None => self.register_connection(proto, remote, local),
         };
         let (mut reader, mut writer) = tokio::io::split(stream);
         let cancel = self.cancel.child_token();
@@ -692,6 +769,7 @@ impl Transports {
                             proto,
                             remote,
                             conn: Some(id),
+                            local,
                         };
                         if self.deliver(raw, source, Framing::Stream).is_err() {
                             broken = Some("malformed message");
@@ -728,20 +806,27 @@ impl Transports {
         let _ = writer_task.await;
     }
 
-    async fn dial(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+    async fn dial(&self, to: SocketAddr, from: IpAddr) -> std::io::Result<TcpStream> {
         let socket = match to {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
             SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
         };
-        if self.bound.ip.is_ipv4() == to.is_ipv4() && !self.bound.ip.is_unspecified() {
-            socket.bind(SocketAddr::new(self.bound.ip, 0))?;
+        if from.is_ipv4() == to.is_ipv4() && !from.is_unspecified() {
+            socket.bind(SocketAddr::new(from, 0))?;
         }
         socket.connect(to).await
     }
 
-    /// Queues a datagram for the sender thread; a full queue drops it, counted.
-    fn send_datagram(&self, bytes: Bytes, to: SocketAddr) {
-        if self.udp_out.try_send((bytes, to)).is_err() {
+    /// This system's address `local` names, if it is one of them; else the first.
+    fn face(&self, local: Option<IpAddr>) -> &Face {
+        local
+            .and_then(|ip| self.faces.iter().find(|f| f.ip == ip))
+            .unwrap_or(&self.faces[0])
+    }
+
+    /// Queues a datagram for the sender thread of `from`; a full queue drops it, counted.
+    fn send_datagram(&self, bytes: Bytes, to: SocketAddr, from: Option<IpAddr>) {
+        if self.face(from).udp_out.try_send((bytes, to)).is_err() {
             self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -770,7 +855,7 @@ impl Transports {
     ) {
         self.metrics.sent.fetch_add(1, Ordering::Relaxed);
         if target.proto == Proto::Udp {
-            self.send_datagram(bytes, target.addr);
+            self.send_datagram(bytes, target.addr, target.local);
             return;
         }
         if let Some(c) = target.conn {
@@ -790,14 +875,16 @@ impl Transports {
             failed();
             return;
         }
-        let (id, rx) = self.register_connection(target.proto, target.addr);
+        let from = self.face(target.local).ip;
+        let (id, rx) = self.register_connection(target.proto, target.addr, from);
         self.send_on(id, bytes);
         let t = self.clone();
         let target = *target;
         self.tasks.spawn(async move {
             // From this system's SIP address, so the far end (another peer above all) sees
             // where the connection comes from.
-            let connected = tokio::time::timeout(Duration::from_secs(5), t.dial(target.addr)).await;
+            let connected =
+                tokio::time::timeout(Duration::from_secs(5), t.dial(target.addr, from)).await;
             let stream = match connected {
                 Ok(Ok(s)) => s,
                 _ => {
@@ -819,7 +906,7 @@ impl Transports {
                     match connector.connect(name, stream).await {
                         Ok(s) => {
                             t.clone()
-                                .run_connection(s, target.proto, target.addr, Some((id, rx)))
+                                .run_connection(s, target.proto, target.addr, from, Some((id, rx)))
                                 .await
                         }
                         Err(e) => {
@@ -831,7 +918,7 @@ impl Transports {
                 }
                 _ => {
                     t.clone()
-                        .run_connection(stream, target.proto, target.addr, Some((id, rx)))
+                        .run_connection(stream, target.proto, target.addr, from, Some((id, rx)))
                         .await
                 }
             }

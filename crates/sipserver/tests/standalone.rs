@@ -29,6 +29,11 @@ impl Drop for Solo {
 }
 
 async fn solo(net: u8) -> Solo {
+    solo_also_on(net, &[]).await
+}
+
+/// A standalone node on `127.0.{net}.1` that answers on `also_listen` too.
+async fn solo_also_on(net: u8, also_listen: &[&str]) -> Solo {
     let tmp = tempfile::tempdir().unwrap();
     let ip = format!("127.0.{net}.1");
     let path = tmp.path().join("causeway.toml");
@@ -54,6 +59,7 @@ async fn solo(net: u8) -> Solo {
     let cancel = CancellationToken::new();
     let settings = SipSettings {
         listen: ip.parse().unwrap(),
+        also_listen: also_listen.iter().map(|a| a.parse().unwrap()).collect(),
         udp_port: 0,
         tcp_port: 0,
         tls: None,
@@ -107,15 +113,21 @@ impl Ep {
     }
 
     async fn recv(&self) -> Message {
+        self.recv_from().await.0
+    }
+
+    /// The next message and the address it came from.
+    async fn recv_from(&self) -> (Message, SocketAddr) {
         let mut buf = vec![0u8; 65_536];
-        let (n, _) = tokio::time::timeout(Duration::from_secs(5), self.sock.recv_from(&mut buf))
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), self.sock.recv_from(&mut buf))
             .await
             .expect("no message within 5 s")
             .unwrap();
         buf.truncate(n);
         let raw = Bytes::from(buf);
-        Message::parse(raw.clone(), Transport::Datagram, &Limits::default())
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&raw)))
+        let msg = Message::parse(raw.clone(), Transport::Datagram, &Limits::default())
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&raw)));
+        (msg, from)
     }
 
     /// The next message that is not a 100 Trying.
@@ -393,6 +405,55 @@ async fn an_invite_forks_to_every_contact_and_the_best_answer_wins() {
         )
         .await;
     assert_eq!(caller.recv_final().await.status(), Some(403));
+}
+
+/// The secondary of two HA pairs answers on both virtual IPs. What comes to the second
+/// address is answered from it and forwarded from it, with it in Via and Record-Route:
+/// the first may be held by the other pair's primary at that very moment.
+#[tokio::test]
+async fn a_request_to_the_second_address_is_answered_and_forwarded_from_it() {
+    let s = solo_also_on(65, &["127.0.65.2"]).await;
+    let second = SocketAddr::new("127.0.65.2".parse().unwrap(), s.addr.port());
+    let callee = Ep::new("127.0.65.11", s.addr).await;
+    let contact = format!("<sip:erin@{}>", callee.addr());
+    callee
+        .send(&register("erin", "r65", 1, &[&contact], ""))
+        .await;
+    let (ok, from) = callee.recv_from().await;
+    assert_eq!((ok.status(), from), (Some(200), s.addr));
+
+    let caller = Ep::new("127.0.65.10", second).await;
+    caller.send(&invite("erin", "second1")).await;
+    let (trying, from) = caller.recv_from().await;
+    assert_eq!((trying.status(), from), (Some(100), second));
+    let (inv, from) = callee.recv_from().await;
+    assert_eq!(inv.method(), Some("INVITE"));
+    assert_eq!(
+        from, second,
+        "forwarded from the address the request came to"
+    );
+    let via = &inv.values(HeaderKind::Via)[0];
+    assert!(via.contains(&second.to_string()), "{via}");
+    let rr = &inv.values(HeaderKind::RecordRoute)[0];
+    assert!(rr.contains(&format!("{second};transport=udp;lr")), "{rr}");
+    // The answer goes back to the caller from the second address too.
+    callee
+        .send_bytes(&build::response(
+            &inv,
+            200,
+            "OK",
+            Some("e"),
+            &["Contact: <sip:erin@127.0.65.11>".into()],
+        ))
+        .await;
+    let (ok, from) = caller.recv_from().await;
+    assert_eq!((ok.status(), from), (Some(200), second));
+    // The second address is this system's own: a request for it is for its domain.
+    caller
+        .send(&invite("erin", "second2").replace("erin@test.example SIP", "erin@127.0.65.2 SIP"))
+        .await;
+    assert_eq!(caller.recv().await.status(), Some(100));
+    assert_eq!(callee.recv().await.method(), Some("INVITE"));
 }
 
 #[tokio::test]
