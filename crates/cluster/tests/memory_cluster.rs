@@ -902,3 +902,50 @@ async fn a_peer_is_removed_by_shortening_every_remaining_peers_list() {
         );
     }
 }
+
+/// A peer restored from a backup goes back on its own streams. Its owner is their authority:
+/// the others take its copy whole, so its alarms raised after the backup are not kept on
+/// show elsewhere (and no 20011 asks for a command that cannot help).
+#[tokio::test(start_paused = true)]
+async fn a_peer_restored_to_an_older_copy_of_its_own_streams_is_followed_by_the_others() {
+    use causeway_replication::lifecycle;
+    let mut c = Cluster::start(3, TlsMode::Enforce);
+    wait_for(10, "cluster formed", || c.formed()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let backup = lifecycle::dump(c.stores[1].as_ref()).unwrap();
+    // After the backup, Peer 2 raises alarms for Peer 3 and Peer 1 shows them.
+    c.crash(3).await;
+    let from_2_on_1 = |c: &Cluster| {
+        c.node(1)
+            .peer_alarms()
+            .into_iter()
+            .filter(|a| a.peer == 2)
+            .map(|a| a.id)
+            .collect::<Vec<_>>()
+    };
+    wait_for(10, "Peer 2's 20004 shown on Peer 1", || {
+        from_2_on_1(&c).contains(&20004)
+    })
+    .await;
+    // Peer 2 is lost and restored from the backup; Peer 3 comes back first.
+    c.crash(2).await;
+    lifecycle::restore(c.stores[1].as_ref(), &backup, None).unwrap();
+    c.nodes[2] = Some(c.boot(3, config(3, 3, TlsMode::Enforce)));
+    c.nodes[1] = Some(c.boot(2, config(2, 3, TlsMode::Enforce)));
+    wait_for(10, "cluster formed again", || c.formed()).await;
+    wait_for(10, "Peer 2's old alarms gone from Peer 1", || {
+        from_2_on_1(&c).is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (k, n) in c.running() {
+        assert!(
+            n.alarms().active().is_empty() && n.peer_alarms().is_empty(),
+            "Peer {k}: {:?} {:?}",
+            n.alarms().active(),
+            n.peer_alarms()
+        );
+        let digest = |n: &Node| n.replication().status().digest;
+        assert_eq!(digest(n), digest(c.node(2)), "Peer {k} converged");
+    }
+}

@@ -176,7 +176,11 @@ impl Engine {
             } else {
                 Some(theirs.owner) == st.peers[from - 1].node_id
             };
-            if from_owner && theirs.position() == mine.position() && mine.position() != (0, 0) {
+            if is_config(&id)
+                && from_owner
+                && theirs.position() == mine.position()
+                && mine.position() != (0, 0)
+            {
                 if theirs.hash != mine.hash {
                     if !st.conflicts.contains_key(&id) {
                         warn!(target: LOG, stream = %id, peer = from, revision = mine.seq,
@@ -198,11 +202,29 @@ impl Engine {
             if st.fetching.contains_key(&id) {
                 continue;
             }
-            // A stream whose writer started over (a peer that lost its store, with a new
-            // node id): take the new writer's copy whole, whatever its position.
-            if !is_config(&id) && from_owner && mine.owner != 0 && theirs.owner != mine.owner {
-                self.start_fetch(&mut st, from, &id, mine, true);
-                continue;
+            // Another peer's own stream: its owner is the authority. A writer that started
+            // over (a peer that lost its store: a new node id), went back (restored from a
+            // backup: a lower position than this copy), or holds other records at the same
+            // position, is taken whole. Nothing to run: these streams are the peer's own
+            // state (its alarms, registrations, licences), which it rewrites from what it
+            // holds now.
+            if !is_config(&id) && from_owner && mine.owner != 0 {
+                let why = if theirs.owner != mine.owner {
+                    Some("it started over with a new store")
+                } else if theirs.position() < mine.position() {
+                    Some("its copy went back (a restore, or a store that lost writes)")
+                } else if theirs.position() == mine.position() && theirs.hash != mine.hash {
+                    Some("its copy differs at the same revision")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    info!(target: LOG, peer = from, stream = %id, revision = theirs.seq, reason = why,
+                        "Taking the owner's copy of a stream");
+                    st.conflicts.remove(&id);
+                    self.start_fetch(&mut st, from, &id, mine, true);
+                    continue;
+                }
             }
             if theirs.position() <= mine.position() {
                 continue;
@@ -223,6 +245,26 @@ impl Engine {
             if eligible {
                 self.start_fetch(&mut st, from, &id, mine, false);
             }
+        }
+        // A stream of its own the owner no longer has at all (restored from a backup taken
+        // before it existed): its copy, empty, is taken whole too.
+        let gone: Vec<(StreamId, Header)> = st
+            .streams
+            .iter()
+            .filter(|(id, s)| {
+                !is_config(id)
+                    && s.header.owner != 0
+                    && s.header.owner == node_id
+                    && !st.peers[from - 1].headers.contains_key(*id)
+                    && !st.fetching.contains_key(*id)
+            })
+            .map(|(id, s)| (id.clone(), s.header))
+            .collect();
+        for (id, mine) in gone {
+            info!(target: LOG, peer = from, stream = %id, reason = "its owner no longer has it",
+                "Taking the owner's copy of a stream");
+            st.conflicts.remove(&id);
+            self.start_fetch(&mut st, from, &id, mine, true);
         }
         drop(st);
         self.progress.send_modify(|n| *n += 1);
@@ -317,16 +359,41 @@ impl Engine {
         };
         // Saved, acknowledged and reported with the rest of the frames that came with it.
         defer.ops.extend(ops);
-        self.note_hash(&mut st, &id, from, hash_ok);
+        self.note_hash(&mut st, &id, from, hash_ok, true);
         defer.acks.push((from, ack));
         if !applied.is_empty() {
             defer.applied.push((id, applied, from));
         }
     }
 
-    pub(super) fn note_hash(&self, st: &mut State, id: &StreamId, from: usize, hash_ok: bool) {
+    /// After records from `from` (the stream's owner, or the primary) are applied: whether
+    /// this copy now hashes as theirs. Another peer's own stream that does not is taken
+    /// whole from it (`may_refetch`), or, if a whole copy does not hash as it either,
+    /// alarmed (20011).
+    pub(super) fn note_hash(
+        &self,
+        st: &mut State,
+        id: &StreamId,
+        from: usize,
+        hash_ok: bool,
+        may_refetch: bool,
+    ) {
         if hash_ok {
             st.conflicts.remove(id);
+        } else if !is_config(id) {
+            if may_refetch {
+                let mine = st.streams.get(id).map(|s| s.header).unwrap_or_default();
+                info!(target: LOG, peer = from, stream = %id, revision = mine.seq,
+                    "Taking the owner's copy of a stream: this copy differs from it");
+                self.start_fetch(st, from, id, mine, true);
+            } else {
+                warn!(target: LOG, stream = %id, peer = from,
+                    "A whole copy of a stream differs from its owner's");
+                st.conflicts.insert(
+                    id.clone(),
+                    format!("{id} differs from Peer {from}'s own copy even after taking it whole: restart Peer {from}, which rewrites its own streams"),
+                );
+            }
         } else {
             let seq = st.streams.get(id).map(|s| s.header.seq).unwrap_or(0);
             warn!(target: LOG, stream = %id, peer = from, revision = seq,
@@ -503,7 +570,7 @@ impl Engine {
                 // Only the owner's copy is the reference for "differs" (20011).
                 let from_owner = !is_config(&id) || from == st.primary;
                 if from_owner {
-                    engine.note_hash(&mut st, &id, from, hash_ok);
+                    engine.note_hash(&mut st, &id, from, hash_ok, !replace);
                 }
                 info!(target: LOG, peer = from, stream = %id, revision = upto,
                     records = records, "Synchronisation completed successfully");
