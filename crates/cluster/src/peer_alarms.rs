@@ -4,7 +4,9 @@
 use causeway_mesh::{CertStatus, Clustering, FailureKind, MeshView, RefuseField, Timing};
 
 /// The alarm IDs this module decides; the node leaves every other ID alone.
-pub const MANAGED_ALARMS: &[u32] = &[20004, 20005, 20012, 20021, 21001, 21002, 21003, 21004];
+pub const MANAGED_ALARMS: &[u32] = &[
+    20004, 20005, 20006, 20012, 20021, 21001, 21002, 21003, 21004,
+];
 
 /// `(id, subject, reason)` for every alarm the view calls for. `raised(id, subject)` says
 /// whether an alarm is raised now. `settled` is false during the first seconds after start,
@@ -50,6 +52,18 @@ pub fn peer_alarms(
                     format!("Peer {} ({}): {reason}", p.index, p.address),
                 ));
                 match p.failure {
+                    // A peer this system has clustered with and lost: the seed's pair, with
+                    // replication unable to reach it (20006). One never reached since this
+                    // system started: nothing opens a TCP connection to its cluster port
+                    // (a firewall, or it is not running), 20021.
+                    Some(FailureKind::Connect) if p.system_name.is_some() => out.push((
+                        20006,
+                        format!("Peer {}", p.index),
+                        format!(
+                            "cannot replicate with Peer {} ({}): {reason}",
+                            p.index, p.address
+                        ),
+                    )),
                     Some(FailureKind::Connect) => {
                         out.push((20021, subject.clone(), reason.clone()))
                     }

@@ -330,6 +330,12 @@ fn item(path: &str, value: &str, def: &ItemDef) -> ConfigItem {
     }
 }
 
+/// What a cluster-wide item shows while it has never been set: its default, or the node
+/// file's value for an item the file also holds. None for an item that is not known.
+pub fn unset_value(path: &str, file: &NodeConfig) -> Option<String> {
+    cluster_item(path).map(|def| default_value(def, file))
+}
+
 fn default_value(def: &ItemDef, file: &NodeConfig) -> String {
     match def.path {
         "cluster.tls_verification" => tls_text(file.cluster.tls_verification),
@@ -494,6 +500,20 @@ pub(crate) mod tests {
         );
         let e = canonical("test.mode", Some("")).unwrap_err();
         assert!(e.contains("'Fast', 'Slow and steady'"), "{e}");
+    }
+
+    #[test]
+    fn an_item_never_set_shows_its_default_or_the_node_files_value() {
+        let mut file: NodeConfig = toml::from_str(
+            "[node]\nsystem_name = \"p1\"\naddress = \"127.0.0.1\"\ndata_dir = \"/tmp/p1\"\n",
+        )
+        .unwrap();
+        file.cluster.tls_verification = TlsMode::Enforce;
+        assert_eq!(
+            unset_value("cluster.tls_verification", &file).as_deref(),
+            Some("Enforce")
+        );
+        assert_eq!(unset_value("no.such.item", &file), None);
     }
 
     #[test]

@@ -755,6 +755,10 @@ async fn alarms_are_visible_on_every_peer_and_cleared_everywhere() {
             .any(|a| a.peer == 2 && a.id == 20004 && a.subject == victim && a.reachable)
     };
     wait_for(10, "Peer 2's 20004 shown on Peer 1", || seen_on_1(&c)).await;
+    // A peer that was clustered and is lost: 20004 with 20006, as in the seed (20021 is
+    // for a peer never reached).
+    assert!(raised(c.node(1), 20006, "Peer 3"));
+    assert!(!raised(c.node(1), 20021, &victim));
     assert!(c.node(2).peer_alarms().iter().any(|a| a.peer == 1
         && a.id == 20004
         && a.title.contains("Cluster communication failure")));

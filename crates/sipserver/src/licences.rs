@@ -51,6 +51,36 @@ pub struct Licences {
     lost_reports: Mutex<HashMap<(usize, usize), u64>>,
 }
 
+/// Every licence alarm: for a lost peer's licences, still in the pool and removed.
+const ALL_ALARM_IDS: [u32; 6] = [30012, 30013, 30014, 30015, 30016, 30017];
+
+/// The licence alarms peer `peer` calls for, with their reasons: none while it is up;
+/// while it is lost, for each kind of licence it installs, "in the pool" during the grace
+/// period and "removed" after it.
+fn licence_alarms(
+    peer: usize,
+    i: &Installed,
+    down: Option<Duration>,
+    grace: Duration,
+) -> Vec<(u32, String)> {
+    let Some(d) = down else { return vec![] };
+    alarm_ids(i)
+        .into_iter()
+        .map(|(pending, removed)| {
+            if d < grace {
+                let left = (grace - d).as_secs();
+                (pending, format!(
+                    "Peer {peer} is lost: its licences ({} call, {} registration) leave the pool in {left} s unless it comes back",
+                    i.calls, i.registrations))
+            } else {
+                (removed, format!(
+                    "Peer {peer} has been lost longer than the grace period: its licences ({} call, {} registration) have left the pool",
+                    i.calls, i.registrations))
+            }
+        })
+        .collect()
+}
+
 /// The alarms for a lost peer's licences: (in the pool, grace running) and (removed).
 fn alarm_ids(i: &Installed) -> Vec<(u32, u32)> {
     let mut ids = Vec::new();
@@ -265,24 +295,16 @@ impl LicencePool {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| format!("peer{peer}"));
             let i = installed.get(peer).copied().unwrap_or_default();
-            for (pending, removed) in alarm_ids(&i) {
-                match down.get(peer) {
-                    Some(d) if *d < grace => {
-                        let left = (grace - *d).as_secs();
-                        alarms.raise(pending, &subject, &format!(
-                            "Peer {peer} is lost: its licences ({} call, {} registration) leave the pool in {left} s unless it comes back",
-                            i.calls, i.registrations));
-                        alarms.lower(removed, &subject);
-                    }
-                    Some(_) => {
-                        alarms.lower(pending, &subject);
-                        alarms.raise(removed, &subject, &format!(
-                            "Peer {peer} has been lost longer than the grace period: its licences ({} call, {} registration) have left the pool",
-                            i.calls, i.registrations));
+            let wanted = licence_alarms(*peer, &i, down.get(peer).copied(), grace);
+            // Every licence alarm of the peer follows what its licences call for now: one
+            // for licences it no longer reports (its stream taken anew) goes too.
+            for id in ALL_ALARM_IDS {
+                match wanted.iter().find(|(w, _)| *w == id) {
+                    Some((_, reason)) => {
+                        alarms.raise(id, &subject, reason);
                     }
                     None => {
-                        alarms.lower(pending, &subject);
-                        alarms.lower(removed, &subject);
+                        alarms.lower(id, &subject);
                     }
                 }
             }
@@ -306,6 +328,44 @@ impl LicencePool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn licence_alarms_follow_what_the_lost_peer_installs_and_none_while_it_is_up() {
+        let grace = Duration::from_secs(60);
+        let both = Installed {
+            calls: 5,
+            registrations: 7,
+        };
+        let ids = |v: Vec<(u32, String)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert!(licence_alarms(1, &both, None, grace).is_empty());
+        assert_eq!(
+            ids(licence_alarms(
+                1,
+                &both,
+                Some(Duration::from_secs(5)),
+                grace
+            )),
+            [30012, 30013, 30014]
+        );
+        assert_eq!(
+            ids(licence_alarms(
+                1,
+                &both,
+                Some(Duration::from_secs(61)),
+                grace
+            )),
+            [30015, 30016, 30017]
+        );
+        // A peer whose licence record is gone (its stream taken anew) calls for none, so
+        // what was raised for it is lowered.
+        assert!(licence_alarms(
+            1,
+            &Installed::default(),
+            Some(Duration::from_secs(5)),
+            grace
+        )
+        .is_empty());
+    }
 
     #[test]
     fn a_lost_peer_stays_in_the_pool_for_the_grace_period_only() {

@@ -254,7 +254,14 @@ impl Observer for ConfigObserver {
                     .map(|b| String::from_utf8_lossy(b).into_owned())
                     .unwrap_or_default()
             };
-            let (old, new) = (text(&a.old), text(&a.new));
+            let (mut old, new) = (text(&a.old), text(&a.new));
+            if old.is_empty() {
+                // Never set cluster-wide: it was what the item shows when unset (the node
+                // file's value, for an item the file also holds), not "(unset)".
+                if let Ok(file) = NodeConfig::load(&self.file) {
+                    old = xconfig::unset_value(&a.key, &file).unwrap_or_default();
+                }
+            }
             log_change(&a.key, &old, &new);
             if a.key.starts_with(MAPPING_PREFIX) {
                 self.addresses.update(&a.key, a.new.as_deref());

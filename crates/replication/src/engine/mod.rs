@@ -286,7 +286,9 @@ impl Engine {
             primary_lost_since: Some(now),
             last_check: None,
             last_sync: None,
-            next_report: now + settings.sync_report,
+            // The first report once the peers have had a few heartbeats to exchange
+            // digests, so a restarted peer says where it stands soon, as the seed does.
+            next_report: now + (settings.heartbeat * 25).min(settings.sync_report),
             majority_waiters: HashMap::new(),
         };
         let rpc = Rpc::new(Arc::new(RpcOverLink(link.clone())));
