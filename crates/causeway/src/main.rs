@@ -68,13 +68,24 @@ enum Command {
         #[command(subcommand)]
         command: Xcommand,
     },
-    /// Save the running node's file and cluster data to FILE (EX-17).
+    /// Save the running node's file and cluster data to FILE (EX-17), sealed with the
+    /// passphrase in --passphrase-file: it restores on any machine with the passphrase.
     Backup {
         #[arg(long)]
         out: PathBuf,
+        /// A file holding the passphrase (at least 12 characters; a trailing newline is not
+        /// part of it).
+        #[arg(long)]
+        passphrase_file: PathBuf,
     },
-    /// Put a backup back on the stopped node in --node; start it afterwards.
-    Restore { file: PathBuf },
+    /// Put a backup back on the stopped node in --node (a fresh directory with only its
+    /// certificate and key will do); start it afterwards.
+    Restore {
+        file: PathBuf,
+        /// The file holding the backup's passphrase (not needed for a causeway-backup-1 file).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
     /// Destroy the cluster data of the stopped node in --node; on start it rejoins and takes
     /// the configuration from the primary. Needs --confirm.
     Purge {
@@ -452,8 +463,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Backup { out } => show::backup(&admin_socket(&cli.node), &out),
-        Command::Restore { file } => show::restore(&data_dir(&cli.node), &file),
+        Command::Backup {
+            out,
+            passphrase_file,
+        } => show::backup(&admin_socket(&cli.node), &out, &passphrase_file),
+        Command::Restore {
+            file,
+            passphrase_file,
+        } => show::restore(&data_dir(&cli.node), &file, passphrase_file.as_deref()),
         Command::Purge { confirm } => show::purge(&data_dir(&cli.node), confirm),
         Command::Admin {
             command: AdminCommand::Passwd { user },

@@ -306,42 +306,97 @@ pub fn set_primary(socket: &Path, peer: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn backup(socket: &Path, out: &Path) -> anyhow::Result<()> {
+pub fn backup(socket: &Path, out: &Path, passphrase_file: &Path) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let value = causeway_admin::client::get_json(socket, "/api/v1/backup")?;
-    let backup: causeway_cluster::backup::Backup = serde_json::from_value(value)?;
-    let text = serde_json::to_string_pretty(&backup)?;
+    use causeway_cluster::backup;
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    // Checked here too, so a short passphrase is refused before the node does any work.
+    let passphrase = backup::read_passphrase_file(passphrase_file)
+        .and_then(|p| backup::check_passphrase(&p).map(|_| p))
+        .map_err(anyhow::Error::msg)?;
+    let value = causeway_admin::client::post_json(
+        socket,
+        "/api/v1/backup",
+        &json!({ "passphrase": passphrase }),
+    )?;
+    let taken: backup::Backup = serde_json::from_value(value)
+        .context("reading the node's answer: is the node the same version as this command?")?;
+    let text = serde_json::to_string_pretty(&taken)?;
+    // Written 0600 from the first byte (it holds every secret, sealed), then renamed into
+    // place: a crash leaves the old file or the new one, never half of one.
     let tmp = out.with_extension("partial");
-    std::fs::write(&tmp, text)
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
         .and_then(|_| std::fs::rename(&tmp, out))
         .with_context(|| format!("writing {}", out.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600))?;
     println!(
-        "Backup of {}: {} cluster data rows and {} written to {}",
-        backup.system_name,
-        backup.rows,
-        backup.config_path.display(),
-        out.display()
+        "Backup of {}: {} cluster data rows and {} written to {}, sealed with the passphrase in {}",
+        taken.system_name,
+        taken.rows,
+        taken.config_path.display(),
+        out.display(),
+        passphrase_file.display()
     );
+    println!("Keep the passphrase apart from the backup: the backup restores on any machine with it, and without it on none.");
     Ok(())
 }
 
-pub fn restore(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
+pub fn restore(data_dir: &Path, file: &Path, passphrase_file: Option<&Path>) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    use causeway_cluster::backup::{self, BackupFile};
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let backup: causeway_cluster::backup::Backup = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a Causeway backup", file.display()))?;
-    let done = causeway_cluster::backup::restore(data_dir, &backup).map_err(anyhow::Error::msg)?;
+    let found = BackupFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let passphrase = passphrase_file
+        .map(backup::read_passphrase_file)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let done = backup::restore(data_dir, &found, passphrase.as_deref()).map_err(|e| {
+        anyhow::anyhow!(
+            "restoring {} into {}: {e}",
+            file.display(),
+            data_dir.display()
+        )
+    })?;
     println!(
-        "Restored {} cluster data rows and {} from the backup of {}",
+        "Restored {} cluster data rows and {} from the backup of {} ({})",
         done.rows,
         done.config_path.display(),
-        backup.system_name
+        found.system_name(),
+        found.format()
     );
-    if let Some(kept) = done.previous_config {
+    if let Some(kept) = &done.previous_config {
         println!("The file it replaced is kept as {}", kept.display());
+    }
+    if let Some(key) = &done.created_system_key {
+        println!(
+            "Made a new system key {}: the cluster data is sealed with it",
+            key.display()
+        );
+    }
+    if let Some(store) = &done.created_store {
+        println!("Made a new store {}", store.display());
+    }
+    if !done.missing_identity.is_empty() {
+        let missing: Vec<String> = done
+            .missing_identity
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        println!(
+            "The node needs {} before it starts (certificates and keys are not in a backup): copy them from the old machine, or make new ones with `causeway pki csr` and `causeway pki sign`",
+            missing.join(", ")
+        );
     }
     println!("Start the node: peers holding newer configuration bring it up to date.");
     Ok(())

@@ -463,10 +463,38 @@ fn leave_warns_cancels_and_resets_on_restart_and_backup_purge_restore_rejoin() {
         c.log(3)
     );
 
-    // Backup of Peer 2, purge, rejoin, restore, rejoin.
-    let backup = c.peers[1].dir.join("peer2.backup.json");
-    let (ok, out, err) = c.cli(2, &["backup", "--out", backup.to_str().unwrap()]);
+    // Backup of Peer 2, purge, rejoin, restore, rejoin. The backup and its passphrase
+    // stay outside the data directory, as they would on a replacement machine.
+    let outside = tempfile::tempdir().unwrap();
+    let backup = outside.path().join("peer2.backup.json");
+    let passphrase = outside.path().join("passphrase");
+    let wrong = outside.path().join("wrong-passphrase");
+    std::fs::write(&passphrase, "correct horse battery staple\n").unwrap();
+    std::fs::write(&wrong, "incorrect donkey battery staple\n").unwrap();
+    let short = outside.path().join("short-passphrase");
+    std::fs::write(&short, "too short\n").unwrap();
+    let (backup_file, pass, wrong, short) =
+        (path(&backup), path(&passphrase), path(&wrong), path(&short));
+    let (ok, _, err) = c.cli(
+        2,
+        &["backup", "--out", &backup_file, "--passphrase-file", &short],
+    );
+    assert!(!ok && err.contains("at least 12"), "{err}");
+    let (ok, out, err) = c.cli(
+        2,
+        &["backup", "--out", &backup_file, "--passphrase-file", &pass],
+    );
     assert!(ok, "{out}{err}");
+    let text = std::fs::read_to_string(&backup).unwrap();
+    assert!(
+        text.contains("causeway-backup-2") && !text.contains("example.com"),
+        "{text}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&backup).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     let (ok, _, err) = c.cli(2, &["purge", "--confirm"]);
     assert!(
         !ok && err.contains("running"),
@@ -489,19 +517,72 @@ fn leave_warns_cancels_and_resets_on_restart_and_backup_purge_restore_rejoin() {
         },
     );
     c.kill9(2);
-    let (ok, out, err) = c.cli(2, &["restore", backup.to_str().unwrap()]);
+    // A wrong passphrase: refused, and the data directory is as it was.
+    let before = dir_contents(&c.peers[1].dir);
+    let (ok, _, err) = c.cli(2, &["restore", &backup_file, "--passphrase-file", &wrong]);
+    assert!(
+        !ok && err.contains("the passphrase does not open this backup"),
+        "{err}"
+    );
+    assert!(
+        dir_contents(&c.peers[1].dir) == before,
+        "the data directory changed"
+    );
+    let (ok, out, err) = c.cli(2, &["restore", &backup_file, "--passphrase-file", &pass]);
     assert!(ok, "{out}{err}");
     c.launch(2);
     // The backup predates limits.calls.max = 9: the primary's newer copy wins.
     // (Peer 3 left, so "Active" is out of reach: compare with the primary instead.)
-    let digest = |k: usize| {
+    let digest = |c: &TestCluster, k: usize| {
         c.xstatus(k, "cluster")
             .map(|s| s["replication"]["digest"].clone())
     };
     wait_for(20, "restored Peer 2 rejoins and converges", || {
-        c.get(2, "limits.calls.max").as_deref() == Some("9") && digest(2) == digest(1)
+        c.get(2, "limits.calls.max").as_deref() == Some("9") && digest(&c, 2) == digest(&c, 1)
     });
     assert_eq!(c.get(2, "sip.domains").as_deref(), Some("example.com"));
+
+    // A replacement machine: nothing left in the data directory but the node's certificate,
+    // key and CA (no node file, no store, no system key): the restore makes a new key.
+    c.kill9(2);
+    let keep = ["node.crt", "node.key", "ca.crt"];
+    for entry in std::fs::read_dir(&c.peers[1].dir).unwrap() {
+        let entry = entry.unwrap();
+        if keep.contains(&entry.file_name().to_str().unwrap()) {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::remove_dir_all(entry.path()).unwrap();
+        } else {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    let (ok, out, err) = c.cli(2, &["restore", &backup_file, "--passphrase-file", &pass]);
+    assert!(ok && out.contains("new system key"), "{out}{err}");
+    assert!(c.peers[1].dir.join("causeway.toml").exists(), "{out}");
+    c.launch(2);
+    wait_for(20, "Peer 2 on a new machine rejoins and converges", || {
+        c.get(2, "limits.calls.max").as_deref() == Some("9") && digest(&c, 2) == digest(&c, 1)
+    });
+    assert_eq!(c.get(2, "sip.domains").as_deref(), Some("example.com"));
+}
+
+fn path(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// Every file in `dir` with its bytes, for "nothing changed" checks.
+fn dir_contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let bytes = std::fs::read(e.path()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[test]

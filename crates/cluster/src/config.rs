@@ -114,6 +114,17 @@ impl Default for ClusterSection {
     }
 }
 
+impl ClusterSection {
+    /// What leaving the cluster resets (as the seed does): its name, configuration primary
+    /// and TLS verification mode. The network (peers, port, IP version, timing) stays.
+    pub fn forget_cluster(&mut self) {
+        let defaults = ClusterSection::default();
+        self.name = defaults.name;
+        self.configuration_primary = defaults.configuration_primary;
+        self.tls_verification = defaults.tls_verification;
+    }
+}
+
 fn one() -> usize {
     1
 }

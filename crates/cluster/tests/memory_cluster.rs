@@ -196,6 +196,11 @@ async fn configuration_drift_is_refused_with_the_field_named() {
             "TLS verification mode differs",
             20012,
         ),
+        (
+            Box::new(|c| c.announce_version = Some("9.9.9".into())),
+            "software version differs",
+            21002,
+        ),
     ];
     for (tweak, text, alarm) in cases {
         let c = Cluster::start_with(3, TlsMode::Enforce, |k, cfg| {
@@ -215,6 +220,10 @@ async fn configuration_drift_is_refused_with_the_field_named() {
             "alarm {alarm} for {text}"
         );
         assert!(raised(c.node(1), 20004, "198.18.0.3"));
+        // The refused peer shows the version it says it runs now.
+        if alarm == 21002 {
+            assert_eq!(p1.peers[2].software_version.as_deref(), Some("9.9.9"));
+        }
         for (_, n) in c.running() {
             n.shutdown().await;
         }

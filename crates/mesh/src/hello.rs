@@ -47,8 +47,16 @@ pub fn check_hello(
     theirs: &Hello,
     same_system: &dyn Fn(usize) -> bool,
 ) -> Result<(), Refusal> {
-    let me = format!("Peer {}", ours.peer_index);
-    let them = format!("Peer {}", theirs.peer_index);
+    // By peer number; when both call themselves the same number (their lists are in
+    // another order), by system name too, so the two values are told apart.
+    let label = |h: &Hello| {
+        if ours.peer_index == theirs.peer_index {
+            format!("Peer {} ({})", h.peer_index, h.system_name)
+        } else {
+            format!("Peer {}", h.peer_index)
+        }
+    };
+    let (me, them) = (label(ours), label(theirs));
     let differs = |field, name: &str, a: &dyn std::fmt::Display, b: &dyn std::fmt::Display| {
         Err(Refusal::new(
             field,
@@ -206,6 +214,25 @@ mod tests {
             assert_eq!(r.field, field);
             assert!(r.reason.starts_with(text), "{} vs {text}", r.reason);
         }
+    }
+
+    /// Lists in another order: both sides call themselves Peer 2; the values are still
+    /// told apart, by system name.
+    #[test]
+    fn peers_with_the_same_number_are_told_apart_by_name() {
+        let mut ours = hello(2);
+        ours.system_name = "expc02".into();
+        let mut theirs = hello(2);
+        theirs.system_name = "expc03".into();
+        theirs.peers.swap(1, 2);
+        let r = check_hello(&ours, &theirs, &|_| false).unwrap_err();
+        assert!(
+            r.reason.starts_with(
+                "peer list differs at Peer 2 address: '10.0.0.2' on Peer 2 (expc02), '10.0.0.3' on Peer 2 (expc03)"
+            ),
+            "{}",
+            r.reason
+        );
     }
 
     #[test]

@@ -342,6 +342,17 @@ impl Shared {
         }
     }
 
+    /// A peer whose hello was refused still shows what it said it is (its name and its
+    /// software version, the usual reason), not what it said before.
+    fn note_refused_hello(&self, index: usize, theirs: &crate::wire::Hello) {
+        self.update(index, |slot| {
+            if slot.session.is_none() {
+                slot.status.system_name = Some(theirs.system_name.clone());
+                slot.status.software_version = Some(theirs.software_version.clone());
+            }
+        });
+    }
+
     fn log_refusal(&self, peer: &str, src: Option<IpAddr>, reason: &str) {
         let allowed = self
             .refusal_log
@@ -448,7 +459,8 @@ async fn connect_once(shared: &Shared, index: usize) -> Result<(Link, Hello), Fa
     if let (TlsMode::Enforce, CertStatus::Invalid(why)) = (s.tls_mode, &cert) {
         let refusal = Refusal::new(
             RefuseField::Certificate,
-            format!("certificate of Peer {index} ({address}) is invalid: {why}"),
+            // `why` names the address the certificate was checked against.
+            format!("certificate of Peer {index} is invalid: {why}"),
         );
         let _ = link.tx.send(shared.refuse_frame(&refusal)).await;
         shared.log_refusal(address, Some(ip), &refusal.reason);
@@ -508,6 +520,9 @@ async fn connect_once(shared: &Shared, index: usize) -> Result<(Link, Hello), Fa
                 }
             });
             if let Err(refusal) = checked {
+                if refusal.field != RefuseField::PeerIndex {
+                    shared.note_refused_hello(index, &theirs);
+                }
                 let _ = link.tx.send(shared.refuse_frame(&refusal)).await;
                 shared.log_refusal(address, Some(ip), &refusal.reason);
                 return Err(Failure::new(
@@ -670,15 +685,24 @@ async fn accept_hello(shared: &Shared, mut link: Link) -> Option<(usize, Link, H
             match (s.tls_mode, cert) {
                 (TlsMode::Enforce, CertStatus::Invalid(why)) => Err(Refusal::new(
                     RefuseField::Certificate,
-                    format!(
-                        "certificate of Peer {index} ({}) is invalid: {why}",
-                        s.address(index)
-                    ),
+                    // `why` names the address the certificate was checked against.
+                    format!("certificate of Peer {index} is invalid: {why}"),
                 )),
                 _ => Ok(()),
             }
         });
     if let Err(refusal) = checked {
+        if in_range
+            && !matches!(
+                refusal.field,
+                RefuseField::SourceAddress | RefuseField::Certificate | RefuseField::PeerIndex
+            )
+        {
+            shared.note_refused_hello(index, &theirs);
+            // Our hello first, so the dialler finds the difference itself and shows what
+            // this system is (its version above all), not only our words for it.
+            let _ = link.tx.send(Message::Hello(ours.clone()).encode()).await;
+        }
         let _ = link.tx.send(shared.refuse_frame(&refusal)).await;
         let peer = if in_range { s.address(index) } else { "" };
         shared.log_refusal(peer, src, &refusal.reason);

@@ -112,6 +112,9 @@ fn certificate_names(cert: &X509Certificate<'_>) -> Vec<String> {
             }
         }
     }
+    // A name in both the CN and a SAN (the usual way) is shown once.
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.to_ascii_lowercase()));
     names
 }
 
@@ -200,6 +203,10 @@ mod tests {
             "{st}"
         );
         assert!(st.to_string().contains("'127.0.0.2'"));
+        assert!(
+            st.to_string().ends_with("certificate names '127.0.0.1')"),
+            "each name once: {st}"
+        );
 
         // CN only (no SAN) matches too: the seed accepts CN or SAN.
         let fqdn = issue(

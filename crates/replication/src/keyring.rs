@@ -1,6 +1,6 @@
 //! The node's system key (EX-14): every replicated value is sealed with it at rest
-//! (AES-256-GCM), so a copy of the store file, or a backup, reveals no secret without the
-//! key. The hash peers compare is over the plain values, so peers with different keys agree.
+//! (AES-256-GCM), so a copy of the store file reveals no secret without the key (a backup
+//! holds the values sealed with the operator's passphrase instead, `causeway_cluster::backup`). The hash peers compare is over the plain values, so peers with different keys agree.
 //!
 //! Sealed value: `[key id: 4][nonce: 12][ciphertext + tag]`. The key id (the first bytes of
 //! the key's SHA-256) picks the key, so a store half-way through a key change stays readable.

@@ -1,11 +1,12 @@
 //! What the node does to its replicated state as a whole (EX-15, EX-17): remember which
 //! cluster it belongs to, reset on leaving, and copy everything out and back in.
 
-use causeway_store::{Op, Store, StoreError};
+use causeway_store::{MemoryStore, Op, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::META_TABLE;
-use crate::stream::{LEGACY_RECORDS_TABLE, RECORDS_TABLE, STREAMS_TABLE};
+use crate::keyring::Keyring;
+use crate::stream::{Stream, LEGACY_RECORDS_TABLE, RECORDS_TABLE, STREAMS_TABLE};
 
 /// Every table the engine keeps: together, this node's cluster data. The legacy table is
 /// empty once the engine has opened the store, but a backup taken before may hold it.
@@ -68,11 +69,24 @@ pub fn dump(store: &dyn Store) -> Result<Dump, StoreError> {
 
 /// Replaces the cluster tables with `dump`, in one transaction. Tables the dump names that
 /// are not cluster tables are refused, so a crafted file cannot write elsewhere.
-pub fn restore(
-    store: &dyn Store,
-    dump: &Dump,
-    keyring: Option<&crate::keyring::Keyring>,
-) -> Result<(), String> {
+pub fn restore(store: &dyn Store, dump: &Dump, keyring: Option<&Keyring>) -> Result<(), String> {
+    let ops = replace_ops(dump)?;
+    // Read it back in memory first: a damaged backup leaves the store as it was.
+    let trial = MemoryStore::new();
+    trial.apply(&ops).map_err(|e| e.to_string())?;
+    crate::check_store(&trial, keyring)
+        .map_err(|e| format!("the backup's data cannot be read: {e}"))?;
+    store.apply(&ops).map_err(|e| e.to_string())
+}
+
+/// Puts back cluster tables exactly as `dump` holds them, without reading them first: for
+/// undoing a restore, where what was there before may be damaged (the reason to restore).
+pub fn put_back(store: &dyn Store, dump: &Dump) -> Result<(), String> {
+    store.apply(&replace_ops(dump)?).map_err(|e| e.to_string())
+}
+
+/// Operations that empty every cluster table and write `dump`'s rows.
+fn replace_ops(dump: &Dump) -> Result<Vec<Op>, String> {
     let mut ops: Vec<Op> = CLUSTER_TABLES
         .iter()
         .map(|t| Op::DeletePrefix {
@@ -93,12 +107,39 @@ pub fn restore(
             });
         }
     }
-    // Read it back in memory first: a damaged backup leaves the store as it was.
-    let trial = causeway_store::MemoryStore::new();
-    trial.apply(&ops).map_err(|e| e.to_string())?;
-    crate::check_store(&trial, keyring)
-        .map_err(|e| format!("the backup's data cannot be read: {e}"))?;
-    store.apply(&ops).map_err(|e| e.to_string())
+    Ok(ops)
+}
+
+/// The same cluster data with every value opened with `from` and sealed again with `to`
+/// (`None`: plain). A backup carries its data plain inside its own sealed envelope, so it
+/// restores on a machine with another system key (EX-17). Rows of the legacy layout move to
+/// the current one, as `Stream::migrate_legacy` does at start-up; record rows no stream
+/// names are dropped, since no one reads them and they would stay sealed with the old key.
+pub fn reseal(dump: &Dump, from: Option<&Keyring>, to: Option<&Keyring>) -> Result<Dump, String> {
+    let scratch = MemoryStore::new();
+    scratch
+        .apply(&replace_ops(dump)?)
+        .map_err(|e| format!("reading the cluster data: {e}"))?;
+    let streams = Stream::load_all(&scratch, from)
+        .map_err(|e| format!("the cluster data cannot be read: {e}"))?;
+    let mut ops = vec![
+        Op::DeletePrefix {
+            table: RECORDS_TABLE,
+            prefix: Vec::new(),
+        },
+        Op::DeletePrefix {
+            table: LEGACY_RECORDS_TABLE,
+            prefix: Vec::new(),
+        },
+    ];
+    for mut s in streams {
+        let all = s.since(0);
+        ops.extend(s.store_ops(&all, true, to));
+    }
+    scratch
+        .apply(&ops)
+        .map_err(|e| format!("sealing the cluster data again: {e}"))?;
+    self::dump(&scratch).map_err(|e| format!("reading the cluster data: {e}"))
 }
 
 #[cfg(test)]
@@ -138,5 +179,100 @@ mod tests {
         assert!(restore(&store, &bad, None)
             .unwrap_err()
             .contains("admin_users"));
+    }
+
+    #[test]
+    fn reseal_opens_with_one_key_and_seals_with_another_or_none() {
+        use crate::keyring::KeyFiles;
+        use crate::stream::Record;
+        use crate::StreamId;
+        let key =
+            |dir: &tempfile::TempDir| KeyFiles::in_dir(dir.path()).load_or_create().unwrap().0;
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (key(&dir_a), key(&dir_b));
+        let id = StreamId::new("config", "cluster");
+        let records = vec![
+            Record {
+                key: "sip.users.alice".into(),
+                value: Some(b"Sup3rSecretPw".to_vec()),
+                seq: 1,
+            },
+            Record {
+                key: "gone".into(),
+                value: Some(b"x".to_vec()),
+                seq: 2,
+            },
+            Record {
+                key: "gone".into(),
+                value: None,
+                seq: 3,
+            },
+        ];
+        let mut s = Stream::new(id.clone());
+        s.apply(&records);
+        s.header.seq = 4;
+        let store = MemoryStore::new();
+        store.apply(&s.store_ops(&records, true, Some(&a))).unwrap();
+        // A row of the layout before repl_log, sealed with key A too.
+        #[derive(Serialize)]
+        struct LegacyRow {
+            seq: u64,
+            value: Option<Vec<u8>>,
+            sealed: bool,
+        }
+        let legacy = LegacyRow {
+            seq: 4,
+            value: Some(a.seal(b"0ld-Secret-Value")),
+            sealed: true,
+        };
+        store
+            .apply(&[Op::Put {
+                table: LEGACY_RECORDS_TABLE,
+                key: b"config\0cluster\0sip.users.bob".to_vec(),
+                value: postcard::to_stdvec(&legacy).unwrap(),
+            }])
+            .unwrap();
+        set_membership(&store, "c|a,b").unwrap();
+        let before = Stream::load_all(&store, Some(&a)).unwrap().remove(0);
+        let sealed_a = dump(&store).unwrap();
+        let holds = |d: &Dump, needle: &[u8]| {
+            d.tables
+                .iter()
+                .flat_map(|(_, rows)| rows)
+                .any(|(_, v)| v.windows(needle.len()).any(|w| w == needle))
+        };
+        assert!(!holds(&sealed_a, b"Sup3rSecretPw"));
+
+        let plain = reseal(&sealed_a, Some(&a), None).unwrap();
+        assert!(holds(&plain, b"Sup3rSecretPw") && holds(&plain, b"0ld-Secret-Value"));
+        let legacy_rows = |d: &Dump| {
+            d.tables
+                .iter()
+                .find(|(t, _)| t == LEGACY_RECORDS_TABLE)
+                .map(|(_, rows)| rows.len())
+        };
+        assert_eq!(legacy_rows(&plain), Some(0), "legacy rows moved over");
+        restore(&MemoryStore::new(), &plain, None).expect("plain data opens without a key");
+
+        let sealed_b = reseal(&plain, None, Some(&b)).unwrap();
+        assert!(!holds(&sealed_b, b"Sup3rSecretPw") && !holds(&sealed_b, b"0ld-Secret-Value"));
+        let store_b = MemoryStore::new();
+        restore(&store_b, &sealed_b, Some(&b)).unwrap();
+        let after = Stream::load_all(&store_b, Some(&b)).unwrap().remove(0);
+        assert_eq!(after.get("sip.users.alice"), Some(&b"Sup3rSecretPw"[..]));
+        assert_eq!(after.get("sip.users.bob"), Some(&b"0ld-Secret-Value"[..]));
+        assert_eq!(after.header, before.header, "same position and hash");
+        assert_eq!(after.since(0), before.since(0), "tombstones kept");
+        assert_eq!(membership(&store_b).unwrap().as_deref(), Some("c|a,b"));
+
+        assert!(restore(&MemoryStore::new(), &sealed_b, Some(&a))
+            .unwrap_err()
+            .contains("does not have"));
+        assert!(reseal(&sealed_a, Some(&b), None)
+            .unwrap_err()
+            .contains("does not have"));
+        assert!(reseal(&sealed_a, None, None)
+            .unwrap_err()
+            .contains("no system key"));
     }
 }

@@ -49,9 +49,22 @@ impl Node {
         }
     }
 
-    /// EX-17: this node's file and cluster data, read consistently from the running node.
-    pub fn backup(&self) -> Result<crate::backup::Backup, NodeError> {
-        crate::backup::Backup::take(&self.config, self.store.as_ref()).map_err(NodeError::internal)
+    /// EX-17: this node's file and cluster data, read consistently from the running node,
+    /// opened with its system key and sealed with `passphrase`, so the backup restores on a
+    /// machine with another key.
+    pub fn backup(&self, passphrase: &str) -> Result<crate::backup::Backup, NodeError> {
+        crate::backup::check_passphrase(passphrase).map_err(NodeError::invalid)?;
+        // Held while the store is read: a key change meanwhile could seal values with a key
+        // this copy of the keyring does not hold.
+        let keys = self.keys_lock();
+        let keyring = keys.as_ref().map(|k| k.keyring.clone());
+        crate::backup::Backup::take(
+            &self.config,
+            self.store.as_ref(),
+            keyring.as_deref(),
+            passphrase,
+        )
+        .map_err(NodeError::internal)
     }
 }
 
@@ -143,23 +156,45 @@ impl NodeStore {
     }
 }
 
+/// What leaving resets in the node file besides the cluster data, as the seed does: the
+/// cluster settings (name, configuration primary, TLS verification mode). The network
+/// (addresses, ports, IP version), admin accounts, certificates and keys stay.
+pub(super) fn reset_cluster_settings(config: &NodeConfig) {
+    let mut file = match NodeConfig::load(&config.source) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(target: "management.node", reason = %e,
+                "Could not reset the cluster settings in the node's file: set cluster.name, cluster.configuration_primary and cluster.tls_verification by hand");
+            return;
+        }
+    };
+    file.cluster.forget_cluster();
+    if let Err(e) = file.save() {
+        warn!(target: "management.node", reason = %e,
+            "Could not reset the cluster settings in the node's file");
+    }
+}
+
 /// EX-15: a store that belonged to a cluster, on a node whose peer list is now empty, is
 /// reset to factory defaults (the operator cleared the list and restarted). A standalone
 /// node joining a cluster as a subordinate is reset too: it takes the primary's
 /// configuration, never offers its own. Otherwise the store remembers its cluster.
+/// Returns true when this peer left (its cluster settings were reset).
 pub(super) fn settle_membership(
     config: &NodeConfig,
     store: &dyn Store,
-) -> Result<(), causeway_store::StoreError> {
+) -> Result<bool, causeway_store::StoreError> {
     use causeway_replication::lifecycle;
     let stored = lifecycle::membership(store)?;
     if config.cluster.peers.is_empty() {
         if let Some(was) = stored {
             lifecycle::factory_reset(store)?;
+            reset_cluster_settings(config);
             warn!(target: "management.node", event = "Cluster data reset", previous_cluster = %was,
-                "This peer left the cluster: its cluster data was reset to factory defaults");
+                "This peer left the cluster: its cluster data and cluster settings were reset to factory defaults");
+            return Ok(true);
         }
-        return Ok(());
+        return Ok(false);
     }
     let now = format!("{}|{}", config.cluster.name, config.cluster.peers.join(","));
     let joining_as_subordinate = stored.is_none()
@@ -179,5 +214,44 @@ pub(super) fn settle_membership(
     if stored.as_deref() != Some(now.as_str()) {
         lifecycle::set_membership(store, &now)?;
     }
-    Ok(())
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Leaving (an empty peer list on a node whose store belonged to a cluster) resets the
+    /// cluster data and the cluster settings in the node file; the network stays.
+    #[test]
+    fn leaving_resets_the_cluster_settings_in_the_file_and_keeps_the_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("causeway.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[node]\nsystem_name = \"p3\"\naddress = \"127.0.0.3\"\ndata_dir = \"{}\"\n\
+                 [cluster]\nname = \"old.example\"\nconfiguration_primary = 2\n\
+                 tls_verification = \"Enforce\"\nport = 4999\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let config = NodeConfig::load(&path).unwrap();
+        let store = causeway_store::MemoryStore::new();
+        causeway_replication::lifecycle::set_membership(&store, "old.example|a,b,c").unwrap();
+        assert!(settle_membership(&config, &store).unwrap());
+        let after = NodeConfig::load(&path).unwrap();
+        assert_eq!(after.cluster.name, "");
+        assert_eq!(after.cluster.configuration_primary, 1);
+        assert_eq!(after.cluster.tls_verification, TlsMode::Permissive);
+        assert_eq!(after.cluster.port, 4999, "the network stays");
+        assert_eq!(after.node.address, "127.0.0.3");
+        assert_eq!(
+            causeway_replication::lifecycle::membership(&store).unwrap(),
+            None
+        );
+        // Standalone from then on: nothing more to reset.
+        assert!(!settle_membership(&after, &store).unwrap());
+    }
 }

@@ -161,9 +161,15 @@ impl Node {
             watchers: RwLock::new(Vec::new()),
         });
         let mut store_problem = store.problem;
-        if let Err(e) = settle_membership(&config, store.store.as_ref()) {
-            store_problem
-                .get_or_insert(format!("reading or resetting the cluster data failed: {e}"));
+        let mut config = config;
+        match settle_membership(&config, store.store.as_ref()) {
+            // Left: what the node shows follows the file it reset.
+            Ok(true) => config.cluster.forget_cluster(),
+            Ok(false) => {}
+            Err(e) => {
+                store_problem
+                    .get_or_insert(format!("reading or resetting the cluster data failed: {e}"));
+            }
         }
         let keys = store.keys;
         settings.keyring = keys.as_ref().map(|k| k.keyring.clone());
@@ -225,6 +231,7 @@ impl Node {
                 .spawn(async move { engine.run(cancel.cancelled_owned()).await });
             node.tasks.spawn(supervise(node.clone()));
             node.tasks.spawn(share_alarms(node.clone()));
+            node.tasks.spawn(peers::retry_failed_names(node.clone()));
         }
         (node, services)
     }

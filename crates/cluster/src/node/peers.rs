@@ -27,6 +27,42 @@ impl Node {
     }
 }
 
+/// How often peers whose name failed to resolve are resolved and dialled again, whatever
+/// their backoff (the seed's peer name resolver queues its next run 300 s ahead).
+pub(super) const DNS_RETRY: Duration = Duration::from_secs(300);
+
+/// The peers whose last attempt failed to resolve their name.
+pub(super) fn failed_dns(view: &causeway_mesh::MeshView) -> Vec<String> {
+    view.peers
+        .iter()
+        .filter(|p| {
+            !p.is_active() && matches!(p.failure, Some(causeway_mesh::FailureKind::Resolve))
+        })
+        .map(|p| format!("Peer {} ({})", p.index, p.address))
+        .collect()
+}
+
+/// Every `DNS_RETRY`, peers that failed DNS are resolved and dialled again now, logged in
+/// the seed's words.
+pub(super) async fn retry_failed_names(node: Arc<Node>) {
+    let Some(mesh) = node.mesh.clone() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = node.cancel.cancelled() => return,
+            _ = tokio::time::sleep(DNS_RETRY) => {}
+        }
+        let failed = failed_dns(&mesh.view());
+        if !failed.is_empty() {
+            info!(target: "developer.clusterdb.peernameresolver", peers = %failed.join(", "),
+                queue_time_ms = DNS_RETRY.as_millis() as u64,
+                "Triggering forced peer update of peers which failed DNS and queueing next run");
+            mesh.redial_now("peers which failed DNS");
+        }
+    }
+}
+
 /// Replication frames to the engine; everything else to the services.
 pub(super) async fn route_inbound(
     node: Arc<Node>,
