@@ -74,7 +74,9 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     let transport: Option<Arc<dyn Transport>> = match (&identity, config.cluster_settings()) {
         (Some(id), Some(settings)) => {
             let listen = std::net::SocketAddr::new(config.listen_ip(), config.cluster.port);
-            let local_ip = config.node.address.parse().ok();
+            // Dialled from this system's own address, so peers see the source they expect:
+            // the node's IP, or where it listens when its address is a name.
+            let local_ip = config.node.address.parse().ok().or(config.cluster.listen);
             let peer_ips = settings
                 .peers
                 .iter()

@@ -387,6 +387,21 @@ fn peer_value(c: &NodeConfig, path: &str, primary: usize) -> String {
     }
 }
 
+/// This system's address as the peer list spells it becomes `address`. Where it was an IP
+/// and becomes a name, the cluster port and SIP keep listening on that IP (`cluster.listen`,
+/// `sip.listen`, unless already set): a name is not something to bind to.
+fn readdress(file: &mut NodeConfig, address: &str) {
+    if let Ok(ip) = file.node.address.parse::<std::net::IpAddr>() {
+        if address.parse::<std::net::IpAddr>().is_err() {
+            file.cluster.listen.get_or_insert(ip);
+            if let Some(sip) = file.sip.as_mut() {
+                sip.listen.get_or_insert(ip);
+            }
+        }
+    }
+    file.node.address = address.to_string();
+}
+
 /// Applies a peer-specific change to `file` and checks the whole file as `causeway run`
 /// would; the error names the item.
 pub fn set_peer_item(file: &mut NodeConfig, path: &str, value: &str) -> Result<(), String> {
@@ -397,15 +412,35 @@ pub fn set_peer_item(file: &mut NodeConfig, path: &str, value: &str) -> Result<(
     };
     match path {
         "system.name" => file.node.system_name = v.to_string(),
-        "system.address" => file.node.address = v.to_string(),
+        "system.address" => {
+            if !file.cluster.peers.is_empty()
+                && !file.cluster.peers.iter().any(|p| p.eq_ignore_ascii_case(v))
+            {
+                // Alone it would cut this system off (20003): the list names the peers.
+                return Err(format!(
+                    "{path}: '{v}' is not in cluster.peers: change this system's entry there instead (`xconfiguration set cluster.peers …`), and its address follows"
+                ));
+            }
+            readdress(file, v)
+        }
         "cluster.name" => file.cluster.name = v.to_string(),
         "cluster.peers" => {
+            let (own, before) = (file.self_index(), file.cluster.peers.len());
             file.cluster.peers = v
                 .split(',')
                 .map(str::trim)
                 .filter(|p| !p.is_empty())
                 .map(str::to_string)
-                .collect()
+                .collect();
+            // This system's own entry respelled in place (its IP for its name, or back): it
+            // is still this system, so its address follows, in the same change. A list that
+            // grew or shrank, or still names this address, is left as written.
+            if let Some(i) = own.filter(|_| file.cluster.peers.len() == before) {
+                if file.self_index().is_none() {
+                    let new = file.cluster.peers[i - 1].clone();
+                    readdress(file, &new);
+                }
+            }
         }
         "cluster.configuration_primary" => {
             return Err(format!(
@@ -500,6 +535,31 @@ pub(crate) mod tests {
         );
         let e = canonical("test.mode", Some("")).unwrap_err();
         assert!(e.contains("'Fast', 'Slow and steady'"), "{e}");
+    }
+
+    /// A peer that respells its own entry in the list (its IP for its name) stays itself:
+    /// its address follows in the same change and it keeps listening where it did.
+    #[test]
+    fn respelling_this_systems_own_entry_moves_its_address_and_keeps_its_listeners() {
+        let base = "[node]\nsystem_name = \"p2\"\naddress = \"127.0.0.2\"\ndata_dir = \"/tmp/p2\"\n\
+                    [cluster]\nname = \"c.example\"\npeers = [\"127.0.0.1\", \"127.0.0.2\", \"127.0.0.3\"]\n\
+                    [sip]\nudp_port = 5060\n";
+        let mut file: NodeConfig = toml::from_str(base).unwrap();
+        set_peer_item(&mut file, "cluster.peers", "127.0.0.1,peer2.lab,127.0.0.3").unwrap();
+        assert_eq!(file.node.address, "peer2.lab");
+        assert_eq!(file.self_index(), Some(2));
+        let ip: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        assert_eq!(file.cluster.listen, Some(ip));
+        assert_eq!(file.sip.as_ref().unwrap().listen, Some(ip));
+        // system.address alone would cut it off: refused, naming what to change.
+        let mut file: NodeConfig = toml::from_str(base).unwrap();
+        let e = set_peer_item(&mut file, "system.address", "peer2.lab").unwrap_err();
+        assert!(e.contains("not in cluster.peers"), "{e}");
+        // Another peer's entry changed, or the list grown: this system's address stays.
+        let mut file: NodeConfig = toml::from_str(base).unwrap();
+        set_peer_item(&mut file, "cluster.peers", "peer1.lab,127.0.0.2,127.0.0.3").unwrap();
+        assert_eq!(file.node.address, "127.0.0.2");
+        assert_eq!(file.cluster.listen, None);
     }
 
     #[test]

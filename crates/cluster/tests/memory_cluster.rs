@@ -962,3 +962,29 @@ async fn a_peer_restored_to_an_older_copy_of_its_own_streams_is_followed_by_the_
         assert_eq!(digest(n), digest(c.node(2)), "Peer {k} converged");
     }
 }
+
+/// A peer that was down when the TLS verification mode changed is refused by the others
+/// for its old mode, and cannot learn the change by replication. It takes the configuration
+/// primary's mode from its hello into its file (20007), and rejoins when restarted: no file
+/// edited by hand.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_missed_a_tls_mode_change_takes_the_primarys_mode_and_rejoins_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("peer3.toml");
+    let mut c = Cluster::start_with(3, TlsMode::Enforce, |k, cfg| {
+        if k == 3 {
+            cfg.cluster.tls_verification = TlsMode::Permissive;
+            cfg.source = file.clone();
+            cfg.save().unwrap();
+        }
+    });
+    wait_for(10, "Peer 3 takes the primary's mode into its file", || {
+        NodeConfig::load(&file).unwrap().cluster.tls_verification == TlsMode::Enforce
+    })
+    .await;
+    assert!(raised(c.node(3), 20007, "cluster.tls_verification"));
+    assert!(!c.node(1).mesh().unwrap().view().peer(3).is_active());
+    c.crash(3).await;
+    c.nodes[2] = Some(c.boot(3, NodeConfig::load(&file).unwrap()));
+    wait_for(10, "Peer 3 rejoins", || c.formed()).await;
+}

@@ -349,6 +349,7 @@ impl Shared {
             if slot.session.is_none() {
                 slot.status.system_name = Some(theirs.system_name.clone());
                 slot.status.software_version = Some(theirs.software_version.clone());
+                slot.status.tls_mode = Some(theirs.tls_mode);
             }
         });
     }
@@ -692,12 +693,21 @@ async fn accept_hello(shared: &Shared, mut link: Link) -> Option<(usize, Link, H
             }
         });
     if let Err(refusal) = checked {
-        if in_range
+        // What it says it is is shown only for a caller from the peer's own address with a
+        // certificate this system's mode accepts (the hello was refused before those
+        // checks ran): an impostor's words must not stand for the peer's.
+        let vouched = in_range
             && !matches!(
                 refusal.field,
                 RefuseField::SourceAddress | RefuseField::Certificate | RefuseField::PeerIndex
             )
-        {
+            && check_source(s, index, src, expected).is_ok()
+            && (s.tls_mode == TlsMode::Permissive
+                || shared
+                    .transport
+                    .certificate_status(&link.info, s.address(index))
+                    .is_valid());
+        if vouched {
             shared.note_refused_hello(index, &theirs);
             // Our hello first, so the dialler finds the difference itself and shows what
             // this system is (its version above all), not only our words for it.
@@ -793,6 +803,7 @@ async fn run_established(shared: &Shared, index: usize, link: Link, theirs: Hell
         st.failure = None;
         st.system_name = Some(theirs.system_name.clone());
         st.software_version = Some(theirs.software_version.clone());
+        st.tls_mode = Some(theirs.tls_mode);
         st.last_contact_ms = Some(unix_ms_now());
         st.clock_skew_ms = Some(skew);
         st.rtt_ms = None;

@@ -51,6 +51,9 @@ pub struct PeerStatus {
     pub last_contact_ms: Option<u64>,
     /// The peer's clock minus ours, estimated from heartbeats.
     pub clock_skew_ms: Option<i64>,
+    /// The TLS verification mode the peer's last hello said it runs.
+    #[serde(default)]
+    pub tls_mode: Option<TlsMode>,
 }
 
 impl PeerStatus {
@@ -67,6 +70,7 @@ impl PeerStatus {
             software_version: None,
             last_contact_ms: None,
             clock_skew_ms: None,
+            tls_mode: None,
         }
     }
 

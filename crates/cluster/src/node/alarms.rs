@@ -155,6 +155,7 @@ pub(super) async fn supervise(node: Arc<Node>) {
             }
         }
         node.alarms.reconcile(&managed, &wanted);
+        node.follow_primary_tls_mode(&view);
         tokio::select! {
             _ = node.cancel.cancelled() => return,
             r = changes.changed() => {

@@ -125,6 +125,50 @@ impl Node {
         })
     }
 
+    /// A subordinate refused by the configuration primary because it missed a change of the
+    /// TLS verification mode (it was down) cannot learn the change by replication. The
+    /// primary's hello says its mode: the node file takes it, and a restart (20007) rejoins.
+    /// Only from the primary, which owns the setting, over a connection that passed the
+    /// source-address and certificate checks of this peer's mode.
+    pub(super) fn follow_primary_tls_mode(&self, view: &causeway_mesh::MeshView) {
+        let primary = self.engine.primary();
+        if primary == view.self_index || primary == 0 || primary > view.peers.len() {
+            return;
+        }
+        let p = view.peer(primary);
+        let refused_for_mode = matches!(
+            p.failure,
+            Some(causeway_mesh::FailureKind::Refused(
+                causeway_mesh::RefuseField::TlsMode
+            ))
+        );
+        let (Some(theirs), true) = (p.tls_mode, refused_for_mode) else {
+            return;
+        };
+        if theirs == self.config.cluster.tls_verification {
+            return;
+        }
+        let (was, now) = (
+            xconfig::tls_text(self.config.cluster.tls_verification),
+            xconfig::tls_text(theirs),
+        );
+        let changed = self.observer.edit_file("cluster.tls_verification", |f| {
+            let changed = f.cluster.tls_verification != theirs;
+            f.cluster.tls_verification = theirs;
+            changed
+        });
+        if changed {
+            log_change("cluster.tls_verification", &was, &now);
+            self.alarms.raise(
+                20007,
+                "cluster.tls_verification",
+                &format!(
+                    "cluster.tls_verification: the configuration primary (Peer {primary}) runs '{now}' and refused this peer, which ran '{was}' (it missed the change): the node file now says '{now}'; restart this peer to rejoin"
+                ),
+            );
+        }
+    }
+
     /// EX-13 on a subordinate.
     pub async fn force_config_update(&self) -> Result<ReplicationStatus, NodeError> {
         self.clustered()?;
