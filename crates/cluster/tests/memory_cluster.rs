@@ -553,6 +553,78 @@ async fn peers_listed_by_name_join_once_the_address_mapping_names_them_and_an_im
         "the real Peer 1 stays"
     );
     impostor.shutdown().await;
+    // The mapping of an Active peer changed to another address: it is resolved again at
+    // once, the shown resolution follows, and the peer is reconnected there (nothing
+    // answers at .9, so it fails); mapped back, it is Active again.
+    let peer3_on_1 = |n: &Node| n.cluster_status().peers[2].clone();
+    for (to, active) in [(9, false), (3, true)] {
+        nodes[0]
+            .set_configuration(
+                &format!("cluster.address_mapping.{name3}"),
+                Some(&ip(to).to_string()),
+            )
+            .await
+            .ok();
+        wait_for(10, "the resolution follows the mapping", || {
+            let p = peer3_on_1(&nodes[0]);
+            p.resolved == Some(ip(to)) && p.is_active() == active
+        })
+        .await;
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// A peer whose list names another peer before the address mapping for that name exists
+/// is not locked out: the difference is accepted while the name does not resolve, so the
+/// mapping can reach it; once it does, every peer is Active.
+#[tokio::test(start_paused = true)]
+async fn a_list_that_names_a_peer_before_its_mapping_exists_is_accepted_until_the_mapping_arrives()
+{
+    let name2 = "peer2.test.invalid";
+    let net = MemoryNetwork::new();
+    let cfg = |k: usize| {
+        let mut c = config(k, 3, TlsMode::Permissive);
+        if k == 3 {
+            c.cluster.peers[1] = name2.into();
+        }
+        c
+    };
+    let nodes: Vec<Arc<Node>> = (1..=3)
+        .map(|k| {
+            Node::start(
+                cfg(k),
+                Some(net.transport(ip(k))),
+                Arc::new(NoDns),
+                fresh_store(),
+            )
+            .0
+        })
+        .collect();
+    wait_for(
+        10,
+        "Peer 3 clusters with Peer 1 before the mapping exists",
+        || {
+            nodes[2].cluster_status().peers[0].is_active()
+                && nodes[0].cluster_status().peers[2].is_active()
+        },
+    )
+    .await;
+    nodes[0]
+        .set_configuration(
+            &format!("cluster.address_mapping.{name2}"),
+            Some(&ip(2).to_string()),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        10,
+        "every peer Active once the mapping reached Peer 3",
+        || nodes.iter().all(|n| n.mesh().unwrap().view().all_active()),
+    )
+    .await;
+    assert_eq!(nodes[2].cluster_status().peers[1].resolved, Some(ip(2)));
     for n in nodes {
         n.shutdown().await;
     }

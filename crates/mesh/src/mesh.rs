@@ -121,6 +121,8 @@ struct Shared {
     refusal_log: Mutex<LogBudget>,
     /// Wakes every dialer at once (EX-10: names retried on demand).
     redial: tokio::sync::Notify,
+    /// Wakes `readdress_loop`: the address mapping changed.
+    readdress: tokio::sync::Notify,
     cancel: CancellationToken,
 }
 
@@ -168,10 +170,12 @@ impl Mesh {
                 suppressed: 0,
             }),
             redial: tokio::sync::Notify::new(),
+            readdress: tokio::sync::Notify::new(),
             cancel: CancellationToken::new(),
         });
         let tasks = TaskTracker::new();
         tasks.spawn(accept_loop(shared.clone(), tasks.clone()));
+        tasks.spawn(readdress_loop(shared.clone()));
         let me = shared.settings.self_index;
         for index in me + 1..=shared.settings.peers.len() {
             tasks.spawn(dial_loop(shared.clone(), index));
@@ -193,9 +197,59 @@ impl Mesh {
     pub fn redial_now(&self, why: &str) {
         tracing::info!(target: LOG, reason = why,
             "Triggering forced peer update of peers which failed DNS");
+        self.redial_quietly();
+    }
+
+    /// As `redial_now`, for a caller that logs in its own words.
+    pub fn redial_quietly(&self) {
         self.shared.redial.notify_waiters();
     }
 
+    /// After the address mapping changed (EX-9): every peer listed by name is resolved
+    /// again; an Active peer whose name now resolves elsewhere is reconnected there (its
+    /// session ends and the dialler takes the new address), and the resolution shown
+    /// follows. Peers that are not Active are dialled again now. Callable from any thread.
+    pub fn readdress(&self) {
+        self.shared.readdress.notify_one();
+    }
+}
+
+async fn readdress_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = shared.readdress.notified() => {}
+        }
+        let names: Vec<(usize, String)> = {
+            let s = &shared.settings;
+            (1..=s.peers.len())
+                .filter(|i| *i != s.self_index && s.address(*i).parse::<IpAddr>().is_err())
+                .map(|i| (i, s.address(i).to_string()))
+                .collect()
+        };
+        for (index, name) in names {
+            let Some(ip) = resolve_briefly(&shared, &name).await else {
+                continue;
+            };
+            let mut moved = None;
+            shared.update(index, |slot| {
+                if slot.status.resolved != Some(ip) {
+                    moved = slot.status.resolved.replace(ip);
+                    if let Some(session) = slot.session.as_ref() {
+                        session.stop.cancel();
+                    }
+                }
+            });
+            if let Some(was) = moved {
+                tracing::info!(target: LOG, peer = %name, peer_index = index, was = %was, now = %ip,
+                    "Cluster peer address changed: reconnecting");
+            }
+        }
+        shared.redial.notify_waiters();
+    }
+}
+
+impl Mesh {
     /// Every peer as this node sees it now.
     pub fn view(&self) -> MeshView {
         let s = &self.shared.settings;
@@ -745,7 +799,19 @@ async fn same_systems(shared: &Shared, ours: &[String], theirs: &[String]) -> Ve
             resolve_briefly(shared, a).await,
             resolve_briefly(shared, b).await,
         );
-        out[i] = x.is_some() && x == y;
+        // A name that does not resolve here against an address: not provably another
+        // system. Refusing would lock out a peer whose list names a peer before the
+        // address mapping for the name reached it — which only clustering can bring it.
+        let unknown_name_against_ip = |name: &str, n: Option<IpAddr>, other: &str| {
+            n.is_none() && name.parse::<IpAddr>().is_err() && other.parse::<IpAddr>().is_ok()
+        };
+        out[i] = (x.is_some() && x == y)
+            || unknown_name_against_ip(a, x, b)
+            || unknown_name_against_ip(b, y, a);
+        if out[i] && x != y {
+            tracing::info!(target: LOG, peer_index = i + 1, here = %a, there = %b,
+                "Peer list entries differ by a name that does not resolve yet: accepted until the address mapping or DNS names it");
+        }
     }
     out
 }

@@ -310,7 +310,8 @@ impl Observer for ConfigObserver {
             if a.key.starts_with(MAPPING_PREFIX) {
                 self.addresses.update(&a.key, a.new.as_deref());
                 if let Some(mesh) = &self.mesh {
-                    mesh.redial_now("cluster address mapping changed");
+                    // Resolved again at once: a peer mapped elsewhere is reconnected there.
+                    mesh.readdress();
                 }
             }
             if a.key == "cluster.tls_verification" {

@@ -58,7 +58,7 @@ pub(super) async fn retry_failed_names(node: Arc<Node>) {
             info!(target: "developer.clusterdb.peernameresolver", peers = %failed.join(", "),
                 queue_time_ms = DNS_RETRY.as_millis() as u64,
                 "Triggering forced peer update of peers which failed DNS and queueing next run");
-            mesh.redial_now("peers which failed DNS");
+            mesh.redial_quietly();
         }
     }
 }
