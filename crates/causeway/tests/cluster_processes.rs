@@ -274,26 +274,6 @@ fn a_command_whose_output_pipe_is_closed_stops_quietly() {
 }
 
 impl TestCluster {
-    /// Runs the CLI against peer `k`: (success, stdout, stderr).
-    fn cli(&self, k: usize, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(BIN)
-            .arg("--node")
-            .arg(&self.peers[k - 1].dir)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn get(&self, k: usize, path: &str) -> Option<String> {
-        let (ok, out, _) = self.cli(k, &["xconfiguration", "get", path]);
-        ok.then(|| out.trim_end().to_string())
-    }
-
     fn database_status(&self, k: usize) -> Option<String> {
         self.xstatus(k, "cluster")?["replication"]["database_status"]
             .as_str()

@@ -164,6 +164,27 @@ impl TestCluster {
             })
     }
 
+    /// Runs the CLI against peer `k`: (success, stdout, stderr).
+    pub fn cli(&self, k: usize, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(BIN)
+            .arg("--node")
+            .arg(&self.peers[k - 1].dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// One configuration item's value on peer `k`.
+    pub fn get(&self, k: usize, path: &str) -> Option<String> {
+        let (ok, out, _) = self.cli(k, &["xconfiguration", "get", path]);
+        ok.then(|| out.trim_end().to_string())
+    }
+
     pub fn log(&self, k: usize) -> String {
         std::fs::read_to_string(self.peers[k - 1].dir.join("causeway.log")).unwrap_or_default()
     }
