@@ -993,6 +993,14 @@ async fn a_peer_is_removed_by_shortening_every_remaining_peers_list() {
 /// show elsewhere (and no 20011 asks for a command that cannot help).
 #[tokio::test(start_paused = true)]
 async fn a_peer_restored_to_an_older_copy_of_its_own_streams_is_followed_by_the_others() {
+    for purge in [false, true] {
+        restored_or_purged_peer_is_followed(purge).await;
+    }
+}
+
+/// Peer 2 goes back to a backup (or, purged, to nothing, under a new node id) after it
+/// raised alarms the others show.
+async fn restored_or_purged_peer_is_followed(purge: bool) {
     use causeway_replication::lifecycle;
     let mut c = Cluster::start(3, TlsMode::Enforce);
     wait_for(10, "cluster formed", || c.formed()).await;
@@ -1014,7 +1022,11 @@ async fn a_peer_restored_to_an_older_copy_of_its_own_streams_is_followed_by_the_
     .await;
     // Peer 2 is lost and restored from the backup; Peer 3 comes back first.
     c.crash(2).await;
-    lifecycle::restore(c.stores[1].as_ref(), &backup, None).unwrap();
+    if purge {
+        lifecycle::factory_reset(c.stores[1].as_ref()).unwrap();
+    } else {
+        lifecycle::restore(c.stores[1].as_ref(), &backup, None).unwrap();
+    }
     c.nodes[2] = Some(c.boot(3, config(3, 3, TlsMode::Enforce)));
     c.nodes[1] = Some(c.boot(2, config(2, 3, TlsMode::Enforce)));
     wait_for(10, "cluster formed again", || c.formed()).await;
@@ -1032,6 +1044,9 @@ async fn a_peer_restored_to_an_older_copy_of_its_own_streams_is_followed_by_the_
         );
         let digest = |n: &Node| n.replication().status().digest;
         assert_eq!(digest(n), digest(c.node(2)), "Peer {k} converged");
+    }
+    for k in 1..=3 {
+        c.crash(k).await;
     }
 }
 

@@ -247,14 +247,16 @@ impl Engine {
             }
         }
         // A stream of its own the owner no longer has at all (restored from a backup taken
-        // before it existed): its copy, empty, is taken whole too.
+        // before it existed, or purged: then under a new node id, so known by its name,
+        // `<namespace>/peerN`): its copy, empty, is taken whole too.
+        let own_name = format!("peer{from}");
         let gone: Vec<(StreamId, Header)> = st
             .streams
             .iter()
             .filter(|(id, s)| {
                 !is_config(id)
                     && s.header.owner != 0
-                    && s.header.owner == node_id
+                    && (s.header.owner == node_id || id.name == own_name)
                     && !st.peers[from - 1].headers.contains_key(*id)
                     && !st.fetching.contains_key(*id)
             })
