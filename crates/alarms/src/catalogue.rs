@@ -75,8 +75,8 @@ pub static CATALOGUE: &[AlarmType] = &[
         "Cluster replication error: this peer's configuration conflicts with the primary's configuration, manual synchronization of configuration is required",
         "Run 'xcommand ForceConfigUpdate' on this peer"),
     alarm!(20012, "8f3b0d4a-5c6e-4f7a-8b9c-1d2e3f4a2012", Warning, "Cluster replication error",
-        "Cluster replication error: the cluster settings of this peer differ from the primary's, manual synchronization of configuration is required",
-        "Make the Clustering settings on this peer identical to the primary's"),
+        "Cluster replication error: the cluster settings of this peer and a peer it talks to differ (the peer and the setting are named in the reason), manual synchronization of configuration is required",
+        "Make the setting named in the reason the same on both peers: change it on the one that differs from the rest of the cluster"),
     alarm!(20014, "9a4c1e5b-6d7f-4a8b-9c0d-2e3f4a5b2014", Warning, "Cluster replication error",
         "Cluster replication error: the primary or this subordinate peer's configuration file was not found, manual synchronization of configuration is required",
         "Run 'xcommand ForceConfigUpdate' on this peer"),
@@ -169,6 +169,23 @@ mod tests {
             assert_eq!(parts, [8, 4, 4, 4, 12], "uuid of {}", a.id);
             assert!(a.uuid.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
         }
+    }
+
+    /// 20012 is raised on whichever peer refuses another for differing cluster settings,
+    /// the configuration primary included: its text must read true there too.
+    #[test]
+    fn the_cluster_settings_alarm_reads_true_on_the_primary() {
+        let a = lookup(20012).unwrap();
+        assert_eq!(a.title, "Cluster replication error");
+        for text in [a.detail, a.action] {
+            assert!(!text.contains("primary"), "{text}");
+        }
+        assert!(
+            a.detail.contains("this peer and a peer it talks to differ"),
+            "{}",
+            a.detail
+        );
+        assert!(a.detail.contains("named in the reason"), "{}", a.detail);
     }
 
     #[test]

@@ -219,13 +219,17 @@ enum PkiCommand {
         command: CaCommand,
     },
     /// `pki csr <key/cert basename> CN:<cn> [OU:…] [O:…] [subjectAltName:<a>,<b>]`: makes
-    /// <name>.key and <name>.csr.
+    /// <name>.key and <name>.csr. Refuses when <name>.key exists (see --force).
     Csr {
         name: String,
         #[arg(required = true, num_args = 1..)]
         subject: Vec<String>,
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Replace an existing <name>.key with a new key: the certificate issued for the old
+        /// key stops matching it, so the peer needs a certificate signed from the new CSR.
+        #[arg(long)]
+        force: bool,
     },
     /// Sign a CSR with the lab CA.
     Sign {
@@ -416,10 +420,7 @@ fn main() -> ExitCode {
         Command::Run { config } => return run::run(&config),
         Command::CheckConfig { config } => match causeway_cluster::NodeConfig::load(&config) {
             Ok(c) => {
-                println!("{}: valid", config.display());
-                if let Some(problem) = c.membership_problem() {
-                    println!("warning: {problem} (the node will raise alarm 20003)");
-                }
+                print!("{}", check_config_report(&config, &c));
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
@@ -559,6 +560,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `check-config` prints for a valid file: that it is valid, the cluster port it will
+/// listen on and dial the other peers on (`[cluster] port`), and a membership problem.
+fn check_config_report(path: &Path, c: &causeway_cluster::NodeConfig) -> String {
+    let mut out = format!("{}: valid\n", path.display());
+    if c.cluster_settings().is_some() {
+        out.push_str(&format!(
+            "Cluster port: listens on TCP {} and dials the other peers on port {} ([cluster] port: the same on every peer)\n",
+            std::net::SocketAddr::new(c.listen_ip(), c.cluster.port),
+            c.cluster.port
+        ));
+    }
+    if let Some(problem) = c.membership_problem() {
+        out.push_str(&format!(
+            "warning: {problem} (the node will raise alarm 20003)\n"
+        ));
+    }
+    out
+}
+
 fn pki(command: PkiCommand) -> anyhow::Result<()> {
     match command {
         PkiCommand::Ca {
@@ -571,9 +591,19 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                 files.key.display()
             );
         }
-        PkiCommand::Csr { name, subject, dir } => {
+        PkiCommand::Csr {
+            name,
+            subject,
+            dir,
+            force,
+        } => {
             let subject = causeway_pki::parse_subject_args(&subject)?;
-            let (key, csr) = causeway_pki::csr(&dir, &name, &subject)?;
+            let existing = if force {
+                causeway_pki::ExistingKey::Replace
+            } else {
+                causeway_pki::ExistingKey::Refuse
+            };
+            let (key, csr) = causeway_pki::csr_with(&dir, &name, &subject, existing)?;
             println!("Key: {}\nCSR: {}", key.display(), csr.display());
         }
         PkiCommand::Sign {
@@ -602,4 +632,49 @@ fn passwd(data_dir: &Path, user: &str) -> anyhow::Result<()> {
         causeway_admin::users::users_path(data_dir).display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> (tempfile::TempDir, PathBuf, causeway_cluster::NodeConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[node]\nsystem_name = \"p1\"\naddress = \"10.0.0.1\"\ndata_dir = \"{}\"\n{text}",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let config = causeway_cluster::NodeConfig::load(&path).unwrap();
+        (dir, path, config)
+    }
+
+    #[test]
+    fn check_config_shows_the_configured_cluster_port() {
+        let (_dir, path, c) =
+            load("[cluster]\npeers = [\"10.0.0.1\", \"10.0.0.2\"]\nport = 4999\n");
+        let text = check_config_report(&path, &c);
+        assert!(
+            text.starts_with(&format!("{}: valid\n", path.display())),
+            "{text}"
+        );
+        assert!(text.contains("listens on TCP 10.0.0.1:4999"), "{text}");
+        assert!(
+            text.contains("dials the other peers on port 4999"),
+            "{text}"
+        );
+        assert!(!text.contains("4372"), "{text}");
+        let (_dir, path, c) = load("[cluster]\npeers = [\"10.0.0.1\", \"10.0.0.2\"]\n");
+        assert!(check_config_report(&path, &c).contains("10.0.0.1:4372"));
+        // A standalone node opens no cluster port.
+        let (_dir, path, c) = load("");
+        assert_eq!(
+            check_config_report(&path, &c),
+            format!("{}: valid\n", path.display())
+        );
+    }
 }

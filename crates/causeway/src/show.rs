@@ -234,21 +234,39 @@ pub fn configuration(socket: &Path, path: Option<String>, json: bool) -> anyhow:
             return Ok(());
         }
     }
-    println!(
-        "Configuration of {} († peer-specific: set on each peer)",
-        value["system_name"].as_str().unwrap_or("?")
+    print!(
+        "{}",
+        render_configuration(value["system_name"].as_str().unwrap_or("?"), &selected)
     );
-    println!();
-    for i in selected {
+    Ok(())
+}
+
+/// `xconfiguration get [PATH]` as a table: the † mark, then the key in a column as wide as
+/// the longest key shown plus two spaces, then the value (and a pending value, if any).
+pub fn render_configuration(system_name: &str, items: &[&ConfigItem]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Configuration of {system_name} († peer-specific: set on each peer)"
+    );
+    let _ = writeln!(out);
+    let width = items
+        .iter()
+        .map(|i| i.path.chars().count())
+        .max()
+        .unwrap_or(0)
+        + 2;
+    for i in items {
         let mark = if i.peer_specific { "†" } else { " " };
         let pending = i
             .pending
             .as_deref()
             .map(|p| format!("   (set to '{p}': restart required)"))
             .unwrap_or_default();
-        println!("{mark} {:<40}{}{pending}", i.path, i.value);
+        let line = format!("{mark} {:<width$}{}{pending}", i.path, i.value);
+        let _ = writeln!(out, "{}", line.trim_end());
     }
-    Ok(())
+    out
 }
 
 pub fn set_configuration(
@@ -666,4 +684,69 @@ pub fn ha_command(
     )?;
     println!("{}", out["message"].as_str().unwrap_or("done"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(path: &str, value: &str, peer_specific: bool, pending: Option<&str>) -> ConfigItem {
+        ConfigItem {
+            path: path.into(),
+            value: value.into(),
+            peer_specific,
+            restart_required: peer_specific,
+            pending: pending.map(String::from),
+            about: String::new(),
+        }
+    }
+
+    #[test]
+    fn configuration_keys_are_a_column_as_wide_as_the_longest_plus_two() {
+        let long = "cluster.address_mapping.peer3-replacement.lab.example";
+        let items = [
+            item("sip.domains", "example.com", false, None),
+            item(long, "10.0.0.3", false, None),
+            item("system.name", "peer1", true, Some("peer-one")),
+        ];
+        let refs: Vec<&ConfigItem> = items.iter().collect();
+        let text = render_configuration("peer1", &refs);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "Configuration of peer1 († peer-specific: set on each peer)"
+        );
+        assert_eq!(lines[1], "");
+        let column = long.len() + 2;
+        let rows = &lines[2..];
+        assert_eq!(rows.len(), 3, "{text}");
+        // Every value starts in the same column, after the mark, a space and the key column.
+        for (row, (key, value)) in rows.iter().zip([
+            ("sip.domains", "example.com"),
+            (long, "10.0.0.3"),
+            ("system.name", "peer1"),
+        ]) {
+            let chars: Vec<char> = row.chars().collect();
+            let key_column: String = chars[2..2 + column].iter().collect();
+            assert_eq!(key_column, format!("{key:<column$}"), "{text}");
+            let rest: String = chars[2 + column..].iter().collect();
+            assert!(rest.starts_with(value), "{text}");
+        }
+        // The longest key still has two spaces before its value.
+        assert!(rows[1].contains(&format!("{long}  10.0.0.3")), "{text}");
+        assert!(rows[0].starts_with("  sip.domains "), "{text}");
+        assert!(rows[2].starts_with("† system.name "), "{text}");
+        assert!(
+            rows[2].ends_with("peer1   (set to 'peer-one': restart required)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn configuration_of_short_keys_is_not_padded_to_a_fixed_width() {
+        let items = [item("a.b", "1", false, None), item("a.cd", "2", true, None)];
+        let refs: Vec<&ConfigItem> = items.iter().collect();
+        let text = render_configuration("p", &refs);
+        assert!(text.ends_with("  a.b   1\n† a.cd  2\n"), "{text:?}");
+    }
 }

@@ -9,7 +9,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::{read, write, PkiError};
+use crate::{read, write, write_new, PkiError};
 
 fn rcgen_err(what: &str) -> impl FnOnce(rcgen::Error) -> PkiError + '_ {
     move |source| PkiError::Rcgen {
@@ -139,11 +139,46 @@ fn san(name: &str) -> Result<SanType, PkiError> {
     Ok(SanType::DnsName(dns))
 }
 
-/// Makes `<dir>/<name>.key` and `<dir>/<name>.csr`. The CN is also added as a SAN when it
-/// looks like an address, because TLS libraries match SANs only.
+/// What [`csr_with`] does when `<dir>/<name>.key` already exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExistingKey {
+    /// Refuse, naming the file: a certificate issued for that key would stop matching it.
+    Refuse,
+    /// Replace it with the new key (`pki csr --force`).
+    Replace,
+}
+
+/// Makes `<dir>/<name>.key` and `<dir>/<name>.csr`, replacing a key already there: for
+/// callers that make a fresh identity in a directory of their own (the lab, tests). An
+/// operator's `pki csr` uses [`csr_with`] and [`ExistingKey::Refuse`].
 pub fn csr(dir: &Path, name: &str, subject: &CsrSubject) -> Result<(PathBuf, PathBuf), PkiError> {
+    csr_with(dir, name, subject, ExistingKey::Replace)
+}
+
+/// Makes `<dir>/<name>.key` and `<dir>/<name>.csr`. The CN is also added as a SAN when it
+/// looks like an address, because TLS libraries match SANs only. With
+/// [`ExistingKey::Refuse`], an existing key file is left as it was and nothing is written.
+pub fn csr_with(
+    dir: &Path,
+    name: &str,
+    subject: &CsrSubject,
+    existing: ExistingKey,
+) -> Result<(PathBuf, PathBuf), PkiError> {
     if name.is_empty() || name.contains('/') {
         return Err(PkiError::Usage(format!("'{name}' is not a file base name")));
+    }
+    let key_path = dir.join(format!("{name}.key"));
+    let csr_path = dir.join(format!("{name}.csr"));
+    let refuse = || {
+        PkiError::Usage(format!(
+            "{} already exists: nothing was written. Pass --force to replace it with a new key \
+             (the certificate issued for the old key stops matching it: the peer needs a new \
+             certificate signed from the new CSR before it can cluster again)",
+            key_path.display()
+        ))
+    };
+    if existing == ExistingKey::Refuse && key_path.exists() {
+        return Err(refuse());
     }
     let key = KeyPair::generate().map_err(rcgen_err("generating the key"))?;
     let mut params = CertificateParams::default();
@@ -169,9 +204,18 @@ pub fn csr(dir: &Path, name: &str, subject: &CsrSubject) -> Result<(PathBuf, Pat
     let request = params
         .serialize_request(&key)
         .map_err(rcgen_err("making the CSR"))?;
-    let key_path = dir.join(format!("{name}.key"));
-    let csr_path = dir.join(format!("{name}.csr"));
-    write(&key_path, &key.serialize_pem(), true)?;
+    match existing {
+        ExistingKey::Replace => write(&key_path, &key.serialize_pem(), true)?,
+        // Created only if still absent: a key that appeared since the check is kept too.
+        ExistingKey::Refuse => match write_new(&key_path, &key.serialize_pem(), true) {
+            Err(PkiError::Write { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                return Err(refuse())
+            }
+            other => other?,
+        },
+    }
     write(
         &csr_path,
         &request.pem().map_err(rcgen_err("encoding the CSR"))?,
@@ -256,6 +300,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("XX"));
+    }
+
+    #[test]
+    fn a_csr_refuses_to_replace_an_existing_key_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let subject = parse_subject_args(&args("CN:peer1.lab")).unwrap();
+        let (key, csr_path) = csr_with(dir.path(), "peer1", &subject, ExistingKey::Refuse).unwrap();
+        let first_key = std::fs::read(&key).unwrap();
+        let first_csr = std::fs::read(&csr_path).unwrap();
+        // Again without --force: refused, naming the file and what --force would do; the key
+        // and the CSR stay as they were.
+        let err = csr_with(dir.path(), "peer1", &subject, ExistingKey::Refuse)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&key.display().to_string()), "{err}");
+        assert!(err.contains("--force"), "{err}");
+        assert!(err.contains("stops matching"), "{err}");
+        assert_eq!(std::fs::read(&key).unwrap(), first_key);
+        assert_eq!(std::fs::read(&csr_path).unwrap(), first_csr);
+        // With --force: a new key, and a CSR for it; the key file is private again even if
+        // the old one had been opened up.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (key2, _) = csr_with(dir.path(), "peer1", &subject, ExistingKey::Replace).unwrap();
+        assert_eq!(key2, key);
+        assert_ne!(std::fs::read(&key).unwrap(), first_key);
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Another name in the same directory is not affected.
+        csr_with(dir.path(), "peer2", &subject, ExistingKey::Refuse).unwrap();
     }
 
     #[test]

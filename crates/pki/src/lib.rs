@@ -8,7 +8,9 @@ mod issue;
 mod tls;
 
 pub use check::{check_certificate, describe_tls_error, CertStatus};
-pub use issue::{ca_init, csr, parse_subject_args, sign_csr, CaFiles, CsrSubject};
+pub use issue::{
+    ca_init, csr, csr_with, parse_subject_args, sign_csr, CaFiles, CsrSubject, ExistingKey,
+};
 pub use tls::{
     client_config, https_server_config, install_crypto_provider, server_config, sip_tls_configs,
     NodeIdentity, TlsMode,
@@ -74,6 +76,15 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
 
 /// Writes `contents` to `path`; private keys get mode 0600.
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
+    write_opts(path, contents, private, false)
+}
+
+/// As [`write`], but only if `path` does not exist yet (`AlreadyExists` otherwise).
+fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
+    write_opts(path, contents, private, true)
+}
+
+fn write_opts(path: &Path, contents: &str, private: bool, new: bool) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| PkiError::Write {
@@ -81,10 +92,21 @@ fn write(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
         source,
     };
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    if new {
+        opts.write(true).create_new(true);
+    } else {
+        opts.write(true).create(true).truncate(true);
+    }
     if private {
         opts.mode(0o600);
     }
     let mut f = opts.open(path).map_err(err)?;
+    if private {
+        // The mode above applies to a new file only: a key written over an existing file
+        // (`pki csr --force`) must not keep that file's looser mode.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
+    }
     f.write_all(contents.as_bytes()).map_err(err)
 }

@@ -94,11 +94,18 @@ struct Cluster {
     net: Arc<Net>,
     stores: Vec<Arc<FlakyStore>>,
     nodes: Arc<Mutex<Vec<Option<Node>>>>,
-    primary_in_files: usize,
+    /// The configuration primary each node's file names.
+    primary_in_files: Vec<usize>,
 }
 
 impl Cluster {
     fn new(size: usize) -> Cluster {
+        Cluster::with_primaries(&vec![1; size])
+    }
+
+    /// A cluster whose node `i` has `primaries[i - 1]` as the primary in its file.
+    fn with_primaries(primaries: &[usize]) -> Cluster {
+        let size = primaries.len();
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         let net = Arc::new(Net {
             size,
@@ -127,7 +134,7 @@ impl Cluster {
             net,
             stores: (0..size).map(|_| Arc::new(FlakyStore::default())).collect(),
             nodes,
-            primary_in_files: 1,
+            primary_in_files: primaries.to_vec(),
         };
         for i in 1..=size {
             c.start(i);
@@ -136,7 +143,7 @@ impl Cluster {
     }
 
     fn start(&mut self, i: usize) {
-        let mut settings = EngineSettings::new(i, self.net.size, self.primary_in_files);
+        let mut settings = EngineSettings::new(i, self.net.size, self.primary_in_files[i - 1]);
         settings.heartbeat = Duration::from_millis(200);
         let recorder = Arc::new(Recorder::default());
         let store: Arc<dyn Store> = self.stores[i - 1].clone();
@@ -479,6 +486,41 @@ async fn primary_killed_moved_by_one_command_and_the_old_primary_follows() {
         "the old primary forwards to the new one"
     );
     assert_eq!(*c.recorder(1).primaries.lock().unwrap(), vec![3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn peers_that_disagree_on_the_primary_raise_20017_and_are_not_active_until_set_primary() {
+    // Peer 3's file names Peer 2 as the primary, the others' Peer 1.
+    let c = Cluster::with_primaries(&[1, 1, 2]);
+    // Past five heartbeats of disagreement (200 ms each).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, other) in [(1, 3), (2, 3), (3, 1)] {
+        let alarms = c.engine(i).alarms(true);
+        assert!(
+            alarms
+                .iter()
+                .any(|a| a.0 == 20017 && a.1 == format!("Peer {other}")),
+            "20017 for Peer {other} on Peer {i}: {alarms:?}"
+        );
+        let status = c.engine(i).status().database_status;
+        assert!(
+            status.starts_with("Not synchronised"),
+            "Peer {i} reads {status:?} while 20017 is raised"
+        );
+        assert!(
+            status.contains(&format!("Peer {other}: names Peer")),
+            "Peer {i}: {status}"
+        );
+    }
+    // One SetPrimary settles it: no 20017 and Active everywhere.
+    c.engine(3).set_primary(1).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 1..=3 {
+        assert_eq!(c.engine(i).primary(), 1, "Peer {i}");
+        let alarms = c.engine(i).alarms(true);
+        assert!(alarms.iter().all(|a| a.0 != 20017), "Peer {i}: {alarms:?}");
+        assert_eq!(c.engine(i).status().database_status, "Active", "Peer {i}");
+    }
 }
 
 #[tokio::test(start_paused = true)]

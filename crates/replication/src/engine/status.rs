@@ -54,6 +54,15 @@ pub(super) fn unix_ms(t: SystemTime) -> u64 {
 }
 
 impl Engine {
+    /// Whether reachable Peer `p` has named another configuration primary (or epoch) than
+    /// this peer's for five heartbeats: the condition of alarm 20017, which also keeps
+    /// `Cluster database status` from reading `Active`.
+    fn disagrees_on_primary(&self, st: &State, p: usize) -> bool {
+        st.peers[p - 1]
+            .mismatch_since
+            .is_some_and(|t| t.elapsed() >= self.settings.heartbeat * 5)
+    }
+
     /// The seed's periodic synchronisation lines: what this peer's configuration is doing.
     pub(super) fn report_sync(&self, st: &State, active: &[usize]) {
         let id = config_stream();
@@ -160,10 +169,7 @@ impl Engine {
                     format!("no replication digest from Peer {p} for {grace:?}"),
                 ));
             }
-            if ps
-                .mismatch_since
-                .is_some_and(|t| t.elapsed() >= self.settings.heartbeat * 5)
-            {
+            if self.disagrees_on_primary(&st, *p) {
                 out.push((
                     20017,
                     format!("Peer {p}"),
@@ -222,6 +228,21 @@ impl Engine {
             };
             if state != "In sync" {
                 problems.push(format!("Peer {index}: {state}"));
+            }
+            // Peers that disagree on the primary are not one database, whatever the digests
+            // say (20017).
+            if reachable && self.disagrees_on_primary(&st, index) {
+                problems.push(if p.primary != st.primary {
+                    format!(
+                        "Peer {index}: names Peer {} as the configuration primary (this peer: Peer {})",
+                        p.primary, st.primary
+                    )
+                } else {
+                    format!(
+                        "Peer {index}: names Peer {} as the configuration primary at epoch {} (this peer: epoch {})",
+                        p.primary, p.epoch, st.epoch
+                    )
+                });
             }
             peers.push(PeerReplication {
                 index,
