@@ -31,6 +31,33 @@ pub struct AlarmType {
     pub action: &'static str,
 }
 
+/// The UUIDs the seed quotes (its logs show them for 20004, 20006 and 20007): kept as
+/// they are, so a log reader matching on them keeps working.
+pub const SEED_UUIDS: [&str; 3] = [
+    "3bca6888-f622-11df-93be-07cc953d7b99",
+    "0f96695e-d954-4f6f-85c1-2ef1eae6f764",
+    "e2b8e3d1-b731-4d7d-b606-4682a8f0c2e6",
+];
+
+/// Every other alarm's UUID is Causeway's own, and looks it: a fixed prefix and the alarm's
+/// ID in the last group (`ca05e0a1-0000-4000-8000-000000020003`), never a made-up value
+/// that could pass for one of the seed's.
+pub fn our_uuid(id: u32) -> String {
+    format!("ca05e0a1-0000-4000-8000-{id:012}")
+}
+
+impl AlarmType {
+    /// One of the UUIDs the seed quotes.
+    pub fn uuid_is_seeds(&self) -> bool {
+        SEED_UUIDS.contains(&self.uuid)
+    }
+
+    /// Causeway's own form for this alarm's ID.
+    pub fn uuid_is_ours(&self) -> bool {
+        self.uuid == our_uuid(self.id)
+    }
+}
+
 /// One catalogue entry: `alarm!(id, uuid, Severity, title, detail, action)`.
 #[macro_export]
 macro_rules! alarm {
@@ -47,13 +74,13 @@ macro_rules! alarm {
 }
 
 pub static CATALOGUE: &[AlarmType] = &[
-    alarm!(20003, "8f3c3c0e-2a57-4f0e-9d0b-3c1a1f6a2003", Error, "Invalid clustering configuration",
+    alarm!(20003, "ca05e0a1-0000-4000-8000-000000020003", Error, "Invalid clustering configuration",
         "Invalid clustering configuration: this system's own address is missing from the peer list, or an address is listed twice",
         "Make the peer list identical on every peer, with this system's address in it exactly once"),
     alarm!(20004, "3bca6888-f622-11df-93be-07cc953d7b99", Warning, "Cluster communication failure",
         "Cluster communication failure: The system is unable to communicate with one or more of the cluster peers",
         "Check that every peer is running and reachable on the cluster port; the peer's clustering status gives the reason"),
-    alarm!(20005, "5a8e4f0b-6c2d-4b7e-8a1f-0e9d7c6b2005", Warning, "Invalid peer address",
+    alarm!(20005, "ca05e0a1-0000-4000-8000-000000020005", Warning, "Invalid peer address",
         "Invalid peer address: one or more peer addresses could not be resolved",
         "Correct the peer address, or the DNS records or cluster address mapping for it; resolution is retried on every connection attempt"),
     alarm!(20006, "0f96695e-d954-4f6f-85c1-2ef1eae6f764", Warning, "Cluster database communication failure",
@@ -62,58 +89,58 @@ pub static CATALOGUE: &[AlarmType] = &[
     alarm!(20007, "e2b8e3d1-b731-4d7d-b606-4682a8f0c2e6", Warning, "Restart required",
         "Restart required: Cluster configuration has been changed, however a restart is required for this to take effect",
         "Restart this peer"),
-    alarm!(20008, "2c7e9a4d-1b3f-4e6a-9c8d-7f0a5b4c2008", Warning, "Replication paused",
+    alarm!(20008, "ca05e0a1-0000-4000-8000-000000020008", Warning, "Replication paused",
         "Replication paused: upgrade in progress",
         "Finish upgrading every peer to the same software version"),
-    alarm!(20009, "6d1f8b2e-3a4c-4d5e-8f7a-9b0c1d2e2009", Warning, "Cluster replication error",
+    alarm!(20009, "ca05e0a1-0000-4000-8000-000000020009", Warning, "Cluster replication error",
         "Cluster replication error: an error occurred during automatic replication; manual synchronization of configuration is required",
         "Run 'xcommand ForceConfigUpdate' on this peer"),
-    alarm!(20030, "5c8e2a7d-9b1f-4c3e-8a6d-0f2b4d6e2030", Warning, "Cluster lease error",
+    alarm!(20030, "ca05e0a1-0000-4000-8000-000000020030", Warning, "Cluster lease error",
         "Cluster lease error: this peer's records of a lease group were unreadable and were reset; it takes part again once it has heard a leader chosen without it",
         "Nothing while the other peers of the group are up: the alarm clears by itself within seconds. If it stays, bring the group's other peers back: until then this peer does not vote in the group"),
-    alarm!(20011, "7e2a9c3f-4b5d-4e6f-9a8b-0c1d2e3f2011", Warning, "Cluster replication error",
+    alarm!(20011, "ca05e0a1-0000-4000-8000-000000020011", Warning, "Cluster replication error",
         "Cluster replication error: this peer's configuration conflicts with the primary's configuration, manual synchronization of configuration is required",
         "Run 'xcommand ForceConfigUpdate' on this peer"),
-    alarm!(20012, "8f3b0d4a-5c6e-4f7a-8b9c-1d2e3f4a2012", Warning, "Cluster replication error",
+    alarm!(20012, "ca05e0a1-0000-4000-8000-000000020012", Warning, "Cluster replication error",
         "Cluster replication error: the cluster settings of this peer and a peer it talks to differ (the peer and the setting are named in the reason), manual synchronization of configuration is required",
         "Make the setting named in the reason the same on both peers: change it on the one that differs from the rest of the cluster"),
-    alarm!(20014, "9a4c1e5b-6d7f-4a8b-9c0d-2e3f4a5b2014", Warning, "Cluster replication error",
+    alarm!(20014, "ca05e0a1-0000-4000-8000-000000020014", Warning, "Cluster replication error",
         "Cluster replication error: the primary or this subordinate peer's configuration file was not found, manual synchronization of configuration is required",
         "Run 'xcommand ForceConfigUpdate' on this peer"),
-    alarm!(20015, "0b5d2f6c-7e8a-4b9c-8d1e-3f4a5b6c2015", Warning, "Cluster replication error",
+    alarm!(20015, "ca05e0a1-0000-4000-8000-000000020015", Warning, "Cluster replication error",
         "Cluster replication error: this peer is not in the peer list, manual synchronization of configuration is required",
         "Add this system's address to the peer list on every peer"),
-    alarm!(20016, "1c6e3a7d-8f9b-4c0d-9e2f-4a5b6c7d2016", Warning, "Cluster replication error",
+    alarm!(20016, "ca05e0a1-0000-4000-8000-000000020016", Warning, "Cluster replication error",
         "Cluster replication error: the configuration primary peer is unreachable",
         "Bring the configuration primary back, or make another peer the primary"),
-    alarm!(20017, "2d7f4b8e-9a0c-4d1e-8f3a-5b6c7d8e2017", Warning, "Cluster replication error",
+    alarm!(20017, "ca05e0a1-0000-4000-8000-000000020017", Warning, "Cluster replication error",
         "Cluster replication error: the configuration primary ID is inconsistent, manual synchronization of configuration is required",
         "Set the same configuration primary on every peer"),
-    alarm!(20019, "3e8a5c9f-0b1d-4e2f-9a4b-6c7d8e9f2019", Warning, "Cluster name not configured",
+    alarm!(20019, "ca05e0a1-0000-4000-8000-000000020019", Warning, "Cluster name not configured",
         "Cluster name not configured: a cluster name (FQDN for provisioning) is required",
         "Set the cluster name on the configuration primary"),
-    alarm!(20021, "4f9b6d0a-1c2e-4f3a-8b5c-7d8e9f0a2021", Warning, "Cluster communication failure",
+    alarm!(20021, "ca05e0a1-0000-4000-8000-000000020021", Warning, "Cluster communication failure",
         "Cluster communication failure: the system is unable to open a TCP connection to one or more cluster peers on the cluster ports",
         "Check that the peer is running, and that no firewall blocks the cluster port between the peers"),
-    alarm!(20024, "5a0c7e1b-2d3f-4a4b-9c6d-8e9f0a1b2024", Error, "Cluster configuration inconsistent",
+    alarm!(20024, "ca05e0a1-0000-4000-8000-000000020024", Error, "Cluster configuration inconsistent",
         "Cluster configuration inconsistent: rebuild required",
         "Restore this peer from a backup, or purge its cluster data and rejoin it"),
-    alarm!(20025, "6b1d8f2c-3e4a-4b5c-8d7e-9f0a1b2c2025", Critical, "Database failure",
+    alarm!(20025, "ca05e0a1-0000-4000-8000-000000020025", Critical, "Database failure",
         "Failed to synchronise the database on a node",
         "Take a snapshot, remove the peer from the cluster, restore it from backup and rejoin it"),
-    alarm!(21001, "7c2e9a3d-4f5b-4c6d-9e8f-0a1b2c3d1001", Warning, "Cluster peer round trip delay high",
+    alarm!(21001, "ca05e0a1-0000-4000-8000-000000021001", Warning, "Cluster peer round trip delay high",
         "Cluster peer round trip delay high: the round trip time to one or more peers is above 80 ms",
         "Move the peers closer together in the network; clustering supports at most 80 ms round trip"),
-    alarm!(21002, "8d3f0b4e-5a6c-4d7e-8f9a-1b2c3d4e1002", Warning, "Cluster software version mismatch",
+    alarm!(21002, "ca05e0a1-0000-4000-8000-000000021002", Warning, "Cluster software version mismatch",
         "Cluster software version mismatch: one or more peers run a different software version and are refused",
         "Upgrade every peer to the same software version"),
-    alarm!(21003, "9e4a1c5f-6b7d-4e8f-9a0b-2c3d4e5f1003", Warning, "Cluster clock skew",
+    alarm!(21003, "ca05e0a1-0000-4000-8000-000000021003", Warning, "Cluster clock skew",
         "Cluster clock skew: the clock of one or more peers differs from this system's clock",
         "Configure the same NTP servers on every peer"),
-    alarm!(21004, "0f5b2d6a-7c8e-4f9a-8b1c-3d4e5f6a1004", Warning, "Invalid cluster peer certificate",
+    alarm!(21004, "ca05e0a1-0000-4000-8000-000000021004", Warning, "Invalid cluster peer certificate",
         "Invalid cluster peer certificate: the certificate of one or more peers does not match their peer address or is not trusted",
         "Issue the peer a certificate whose CN or SAN is its peer address, signed by the cluster's CA"),
-    alarm!(21005, "a97c6d57-6fa1-4f3a-b0b0-26220544dec5", Warning, "Failed to update key file",
+    alarm!(21005, "ca05e0a1-0000-4000-8000-000000021005", Warning, "Failed to update key file",
         "Failed to update key file: the system key that encrypts this peer's secrets at rest could not be created or changed",
         "Run 'xcommand ForceSystemKeyUpdate' on this peer"),
 ];
@@ -126,6 +153,17 @@ static REGISTERED: std::sync::RwLock<Vec<&'static [AlarmType]>> =
 /// Adds a service's alarm types. Registering the same list again changes nothing; an ID
 /// already taken by another type is refused with the ID named.
 pub fn register(alarms: &'static [AlarmType]) -> Result<(), String> {
+    if let Some(bad) = alarms
+        .iter()
+        .find(|a| !a.uuid_is_seeds() && !a.uuid_is_ours())
+    {
+        return Err(format!(
+            "alarm {} has UUID {}: only the seed's quoted UUIDs look like that; ours are {}",
+            bad.id,
+            bad.uuid,
+            our_uuid(bad.id)
+        ));
+    }
     let mut registered = REGISTERED.write().unwrap_or_else(|p| p.into_inner());
     if registered.iter().any(|r| std::ptr::eq(*r, alarms)) {
         return Ok(());
@@ -186,6 +224,32 @@ mod tests {
             a.detail
         );
         assert!(a.detail.contains("named in the reason"), "{}", a.detail);
+    }
+
+    /// Only the three UUIDs the seed quotes look like the seed's; every other one is ours,
+    /// in a form that says so, and a service registering another form is refused.
+    #[test]
+    fn uuids_are_the_seeds_quoted_ones_or_visibly_ours() {
+        let seeds: Vec<u32> = CATALOGUE
+            .iter()
+            .filter(|a| a.uuid_is_seeds())
+            .map(|a| a.id)
+            .collect();
+        assert_eq!(seeds, [20004, 20006, 20007]);
+        for a in CATALOGUE.iter().filter(|a| !a.uuid_is_seeds()) {
+            assert!(a.uuid_is_ours(), "alarm {}: {}", a.id, a.uuid);
+        }
+        static MADE_UP: &[AlarmType] = &[alarm!(
+            39999,
+            "8f3c3c0e-2a57-4f0e-9d0b-3c1a1f6a2003",
+            Warning,
+            "t",
+            "d",
+            "a"
+        )];
+        assert!(register(MADE_UP)
+            .unwrap_err()
+            .contains("ca05e0a1-0000-4000-8000-000000039999"));
     }
 
     #[test]
