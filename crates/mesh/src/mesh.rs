@@ -233,8 +233,10 @@ async fn readdress_loop(shared: Arc<Shared>) {
             };
             let mut moved = None;
             shared.update(index, |slot| {
-                if slot.status.resolved != Some(ip) {
-                    moved = slot.status.resolved.replace(ip);
+                // Only a peer known at another address moves; one never resolved before
+                // just learns where it is.
+                moved = slot.status.resolved.replace(ip).filter(|was| *was != ip);
+                if moved.is_some() {
                     if let Some(session) = slot.session.as_ref() {
                         session.stop.cancel();
                     }
@@ -763,8 +765,20 @@ async fn accept_hello(shared: &Shared, mut link: Link) -> Option<(usize, Link, H
                     .is_valid());
         if vouched {
             shared.note_refused_hello(index, &theirs);
-            // Our hello first, so the dialler finds the difference itself and shows what
-            // this system is (its version above all), not only our words for it.
+        }
+        // Our hello first, so the dialler finds the difference itself and shows what this
+        // system is (its version above all), not only our words for it. Only for a setting
+        // both sides compare alike: a peer-list entry may resolve here and not there, and a
+        // dialler that accepted our hello would count the link Active until the refusal.
+        let symmetric = matches!(
+            refusal.field,
+            RefuseField::ProtocolVersion
+                | RefuseField::ClusterName
+                | RefuseField::SoftwareVersion
+                | RefuseField::IpVersion
+                | RefuseField::TlsMode
+        );
+        if vouched && symmetric {
             let _ = link.tx.send(Message::Hello(ours.clone()).encode()).await;
         }
         let _ = link.tx.send(shared.refuse_frame(&refusal)).await;

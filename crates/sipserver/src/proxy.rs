@@ -957,6 +957,14 @@ impl SipService {
                     } else {
                         (interval * 2).min(T2)
                     };
+                    // Timer B/F run from the start, not from the last retransmission: wake
+                    // at the deadline if it comes first (after 0.5+1+…+16 s, the next
+                    // doubled wait would end at 63.5 s, not 32 s).
+                    interval = interval.min(
+                        limit
+                            .saturating_sub(elapsed)
+                            .max(Duration::from_millis(1)),
+                    );
                 }
             }
         }

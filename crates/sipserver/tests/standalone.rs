@@ -456,6 +456,49 @@ async fn a_request_to_the_second_address_is_answered_and_forwarded_from_it() {
     assert_eq!(callee.recv().await.method(), Some("INVITE"));
 }
 
+/// A callee that never answers (not even 100 Trying): the proxy retransmits the INVITE
+/// (timer A) and, after timer B (64·T1 = 32 s), answers the caller 408 itself (RFC 3261
+/// §16.7 step 5 / §17.1.1.2). Real time: the transport threads do not follow a paused clock.
+#[tokio::test]
+async fn a_caller_gets_408_after_timer_b_when_the_callee_never_answers() {
+    let s = solo(66).await;
+    let caller = Ep::new("127.0.66.10", s.addr).await;
+    let silent = Ep::new("127.0.66.11", s.addr).await;
+    let contact = format!("<sip:quiet@{}>", silent.addr());
+    silent
+        .send(&register("quiet", "r66", 1, &[&contact], ""))
+        .await;
+    assert_eq!(silent.recv().await.status(), Some(200));
+    let started = std::time::Instant::now();
+    caller.send(&invite("quiet", "timerb1")).await;
+    assert_eq!(caller.recv().await.status(), Some(100));
+    // The INVITE reaches the callee, and again (timer A) while it stays silent.
+    assert_eq!(silent.recv().await.method(), Some("INVITE"));
+    assert_eq!(silent.recv().await.method(), Some("INVITE"));
+    let mut buf = vec![0u8; 65_536];
+    let final_answer = loop {
+        let (n, _) = tokio::time::timeout(Duration::from_secs(40), caller.sock.recv_from(&mut buf))
+            .await
+            .expect("an answer within 40 s")
+            .unwrap();
+        let m = Message::parse(
+            Bytes::copy_from_slice(&buf[..n]),
+            Transport::Datagram,
+            &Limits::default(),
+        )
+        .unwrap();
+        if m.status() != Some(100) {
+            break m;
+        }
+    };
+    assert_eq!(final_answer.status(), Some(408));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(31),
+        "408 only once timer B has run: {waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn cancel_reaches_every_ringing_branch_and_the_caller_gets_487() {
     let s = solo(63).await;
