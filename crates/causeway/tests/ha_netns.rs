@@ -1130,3 +1130,42 @@ fn with_the_cluster_as_witness_every_other_peer_votes_and_the_secondary_takes_ov
     });
     assert_eq!(lab.status(S, 0)["state"], "FAILOVER_ACTIVE");
 }
+
+/// Another machine on the link claims the virtual IP while the primary holds it (an address
+/// added by hand, a host outside the pair): the primary says so (21026, naming the MAC),
+/// keeps the address, and the alarm names what to do.
+#[test]
+fn a_host_outside_the_pair_claiming_the_virtual_ip_raises_21026_on_the_holder() {
+    let lab = Lab::up('s', 69, &[]);
+    assert!(lab.has_vip(P, &lab.vip()));
+    let ns = std::fs::File::open(format!("/run/netns/{}-c", lab.prefix)).unwrap();
+    let vip: std::net::Ipv4Addr = lab.vip().parse().unwrap();
+    let claimant = std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let socket = causeway_ha::arp::ArpSocket::open("eth0").unwrap();
+        let frame = causeway_ha::arp::garp_request(socket.mac, vip);
+        for _ in 0..5 {
+            socket.send(&frame).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        causeway_ha::arp::mac_text(socket.mac)
+    })
+    .join()
+    .unwrap();
+    // This node's own alarm 21026, with its reason.
+    let raised_21026 = |n: Node| {
+        let out = lab.cli(n, &["xstatus", "alarms", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["active"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["id"] == 21026))
+            .map(|a| a["reason"].as_str().unwrap_or("").to_string())
+    };
+    wait_for(
+        "21026 on the primary naming the MAC",
+        Duration::from_secs(5),
+        || raised_21026(P).is_some_and(|r| r.contains(&claimant)),
+    );
+    assert!(lab.has_vip(P, &lab.vip()), "the holder keeps the address");
+    assert_eq!(raised_21026(S), None, "only the holder watches");
+}

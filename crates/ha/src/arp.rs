@@ -97,6 +97,21 @@ pub fn parse_arp(frame: &[u8]) -> Option<(u16, [u8; 6], Ipv4Addr, Ipv4Addr)> {
     Some((op, mac, spa, tpa))
 }
 
+/// If `frame` is an ARP packet in which another host (a MAC that is not `ours`) says it
+/// has `ip` (the sender address), that MAC. Requests asking for `ip` are not claims.
+pub fn claims_from_another(frame: &[u8], ip: Ipv4Addr, ours: [u8; 6]) -> Option<[u8; 6]> {
+    let (_, mac, sender, _) = parse_arp(frame)?;
+    (sender == ip && mac != ours).then_some(mac)
+}
+
+/// `02:00:5e:00:01:0a`
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// A packet socket bound to one interface, for ARP frames.
 pub struct ArpSocket {
     fd: OwnedFd,
@@ -253,6 +268,28 @@ fn read_mac(fd: &OwnedFd, interface: &str) -> std::io::Result<[u8; 6]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_is_an_arp_frame_naming_the_address_as_its_sender_from_another_mac() {
+        let vip = Ipv4Addr::new(198, 18, 0, 10);
+        let (ours, theirs) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        assert_eq!(
+            claims_from_another(&garp_request(ours, vip), vip, ours),
+            None
+        );
+        assert_eq!(
+            claims_from_another(&garp_request(theirs, vip), vip, ours),
+            Some(theirs)
+        );
+        // A frame about another address is not a claim on ours.
+        let other = Ipv4Addr::new(198, 18, 0, 11);
+        assert_eq!(
+            claims_from_another(&garp_request(theirs, other), vip, ours),
+            None
+        );
+        assert_eq!(claims_from_another(&[0u8; 20], vip, ours), None);
+        assert_eq!(mac_text(theirs), "02:00:00:00:00:02");
+    }
 
     #[test]
     fn a_gratuitous_arp_request_byte_for_byte() {

@@ -8,6 +8,7 @@ pub const NO_WITNESS: u32 = 21022;
 pub const WITNESS_UNREACHABLE: u32 = 21023;
 pub const REPLICATION_BEHIND: u32 = 21024;
 pub const TWO_HOLDERS: u32 = 21025;
+pub const ADDRESS_CONFLICT: u32 = 21026;
 pub const CANNOT_MOVE: u32 = 21027;
 pub const PAIRING_REFUSED: u32 = 21028;
 pub const MANUAL_FAILOVER: u32 = 21029;
@@ -31,6 +32,9 @@ pub static ALARMS: &[AlarmType] = &[
     alarm!(21025, "ca05e0a1-0000-4000-8000-000000021025", Critical, "HA virtual IP held by two nodes",
         "HA virtual IP held by two nodes: both members of the pair report the virtual IP on an interface",
         "Check for an address added by hand ('ip address show'); the member without the lease removes it by itself"),
+    alarm!(21026, "ca05e0a1-0000-4000-8000-000000021026", Error, "HA virtual IP in use by another host",
+        "HA virtual IP in use by another host: while this node holds the virtual IP, another machine on the link claims it in ARP",
+        "Find the host with the MAC address named in the reason and remove the address from it: clients may be reaching it instead of the pair. The alarm clears 30 s after the last claim"),
     alarm!(21027, "ca05e0a1-0000-4000-8000-000000021027", Error, "HA virtual IP cannot be moved",
         "HA virtual IP cannot be moved: adding or removing the address failed, or the address keeper cannot run",
         "Run the node as root (or grant CAP_NET_ADMIN and CAP_NET_RAW) and check the health-monitor interface"),

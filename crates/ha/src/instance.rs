@@ -70,6 +70,8 @@ const FAILBACK_LIMIT: Duration = Duration::from_secs(5);
 const EVENTS_KEPT: usize = 1000;
 /// A member not in sync with a reachable holder for this long raises 21024.
 const BEHIND_ALARM: Duration = Duration::from_secs(10);
+/// 21026 clears this long after the last claim by another host.
+const CONFLICT_QUIET: Duration = Duration::from_secs(30);
 
 /// One line of the events log (the seed's Prime page).
 #[derive(Clone, Debug, Serialize)]
@@ -119,6 +121,8 @@ struct Shared {
     held_once: bool,
     /// The generation `on_promote` last ran for.
     promoted_at: Option<u64>,
+    /// When another host last claimed the address while this node held it (21026).
+    conflict_at: Option<Instant>,
 }
 
 /// The copy of the holder's files on the member that does not hold (HA-3).
@@ -244,6 +248,7 @@ impl Instance {
                 sync: Sync::default(),
                 held_once: false,
                 promoted_at: None,
+                conflict_at: None,
             }),
             wake: Notify::new(),
             started: Instant::now(),
@@ -676,6 +681,13 @@ impl Instance {
             }
             let both =
                 sh.vip_at.is_some() && sh.beats.get(&p).is_some_and(|b| b.up && b.vip_at.is_some());
+            if sh
+                .conflict_at
+                .is_some_and(|t| t.elapsed() >= CONFLICT_QUIET)
+            {
+                sh.conflict_at = None;
+                self.alarms.lower(ADDRESS_CONFLICT, &subject);
+            }
             if both {
                 self.alarms.raise(
                     TWO_HOLDERS,
@@ -1094,6 +1106,22 @@ impl Instance {
                 }
             }
             Report::Announced { .. } => {}
+            Report::Conflict { mac } => {
+                let vip = self
+                    .vip()
+                    .map(|v| v.address.to_string())
+                    .unwrap_or_default();
+                if sh.conflict_at.is_none() {
+                    warn!(target: LOG, event = "HA virtual IP in use by another host", pair = self.pair(),
+                        vip = %vip, mac = %mac, "");
+                }
+                sh.conflict_at = Some(Instant::now());
+                self.alarms.raise(
+                    ADDRESS_CONFLICT,
+                    &subject,
+                    &format!("the host with MAC {mac} claims {vip}, which this node holds"),
+                );
+            }
         }
     }
 

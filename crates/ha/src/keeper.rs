@@ -42,6 +42,8 @@ pub enum Report {
     Failed { reason: String },
     /// Gratuitous ARP frames sent since the last add.
     Announced { frames: u32 },
+    /// While this node held the address, another host (`mac`) claimed it in an ARP frame.
+    Conflict { mac: String },
 }
 
 /// Now on CLOCK_MONOTONIC, in nanoseconds: the clock both processes share.
@@ -172,6 +174,9 @@ async fn keep(vip: Vip) -> i32 {
         }
     });
 
+    let mut conflicts = watch_for_conflicts(&vip);
+    // The last conflict reported, per MAC: one report a second at most.
+    let mut reported: Option<(String, tokio::time::Instant)> = None;
     let mut highest = 0u64;
     // The generation the address is held at, and the monotonic deadline.
     let mut held: Option<(u64, u64)> = None;
@@ -239,6 +244,17 @@ async fn keep(vip: Vip) -> i32 {
             Some(frames) = garp_rx.recv() => {
                 say(&mut out, &Report::Announced { frames }).await;
             }
+            Some(mac) = conflicts.recv() => {
+                // Another host claiming the address matters only while it is ours; before,
+                // the claimant is the pair peer that held it.
+                let repeat = reported.as_ref().is_some_and(|(m, at)| {
+                    *m == mac && at.elapsed() < Duration::from_secs(1)
+                });
+                if held.is_some() && !repeat {
+                    reported = Some((mac.clone(), tokio::time::Instant::now()));
+                    say(&mut out, &Report::Conflict { mac }).await;
+                }
+            }
             _ = tokio::time::sleep(sleep), if held.is_some() => {
                 if held.is_some_and(|(_, until)| until <= monotonic_ns()) {
                     let (generation, _) = held.take().unwrap_or_default();
@@ -253,6 +269,37 @@ async fn keep(vip: Vip) -> i32 {
             }
         }
     }
+}
+
+/// Watches the link for ARP frames that claim the address from another MAC (docs/ha.md,
+/// 21026), on a thread of its own (a blocking packet socket), for the keeper's life. IPv4
+/// only: IPv6 duplicate-address detection is the kernel's.
+fn watch_for_conflicts(vip: &Vip) -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let IpAddr::V4(ip) = vip.address else {
+        return rx;
+    };
+    let socket = match crate::arp::ArpSocket::open(&vip.interface) {
+        Ok(s) => s,
+        Err(_) => return rx,
+    };
+    let _ = std::thread::Builder::new()
+        .name("ha-arp-watch".into())
+        .spawn(move || {
+            let _ = socket.set_read_timeout(Duration::from_millis(500));
+            let mut buf = [0u8; 1600];
+            while !tx.is_closed() {
+                let Ok(n) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                if let Some(mac) = crate::arp::claims_from_another(&buf[..n], ip, socket.mac) {
+                    if tx.send(crate::arp::mac_text(mac)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    rx
 }
 
 /// Gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6) on the schedule of

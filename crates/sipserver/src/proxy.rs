@@ -960,11 +960,8 @@ impl SipService {
                     // Timer B/F run from the start, not from the last retransmission: wake
                     // at the deadline if it comes first (after 0.5+1+…+16 s, the next
                     // doubled wait would end at 63.5 s, not 32 s).
-                    interval = interval.min(
-                        limit
-                            .saturating_sub(elapsed)
-                            .max(Duration::from_millis(1)),
-                    );
+                    interval =
+                        interval.min(limit.saturating_sub(elapsed).max(Duration::from_millis(1)));
                 }
             }
         }
