@@ -744,6 +744,16 @@ fn one_secondary_for_two_primaries_takes_over_only_the_failed_primarys_address()
     assert!(lab.refused(S, &["ha", "switchover"]).contains("--pair"));
 }
 
+/// The reason of alarm `id` if node `n` has it raised itself (not another peer's copy).
+fn own_alarm_reason(lab: &Lab, n: Node, id: u32) -> Option<String> {
+    let out = lab.cli(n, &["xstatus", "alarms", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v["active"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["id"] == id))
+        .map(|a| a["reason"].as_str().unwrap_or("").to_string())
+}
+
 fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !ok() {
@@ -775,14 +785,7 @@ fn the_secondary_keeps_a_copy_of_the_primarys_files_and_the_primary_takes_back_w
     // A file over the 256 MiB cap is named in 21024, never skipped in silence.
     let huge = std::fs::File::create(pf.join("huge.iso")).unwrap();
     huge.set_len((256 << 20) + 1).unwrap();
-    let raised_21024 = || {
-        let out = lab.cli(S, &["xstatus", "alarms", "--json"]);
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        v["active"]
-            .as_array()
-            .and_then(|a| a.iter().find(|a| a["id"] == 21024))
-            .map(|a| a["reason"].as_str().unwrap_or("").to_string())
-    };
+    let raised_21024 = || own_alarm_reason(&lab, S, 21024);
     wait_for("21024 naming the file", Duration::from_secs(5), || {
         raised_21024().is_some_and(|r| r.contains("huge.iso"))
     });
@@ -1152,15 +1155,7 @@ fn a_host_outside_the_pair_claiming_the_virtual_ip_raises_21026_on_the_holder() 
     })
     .join()
     .unwrap();
-    // This node's own alarm 21026, with its reason.
-    let raised_21026 = |n: Node| {
-        let out = lab.cli(n, &["xstatus", "alarms", "--json"]);
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        v["active"]
-            .as_array()
-            .and_then(|a| a.iter().find(|a| a["id"] == 21026))
-            .map(|a| a["reason"].as_str().unwrap_or("").to_string())
-    };
+    let raised_21026 = |n: Node| own_alarm_reason(&lab, n, 21026);
     wait_for(
         "21026 on the primary naming the MAC",
         Duration::from_secs(5),

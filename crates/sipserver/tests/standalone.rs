@@ -118,10 +118,15 @@ impl Ep {
 
     /// The next message and the address it came from.
     async fn recv_from(&self) -> (Message, SocketAddr) {
+        self.recv_within(Duration::from_secs(5)).await
+    }
+
+    /// The next message within `wait`, and the address it came from.
+    async fn recv_within(&self, wait: Duration) -> (Message, SocketAddr) {
         let mut buf = vec![0u8; 65_536];
-        let (n, from) = tokio::time::timeout(Duration::from_secs(5), self.sock.recv_from(&mut buf))
+        let (n, from) = tokio::time::timeout(wait, self.sock.recv_from(&mut buf))
             .await
-            .expect("no message within 5 s")
+            .unwrap_or_else(|_| panic!("no message within {wait:?}"))
             .unwrap();
         buf.truncate(n);
         let raw = Bytes::from(buf);
@@ -475,18 +480,8 @@ async fn a_caller_gets_408_after_timer_b_when_the_callee_never_answers() {
     // The INVITE reaches the callee, and again (timer A) while it stays silent.
     assert_eq!(silent.recv().await.method(), Some("INVITE"));
     assert_eq!(silent.recv().await.method(), Some("INVITE"));
-    let mut buf = vec![0u8; 65_536];
     let final_answer = loop {
-        let (n, _) = tokio::time::timeout(Duration::from_secs(40), caller.sock.recv_from(&mut buf))
-            .await
-            .expect("an answer within 40 s")
-            .unwrap();
-        let m = Message::parse(
-            Bytes::copy_from_slice(&buf[..n]),
-            Transport::Datagram,
-            &Limits::default(),
-        )
-        .unwrap();
+        let (m, _) = caller.recv_within(Duration::from_secs(40)).await;
         if m.status() != Some(100) {
             break m;
         }
