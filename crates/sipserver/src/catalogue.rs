@@ -14,6 +14,9 @@ pub const AUTH_POLICIES: &[&str] = &[
     "Treat as authenticated",
 ];
 
+/// How a neighbour zone is reached.
+pub const ZONE_TRANSPORTS: &[&str] = &["UDP", "TCP", "TLS"];
+
 pub static ITEMS: &[ItemDef] = &[
     ItemDef {
         path: "sip.domains",
@@ -86,10 +89,17 @@ pub static ITEMS: &[ItemDef] = &[
         default: "",
     },
     ItemDef {
+        path: "zones.<name>.transport",
+        kind: Kind::Choice(ZONE_TRANSPORTS),
+        restart: false,
+        about: "how a neighbour zone is reached: UDP, TCP or TLS (unset: UDP)",
+        default: "",
+    },
+    ItemDef {
         path: "routing.rules.<name>",
         kind: Kind::Rule,
         restart: false,
-        about: "a search rule: destination pattern and target zone",
+        about: "a search rule: destination pattern (user, or user@host; a trailing * for a prefix) and target zone; applied in name order (numbers as numbers) to requests no binding of this cluster takes",
         default: "",
     },
     ItemDef {

@@ -14,6 +14,7 @@ mod proxy;
 mod registrar;
 mod relay;
 mod respond;
+pub mod routing;
 mod service;
 pub mod status;
 pub mod transport;

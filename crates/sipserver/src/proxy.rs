@@ -17,7 +17,7 @@ use causeway_common::time::unix_ms_now;
 use causeway_sip::build::{self, Edit};
 use causeway_sip::{HeaderKind, Message, NameAddr, SipUri, Via};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::service::{AuthPolicy, SipService, LOG};
 use crate::transport::{Incoming, Proto, Source, Target};
@@ -351,45 +351,61 @@ impl SipService {
             let aor = self.canonical_aor(&uri);
             let bindings = self.location.lookup(&aor, unix_ms_now());
             if bindings.is_empty() {
-                // To an unauthenticated requester, an unknown user and a known one with no
-                // binding look alike: a scanner cannot list the users.
-                let user = uri.user.as_deref().unwrap_or("");
-                if !authenticated || self.config().users.contains_key(user) {
-                    self.respond(&msg, &source, 480, "Temporarily Unavailable", &[]);
-                } else {
-                    self.respond(&msg, &source, 404, "Not Found", &[]);
+                // The cluster's own registrations first; then the search rules.
+                match self.zone_hop(&uri).await {
+                    Some(hop) => vec![hop],
+                    None => {
+                        // To an unauthenticated requester, an unknown user and a known one
+                        // with no binding look alike: a scanner cannot list the users.
+                        let user = uri.user.as_deref().unwrap_or("");
+                        if !authenticated || self.config().users.contains_key(user) {
+                            self.respond(&msg, &source, 480, "Temporarily Unavailable", &[]);
+                        } else {
+                            self.respond(&msg, &source, 404, "Not Found", &[]);
+                        }
+                        return;
+                    }
                 }
-                return;
-            }
-            // RFC 5626 §5.3: the flows of one instance (same +sip.instance, other reg-id)
-            // are ways to reach one device, not devices to fork to: the most recently
-            // registered flow that can be used carries the request.
-            let mut hops: Vec<Hop> = Vec::new();
-            let mut newest: HashMap<&str, (u64, usize)> = HashMap::new();
-            for b in &bindings {
-                let Some(hop) = self.binding_hop(b, flow) else {
-                    continue;
-                };
-                let Some(instance) = b.instance.as_deref() else {
-                    hops.push(hop);
-                    continue;
-                };
-                match newest.get_mut(instance) {
-                    Some((at, i)) => {
-                        if b.registered_at_ms > *at {
-                            *at = b.registered_at_ms;
-                            hops[*i] = hop;
+            } else {
+                // RFC 5626 §5.3: the flows of one instance (same +sip.instance, other
+                // reg-id) are ways to reach one device, not devices to fork to: the most
+                // recently registered flow that can be used carries the request.
+                let mut hops: Vec<Hop> = Vec::new();
+                let mut newest: HashMap<&str, (u64, usize)> = HashMap::new();
+                for b in &bindings {
+                    let Some(hop) = self.binding_hop(b, flow) else {
+                        continue;
+                    };
+                    let Some(instance) = b.instance.as_deref() else {
+                        hops.push(hop);
+                        continue;
+                    };
+                    match newest.get_mut(instance) {
+                        Some((at, i)) => {
+                            if b.registered_at_ms > *at {
+                                *at = b.registered_at_ms;
+                                hops[*i] = hop;
+                            }
+                        }
+                        None => {
+                            newest.insert(instance, (b.registered_at_ms, hops.len()));
+                            hops.push(hop);
                         }
                     }
-                    None => {
-                        newest.insert(instance, (b.registered_at_ms, hops.len()));
-                        hops.push(hop);
-                    }
                 }
+                hops
             }
-            hops
         } else if !may_leave {
-            return refuse_relay();
+            // Beyond the cluster's domains only where a search rule sends it (a request
+            // with Routes of others' is not ours to route).
+            let zone = match remaining_routes {
+                0 => self.zone_hop(&uri).await,
+                _ => None,
+            };
+            match zone {
+                Some(hop) => vec![hop],
+                None => return refuse_relay(),
+            }
         } else {
             // Loose routing to the next Route (the Request-URI stays), or to the Request-URI.
             match next_hop(&routes, popped, msg.uri()) {
@@ -544,6 +560,37 @@ impl SipService {
             SocketAddr::new(local, self.transports.port(proto)),
             proto.name().to_ascii_lowercase()
         )
+    }
+
+    /// Where the search rules send a request for `uri` that no binding of this cluster
+    /// takes: the first matching rule's zone, its address resolved now (an IP, or a name
+    /// through the system's resolver). None: no rule takes it, or its zone's name does not
+    /// resolve (logged).
+    async fn zone_hop(&self, uri: &SipUri) -> Option<Hop> {
+        let config = self.config();
+        let (rule, zone) = config
+            .routing
+            .route(uri.user.as_deref().unwrap_or(""), &uri.host)?;
+        let proto = zone.proto.unwrap_or(Proto::Udp);
+        let addr = match zone.address.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => match tokio::net::lookup_host(zone.address.as_str()).await {
+                Ok(mut found) => found.next()?,
+                Err(e) => {
+                    warn!(target: LOG, rule = %rule.name, zone = %rule.zone, address = %zone.address,
+                        reason = %e, "Search rule target does not resolve");
+                    return None;
+                }
+            },
+        };
+        debug!(target: LOG, rule = %rule.name, zone = %rule.zone, dst = %addr,
+            "Search rule matched");
+        Some(Hop::direct(Target {
+            proto,
+            addr,
+            conn: None,
+            local: None,
+        }))
     }
 
     /// How to reach one binding from this peer.

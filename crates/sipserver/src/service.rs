@@ -58,6 +58,8 @@ pub(crate) struct SipConfig {
     pub auth_policy: AuthPolicy,
     /// Neighbour zones with a policy of their own, by the IP of their address.
     pub zone_policies: HashMap<IpAddr, (String, AuthPolicy)>,
+    /// Search rules and the zones they send to.
+    pub routing: crate::routing::Routing,
 }
 
 impl SipConfig {
@@ -124,7 +126,7 @@ impl Observer for Watcher {
         let Some(svc) = self.0.upgrade() else { return };
         if *stream == config_stream() {
             if applied.iter().any(|a| {
-                ["sip.", "limits.", "zones."]
+                ["sip.", "limits.", "zones.", "routing."]
                     .iter()
                     .any(|p| a.key.starts_with(p))
             }) {
@@ -250,7 +252,14 @@ impl SipService {
 
     pub(crate) fn reload_config(&self) {
         let entries = self.node.replication().entries(&config_stream());
-        let mut c = SipConfig::default();
+        let mut c = SipConfig {
+            routing: crate::routing::Routing::from_items(
+                entries
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.as_str(), std::str::from_utf8(v).ok()?))),
+            ),
+            ..SipConfig::default()
+        };
         // zone → (address, policy), matched up once every item is read.
         let mut zones: HashMap<String, (Option<String>, Option<AuthPolicy>)> = HashMap::new();
         for (key, value) in entries {

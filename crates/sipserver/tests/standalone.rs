@@ -494,6 +494,58 @@ async fn a_caller_gets_408_after_timer_b_when_the_callee_never_answers() {
     );
 }
 
+/// Search rules send what no binding of this cluster takes to a neighbour zone: a number
+/// of the cluster's own domain, and another domain's address a rule names. What no rule
+/// takes is still 480 (own domain) or 403 (another domain: not an open relay).
+#[tokio::test]
+async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
+    let s = solo(67).await;
+    let neighbour = Ep::new("127.0.67.20", s.addr).await;
+    for (path, value) in [
+        ("routing.rules.10", "+4420* london".to_string()),
+        (
+            "routing.rules.20",
+            "carol@partner.example london".to_string(),
+        ),
+        ("zones.london.address", neighbour.addr().to_string()),
+    ] {
+        s.node.set_configuration(path, Some(&value)).await.unwrap();
+    }
+    let caller = Ep::new("127.0.67.10", s.addr).await;
+    for (to, call) in [
+        ("+442071234567@test.example", "z1"),
+        ("carol@partner.example", "z2"),
+    ] {
+        let (user, host) = to.split_once('@').unwrap();
+        caller
+            .send(
+                &invite(user, call)
+                    .replace(&format!("{user}@test.example SIP"), &format!("{to} SIP")),
+            )
+            .await;
+        assert_eq!(caller.recv().await.status(), Some(100));
+        let (inv, from) = neighbour.recv_from().await;
+        assert_eq!(inv.method(), Some("INVITE"));
+        assert_eq!(from, s.addr, "through this cluster's proxy");
+        assert_eq!(inv.uri(), Some(format!("sip:{user}@{host}").as_str()));
+        neighbour
+            .send_bytes(&build::response(&inv, 200, "OK", Some("n"), &[]))
+            .await;
+        assert_eq!(caller.recv_final().await.status(), Some(200));
+    }
+    // No rule: the own domain's number is unavailable, another domain refused.
+    caller.send(&invite("+33155", "z3")).await;
+    assert_eq!(caller.recv_final().await.status(), Some(480));
+    caller
+        .send(&invite("dave", "z4").replace("dave@test.example SIP", "dave@partner.example SIP"))
+        .await;
+    assert_eq!(caller.recv_final().await.status(), Some(403));
+    assert!(
+        neighbour.quiet().await,
+        "nothing else reached the neighbour"
+    );
+}
+
 #[tokio::test]
 async fn cancel_reaches_every_ringing_branch_and_the_caller_gets_487() {
     let s = solo(63).await;
