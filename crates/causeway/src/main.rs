@@ -319,6 +319,10 @@ enum Xcommand {
     /// Make a new system key for this peer and reseal its stored values with it (EX-14).
     #[command(name = "ForceSystemKeyUpdate", alias = "forcesystemkeyupdate")]
     ForceSystemKeyUpdate,
+    /// Where a request for an alias (user@host, or a user of the cluster's domain) would go:
+    /// the local registrations, then each search rule, and where it ends. Sends nothing.
+    #[command(name = "Locate", alias = "locate")]
+    Locate { alias: String },
 }
 
 #[derive(Subcommand)]
@@ -462,6 +466,7 @@ fn main() -> ExitCode {
                 Xcommand::ResolvePeers => {
                     show::simple_command(&socket, "resolvepeers", "ResolvePeers")
                 }
+                Xcommand::Locate { alias } => show::locate(&socket, &alias),
             }
         }
         Command::Backup {

@@ -435,6 +435,29 @@ pub fn purge(data_dir: &Path, confirm: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `xcommand Locate <alias>`: the steps, then where it ends.
+pub fn locate(socket: &Path, alias: &str) -> anyhow::Result<()> {
+    let out = causeway_admin::client::post_json(
+        socket,
+        "/api/v1/command/locate",
+        &json!({ "alias": alias }),
+    )
+    .map_err(|e| {
+        if e.to_string().contains("404") {
+            anyhow::anyhow!("this node runs no SIP service: Locate needs a [sip] section")
+        } else {
+            e
+        }
+    })?;
+    let located: causeway_sipserver::status::Located = serde_json::from_value(out)?;
+    println!("Locate {}", located.alias);
+    for (i, step) in located.steps.iter().enumerate() {
+        println!("  {}. {step}", i + 1);
+    }
+    println!("{}", located.result);
+    Ok(())
+}
+
 /// A command whose answer is one line of text.
 pub fn simple_command(socket: &Path, route: &str, name: &str) -> anyhow::Result<()> {
     let out =

@@ -91,6 +91,29 @@ impl Routing {
         routing
     }
 
+    /// Each rule in priority order as it would be tried for `user` at `host`, one line each,
+    /// up to the one that takes it (`xcommand Locate`).
+    pub fn trace(&self, user: &str, host: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        for r in &self.rules {
+            let star = if r.prefix { "*" } else { "" };
+            let zone = self.zones.get(&r.zone).filter(|z| !z.address.is_empty());
+            let verdict = match (r.matches(user, host), zone) {
+                (false, _) => "does not match".to_string(),
+                (true, None) => format!("matches, but zone {} has no address", r.zone),
+                (true, Some(z)) => format!("matches: zone {} at {}", r.zone, z.address),
+            };
+            lines.push(format!(
+                "Search rule {} '{}{star}' to zone {}: {verdict}",
+                r.name, r.pattern, r.zone
+            ));
+            if verdict.starts_with("matches:") {
+                break;
+            }
+        }
+        lines
+    }
+
     /// The first rule, in priority order, that takes `user` at `host` and names a zone with
     /// an address; with that zone.
     pub fn route(&self, user: &str, host: &str) -> Option<(&SearchRule, &Zone)> {
@@ -133,6 +156,28 @@ mod tests {
             "exact, with its host"
         );
         assert!(r.route("alice", "example.com").is_none());
+    }
+
+    #[test]
+    fn the_trace_shows_every_rule_tried_up_to_the_one_that_takes_it() {
+        let r = routing(&[
+            ("routing.rules.1", "+1* nowhere"),
+            ("routing.rules.2", "+1555* us"),
+            ("routing.rules.3", "+1* us"),
+            ("zones.us.address", "198.18.1.30:5060"),
+        ]);
+        assert_eq!(
+            r.trace("+15551234", "x"),
+            [
+                "Search rule 1 '+1*' to zone nowhere: matches, but zone nowhere has no address",
+                "Search rule 2 '+1555*' to zone us: matches: zone us at 198.18.1.30:5060",
+            ]
+        );
+        assert_eq!(
+            r.trace("+44", "x").len(),
+            3,
+            "every rule tried, none took it"
+        );
     }
 
     #[test]

@@ -195,5 +195,78 @@ pub fn router(svc: Arc<SipService>) -> Router {
             "/api/v1/status/calls",
             get(|State(s): State<Arc<SipService>>| async move { Json(s.calls_status(ROWS)) }),
         )
+        .route(
+            "/api/v1/command/locate",
+            axum::routing::post(
+                |State(s): State<Arc<SipService>>, Json(req): Json<LocateRequest>| async move {
+                    Json(s.locate(&req.alias))
+                },
+            ),
+        )
         .with_state(svc)
+}
+
+#[derive(Deserialize)]
+pub struct LocateRequest {
+    pub alias: String,
+}
+
+/// `xcommand Locate`: the steps a request for an alias would go through, and where it ends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Located {
+    pub alias: String,
+    pub steps: Vec<String>,
+    pub result: String,
+}
+
+impl SipService {
+    /// Where a request for `alias` (`user@host`, or a user of the cluster's own domain) would
+    /// go from this peer: the cluster's own registrations first, then the search rules in
+    /// order. Nothing is sent.
+    pub fn locate(&self, alias: &str) -> Located {
+        let alias = alias.trim().trim_start_matches("sip:");
+        let (user, host) = match alias.split_once('@') {
+            Some((u, h)) => (u.to_string(), h.to_string()),
+            None => (alias.to_string(), self.realm()),
+        };
+        let mut steps = Vec::new();
+        let local = self.is_local_domain(&host);
+        if local {
+            let aor = causeway_sip::SipUri::parse(&format!("sip:{user}@{host}"))
+                .map(|uri| self.canonical_aor(&uri))
+                .unwrap_or_else(|_| format!("sip:{user}@{host}"));
+            let bindings = self.location.lookup(&aor, unix_ms_now());
+            steps.push(format!(
+                "Local registrations of {aor}: {} binding(s)",
+                bindings.len()
+            ));
+            if !bindings.is_empty() {
+                return Located {
+                    alias: alias.to_string(),
+                    steps,
+                    result: format!("Found: {} local binding(s) of {aor}", bindings.len()),
+                };
+            }
+        } else {
+            steps.push(format!("{host} is not a domain of this cluster"));
+        }
+        let config = self.config();
+        steps.extend(config.routing.trace(&user, &host));
+        let result = match config.routing.route(&user, &host) {
+            Some((rule, zone)) => format!(
+                "Found: search rule {} sends it to zone {} at {} ({})",
+                rule.name,
+                rule.zone,
+                zone.address,
+                zone.proto.unwrap_or(crate::Proto::Udp).name()
+            ),
+            None if local => "Not found: 480 Temporarily Unavailable (no binding, no search rule takes it)".into(),
+            None => "Not found: 403 Forbidden (not a domain of this cluster, and no search rule sends it anywhere)".into(),
+        };
+        Located {
+            alias: alias.to_string(),
+            steps,
+            result,
+        }
+    }
 }

@@ -544,6 +544,56 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
         neighbour.quiet().await,
         "nothing else reached the neighbour"
     );
+
+    // Locate shows the same path, sending nothing.
+    let london = s.svc.locate("+442071234567");
+    assert_eq!(
+        london.steps,
+        [
+            "Local registrations of sip:+442071234567@test.example: 0 binding(s)".to_string(),
+            format!(
+                "Search rule 10 '+4420*' to zone london: matches: zone london at {}",
+                neighbour.addr()
+            ),
+        ]
+    );
+    assert!(
+        london
+            .result
+            .starts_with("Found: search rule 10 sends it to zone london"),
+        "{}",
+        london.result
+    );
+    let partner = s.svc.locate("carol@partner.example");
+    assert_eq!(
+        partner.steps[0],
+        "partner.example is not a domain of this cluster"
+    );
+    assert!(partner.result.contains("rule 20"), "{}", partner.result);
+    let nowhere = s.svc.locate("dave@partner.example");
+    assert_eq!(
+        nowhere.steps.len(),
+        3,
+        "every rule tried: {:?}",
+        nowhere.steps
+    );
+    assert!(
+        nowhere.result.starts_with("Not found: 403"),
+        "{}",
+        nowhere.result
+    );
+    let registered = Ep::new("127.0.67.11", s.addr).await;
+    let contact = format!("<sip:+4420999@{}>", registered.addr());
+    registered
+        .send(&register("+4420999", "r67", 1, &[&contact], ""))
+        .await;
+    assert_eq!(registered.recv().await.status(), Some(200));
+    assert!(s
+        .svc
+        .locate("+4420999")
+        .result
+        .starts_with("Found: 1 local binding(s)"));
+    assert!(s.svc.locate("+33155").result.starts_with("Not found: 480"));
 }
 
 #[tokio::test]
