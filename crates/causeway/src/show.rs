@@ -39,6 +39,7 @@ pub fn render_cluster(s: &ClusterStatus) -> String {
     row(&mut out, "Configuration primary", &s.configuration_primary);
     row(&mut out, "TLS verification mode", &s.tls_verification);
     row(&mut out, "Cluster IP version", &s.ip_version);
+    row(&mut out, "Cluster port", &s.port);
     if let Some(problem) = &s.problem {
         let _ = writeln!(out, "\n! Invalid clustering configuration: {problem}");
     }

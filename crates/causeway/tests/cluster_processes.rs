@@ -19,9 +19,18 @@ fn three_processes_form_kill_9_raises_20004_and_a_restart_rejoins_by_itself() {
     wait_for(5, "20004 for peer 3 on both survivors", || {
         c.alarm_raised(1, 20004, &victim) && c.alarm_raised(2, 20004, &victim)
     });
+    // A clustered peer lost: 20004 with 20006, as in the seed.
+    wait_for(5, "20006 for peer 3", || c.alarm_raised(1, 20006, "Peer 3"));
     let (state, reason, _) = c.peer_state(1, 3).unwrap();
     assert_eq!(state, "Failed");
     assert!(!reason.is_empty());
+    assert_eq!(c.xstatus(1, "cluster").unwrap()["port"], 4372);
+    // The subordinate says where it stands soon after start, in the seed's words.
+    wait_for(10, "the subordinate's synchronisation line", || {
+        c.log(2).contains(
+            "This peer is not the cluster master, local configuration is already up to date",
+        )
+    });
     assert!(
         c.log(1).contains(
             "Event=\"Alarm Raised\" Id=\"20004\" UUID=\"3bca6888-f622-11df-93be-07cc953d7b99\""

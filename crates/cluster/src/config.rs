@@ -129,8 +129,11 @@ fn one() -> usize {
     1
 }
 
+/// The cluster port when `[cluster] port` is not set (the seed's TCP 4372).
+pub const DEFAULT_CLUSTER_PORT: u16 = 4372;
+
 fn cluster_port() -> u16 {
-    4372
+    DEFAULT_CLUSTER_PORT
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -139,6 +139,11 @@ impl KeyFiles {
     /// interrupted key change becomes the current key (the caller re-seals and finishes).
     /// Returns the keyring and whether a key change must be finished.
     pub fn load_or_create(&self) -> Result<(Keyring, bool), String> {
+        // A key being written when the process died is not a key yet (it is used only once
+        // renamed into place): what is left of it goes.
+        for path in [&self.current, &self.next] {
+            let _ = std::fs::remove_file(path.with_extension("tmp"));
+        }
         let read = |p: &Path| -> Result<Option<SystemKey>, String> {
             match std::fs::read(p) {
                 Ok(b) => SystemKey::from_bytes(&b)
@@ -208,6 +213,30 @@ fn write_new_key(path: &Path) -> Result<SystemKey, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_half_written_key_left_by_a_crash_is_removed_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = KeyFiles::in_dir(dir.path());
+        let (first, _) = files.load_or_create().unwrap();
+        let leftovers = [
+            files.current.with_extension("tmp"),
+            files.next.with_extension("tmp"),
+        ];
+        for p in &leftovers {
+            std::fs::write(p, b"half").unwrap();
+        }
+        let (again, pending) = files.load_or_create().unwrap();
+        assert_eq!(
+            again.current_id(),
+            first.current_id(),
+            "the key is unchanged"
+        );
+        assert!(!pending);
+        for p in &leftovers {
+            assert!(!p.exists(), "{} removed", p.display());
+        }
+    }
 
     #[test]
     fn sealed_values_open_with_the_same_or_an_older_key_only() {

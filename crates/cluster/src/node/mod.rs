@@ -63,6 +63,9 @@ pub struct ClusterStatus {
     pub configuration_primary: usize,
     pub tls_verification: TlsMode,
     pub ip_version: IpVersion,
+    /// The cluster port this peer listens on and dials (`[cluster] port`).
+    #[serde(default)]
+    pub port: u16,
     /// This system's peer number, when it is in the list once.
     pub this_peer: Option<usize>,
     /// Why this node is not clustering, when it is not.
@@ -299,6 +302,7 @@ impl Node {
             },
             tls_verification: c.tls_verification,
             ip_version: c.ip_version,
+            port: c.port,
             this_peer: self.mesh.as_ref().map(|m| m.settings().self_index),
             problem: self.config.membership_problem(),
             peers,
