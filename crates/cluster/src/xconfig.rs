@@ -224,14 +224,22 @@ pub fn canonical(path: &str, value: Option<&str>) -> Result<Option<String>, Stri
             v.to_string()
         }
         Kind::HostPort => {
-            let ok = v.rsplit_once(':').is_some_and(|(h, p)| {
-                let h = h.trim_start_matches('[').trim_end_matches(']');
-                valid_address(h) && p.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !ok {
-                return bad("is not host:port (for example sip.example.com:5061)");
+            // One address, or a few in order of preference, comma-separated.
+            let list: Vec<String> = v
+                .split(',')
+                .map(|a| a.trim().to_ascii_lowercase())
+                .filter(|a| !a.is_empty())
+                .collect();
+            let ok = |a: &str| {
+                a.rsplit_once(':').is_some_and(|(h, p)| {
+                    let h = h.trim_start_matches('[').trim_end_matches(']');
+                    valid_address(h) && p.parse::<u16>().is_ok_and(|p| p > 0)
+                })
+            };
+            if list.is_empty() || list.len() > 4 || !list.iter().all(|a| ok(a)) {
+                return bad("is not host:port, or up to 4 of them comma-separated (for example sip1.example.com:5061,sip2.example.com:5061)");
             }
-            v.to_ascii_lowercase()
+            list.join(",")
         }
         Kind::Rule => {
             let parts: Vec<&str> = v.split_whitespace().collect();
@@ -603,6 +611,15 @@ pub(crate) mod tests {
         assert!(canonical("routing.rules.10", Some("+44*20 london")).is_err());
         assert!(canonical("zones.london.address", Some("sip.example.com:5061")).is_ok());
         assert!(canonical("zones.london.address", Some("sip.example.com")).is_err());
+        assert_eq!(
+            canonical(
+                "zones.london.address",
+                Some(" A.example:5060 , 10.0.0.2:5060")
+            )
+            .unwrap(),
+            Some("a.example:5060,10.0.0.2:5060".into())
+        );
+        assert!(canonical("zones.london.address", Some("a:1,b:2,c:3,d:4,e:5")).is_err());
         assert!(canonical("zones.lon.don.address", Some("a:1")).is_err());
         assert_eq!(
             canonical(

@@ -122,6 +122,21 @@ fn server_key(via: &Via, method: &str) -> String {
     )
 }
 
+/// `host:port` to one address: an IP as it is, a name through the system's resolver
+/// (logged when it does not resolve).
+async fn resolve(address: &str) -> Option<SocketAddr> {
+    if let Ok(a) = address.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    match tokio::net::lookup_host(address).await {
+        Ok(mut found) => found.next(),
+        Err(e) => {
+            debug!(target: LOG, address = %address, reason = %e, "A zone address does not resolve");
+            None
+        }
+    }
+}
+
 fn uri_target(uri: &SipUri) -> Option<Target> {
     let proto = match uri.transport() {
         Some(t) => Proto::parse(&t)?,
@@ -353,8 +368,12 @@ impl SipService {
             if bindings.is_empty() {
                 // The cluster's own registrations first; then the search rules.
                 match self.zone_hop(&uri).await {
-                    Some(hop) => vec![hop],
-                    None => {
+                    Ok(Some(hop)) => vec![hop],
+                    Err(reason) => {
+                        self.respond(&msg, &source, 503, &reason, &[]);
+                        return;
+                    }
+                    Ok(None) => {
                         // To an unauthenticated requester, an unknown user and a known one
                         // with no binding look alike: a scanner cannot list the users.
                         let user = uri.user.as_deref().unwrap_or("");
@@ -400,11 +419,15 @@ impl SipService {
             // with Routes of others' is not ours to route).
             let zone = match remaining_routes {
                 0 => self.zone_hop(&uri).await,
-                _ => None,
+                _ => Ok(None),
             };
             match zone {
-                Some(hop) => vec![hop],
-                None => return refuse_relay(),
+                Ok(Some(hop)) => vec![hop],
+                Err(reason) => {
+                    self.respond(&msg, &source, 503, &reason, &[]);
+                    return;
+                }
+                Ok(None) => return refuse_relay(),
             }
         } else {
             // Loose routing to the next Route (the Request-URI stays), or to the Request-URI.
@@ -563,34 +586,110 @@ impl SipService {
     }
 
     /// Where the search rules send a request for `uri` that no binding of this cluster
-    /// takes: the first matching rule's zone, its address resolved now (an IP, or a name
-    /// through the system's resolver). None: no rule takes it, or its zone's name does not
-    /// resolve (logged).
-    async fn zone_hop(&self, uri: &SipUri) -> Option<Hop> {
+    /// takes: the first matching rule's zone, at the first of its addresses that resolves
+    /// and is not down (`zones.rs`). `Ok(None)`: no rule takes it. `Err`: the rule's zone
+    /// has no address to send to now (the reason, for a 503).
+    async fn zone_hop(&self, uri: &SipUri) -> Result<Option<Hop>, String> {
         let config = self.config();
-        let (rule, zone) = config
+        let Some((rule, zone)) = config
             .routing
-            .route(uri.user.as_deref().unwrap_or(""), &uri.host)?;
-        let proto = zone.proto.unwrap_or(Proto::Udp);
-        let addr = match zone.address.parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => match tokio::net::lookup_host(zone.address.as_str()).await {
-                Ok(mut found) => found.next()?,
-                Err(e) => {
-                    warn!(target: LOG, rule = %rule.name, zone = %rule.zone, address = %zone.address,
-                        reason = %e, "Search rule target does not resolve");
-                    return None;
-                }
-            },
+            .route(uri.user.as_deref().unwrap_or(""), &uri.host)
+        else {
+            return Ok(None);
         };
-        debug!(target: LOG, rule = %rule.name, zone = %rule.zone, dst = %addr,
-            "Search rule matched");
-        Some(Hop::direct(Target {
-            proto,
-            addr,
-            conn: None,
-            local: None,
-        }))
+        for address in &zone.addresses {
+            let Some(addr) = resolve(address).await else {
+                continue;
+            };
+            if !self.zones.is_up(&addr) {
+                continue;
+            }
+            debug!(target: LOG, rule = %rule.name, zone = %rule.zone, dst = %addr,
+                "Search rule matched");
+            return Ok(Some(Hop::direct(Target {
+                proto: zone.proto.unwrap_or(Proto::Udp),
+                addr,
+                conn: None,
+                local: None,
+            })));
+        }
+        Err(format!(
+            "Service Unavailable (zone {}: no address answers)",
+            rule.zone
+        ))
+    }
+
+    /// Every `zone_keepalive`: an OPTIONS to every address of every zone, and 30020 for a
+    /// zone none of whose addresses answers.
+    pub(crate) async fn zone_keepalive(self: Arc<Self>) {
+        let mut alarmed: std::collections::HashSet<String> = Default::default();
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.zone_keepalive) => {}
+            }
+            let config = self.config();
+            let mut zones: Vec<(String, Proto, Vec<SocketAddr>)> = Vec::new();
+            for (name, zone) in &config.routing.zones {
+                let mut addrs = Vec::new();
+                for a in &zone.addresses {
+                    addrs.extend(resolve(a).await);
+                }
+                zones.push((name.clone(), zone.proto.unwrap_or(Proto::Udp), addrs));
+            }
+            let all: Vec<SocketAddr> = zones.iter().flat_map(|z| z.2.clone()).collect();
+            let sent = self.zones.round(&all, || {
+                format!("{}{}", crate::zones::KEEPALIVE_BRANCH, self.unique())
+            });
+            for (addr, branch) in sent {
+                let proto = zones
+                    .iter()
+                    .find(|z| z.2.contains(&addr))
+                    .map_or(Proto::Udp, |z| z.1);
+                self.transports.send(
+                    &Target {
+                        proto,
+                        addr,
+                        conn: None,
+                        local: None,
+                    },
+                    self.keepalive_probe(proto, addr, &branch),
+                );
+            }
+            let alarms = self.node.alarms();
+            let mut now_down = std::collections::HashSet::new();
+            for (name, _, addrs) in &zones {
+                let subject = format!("zone {name}");
+                if !addrs.is_empty() && addrs.iter().all(|a| !self.zones.is_up(a)) {
+                    let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                    if alarms.raise(
+                        30020,
+                        &subject,
+                        &format!("zone {name}: no answer from {}", list.join(", ")),
+                    ) {
+                        warn!(target: LOG, zone = %name, "Neighbour zone unreachable");
+                    }
+                    now_down.insert(subject);
+                }
+            }
+            for gone in alarmed.difference(&now_down) {
+                alarms.lower(30020, gone);
+            }
+            alarmed = now_down;
+        }
+    }
+
+    /// An OPTIONS keep-alive to `addr`.
+    fn keepalive_probe(&self, proto: Proto, addr: SocketAddr, branch: &str) -> Bytes {
+        let local = self.local_address(proto);
+        let tag = self.unique();
+        Bytes::from(format!(
+            "OPTIONS sip:{addr} SIP/2.0\r\nVia: SIP/2.0/{} {local};branch={branch}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:keepalive@{local}>;tag={tag}\r\nTo: <sip:{addr}>\r\n\
+             Call-ID: {branch}@{}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            proto.name(),
+            local.ip()
+        ))
     }
 
     /// How to reach one binding from this peer.
@@ -763,6 +862,12 @@ impl SipService {
         let Some(branch) = top.branch().map(str::to_string) else {
             return;
         };
+        if branch.starts_with(crate::zones::KEEPALIVE_BRANCH) {
+            if status >= 200 {
+                self.zones.answered(&branch, status);
+            }
+            return;
+        }
         // A client transaction is the branch and the CSeq method (§17.1.3): the answers to
         // our own CANCELs, which share the INVITE's branch, end here.
         if msg.cseq().is_ok_and(|(_, m)| m == "CANCEL") {

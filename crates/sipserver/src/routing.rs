@@ -50,11 +50,13 @@ impl SearchRule {
     }
 }
 
-/// A neighbour zone: another system reached at one address.
+/// A neighbour zone: another system, reached at the first of its addresses that answers
+/// the keep-alive (`zones.rs`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Zone {
-    /// `host:port`, as configured (a name is resolved when a request is sent).
-    pub address: String,
+    /// `host:port` each, in order of preference, as configured (a name is resolved when a
+    /// request or a keep-alive is sent).
+    pub addresses: Vec<String>,
     pub proto: Option<Proto>,
 }
 
@@ -81,7 +83,12 @@ impl Routing {
                 }
             } else if let Some(rest) = key.strip_prefix("zones.") {
                 if let Some(zone) = rest.strip_suffix(".address") {
-                    routing.zones.entry(zone.to_string()).or_default().address = value.into();
+                    routing.zones.entry(zone.to_string()).or_default().addresses = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|a| !a.is_empty())
+                        .map(String::from)
+                        .collect();
                 } else if let Some(zone) = rest.strip_suffix(".transport") {
                     routing.zones.entry(zone.to_string()).or_default().proto = Proto::parse(value);
                 }
@@ -97,11 +104,13 @@ impl Routing {
         let mut lines = Vec::new();
         for r in &self.rules {
             let star = if r.prefix { "*" } else { "" };
-            let zone = self.zones.get(&r.zone).filter(|z| !z.address.is_empty());
+            let zone = self.zones.get(&r.zone).filter(|z| !z.addresses.is_empty());
             let verdict = match (r.matches(user, host), zone) {
                 (false, _) => "does not match".to_string(),
                 (true, None) => format!("matches, but zone {} has no address", r.zone),
-                (true, Some(z)) => format!("matches: zone {} at {}", r.zone, z.address),
+                (true, Some(z)) => {
+                    format!("matches: zone {} at {}", r.zone, z.addresses.join(", "))
+                }
             };
             lines.push(format!(
                 "Search rule {} '{}{star}' to zone {}: {verdict}",
@@ -118,7 +127,10 @@ impl Routing {
     /// an address; with that zone.
     pub fn route(&self, user: &str, host: &str) -> Option<(&SearchRule, &Zone)> {
         self.rules.iter().find_map(|r| {
-            let zone = self.zones.get(&r.zone).filter(|z| !z.address.is_empty())?;
+            let zone = self
+                .zones
+                .get(&r.zone)
+                .filter(|z| !z.addresses.is_empty())?;
             r.matches(user, host).then_some((r, zone))
         })
     }
@@ -141,15 +153,18 @@ mod tests {
             ("zones.london.address", "198.18.1.20:5060"),
             ("zones.uk.address", "198.18.1.21:5060"),
             ("zones.uk.transport", "TCP"),
-            ("zones.paris.address", "paris.example:5061"),
+            (
+                "zones.paris.address",
+                "paris.example:5061,paris2.example:5061",
+            ),
             ("sip.domains", "example.com"),
         ]);
         // 9 before 10: the wider rule wins, as the operator ordered them.
         let (rule, zone) = r.route("+442071234567", "example.com").unwrap();
         assert_eq!((rule.name.as_str(), zone.proto), ("9", Some(Proto::Tcp)));
         assert_eq!(
-            r.route("bob", "PARTNER.example").unwrap().1.address,
-            "paris.example:5061"
+            r.route("bob", "PARTNER.example").unwrap().1.addresses,
+            ["paris.example:5061", "paris2.example:5061"]
         );
         assert!(
             r.route("bob", "other.example").is_none(),

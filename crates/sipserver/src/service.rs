@@ -29,6 +29,8 @@ pub(crate) const LOG: &str = "network.sip";
 #[derive(Clone, Debug)]
 pub struct SipSettings {
     pub listen: IpAddr,
+    /// How often every neighbour zone's addresses are sent an OPTIONS keep-alive.
+    pub zone_keepalive: Duration,
     /// More addresses to answer on, with the same ports: the secondary of two HA pairs
     /// answers on the second pair's virtual IP too.
     pub also_listen: Vec<IpAddr>,
@@ -113,6 +115,8 @@ pub struct SipService {
     pub(crate) auth: crate::authenticator::Authenticator,
     /// The keys that mark requests relayed between peers (this peer's and the others').
     pub(crate) relay: crate::relay::RelayKeys,
+    /// Which neighbour zone addresses answer their keep-alive.
+    pub(crate) zones: crate::zones::ZoneHealth,
     pub(crate) cancel: CancellationToken,
     /// Every task of the service, so `stop` ends them all.
     pub(crate) tasks: TaskTracker,
@@ -191,6 +195,7 @@ impl SipService {
             counter: AtomicU64::new(1),
             auth: crate::authenticator::Authenticator::new(node.clone()),
             relay: crate::relay::RelayKeys::generate(self_index),
+            zones: Default::default(),
             cancel,
             tasks,
         });
@@ -232,6 +237,7 @@ impl SipService {
             .spawn(async move { publisher.licences.publish().await });
         svc.tasks.spawn(svc.clone().dispatch(rx));
         svc.tasks.spawn(svc.clone().housekeeping());
+        svc.tasks.spawn(svc.clone().zone_keepalive());
         Ok(svc)
     }
 
@@ -311,15 +317,18 @@ impl SipService {
         // A zone is recognised by the IP of its address; a zone named by DNS is matched
         // once zones resolve names (issue 16).
         for (zone, (address, policy)) in zones {
-            let ip = address.as_deref().and_then(|a| {
+            let (Some(address), Some(policy)) = (address, policy) else {
+                continue;
+            };
+            for a in address.split(',') {
                 let host = a.rsplit_once(':').map_or(a, |(h, _)| h);
-                host.trim_start_matches('[')
+                let ip = host
+                    .trim_start_matches('[')
                     .trim_end_matches(']')
-                    .parse::<IpAddr>()
-                    .ok()
-            });
-            if let (Some(ip), Some(policy)) = (ip, policy) {
-                c.zone_policies.insert(ip, (zone, policy));
+                    .parse::<IpAddr>();
+                if let Ok(ip) = ip {
+                    c.zone_policies.insert(ip, (zone.clone(), policy));
+                }
             }
         }
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);

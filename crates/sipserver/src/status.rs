@@ -253,13 +253,29 @@ impl SipService {
         let config = self.config();
         steps.extend(config.routing.trace(&user, &host));
         let result = match config.routing.route(&user, &host) {
-            Some((rule, zone)) => format!(
-                "Found: search rule {} sends it to zone {} at {} ({})",
-                rule.name,
-                rule.zone,
-                zone.address,
-                zone.proto.unwrap_or(crate::Proto::Udp).name()
-            ),
+            Some((rule, zone)) => {
+                // An address known down (by its keep-alive) is passed over; a name is
+                // resolved only when a request is sent.
+                let down = |a: &String| {
+                    a.parse::<std::net::SocketAddr>()
+                        .is_ok_and(|a| !self.zones.is_up(&a))
+                };
+                for a in zone.addresses.iter().filter(|a| down(a)) {
+                    steps.push(format!("Zone {} address {a}: down (no answer to OPTIONS)", rule.zone));
+                }
+                match zone.addresses.iter().find(|a| !down(a)) {
+                    Some(at) => format!(
+                        "Found: search rule {} sends it to zone {} at {at} ({})",
+                        rule.name,
+                        rule.zone,
+                        zone.proto.unwrap_or(crate::Proto::Udp).name()
+                    ),
+                    None => format!(
+                        "Not found: 503 Service Unavailable (zone {}: no address answers)",
+                        rule.zone
+                    ),
+                }
+            }
             None if local => "Not found: 480 Temporarily Unavailable (no binding, no search rule takes it)".into(),
             None => "Not found: 403 Forbidden (not a domain of this cluster, and no search rule sends it anywhere)".into(),
         };

@@ -68,6 +68,8 @@ async fn solo_also_on(net: u8, also_listen: &[&str]) -> Solo {
         min_expires: 60,
         max_expires: 7200,
         default_expires: 3600,
+        // Fast, so a zone's address is found down within a second.
+        zone_keepalive: Duration::from_millis(200),
     };
     let svc = SipService::start(node.clone(), settings, cancel.clone())
         .await
@@ -148,6 +150,67 @@ impl Ep {
     async fn quiet(&self) -> bool {
         let mut buf = vec![0u8; 65_536];
         tokio::time::timeout(Duration::from_millis(300), self.sock.recv_from(&mut buf))
+            .await
+            .is_err()
+    }
+}
+
+/// A neighbour system behind a zone: answers the OPTIONS keep-alive with 200 while
+/// `answering`, and hands every other message (with where it came from) to the test.
+struct Neighbour {
+    sock: Arc<UdpSocket>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(Message, SocketAddr)>,
+    answering: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Neighbour {
+    async fn new(ip: &str) -> Neighbour {
+        let sock = Arc::new(UdpSocket::bind(format!("{ip}:0")).await.unwrap());
+        let answering = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (s, a) = (sock.clone(), answering.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let raw = Bytes::copy_from_slice(&buf[..n]);
+                let Ok(m) = Message::parse(raw, Transport::Datagram, &Limits::default()) else {
+                    continue;
+                };
+                if m.method() == Some("OPTIONS") {
+                    if a.load(std::sync::atomic::Ordering::Relaxed) {
+                        let ok = build::response(&m, 200, "OK", Some("ka"), &[]);
+                        let _ = s.send_to(&ok, from).await;
+                    }
+                } else if tx.send((m, from)).is_err() {
+                    return;
+                }
+            }
+        });
+        Neighbour {
+            sock,
+            rx,
+            answering,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    fn answer_keepalives(&self, yes: bool) {
+        self.answering
+            .store(yes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn next(&mut self) -> (Message, SocketAddr) {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
+            .await
+            .expect("nothing reached the neighbour within 5 s")
+            .unwrap()
+    }
+
+    async fn quiet(&mut self) -> bool {
+        tokio::time::timeout(Duration::from_millis(300), self.rx.recv())
             .await
             .is_err()
     }
@@ -500,7 +563,7 @@ async fn a_caller_gets_408_after_timer_b_when_the_callee_never_answers() {
 #[tokio::test]
 async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
     let s = solo(67).await;
-    let neighbour = Ep::new("127.0.67.20", s.addr).await;
+    let mut neighbour = Neighbour::new("127.0.67.20").await;
     for (path, value) in [
         ("routing.rules.10", "+4420* london".to_string()),
         (
@@ -524,13 +587,15 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
             )
             .await;
         assert_eq!(caller.recv().await.status(), Some(100));
-        let (inv, from) = neighbour.recv_from().await;
+        let (inv, from) = neighbour.next().await;
         assert_eq!(inv.method(), Some("INVITE"));
         assert_eq!(from, s.addr, "through this cluster's proxy");
         assert_eq!(inv.uri(), Some(format!("sip:{user}@{host}").as_str()));
         neighbour
-            .send_bytes(&build::response(&inv, 200, "OK", Some("n"), &[]))
-            .await;
+            .sock
+            .send_to(&build::response(&inv, 200, "OK", Some("n"), &[]), s.addr)
+            .await
+            .unwrap();
         assert_eq!(caller.recv_final().await.status(), Some(200));
     }
     // No rule: the own domain's number is unavailable, another domain refused.
@@ -594,6 +659,77 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
         .result
         .starts_with("Found: 1 local binding(s)"));
     assert!(s.svc.locate("+33155").result.starts_with("Not found: 480"));
+}
+
+/// Waits (up to 5 s) for Locate of +442071234567 to start with `want`.
+async fn wait_located(s: &Solo, want: &str) {
+    for _ in 0..50 {
+        if s.svc.locate("+442071234567").result.starts_with(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "Locate never said '{want}': {}",
+        s.svc.locate("+442071234567").result
+    );
+}
+
+/// A zone with two addresses: while the first does not answer its keep-alive the second
+/// takes the calls; with neither answering, the zone is down (30020) and a call gets a
+/// clear 503; at the next answer the alarm goes.
+#[tokio::test]
+async fn a_zone_whose_first_address_is_down_is_reached_at_the_second_and_alarmed_when_none_answers()
+{
+    let s = solo(68).await;
+    let first = Neighbour::new("127.0.68.20").await;
+    let mut second = Neighbour::new("127.0.68.21").await;
+    first.answer_keepalives(false);
+    for (path, value) in [
+        ("routing.rules.10", "+4420* london".to_string()),
+        (
+            "zones.london.address",
+            format!("{},{}", first.addr(), second.addr()),
+        ),
+    ] {
+        s.node.set_configuration(path, Some(&value)).await.unwrap();
+    }
+    wait_located(
+        &s,
+        "Found: search rule 10 sends it to zone london at 127.0.68.21",
+    )
+    .await;
+    let caller = Ep::new("127.0.68.10", s.addr).await;
+    caller.send(&invite("+442071234567", "f1")).await;
+    let (inv, _) = second.next().await;
+    assert_eq!(inv.method(), Some("INVITE"));
+    second
+        .sock
+        .send_to(
+            &build::response(&inv, 486, "Busy Here", Some("b"), &[]),
+            s.addr,
+        )
+        .await
+        .unwrap();
+    assert_eq!(caller.recv_final().await.status(), Some(486));
+    // Neither answers: the zone is down, said by 30020 and by a 503.
+    second.answer_keepalives(false);
+    wait_located(&s, "Not found: 503").await;
+    let zone_down = |s: &Solo| s.node.alarms().is_raised(30020, "zone london");
+    assert!(zone_down(&s));
+    caller.send(&invite("+442071234567", "f2")).await;
+    let failed = caller.recv_final().await;
+    assert_eq!(failed.status(), Some(503));
+    // The second answers again: up, and the alarm goes.
+    second.answer_keepalives(true);
+    wait_located(&s, "Found").await;
+    for _ in 0..50 {
+        if !zone_down(&s) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("30020 still raised after the zone answered again");
 }
 
 #[tokio::test]
