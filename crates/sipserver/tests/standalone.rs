@@ -216,6 +216,16 @@ impl Neighbour {
     }
 }
 
+impl Ep {
+    /// Registers `user` with this endpoint's own address as its contact; expects the 200.
+    async fn register_as(&self, user: &str, call_id: &str) {
+        let contact = format!("<sip:{user}@{}>", self.addr());
+        self.send(&register(user, call_id, 1, &[&contact], ""))
+            .await;
+        assert_eq!(self.recv().await.status(), Some(200));
+    }
+}
+
 fn register(user: &str, call_id: &str, cseq: u32, contacts: &[&str], extra: &str) -> String {
     let contacts: String = contacts
         .iter()
@@ -532,11 +542,7 @@ async fn a_caller_gets_408_after_timer_b_when_the_callee_never_answers() {
     let s = solo(66).await;
     let caller = Ep::new("127.0.66.10", s.addr).await;
     let silent = Ep::new("127.0.66.11", s.addr).await;
-    let contact = format!("<sip:quiet@{}>", silent.addr());
-    silent
-        .send(&register("quiet", "r66", 1, &[&contact], ""))
-        .await;
-    assert_eq!(silent.recv().await.status(), Some(200));
+    silent.register_as("quiet", "r66").await;
     let started = std::time::Instant::now();
     caller.send(&invite("quiet", "timerb1")).await;
     assert_eq!(caller.recv().await.status(), Some(100));
@@ -648,11 +654,7 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
         nowhere.result
     );
     let registered = Ep::new("127.0.67.11", s.addr).await;
-    let contact = format!("<sip:+4420999@{}>", registered.addr());
-    registered
-        .send(&register("+4420999", "r67", 1, &[&contact], ""))
-        .await;
-    assert_eq!(registered.recv().await.status(), Some(200));
+    registered.register_as("+4420999", "r67").await;
     assert!(s
         .svc
         .locate("+4420999")
@@ -806,11 +808,7 @@ async fn copies_of_an_invite_handled_at_once_are_forwarded_once() {
     let s = solo(64).await;
     let caller = Ep::new("127.0.64.10", s.addr).await;
     let callee = Ep::new("127.0.64.11", s.addr).await;
-    let contact = format!("<sip:eve@{}>", callee.addr());
-    callee
-        .send(&register("eve", "r1", 1, &[&contact], ""))
-        .await;
-    assert_eq!(callee.recv().await.status(), Some(200));
+    callee.register_as("eve", "r1").await;
     let calls = 50;
     for call in 0..calls {
         let text = invite("eve", &format!("dup{call}")).replace("{me}", &caller.addr().to_string());
