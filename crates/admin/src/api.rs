@@ -38,6 +38,7 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(node)
+        .merge(crate::syslog::router())
 }
 
 async fn cluster(State(node): State<Arc<Node>>) -> Json<ClusterStatus> {

@@ -6,6 +6,7 @@
 mod api;
 pub mod client;
 mod https;
+mod syslog;
 pub mod users;
 
 pub use api::{refused, router};

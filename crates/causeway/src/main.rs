@@ -3,9 +3,12 @@
 
 mod lab;
 mod lab_ha;
+mod pcap;
 mod run;
+mod sdnotify;
 mod setup;
 mod show;
+mod syslog;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -135,6 +138,25 @@ enum Command {
         #[command(flatten)]
         args: Box<setup::Args>,
     },
+    /// The node's log: `syslog follow` prints its lines as they are written.
+    Syslog {
+        #[command(subcommand)]
+        command: SyslogCommand,
+    },
+    /// Capture the cluster's traffic (mesh, SIP, database ports) on INTERFACE (`any` for
+    /// every one) into a pcap file for Wireshark, until Ctrl-C or --duration. Needs root or
+    /// CAP_NET_RAW.
+    Pcap {
+        interface: String,
+        /// Where to write (default: causeway-<interface>-<time>.pcap in the current directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// A local trial cluster on 127.0.0.x.
     Lab {
         #[command(subcommand)]
@@ -329,6 +351,15 @@ enum Xcommand {
 enum AdminCommand {
     /// Set a user's password (read from standard input) on the node in --node.
     Passwd { user: String },
+}
+
+#[derive(Subcommand)]
+enum SyslogCommand {
+    /// Print the node's log lines as they are written, until Ctrl-C (the last --lines first).
+    Follow {
+        #[arg(long, default_value_t = 20)]
+        lines: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -541,6 +572,24 @@ fn main() -> ExitCode {
             return ExitCode::from(causeway_ha::keeper::main(&interface, &vip) as u8)
         }
         Command::Setup { args } => return setup::run(&args, &cli.node),
+        Command::Syslog {
+            command: SyslogCommand::Follow { lines },
+        } => syslog::follow(&admin_socket(&cli.node), lines),
+        Command::Pcap {
+            interface,
+            out,
+            duration,
+        } => pcap::capture(&interface, out.as_deref(), duration),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "causeway",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Lab { command } => match command {
             LabCommand::Up {
                 peers,

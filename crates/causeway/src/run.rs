@@ -150,8 +150,11 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         admin_socket = %config.admin_socket().display(),
         "Node started"
     );
+    crate::sdnotify::ready();
+    crate::sdnotify::spawn_watchdog(cancel.clone());
     wait_for_signal().await;
     tracing::info!(target: "management.node", "Node shutting down");
+    crate::sdnotify::stopping();
     node.shutdown().await;
     cancel.cancel();
     let _ = unix.await;
