@@ -113,7 +113,7 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
 }
 
 #[derive(Clone)]
-struct AuthState {
+pub(crate) struct AuthState {
     data_dir: PathBuf,
     failures: Arc<Mutex<HashMap<IpAddr, (u32, Instant)>>>,
 }
@@ -123,6 +123,7 @@ pub async fn serve_https(
     identity: &NodeIdentity,
     data_dir: PathBuf,
     app: Router,
+    pages: Vec<crate::web::ServicePage>,
     cancel: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let config =
@@ -179,7 +180,10 @@ pub async fn serve_https(
         data_dir,
         failures: Arc::default(),
     };
-    let app = app.layer(axum::middleware::from_fn_with_state(auth, authenticate));
+    let pages_router = crate::web::router(app.clone(), auth.clone(), pages);
+    let app = app
+        .merge(pages_router)
+        .layer(axum::middleware::from_fn_with_state(auth, authenticate));
     let listener = TlsListener { rx, local };
     tracing::info!(target: "management.admin", listen = %local, "HTTPS admin API listening");
     Ok(tokio::spawn(async move {
@@ -208,29 +212,62 @@ fn refuse(status: StatusCode, message: &str) -> Response {
     r
 }
 
+/// Why a login was refused: the status and the words to show.
+pub(crate) struct LoginRefused(pub StatusCode, pub &'static str);
+
+impl AuthState {
+    /// Checks a user name and password from `ip`, with the failed-login throttle shared by
+    /// the API's Basic authentication and the web pages' login form.
+    pub(crate) async fn login(&self, ip: IpAddr, user: &str, password: &str) -> Result<(), LoginRefused> {
+        {
+            // Counted as a failure before the check and given back if it succeeds: concurrent
+            // wrong logins from one address get MAX_FAILURES checks, not one each.
+            let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = failures.entry(ip).or_insert((0, Instant::now()));
+            if entry.1.elapsed() > FAILURE_WINDOW {
+                *entry = (0, Instant::now());
+            }
+            if entry.0 >= MAX_FAILURES {
+                return Err(LoginRefused(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many failed logins from this address: wait a minute",
+                ));
+            }
+            entry.0 += 1;
+        }
+        // PBKDF2 is deliberately slow: keep it off the async workers.
+        let (dir, u, p) = (self.data_dir.clone(), user.to_string(), password.to_string());
+        let login = tokio::task::spawn_blocking(move || users::check(&dir, &u, &p))
+            .await
+            .unwrap_or(users::Login::Refused);
+        if login == users::Login::Accepted || login == users::Login::NoUsers {
+            // Not a failed guess: the attempt counted above is given back.
+            let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = failures.get_mut(&ip) {
+                entry.0 = entry.0.saturating_sub(1);
+            }
+        }
+        match login {
+            users::Login::Accepted => Ok(()),
+            users::Login::NoUsers => Err(LoginRefused(StatusCode::UNAUTHORIZED, NO_USERS)),
+            _ => {
+                tracing::warn!(target: "management.admin", event = "Admin login failed", src_ip = %ip, user = user, "");
+                Err(LoginRefused(StatusCode::UNAUTHORIZED, "wrong user name or password"))
+            }
+        }
+    }
+}
+
 async fn authenticate(
     State(auth): State<AuthState>,
     ConnectInfo(ClientAddr(from)): ConnectInfo<ClientAddr>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    let ip = from.ip();
-    let has_credentials = request.headers().contains_key(header::AUTHORIZATION);
-    if has_credentials {
-        // Counted as a failure before the check and given back if it succeeds: concurrent
-        // wrong logins from one address get MAX_FAILURES checks, not one each.
-        let mut failures = auth.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = failures.entry(ip).or_insert((0, Instant::now()));
-        if entry.1.elapsed() > FAILURE_WINDOW {
-            *entry = (0, Instant::now());
-        }
-        if entry.0 >= MAX_FAILURES {
-            return refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many failed logins from this address: wait a minute",
-            );
-        }
-        entry.0 += 1;
+    // The pages keep their own sessions (a login form and a cookie, crate::web).
+    if crate::web::is_page_path(request.uri().path()) {
+        request.extensions_mut().insert(crate::web::ClientIp(from.ip()));
+        return next.run(request).await;
     }
     let credentials = request
         .headers()
@@ -244,34 +281,23 @@ async fn authenticate(
         })
         .and_then(|b| String::from_utf8(b).ok());
     let Some((user, password)) = credentials.as_deref().and_then(|c| c.split_once(':')) else {
+        if request.headers().contains_key(header::AUTHORIZATION) {
+            // Garbage credentials count as a failed login.
+            if let Err(LoginRefused(status, why)) = auth.login(from.ip(), "", "").await {
+                return refuse(status, why);
+            }
+        }
         // Only the file's existence matters here: no password hashing without credentials.
         if !users::has_users(&auth.data_dir) {
             return refuse(StatusCode::UNAUTHORIZED, NO_USERS);
         }
         return refuse(StatusCode::UNAUTHORIZED, "authentication required");
     };
-    // PBKDF2 is deliberately slow: keep it off the async workers.
-    let (dir, u, p) = (
-        auth.data_dir.clone(),
-        user.to_string(),
-        password.to_string(),
-    );
-    let login = tokio::task::spawn_blocking(move || users::check(&dir, &u, &p))
-        .await
-        .unwrap_or(users::Login::Refused);
-    if login == users::Login::Accepted || login == users::Login::NoUsers {
-        // Not a failed guess: the attempt counted above is given back.
-        let mut failures = auth.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = failures.get_mut(&ip) {
-            entry.0 = entry.0.saturating_sub(1);
-        }
+    if let Err(LoginRefused(status, why)) = auth.login(from.ip(), user, password).await {
+        return refuse(status, why);
     }
-    if login == users::Login::NoUsers {
-        return refuse(StatusCode::UNAUTHORIZED, NO_USERS);
-    }
-    if login != users::Login::Accepted {
-        tracing::warn!(target: "management.admin", event = "Admin login failed", src_ip = %ip, user = user, "");
-        return refuse(StatusCode::UNAUTHORIZED, "wrong user name or password");
-    }
+    request
+        .extensions_mut()
+        .insert(crate::web::AdminUser(user.to_string()));
     next.run(request).await
 }

@@ -7,6 +7,7 @@ mod api;
 pub mod client;
 mod https;
 mod syslog;
+pub mod web;
 pub mod users;
 
 pub use api::{refused, router};

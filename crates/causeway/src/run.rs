@@ -107,6 +107,8 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     let store = NodeStore::open(&data_dir);
     let (node, _services) = Node::start(config.clone(), transport, resolver, store);
     let mut app = causeway_admin::router(node.clone());
+    // The pages the hosted services add to the web interface.
+    let mut pages = Vec::new();
     if let Some(section) = &config.sip {
         let sip = start_sip(&config, section, &identity, node.clone(), cancel.clone()).await?;
         node.host(sip.clone());
@@ -121,6 +123,7 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
             .context("starting the database cluster service")?;
         node.host(db.clone());
         app = app.merge(causeway_dbcluster::router(db));
+        pages.push(causeway_dbcluster::WEB_PAGE);
     } else if node.mesh().is_some() {
         // A peer without a database still votes for the database cluster's master: the
         // majority that chooses it is the peer cluster's.
@@ -133,6 +136,9 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
             .context("starting the HA service")?;
         node.host(ha.clone());
         app = app.merge(causeway_ha::router(ha));
+        if config.ha.is_some() {
+            pages.push(causeway_ha::WEB_PAGE);
+        }
     } else if config.ha.is_some() {
         anyhow::bail!("an HA pair needs the peer cluster: list the primary, the secondary and the witness in cluster.peers");
     }
@@ -140,7 +146,8 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
         causeway_admin::serve_unix(&config.admin_socket(), app.clone(), cancel.clone()).await?;
     let https = match (config.admin.https_listen, &identity) {
         (Some(listen), Some(id)) => Some(
-            causeway_admin::serve_https(listen, id, data_dir.clone(), app, cancel.clone()).await?,
+            causeway_admin::serve_https(listen, id, data_dir.clone(), app, pages, cancel.clone())
+                .await?,
         ),
         _ => None,
     };

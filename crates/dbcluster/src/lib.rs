@@ -53,6 +53,14 @@ struct CommandRequest {
     words: Vec<String>,
 }
 
+/// The database cluster's page of the web interface: `database cluster status`.
+pub const WEB_PAGE: causeway_admin::web::ServicePage = causeway_admin::web::ServicePage {
+    slug: "database",
+    title: "Database cluster",
+    status_api: "/api/v1/dbcluster/status",
+    text_key: "text",
+};
+
 /// `GET /api/v1/dbcluster/status` and `POST /api/v1/dbcluster/command` (`{"words": […]}`)
 /// on the node's admin API; the CLI's `database cluster …` uses them.
 pub fn router(svc: Arc<DbService>) -> Router {

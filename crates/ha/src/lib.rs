@@ -38,6 +38,14 @@ struct CommandRequest {
     force: bool,
 }
 
+/// The HA status page of the web interface: the seed's status page with the events log.
+pub const WEB_PAGE: causeway_admin::web::ServicePage = causeway_admin::web::ServicePage {
+    slug: "ha",
+    title: "HA status",
+    status_api: "/api/v1/ha/status",
+    text_key: "ha_status",
+};
+
 /// `GET /api/v1/ha/status` (the JSON and the seed's `gethainfo` and `getserverinfo` text)
 /// and `POST /api/v1/ha/command` (`{"words": ["switchover"], "pair": 1, "force": false}`).
 pub fn router(svc: Arc<HaService>) -> Router {

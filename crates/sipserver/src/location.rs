@@ -217,15 +217,34 @@ impl Location {
         self.by_aor.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Every live binding (for `xstatus registrations`), sorted by AOR.
-    pub fn all(&self, now_ms: u64) -> Vec<Binding> {
+    /// One page of the live bindings that `matches`, in AOR order, and how many match.
+    /// Only references are gathered and only the page is cloned: a page of a list of
+    /// 100,000 is cheap, and the lock is held for one pass.
+    pub fn page(
+        &self,
+        now_ms: u64,
+        matches: impl Fn(&Binding) -> bool,
+        offset: usize,
+        limit: usize,
+    ) -> (usize, Vec<Binding>) {
         let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<Binding> = by_aor
+        let mut hits: Vec<&Binding> = by_aor
             .values()
-            .flat_map(|keys| current(keys, now_ms))
+            .flat_map(|keys| keys.values().filter_map(|c| newest(c)))
+            .filter(|b| b.live(now_ms) && matches(b))
             .collect();
-        out.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.uri.cmp(&b.uri)));
-        out
+        let total = hits.len();
+        let end = offset.saturating_add(limit).min(total);
+        if offset >= end {
+            return (total, Vec::new());
+        }
+        let order = |a: &&Binding, b: &&Binding| (&a.aor, &a.uri).cmp(&(&b.aor, &b.uri));
+        if end < total {
+            hits.select_nth_unstable_by(end, order);
+            hits.truncate(end);
+        }
+        hits.sort_unstable_by(order);
+        (total, hits[offset..].iter().map(|b| (*b).clone()).collect())
     }
 
     /// Live bindings per owner, and the number of AORs with one.

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Weak};
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use causeway_cluster::metrics::gauge;
@@ -36,7 +36,51 @@ pub struct RegistrationsStatus {
     /// Registration licences in the cluster's pool (0: no licence limit).
     #[serde(default)]
     pub licences: u64,
+    /// Rows that matched the query (`rows` is one page of them).
+    #[serde(default)]
+    pub matched: usize,
     pub rows: Vec<BindingRow>,
+}
+
+/// `?q=&peer=&offset=&limit=` of the registrations and calls lists: rows containing `q`
+/// (AOR or contact; caller or callee), of one peer, one page.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    pub q: String,
+    /// A peer number; empty for every peer.
+    #[serde(default)]
+    pub peer: String,
+    #[serde(default)]
+    pub offset: usize,
+    #[serde(default = "default_rows")]
+    pub limit: usize,
+}
+
+fn default_rows() -> usize {
+    ROWS
+}
+
+impl ListQuery {
+    /// The first `limit` rows of every peer.
+    pub fn first(limit: usize) -> ListQuery {
+        ListQuery {
+            q: String::new(),
+            peer: String::new(),
+            offset: 0,
+            limit,
+        }
+    }
+
+    fn peer(&self) -> Option<usize> {
+        self.peer.trim().parse().ok()
+    }
+
+    fn matches(&self, peer: usize, texts: &[&str]) -> bool {
+        let q = self.q.trim();
+        self.peer().is_none_or(|p| p == peer)
+            && (q.is_empty() || texts.iter().any(|t| t.contains(q)))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -62,25 +106,33 @@ pub struct CallsStatus {
     pub kbps: u64,
     /// (peer, calls, kbps)
     pub per_peer: Vec<(usize, usize, u64)>,
+    #[serde(default)]
+    pub matched: usize,
     pub rows: Vec<CallRow>,
 }
 
 impl SipService {
-    pub fn registrations_status(&self, limit: usize) -> RegistrationsStatus {
+    pub fn registrations_status(&self, query: &ListQuery) -> RegistrationsStatus {
         let now = unix_ms_now();
-        let all = self.location.all(now);
         let (per_owner, aors) = self.location.counts(now);
         let mut per_peer: Vec<(usize, usize)> = per_owner.into_iter().collect();
         per_peer.sort();
+        let limit = query.limit.min(ROWS);
+        let (matched, page) = self.location.page(
+            now,
+            |b| query.matches(b.owner, &[&b.aor, &b.uri]),
+            query.offset,
+            limit,
+        );
         RegistrationsStatus {
             peer: self.self_index,
             aors,
-            bindings: all.len(),
+            bindings: per_peer.iter().map(|p| p.1).sum(),
             per_peer,
             licences: self.licences.current().registrations,
-            rows: all
+            matched,
+            rows: page
                 .into_iter()
-                .take(limit)
                 .map(|b| BindingRow {
                     expires_in_s: b.expires_at_ms.saturating_sub(now).div_ceil(1000),
                     aor: b.aor,
@@ -93,10 +145,16 @@ impl SipService {
         }
     }
 
-    pub fn calls_status(&self, limit: usize) -> CallsStatus {
+    pub fn calls_status(&self, query: &ListQuery) -> CallsStatus {
         let now = unix_ms_now();
         let config = self.config();
         let per_peer = self.admission.usage();
+        let matching: Vec<_> = self
+            .admission
+            .calls()
+            .into_iter()
+            .filter(|(peer, call, r)| query.matches(*peer, &[call, &r.from, &r.to]))
+            .collect();
         CallsStatus {
             peer: self.self_index,
             calls_max: config.calls_max,
@@ -105,11 +163,11 @@ impl SipService {
             calls: per_peer.iter().map(|p| p.1).sum(),
             kbps: per_peer.iter().map(|p| p.2).sum(),
             per_peer,
-            rows: self
-                .admission
-                .calls()
+            matched: matching.len(),
+            rows: matching
                 .into_iter()
-                .take(limit)
+                .skip(query.offset)
+                .take(query.limit.min(ROWS))
                 .map(|(peer, call, r)| CallRow {
                     peer,
                     call,
@@ -189,11 +247,19 @@ pub fn router(svc: Arc<SipService>) -> Router {
     Router::new()
         .route(
             "/api/v1/status/registrations",
-            get(|State(s): State<Arc<SipService>>| async move { Json(s.registrations_status(ROWS)) }),
+            get(
+                |State(s): State<Arc<SipService>>, Query(q): Query<ListQuery>| async move {
+                    Json(s.registrations_status(&q))
+                },
+            ),
         )
         .route(
             "/api/v1/status/calls",
-            get(|State(s): State<Arc<SipService>>| async move { Json(s.calls_status(ROWS)) }),
+            get(
+                |State(s): State<Arc<SipService>>, Query(q): Query<ListQuery>| async move {
+                    Json(s.calls_status(&q))
+                },
+            ),
         )
         .route(
             "/api/v1/command/locate",

@@ -316,7 +316,7 @@ async fn the_registrar_follows_rfc_3261_section_10() {
     let contacts = r.values(HeaderKind::Contact);
     assert_eq!(contacts.len(), 1);
     assert!(contacts[0].contains("127.0.60.11"));
-    assert_eq!(s.svc.registrations_status(10).bindings, 1);
+    assert_eq!(s.svc.registrations_status(&causeway_sipserver::status::ListQuery::first(10)).bindings, 1);
 
     // '*' needs Expires: 0; then every binding goes.
     ep.send(&register("alice", "c1", 4, &["*"], "")).await;
@@ -326,7 +326,7 @@ async fn the_registrar_follows_rfc_3261_section_10() {
     let r = ep.recv().await;
     assert_eq!(r.status(), Some(200));
     assert!(r.values(HeaderKind::Contact).is_empty());
-    assert_eq!(s.svc.registrations_status(10).bindings, 0);
+    assert_eq!(s.svc.registrations_status(&causeway_sipserver::status::ListQuery::first(10)).bindings, 0);
 
     // A query (no Contact) lists what is there; another domain is not served here.
     ep.send(&register("alice", "c2", 1, &[], "")).await;
@@ -339,7 +339,7 @@ async fn the_registrar_follows_rfc_3261_section_10() {
         .await;
     assert_eq!(ep.recv().await.status(), Some(200));
     assert_eq!(
-        s.svc.registrations_status(10).rows[0].aor,
+        s.svc.registrations_status(&causeway_sipserver::status::ListQuery::first(10)).rows[0].aor,
         "sip:bob@test.example"
     );
 }
