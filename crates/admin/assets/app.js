@@ -13,5 +13,20 @@
     });
   }
   document.addEventListener("DOMContentLoaded", function () { local(document); });
+  // A change waits for a majority of peers (seconds when one is slow): say so meanwhile,
+  // and do not let a second click send it twice.
+  document.addEventListener("submit", function (e) {
+    var form = e.target;
+    if ((form.method || "").toLowerCase() !== "post") return;
+    var button = e.submitter || form.querySelector("button[type=submit]");
+    if (!button) return;
+    if (button.name) {
+      var keep = document.createElement("input");
+      keep.type = "hidden"; keep.name = button.name; keep.value = button.value;
+      form.appendChild(keep);
+    }
+    button.disabled = true;
+    button.textContent = button.getAttribute("data-busy") || "Saving… (waiting for the peers)";
+  });
   document.addEventListener("htmx:afterSwap", function (e) { local(e.target); });
 })();

@@ -176,10 +176,7 @@ pub async fn serve_https(
             });
         }
     });
-    let auth = AuthState {
-        data_dir,
-        failures: Arc::default(),
-    };
+    let auth = AuthState::new(data_dir);
     let pages_router = crate::web::router(app.clone(), auth.clone(), pages);
     let app = app
         .merge(pages_router)
@@ -210,6 +207,15 @@ fn refuse(status: StatusCode, message: &str) -> Response {
         );
     }
     r
+}
+
+impl AuthState {
+    pub(crate) fn new(data_dir: PathBuf) -> AuthState {
+        AuthState {
+            data_dir,
+            failures: Arc::default(),
+        }
+    }
 }
 
 /// Why a login was refused: the status and the words to show.

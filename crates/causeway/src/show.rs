@@ -722,6 +722,8 @@ mod tests {
             restart_required: peer_specific,
             pending: pending.map(String::from),
             about: String::new(),
+            kind: String::new(),
+            choices: Vec::new(),
         }
     }
 

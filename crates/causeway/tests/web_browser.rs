@@ -129,6 +129,14 @@ async fn text(b: &Client, css: &str) -> String {
     }
 }
 
+/// With CAUSEWAY_SCREENSHOTS=DIR, saves the page as DIR/<name>.png (to look at the pages).
+async fn screenshot(b: &Client, name: &str) {
+    if let Ok(dir) = std::env::var("CAUSEWAY_SCREENSHOTS") {
+        let png = b.screenshot().await.unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+    }
+}
+
 async fn log_in(b: &Client, k: usize, password: &str) {
     b.goto(&format!("{}/login", base(k))).await.unwrap();
     b.find(Locator::Css("input[name=user]"))
@@ -192,6 +200,13 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
             .unwrap();
         assert_eq!(row.attr("class").await.unwrap().as_deref(), Some("up"));
     }
+
+    screenshot(&b, "overview").await;
+    b.goto(&format!("{}/ui/clustering", base(1))).await.unwrap();
+    screenshot(&b, "clustering").await;
+    b.set_window_size(390, 844).await.unwrap();
+    screenshot(&b, "clustering-phone").await;
+    b.set_window_size(1280, 900).await.unwrap();
 
     // A change on a subordinate's Configuration page goes to every peer.
     log_in(&b, 2, PASSWORD).await;
@@ -267,6 +282,7 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
             .is_empty()
     })
     .await;
+    screenshot(&b, "alarms").await;
     b.switch_to_window(overview).await.unwrap();
     until(30, "peer 2 red and 20004 on the open Overview page", || async {
         let down = match b.find(Locator::Css("tr#peer-2")).await {
@@ -281,6 +297,9 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
     })
     .await;
     assert_eq!(b.current_url().await.unwrap().path(), "/ui/overview");
+    screenshot(&b, "overview-peer2-down").await;
+    b.goto(&format!("{}/ui/configuration", base(1))).await.unwrap();
+    screenshot(&b, "configuration").await;
 
     // Logging out ends the session.
     b.find(Locator::Css("form.logout button"))

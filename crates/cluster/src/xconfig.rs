@@ -143,6 +143,36 @@ pub struct ConfigItem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<String>,
     pub about: String,
+    /// What the value is (`host:port, up to 4, comma-separated`, `Permissive or Enforce`…).
+    #[serde(default)]
+    pub kind: String,
+    /// The words a choice takes, for a form's list (empty: free text).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<String>,
+}
+
+impl Kind {
+    /// The value's type, in words, for the Configuration page.
+    pub fn describe(&self) -> String {
+        match self {
+            Kind::Domains => "DNS domains, comma-separated".into(),
+            Kind::Secret => "password (never shown)".into(),
+            Kind::HostPort => "host:port (IP or name), comma-separated".into(),
+            Kind::Rule => "rule: <pattern> <zone>".into(),
+            Kind::Limit => "whole number (0: no limit)".into(),
+            Kind::TlsMode => "Permissive or Enforce".into(),
+            Kind::Ip => "IP address".into(),
+            Kind::Choice(words) => format!("one of: {}", words.join(", ")),
+        }
+    }
+
+    pub fn choices(&self) -> Vec<String> {
+        match self {
+            Kind::TlsMode => vec!["Permissive".into(), "Enforce".into()],
+            Kind::Choice(words) => words.iter().map(|w| w.to_string()).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 fn name_ok(name: &str, dots: bool) -> bool {
@@ -335,6 +365,8 @@ fn item(path: &str, value: &str, def: &ItemDef) -> ConfigItem {
         restart_required: def.restart,
         pending: None,
         about: def.about.to_string(),
+        kind: def.kind.describe(),
+        choices: def.kind.choices(),
     }
 }
 
@@ -374,9 +406,22 @@ pub fn peer_items(running: &NodeConfig, file: &NodeConfig, primary: usize) -> Ve
                 peer_specific: true,
                 restart_required: *path != "cluster.configuration_primary",
                 about: about.to_string(),
+                kind: peer_kind(path).to_string(),
+                choices: Vec::new(),
             }
         })
         .collect()
+}
+
+fn peer_kind(path: &str) -> &'static str {
+    match path {
+        "system.address" => "IP address or DNS name",
+        "cluster.peers" => "addresses (IP or name), comma-separated",
+        "cluster.configuration_primary" => "peer number",
+        "licences.rich_media_sessions" | "licences.room_systems" => "whole number",
+        p if p.starts_with("tls.") => "file in the data directory",
+        _ => "name",
+    }
 }
 
 fn peer_value(c: &NodeConfig, path: &str, primary: usize) -> String {

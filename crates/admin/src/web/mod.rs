@@ -367,3 +367,214 @@ pub(crate) struct ListQuery {
 }
 
 pub(crate) type ListParams = Query<ListQuery>;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::http::StatusCode;
+    use serde_json::json;
+
+    use super::*;
+
+    const PASSWORD: &str = "correct horse battery";
+
+    /// The pages over a stand-in API that counts the changes it is asked for.
+    fn app(dir: &std::path::Path, changes: Arc<AtomicUsize>) -> Router {
+        let api = Router::new()
+            .route(
+                "/api/v1/configuration",
+                get(|| async {
+                    axum::Json(json!({ "system_name": "t", "items": [{
+                        "path": "sip.domains", "value": "a.example", "peer_specific": false,
+                        "restart_required": false, "about": "domains" }] }))
+                })
+                .post(move || {
+                    changes.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        axum::Json(json!({ "path": "sip.domains", "value": "b.example",
+                            "revision": 2, "confirmed": [3, 3], "restart_required": false }))
+                    }
+                }),
+            )
+            .route(
+                "/api/v1/status/cluster",
+                get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "") }),
+            );
+        router(api, AuthState::new(dir.to_path_buf()), Vec::new())
+    }
+
+    struct Answer {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: String,
+    }
+
+    async fn send(app: &Router, method: &str, path: &str, cookies: &str, form: &str) -> Answer {
+        let mut r = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::COOKIE, cookies)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if path.ends_with("/live") {
+            r = r.header("HX-Request", "true");
+        }
+        let mut request = r.body(Body::from(form.to_string())).unwrap();
+        request
+            .extensions_mut()
+            .insert(ClientIp("127.0.0.9".parse().unwrap()));
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    fn set_cookies(a: &Answer) -> Vec<String> {
+        a.headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn cookie_value(set: &[String], name: &str) -> String {
+        set.iter()
+            .find_map(|c| c.strip_prefix(&format!("{name}=")))
+            .and_then(|c| c.split(';').next())
+            .unwrap()
+            .to_string()
+    }
+
+    async fn log_in(app: &Router, password: &str) -> Answer {
+        let form = send(app, "GET", "/login", "", "").await;
+        let token = cookie_value(&set_cookies(&form), LOGIN_COOKIE);
+        send(
+            app,
+            "POST",
+            "/login",
+            &format!("{LOGIN_COOKIE}={token}"),
+            &format!("user=admin&password={}&login_token={token}", password.replace(' ', "+")),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn every_page_without_a_session_goes_to_the_login_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path(), Arc::default());
+        for path in [
+            "/ui/overview",
+            "/ui/clustering",
+            "/ui/alarms",
+            "/ui/registrations",
+            "/ui/calls",
+            "/ui/configuration",
+            "/ui/service/ha",
+        ] {
+            let a = send(&app, "GET", path, "", "").await;
+            assert_eq!(a.status, StatusCode::SEE_OTHER, "{path}");
+            assert_eq!(a.headers[header::LOCATION], "/login", "{path}");
+        }
+        // A live part polled by htmx is told to go to the login form.
+        let a = send(&app, "GET", "/ui/overview/live", "", "").await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(a.headers["HX-Redirect"], "/login");
+        let a = send(&app, "GET", "/", "causeway_session=made-up", "").await;
+        assert_eq!(a.headers[header::LOCATION], "/login");
+    }
+
+    #[tokio::test]
+    async fn a_login_needs_the_forms_token_and_the_right_password_and_is_throttled() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::users::set_password(dir.path(), "admin", PASSWORD).unwrap();
+        let app = app(dir.path(), Arc::default());
+        // Posted from elsewhere: no login cookie matching the form.
+        let a = send(
+            &app,
+            "POST",
+            "/login",
+            "",
+            &format!("user=admin&password={PASSWORD}&login_token=x"),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN);
+        let a = log_in(&app, "wrong password!").await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+        assert!(a.body.contains("wrong user name or password"), "{}", a.body);
+        assert!(set_cookies(&a).iter().all(|c| !c.starts_with(SESSION_COOKIE)));
+        let a = log_in(&app, PASSWORD).await;
+        assert_eq!(a.status, StatusCode::SEE_OTHER);
+        let session = set_cookies(&a)
+            .into_iter()
+            .find(|c| c.starts_with(SESSION_COOKIE))
+            .expect("a session cookie");
+        for part in ["Secure", "HttpOnly", "SameSite=Strict"] {
+            assert!(session.contains(part), "{session}");
+        }
+        // Four more wrong ones reach the limit; then even the right one waits.
+        for _ in 0..4 {
+            assert_eq!(
+                log_in(&app, "wrong password!").await.status,
+                StatusCode::UNAUTHORIZED
+            );
+        }
+        let a = log_in(&app, PASSWORD).await;
+        assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
+    }
+
+    #[tokio::test]
+    async fn every_change_without_the_sessions_csrf_token_is_refused_before_it_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::users::set_password(dir.path(), "admin", PASSWORD).unwrap();
+        let changes = Arc::new(AtomicUsize::new(0));
+        let app = app(dir.path(), changes.clone());
+        let login = log_in(&app, PASSWORD).await;
+        let cookie = format!(
+            "{SESSION_COOKIE}={}",
+            cookie_value(&set_cookies(&login), SESSION_COOKIE)
+        );
+        let page = send(&app, "GET", "/ui/configuration", &cookie, "").await;
+        assert_eq!(page.status, StatusCode::OK);
+        let csrf = page
+            .body
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("the page's forms carry the token")
+            .to_string();
+        let change = "path=sip.domains&value=b.example&action=set";
+        for (path, form) in [
+            ("/ui/configuration", change.to_string()),
+            ("/ui/configuration", format!("{change}&csrf=wrong")),
+            ("/ui/clustering", "cluster_name=x".to_string()),
+            ("/logout", String::new()),
+        ] {
+            let a = send(&app, "POST", path, &cookie, &form).await;
+            assert_eq!(a.status, StatusCode::FORBIDDEN, "{path} {form}");
+        }
+        assert_eq!(changes.load(Ordering::SeqCst), 0, "nothing reached the API");
+        let a = send(
+            &app,
+            "POST",
+            "/ui/configuration",
+            &cookie,
+            &format!("{change}&csrf={csrf}"),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        assert!(a.body.contains("sip.domains set to b.example"), "{}", a.body);
+        assert_eq!(changes.load(Ordering::SeqCst), 1);
+        // Logging out with the token ends the session.
+        let a = send(&app, "POST", "/logout", &cookie, &format!("csrf={csrf}")).await;
+        assert_eq!(a.headers[header::LOCATION], "/login");
+        let a = send(&app, "GET", "/ui/configuration", &cookie, "").await;
+        assert_eq!(a.headers[header::LOCATION], "/login");
+    }
+}

@@ -52,7 +52,7 @@ pub(super) fn login_form(token: &str, error: Option<&str>) -> Markup {
                         input type="hidden" name="login_token" value=(token);
                         label { "User name" input name="user" autocomplete="username" required autofocus; }
                         label { "Password" input name="password" type="password" autocomplete="current-password" required; }
-                        button type="submit" { "Log in" }
+                        button type="submit" data-busy="Logging in…" { "Log in" }
                     }
                     p class="hint" { "Accounts are made on the node: " code { "causeway --node <data dir> admin passwd <user>" } }
                 }
@@ -106,7 +106,7 @@ fn layout(web: &Shared, who: &Authed, title: &str, body: Markup) -> Markup {
                     form method="post" action="/logout" class="logout" {
                         input type="hidden" name="csrf" value=(who.csrf);
                         span { (who.user) }
-                        button type="submit" { "Log out" }
+                        button type="submit" data-busy="Logging out…" { "Log out" }
                     }
                 }
                 main {
@@ -559,7 +559,7 @@ async fn configuration_body(
         }
         p class="hint" { "† peer-specific: set on this peer only, takes effect after a restart. Other items are cluster-wide: saved through the configuration primary to every peer." }
         table class="config" {
-            thead { tr { th { "Item" } th { "Value" } th { "About" } } }
+            thead { tr { th { "Item" } th { "Value" } th { "Type" } th { "About" } } }
             tbody {
                 @for i in &shown {
                     tr id=(format!("item-{}", i.path)) {
@@ -569,12 +569,23 @@ async fn configuration_body(
                                 input type="hidden" name="csrf" value=(who.csrf);
                                 input type="hidden" name="path" value=(i.path);
                                 input type="hidden" name="filter" value=(filter);
-                                input name="value" value=(i.pending.as_deref().unwrap_or(&i.value)) aria-label=(i.path);
+                                @let current = i.pending.as_deref().unwrap_or(&i.value);
+                                @if i.kind.starts_with("password") {
+                                    // Never shown back: a new one is typed, or nothing changes.
+                                    input name="value" type="password" autocomplete="new-password" placeholder="type a new password" required aria-label=(i.path);
+                                } @else if i.choices.is_empty() {
+                                    input name="value" value=(current) aria-label=(i.path);
+                                } @else {
+                                    select name="value" aria-label=(i.path) {
+                                        @for c in &i.choices { option value=(c) selected[c == current] { (c) } }
+                                    }
+                                }
                                 button type="submit" name="action" value="set" { "Save" }
                                 @if !i.peer_specific { button type="submit" name="action" value="unset" class="quiet" { "Default" } }
                             }
                             @if let Some(p) = &i.pending { small { "pending restart: " (p) " (running: " (i.value) ")" } }
                         }
+                        td { (i.kind) }
                         td { (i.about) @if i.restart_required { " (restart required)" } }
                     }
                 }
