@@ -302,8 +302,11 @@ async fn authenticate(
     if let Err(LoginRefused(status, why)) = auth.login(from.ip(), user, password).await {
         return refuse(status, why);
     }
-    request
-        .extensions_mut()
-        .insert(crate::web::AdminUser(user.to_string()));
-    next.run(request).await
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let response = next.run(request).await;
+    // Every change is logged with the account that made it (the pages log their own).
+    if method != axum::http::Method::GET {
+        tracing::info!(target: "management.admin", event = "Admin request", user = user, src_ip = %from.ip(), method = %method, path = %path, status = response.status().as_u16(), via = "api", "");
+    }
+    response
 }

@@ -101,7 +101,8 @@ impl Supervisor {
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
         let mut cmd = std::process::Command::new(self.tools.bin("postgres"));
-        cmd.arg("-D").arg(data);
+        // systemd's socket is the node's to notify on, not PostgreSQL's.
+        cmd.arg("-D").arg(data).env_remove("NOTIFY_SOCKET");
         if let Some((uid, gid)) = self.tools.run_as {
             use std::os::unix::process::CommandExt as _;
             cmd.uid(uid).gid(gid);

@@ -95,6 +95,7 @@ impl Tools {
         }
         c.process_group(0)
             .stdin(Stdio::null())
+            .env_remove("NOTIFY_SOCKET")
             .env_remove("PGHOST")
             .env_remove("PGPORT")
             .env_remove("PGDATA")

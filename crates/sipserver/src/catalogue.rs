@@ -97,9 +97,12 @@ pub static ITEMS: &[ItemDef] = &[
     },
     ItemDef {
         path: "routing.rules.<name>",
-        kind: Kind::Rule,
+        kind: Kind::Checked {
+            what: "rule: <pattern> <zone|local> [strip=N] [prepend=X] [replace=T] [continue] [auth]",
+            check: crate::routing::canonical_rule,
+        },
         restart: false,
-        about: "a search rule: destination pattern (user, or user@host; a trailing * for a prefix) and target zone; applied in name order (numbers as numbers) to requests no binding of this cluster takes",
+        about: "a search rule: a destination pattern (user, or user@host; a trailing * for a prefix, /…/ for a regular expression), the target (a zone, or local), and options: strip=N, prepend=TEXT, replace=TEMPLATE ($1… of a regex), continue (try the next rules when the target cannot take it), auth (authenticated requests only); applied in name order (numbers as numbers) to requests no binding of this cluster takes",
         default: "",
     },
     ItemDef {

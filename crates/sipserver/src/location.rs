@@ -81,6 +81,15 @@ pub fn stream_owner(name: &str) -> Option<usize> {
 /// The copies of one binding key, by the peer whose stream holds each.
 type Copies = Vec<(usize, Binding)>;
 
+/// What [`Location::listing`] finds.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub per_owner: HashMap<usize, usize>,
+    pub aors: usize,
+    pub matched: usize,
+    pub page: Vec<Binding>,
+}
+
 /// Every binding record of every stream: AOR → key → copies.
 #[derive(Default)]
 pub struct Location {
@@ -217,34 +226,49 @@ impl Location {
         self.by_aor.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// One page of the live bindings that `matches`, in AOR order, and how many match.
-    /// Only references are gathered and only the page is cloned: a page of a list of
-    /// 100,000 is cheap, and the lock is held for one pass.
-    pub fn page(
+    /// In one pass over the live bindings: how many each owner holds and how many AORs have
+    /// one (as [`Location::counts`]), how many `matches` takes, and one page of those in AOR
+    /// order. Only references are gathered and only the page is cloned (`limit` 0: none).
+    pub fn listing(
         &self,
         now_ms: u64,
         matches: impl Fn(&Binding) -> bool,
         offset: usize,
         limit: usize,
-    ) -> (usize, Vec<Binding>) {
+    ) -> Listing {
         let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
-        let mut hits: Vec<&Binding> = by_aor
-            .values()
-            .flat_map(|keys| keys.values().filter_map(|c| newest(c)))
-            .filter(|b| b.live(now_ms) && matches(b))
-            .collect();
-        let total = hits.len();
-        let end = offset.saturating_add(limit).min(total);
+        let mut listing = Listing::default();
+        let mut hits: Vec<&Binding> = Vec::new();
+        for keys in by_aor.values() {
+            let mut any = false;
+            for b in keys
+                .values()
+                .filter_map(|c| newest(c))
+                .filter(|b| b.live(now_ms))
+            {
+                *listing.per_owner.entry(b.owner).or_insert(0) += 1;
+                any = true;
+                if matches(b) {
+                    listing.matched += 1;
+                    if limit > 0 {
+                        hits.push(b);
+                    }
+                }
+            }
+            listing.aors += usize::from(any);
+        }
+        let end = offset.saturating_add(limit).min(hits.len());
         if offset >= end {
-            return (total, Vec::new());
+            return listing;
         }
         let order = |a: &&Binding, b: &&Binding| (&a.aor, &a.uri).cmp(&(&b.aor, &b.uri));
-        if end < total {
+        if end < hits.len() {
             hits.select_nth_unstable_by(end, order);
             hits.truncate(end);
         }
         hits.sort_unstable_by(order);
-        (total, hits[offset..].iter().map(|b| (*b).clone()).collect())
+        listing.page = hits[offset..].iter().map(|b| (*b).clone()).collect();
+        listing
     }
 
     /// Live bindings per owner, and the number of AORs with one.

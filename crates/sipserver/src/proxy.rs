@@ -367,13 +367,13 @@ impl SipService {
             let bindings = self.location.lookup(&aor, unix_ms_now());
             if bindings.is_empty() {
                 // The cluster's own registrations first; then the search rules.
-                match self.zone_hop(&uri).await {
-                    Ok(Some(hop)) => vec![hop],
+                match self.zone_hop(&uri, authenticated, flow).await {
+                    Ok(hops) if !hops.is_empty() => hops,
                     Err(reason) => {
                         self.respond(&msg, &source, 503, &reason, &[]);
                         return;
                     }
-                    Ok(None) => {
+                    Ok(_) => {
                         // To an unauthenticated requester, an unknown user and a known one
                         // with no binding look alike: a scanner cannot list the users.
                         let user = uri.user.as_deref().unwrap_or("");
@@ -386,48 +386,22 @@ impl SipService {
                     }
                 }
             } else {
-                // RFC 5626 §5.3: the flows of one instance (same +sip.instance, other
-                // reg-id) are ways to reach one device, not devices to fork to: the most
-                // recently registered flow that can be used carries the request.
-                let mut hops: Vec<Hop> = Vec::new();
-                let mut newest: HashMap<&str, (u64, usize)> = HashMap::new();
-                for b in &bindings {
-                    let Some(hop) = self.binding_hop(b, flow) else {
-                        continue;
-                    };
-                    let Some(instance) = b.instance.as_deref() else {
-                        hops.push(hop);
-                        continue;
-                    };
-                    match newest.get_mut(instance) {
-                        Some((at, i)) => {
-                            if b.registered_at_ms > *at {
-                                *at = b.registered_at_ms;
-                                hops[*i] = hop;
-                            }
-                        }
-                        None => {
-                            newest.insert(instance, (b.registered_at_ms, hops.len()));
-                            hops.push(hop);
-                        }
-                    }
-                }
-                hops
+                self.binding_hops(&bindings, flow)
             }
         } else if !may_leave {
             // Beyond the cluster's domains only where a search rule sends it (a request
             // with Routes of others' is not ours to route).
             let zone = match remaining_routes {
-                0 => self.zone_hop(&uri).await,
-                _ => Ok(None),
+                0 => self.zone_hop(&uri, authenticated, flow).await,
+                _ => Ok(Vec::new()),
             };
             match zone {
-                Ok(Some(hop)) => vec![hop],
+                Ok(hops) if !hops.is_empty() => hops,
                 Err(reason) => {
                     self.respond(&msg, &source, 503, &reason, &[]);
                     return;
                 }
-                Ok(None) => return refuse_relay(),
+                Ok(_) => return refuse_relay(),
             }
         } else {
             // Loose routing to the next Route (the Request-URI stays), or to the Request-URI.
@@ -585,38 +559,101 @@ impl SipService {
         )
     }
 
-    /// Where the search rules send a request for `uri` that no binding of this cluster
-    /// takes: the first matching rule's zone, at the first of its addresses that resolves
-    /// and is not down (`zones.rs`). `Ok(None)`: no rule takes it. `Err`: the rule's zone
-    /// has no address to send to now (the reason, for a 503).
-    async fn zone_hop(&self, uri: &SipUri) -> Result<Option<Hop>, String> {
+    /// Where the search rules send a request no binding of this cluster takes: each rule
+    /// that takes it in priority order, until one whose target can (a zone with an address
+    /// that answers its keep-alive, or local bindings of the rewritten alias). Empty: no rule
+    /// takes it. Err: the last target that was tried cannot be reached (503).
+    async fn zone_hop(
+        &self,
+        uri: &SipUri,
+        authenticated: bool,
+        flow: Option<u64>,
+    ) -> Result<Vec<Hop>, String> {
         let config = self.config();
-        let Some((rule, zone)) = config
+        let plan = config
             .routing
-            .route(uri.user.as_deref().unwrap_or(""), &uri.host)
-        else {
-            return Ok(None);
-        };
-        for address in &zone.addresses {
-            let Some(addr) = resolve(address).await else {
+            .plan(uri.user.as_deref().unwrap_or(""), &uri.host, authenticated);
+        let mut failure = None;
+        for step in &plan.steps {
+            let rewritten = step.user != uri.user.as_deref().unwrap_or("") || step.host != uri.host;
+            let Some((zone_name, zone)) = step.zone else {
+                let mut local = uri.clone();
+                local.user = Some(step.user.clone());
+                local.host = step.host.clone();
+                let bindings = self
+                    .location
+                    .lookup(&self.canonical_aor(&local), unix_ms_now());
+                let hops = self.binding_hops(&bindings, flow);
+                if !hops.is_empty() {
+                    return Ok(hops);
+                }
+                failure = Some(format!(
+                    "Temporarily Unavailable (search rule {}: no binding of {}@{})",
+                    step.rule.name, step.user, step.host
+                ));
                 continue;
             };
-            if !self.zones.is_up(&addr) {
-                continue;
+            for address in &zone.addresses {
+                let Some(addr) = resolve(address).await else {
+                    continue;
+                };
+                if !self.zones.is_up(&addr) {
+                    continue;
+                }
+                debug!(target: LOG, rule = %step.rule.name, zone = %zone_name, dst = %addr,
+                    "Search rule matched");
+                let mut hop = Hop::direct(Target {
+                    proto: zone.proto.unwrap_or(Proto::Udp),
+                    addr,
+                    conn: None,
+                    local: None,
+                });
+                if rewritten {
+                    let mut to = uri.clone();
+                    to.user = Some(step.user.clone());
+                    to.host = step.host.clone();
+                    hop.uri = Some(to.to_string());
+                }
+                return Ok(vec![hop]);
             }
-            debug!(target: LOG, rule = %rule.name, zone = %rule.zone, dst = %addr,
-                "Search rule matched");
-            return Ok(Some(Hop::direct(Target {
-                proto: zone.proto.unwrap_or(Proto::Udp),
-                addr,
-                conn: None,
-                local: None,
-            })));
+            failure = Some(format!(
+                "Service Unavailable (zone {zone_name}: no address answers)"
+            ));
         }
-        Err(format!(
-            "Service Unavailable (zone {}: no address answers)",
-            rule.zone
-        ))
+        match failure {
+            Some(reason) => Err(reason),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The hops to the bindings of one AOR. RFC 5626 §5.3: the flows of one instance (same
+    /// +sip.instance, other reg-id) are ways to reach one device, not devices to fork to: the
+    /// most recently registered flow that can be used carries the request.
+    fn binding_hops(&self, bindings: &[crate::location::Binding], flow: Option<u64>) -> Vec<Hop> {
+        let mut hops: Vec<Hop> = Vec::new();
+        let mut newest: HashMap<&str, (u64, usize)> = HashMap::new();
+        for b in bindings {
+            let Some(hop) = self.binding_hop(b, flow) else {
+                continue;
+            };
+            let Some(instance) = b.instance.as_deref() else {
+                hops.push(hop);
+                continue;
+            };
+            match newest.get_mut(instance) {
+                Some((at, i)) => {
+                    if b.registered_at_ms > *at {
+                        *at = b.registered_at_ms;
+                        hops[*i] = hop;
+                    }
+                }
+                None => {
+                    newest.insert(instance, (b.registered_at_ms, hops.len()));
+                    hops.push(hop);
+                }
+            }
+        }
+        hops
     }
 
     /// Every `zone_keepalive`: an OPTIONS to every address of every zone, and 30020 for a

@@ -114,24 +114,23 @@ pub struct CallsStatus {
 impl SipService {
     pub fn registrations_status(&self, query: &ListQuery) -> RegistrationsStatus {
         let now = unix_ms_now();
-        let (per_owner, aors) = self.location.counts(now);
-        let mut per_peer: Vec<(usize, usize)> = per_owner.into_iter().collect();
-        per_peer.sort();
-        let limit = query.limit.min(ROWS);
-        let (matched, page) = self.location.page(
+        let listing = self.location.listing(
             now,
             |b| query.matches(b.owner, &[&b.aor, &b.uri]),
             query.offset,
-            limit,
+            query.limit.min(ROWS),
         );
+        let mut per_peer: Vec<(usize, usize)> = listing.per_owner.into_iter().collect();
+        per_peer.sort();
         RegistrationsStatus {
             peer: self.self_index,
-            aors,
+            aors: listing.aors,
             bindings: per_peer.iter().map(|p| p.1).sum(),
             per_peer,
             licences: self.licences.current().registrations,
-            matched,
-            rows: page
+            matched: listing.matched,
+            rows: listing
+                .page
                 .into_iter()
                 .map(|b| BindingRow {
                     expires_in_s: b.expires_at_ms.saturating_sub(now).div_ceil(1000),
@@ -265,7 +264,7 @@ pub fn router(svc: Arc<SipService>) -> Router {
             "/api/v1/command/locate",
             axum::routing::post(
                 |State(s): State<Arc<SipService>>, Json(req): Json<LocateRequest>| async move {
-                    Json(s.locate(&req.alias))
+                    Json(s.locate(&req.alias, req.authenticated))
                 },
             ),
         )
@@ -275,6 +274,13 @@ pub fn router(svc: Arc<SipService>) -> Router {
 #[derive(Deserialize)]
 pub struct LocateRequest {
     pub alias: String,
+    /// As for a request that authenticated (rules marked `auth` apply); the default.
+    #[serde(default = "yes")]
+    pub authenticated: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `xcommand Locate`: the steps a request for an alias would go through, and where it ends.
@@ -288,8 +294,8 @@ pub struct Located {
 impl SipService {
     /// Where a request for `alias` (`user@host`, or a user of the cluster's own domain) would
     /// go from this peer: the cluster's own registrations first, then the search rules in
-    /// order. Nothing is sent.
-    pub fn locate(&self, alias: &str) -> Located {
+    /// order, as for an `authenticated` request or not. Nothing is sent.
+    pub fn locate(&self, alias: &str, authenticated: bool) -> Located {
         let alias = alias.trim().trim_start_matches("sip:");
         let (user, host) = match alias.split_once('@') {
             Some((u, h)) => (u.to_string(), h.to_string()),
@@ -317,33 +323,58 @@ impl SipService {
             steps.push(format!("{host} is not a domain of this cluster"));
         }
         let config = self.config();
-        steps.extend(config.routing.trace(&user, &host));
-        let result = match config.routing.route(&user, &host) {
-            Some((rule, zone)) => {
-                // An address known down (by its keep-alive) is passed over; a name is
-                // resolved only when a request is sent.
-                let down = |a: &String| {
-                    a.parse::<std::net::SocketAddr>()
-                        .is_ok_and(|a| !self.zones.is_up(&a))
-                };
-                for a in zone.addresses.iter().filter(|a| down(a)) {
-                    steps.push(format!("Zone {} address {a}: down (no answer to OPTIONS)", rule.zone));
+        let plan = config.routing.plan(&user, &host, authenticated);
+        steps.extend(plan.trace.iter().cloned());
+        let mut failure = None;
+        let mut found = None;
+        for step in &plan.steps {
+            let Some((zone_name, zone)) = step.zone else {
+                let aor = causeway_sip::SipUri::parse(&format!("sip:{}@{}", step.user, step.host))
+                    .map(|uri| self.canonical_aor(&uri))
+                    .unwrap_or_else(|_| format!("sip:{}@{}", step.user, step.host));
+                let n = self.location.lookup(&aor, unix_ms_now()).len();
+                steps.push(format!("Local registrations of {aor}: {n} binding(s)"));
+                if n > 0 {
+                    found = Some(format!(
+                        "Found: search rule {} sends it to {n} local binding(s) of {aor}",
+                        step.rule.name
+                    ));
+                    break;
                 }
-                match zone.addresses.iter().find(|a| !down(a)) {
-                    Some(at) => format!(
-                        "Found: search rule {} sends it to zone {} at {at} ({})",
-                        rule.name,
-                        rule.zone,
-                        zone.proto.unwrap_or(crate::Proto::Udp).name()
-                    ),
-                    None => format!(
-                        "Not found: 503 Service Unavailable (zone {}: no address answers)",
-                        rule.zone
-                    ),
-                }
+                failure = Some(format!(
+                    "Not found: 480 Temporarily Unavailable (search rule {}: no binding of {aor})",
+                    step.rule.name
+                ));
+                continue;
+            };
+            // An address known down (by its keep-alive) is passed over; a name is resolved
+            // only when a request is sent.
+            let down = |a: &String| {
+                a.parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| !self.zones.is_up(&a))
+            };
+            for a in zone.addresses.iter().filter(|a| down(a)) {
+                steps.push(format!("Zone {zone_name} address {a}: down (no answer to OPTIONS)"));
             }
-            None if local => "Not found: 480 Temporarily Unavailable (no binding, no search rule takes it)".into(),
-            None => "Not found: 403 Forbidden (not a domain of this cluster, and no search rule sends it anywhere)".into(),
+            if let Some(at) = zone.addresses.iter().find(|a| !down(a)) {
+                found = Some(format!(
+                    "Found: search rule {} sends it to zone {zone_name} at {at} ({}) as {}@{}",
+                    step.rule.name,
+                    zone.proto.unwrap_or(crate::Proto::Udp).name(),
+                    step.user,
+                    step.host
+                ));
+                break;
+            }
+            failure = Some(format!(
+                "Not found: 503 Service Unavailable (zone {zone_name}: no address answers)"
+            ));
+        }
+        let result = match (found, failure) {
+            (Some(found), _) => found,
+            (None, Some(failure)) => failure,
+            (None, None) if local => "Not found: 480 Temporarily Unavailable (no binding, no search rule takes it)".into(),
+            (None, None) => "Not found: 403 Forbidden (not a domain of this cluster, and no search rule sends it anywhere)".into(),
         };
         Located {
             alias: alias.to_string(),

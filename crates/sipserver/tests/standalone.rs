@@ -576,16 +576,19 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
             "routing.rules.20",
             "carol@partner.example london".to_string(),
         ),
+        // The neighbour dials international numbers as 00…
+        ("routing.rules.30", "+1* london strip=1 prepend=00".to_string()),
         ("zones.london.address", neighbour.addr().to_string()),
     ] {
         s.node.set_configuration(path, Some(&value)).await.unwrap();
     }
     let caller = Ep::new("127.0.67.10", s.addr).await;
-    for (to, call) in [
-        ("+442071234567@test.example", "z1"),
-        ("carol@partner.example", "z2"),
+    for (to, call, arrives_as) in [
+        ("+442071234567@test.example", "z1", "sip:+442071234567@test.example"),
+        ("carol@partner.example", "z2", "sip:carol@partner.example"),
+        ("+15551234@test.example", "z5", "sip:0015551234@test.example"),
     ] {
-        let (user, host) = to.split_once('@').unwrap();
+        let user = to.split_once('@').unwrap().0;
         caller
             .send(
                 &invite(user, call)
@@ -596,7 +599,7 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
         let (inv, from) = neighbour.next().await;
         assert_eq!(inv.method(), Some("INVITE"));
         assert_eq!(from, s.addr, "through this cluster's proxy");
-        assert_eq!(inv.uri(), Some(format!("sip:{user}@{host}").as_str()));
+        assert_eq!(inv.uri(), Some(arrives_as), "rewritten by the rule");
         neighbour
             .sock
             .send_to(&build::response(&inv, 200, "OK", Some("n"), &[]), s.addr)
@@ -617,13 +620,13 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
     );
 
     // Locate shows the same path, sending nothing.
-    let london = s.svc.locate("+442071234567");
+    let london = s.svc.locate("+442071234567", true);
     assert_eq!(
         london.steps,
         [
             "Local registrations of sip:+442071234567@test.example: 0 binding(s)".to_string(),
             format!(
-                "Search rule 10 '+4420*' to zone london: matches: zone london at {}",
+                "Search rule 10 '+4420* london': matches: to zone london at {}",
                 neighbour.addr()
             ),
         ]
@@ -635,16 +638,29 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
         "{}",
         london.result
     );
-    let partner = s.svc.locate("carol@partner.example");
+    let partner = s.svc.locate("carol@partner.example", true);
     assert_eq!(
         partner.steps[0],
         "partner.example is not a domain of this cluster"
     );
     assert!(partner.result.contains("rule 20"), "{}", partner.result);
-    let nowhere = s.svc.locate("dave@partner.example");
+    let rewritten = s.svc.locate("+15551234", true);
+    assert_eq!(
+        rewritten.steps[3],
+        format!(
+            "Search rule 30 '+1* london strip=1 prepend=00': matches, rewritten to 0015551234@test.example: to zone london at {}",
+            neighbour.addr()
+        )
+    );
+    assert!(
+        rewritten.result.ends_with("as 0015551234@test.example"),
+        "{}",
+        rewritten.result
+    );
+    let nowhere = s.svc.locate("dave@partner.example", true);
     assert_eq!(
         nowhere.steps.len(),
-        3,
+        4,
         "every rule tried: {:?}",
         nowhere.steps
     );
@@ -657,23 +673,23 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
     registered.register_as("+4420999", "r67").await;
     assert!(s
         .svc
-        .locate("+4420999")
+        .locate("+4420999", true)
         .result
         .starts_with("Found: 1 local binding(s)"));
-    assert!(s.svc.locate("+33155").result.starts_with("Not found: 480"));
+    assert!(s.svc.locate("+33155", true).result.starts_with("Not found: 480"));
 }
 
 /// Waits (up to 5 s) for Locate of +442071234567 to start with `want`.
 async fn wait_located(s: &Solo, want: &str) {
     for _ in 0..50 {
-        if s.svc.locate("+442071234567").result.starts_with(want) {
+        if s.svc.locate("+442071234567", true).result.starts_with(want) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!(
         "Locate never said '{want}': {}",
-        s.svc.locate("+442071234567").result
+        s.svc.locate("+442071234567", true).result
     );
 }
 

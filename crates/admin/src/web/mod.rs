@@ -42,10 +42,6 @@ pub struct ServicePage {
 #[derive(Clone, Copy, Debug)]
 pub struct ClientIp(pub IpAddr);
 
-/// The account a request was authenticated as (the API's Basic login), for the logs.
-#[derive(Clone, Debug)]
-pub struct AdminUser(pub String);
-
 /// Paths the pages own; everything else is the API, with its own authentication.
 pub fn is_page_path(path: &str) -> bool {
     path == "/"
@@ -54,6 +50,7 @@ pub fn is_page_path(path: &str) -> bool {
         || path == "/ui"
         || path.starts_with("/ui/")
         || path.starts_with("/assets/")
+        || path == "/favicon.ico"
 }
 
 pub(crate) struct Web {
@@ -93,6 +90,8 @@ pub(crate) fn router(api: Router, auth: AuthState, pages: Vec<ServicePage>) -> R
         .route("/ui/service/{slug}", get(pages::service))
         .route("/ui/service/{slug}/live", get(pages::service_live))
         .route("/assets/{file}", get(asset))
+        // Asked for by every browser: answered here, not by the API's password challenge.
+        .route("/favicon.ico", get(|| async { StatusCode::NOT_FOUND }))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(web)
 }
@@ -169,13 +168,13 @@ impl FromRequestParts<Shared> for Authed {
     }
 }
 
-/// Refuses a change without this session's CSRF token (form field `csrf` or the
-/// `X-CSRF-Token` header htmx sends).
-pub(crate) fn check_csrf(
+/// The refusal of a change without this session's CSRF token (form field `csrf` or the
+/// `X-CSRF-Token` header htmx sends); None when the token is right.
+pub(crate) fn csrf_refusal(
     who: &Authed,
     headers: &HeaderMap,
     field: Option<&str>,
-) -> Result<(), Response> {
+) -> Option<Response> {
     let sent = field.map(str::to_string).or_else(|| {
         headers
             .get("X-CSRF-Token")
@@ -183,14 +182,16 @@ pub(crate) fn check_csrf(
             .map(str::to_string)
     });
     match sent {
-        Some(t) if same_token(&t, &who.csrf) => Ok(()),
+        Some(t) if same_token(&t, &who.csrf) => None,
         _ => {
             tracing::warn!(target: "management.admin", event = "Change refused", user = %who.user, reason = "missing or wrong CSRF token", "");
-            Err((
-                StatusCode::FORBIDDEN,
-                "refused: the form's security token is missing or wrong (reload the page and try again)",
+            Some(
+                (
+                    StatusCode::FORBIDDEN,
+                    "refused: the form's security token is missing or wrong (reload the page and try again)",
+                )
+                    .into_response(),
             )
-                .into_response())
         }
     }
 }
@@ -319,7 +320,7 @@ async fn logout(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(r) = check_csrf(&who, &headers, form.csrf.as_deref()) {
+    if let Some(r) = csrf_refusal(&who, &headers, form.csrf.as_deref()) {
         return r;
     }
     if let Some(t) = cookie(&headers, SESSION_COOKIE) {

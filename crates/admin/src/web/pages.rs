@@ -13,7 +13,7 @@ use maud::{html, Markup, DOCTYPE};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{check_csrf, Authed, ListParams, Shared};
+use super::{csrf_refusal, Authed, ListParams, Shared};
 
 /// Rows on one page of the registrations and calls lists.
 const PAGE_ROWS: usize = 50;
@@ -429,7 +429,7 @@ pub(super) async fn save_clustering(
         .iter()
         .find(|(k, _)| k == "csrf")
         .map(|(_, v)| v.as_str());
-    if let Err(r) = check_csrf(&who, &headers, csrf) {
+    if let Some(r) = csrf_refusal(&who, &headers, csrf) {
         return r;
     }
     let items = items(&web).await.unwrap_or_default();
@@ -621,7 +621,7 @@ pub(super) async fn save_configuration(
     headers: HeaderMap,
     Form(form): Form<ConfigForm>,
 ) -> Response {
-    if let Err(r) = check_csrf(&who, &headers, form.csrf.as_deref()) {
+    if let Some(r) = csrf_refusal(&who, &headers, form.csrf.as_deref()) {
         return r;
     }
     let value = (form.action != "unset").then_some(form.value.trim());
