@@ -344,7 +344,12 @@ enum Xcommand {
     /// Where a request for an alias (user@host, or a user of the cluster's domain) would go:
     /// the local registrations, then each search rule, and where it ends. Sends nothing.
     #[command(name = "Locate", alias = "locate")]
-    Locate { alias: String },
+    Locate {
+        alias: String,
+        /// As for a request that did not authenticate: rules marked `auth` are skipped.
+        #[arg(long)]
+        unauthenticated: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -497,7 +502,10 @@ fn main() -> ExitCode {
                 Xcommand::ResolvePeers => {
                     show::simple_command(&socket, "resolvepeers", "ResolvePeers")
                 }
-                Xcommand::Locate { alias } => show::locate(&socket, &alias),
+                Xcommand::Locate {
+                    alias,
+                    unauthenticated,
+                } => show::locate(&socket, &alias, !unauthenticated),
             }
         }
         Command::Backup {

@@ -437,11 +437,11 @@ pub fn purge(data_dir: &Path, confirm: bool) -> anyhow::Result<()> {
 }
 
 /// `xcommand Locate <alias>`: the steps, then where it ends.
-pub fn locate(socket: &Path, alias: &str) -> anyhow::Result<()> {
+pub fn locate(socket: &Path, alias: &str, authenticated: bool) -> anyhow::Result<()> {
     let out = causeway_admin::client::post_json(
         socket,
         "/api/v1/command/locate",
-        &json!({ "alias": alias }),
+        &json!({ "alias": alias, "authenticated": authenticated }),
     )
     .map_err(|e| {
         if e.to_string().contains("404") {
