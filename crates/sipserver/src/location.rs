@@ -100,7 +100,22 @@ pub struct Location {
     /// replaced them. Entries are checked when they fall due (a refresh leaves the old
     /// entry behind), so the sweep never scans every binding.
     due: std::sync::Mutex<std::collections::BTreeSet<(u64, String)>>,
+    /// The AORs held, in order: a page of the list is read from here, not from a pass over
+    /// every binding (taken after `by_aor`, changed under its write lock).
+    order: RwLock<std::collections::BTreeSet<String>>,
+    /// The last [`Location::counts`] of a large table, and when it was asked for.
+    counts_cache: std::sync::Mutex<Option<(u64, Counts)>>,
+    counts_wanted_ms: std::sync::atomic::AtomicU64,
 }
+
+/// Live bindings per owner, and the number of AORs with one.
+pub type Counts = (HashMap<usize, usize>, usize);
+
+/// Below this many AORs, counts are made when asked (a few milliseconds); above it they are
+/// made once a second while someone looks, off the request.
+const COUNT_INLINE_BELOW: usize = 10_000;
+/// How old counts of a large table may be when nobody refreshed them.
+const COUNTS_MAX_AGE_MS: u64 = 5_000;
 
 impl Location {
     pub fn new(own: usize) -> Location {
@@ -122,6 +137,9 @@ impl Location {
         let mut by_aor = self.by_aor.write().unwrap_or_else(|p| p.into_inner());
         match value.and_then(Binding::decode) {
             Some(b) => {
+                if !by_aor.contains_key(aor) {
+                    self.order_write().insert(aor.to_string());
+                }
                 let copies = by_aor
                     .entry(aor.to_string())
                     .or_default()
@@ -154,6 +172,7 @@ impl Location {
                     }
                     if keys.is_empty() {
                         by_aor.remove(aor);
+                        self.order_write().remove(aor);
                     }
                 }
             }
@@ -272,7 +291,7 @@ impl Location {
     }
 
     /// Live bindings per owner, and the number of AORs with one.
-    pub fn counts(&self, now_ms: u64) -> (HashMap<usize, usize>, usize) {
+    pub fn counts(&self, now_ms: u64) -> Counts {
         let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
         let mut per_owner = HashMap::new();
         let mut aors = 0;
@@ -301,6 +320,85 @@ impl Location {
             keys.retain(|_, c| !c.is_empty());
         }
         by_aor.retain(|_, k| !k.is_empty());
+        *self.order_write() = by_aor.keys().cloned().collect();
+    }
+
+    fn order_write(&self) -> std::sync::RwLockWriteGuard<'_, std::collections::BTreeSet<String>> {
+        self.order.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One page of AORs in order (those containing `q`, if given) with their live bindings,
+    /// and how many AORs match. No pass over the bindings: the order is kept as they change.
+    pub fn page_of_aors(
+        &self,
+        now_ms: u64,
+        q: &str,
+        offset: usize,
+        limit: usize,
+    ) -> (usize, Vec<Binding>) {
+        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
+        let order = self.order.read().unwrap_or_else(|p| p.into_inner());
+        let (matched, page): (usize, Vec<&String>) = if q.is_empty() {
+            (order.len(), order.iter().skip(offset).take(limit).collect())
+        } else {
+            let mut matched = 0;
+            let mut page = Vec::new();
+            for aor in order.iter().filter(|a| a.contains(q)) {
+                if matched >= offset && page.len() < limit {
+                    page.push(aor);
+                }
+                matched += 1;
+            }
+            (matched, page)
+        };
+        let mut rows = Vec::new();
+        for aor in page {
+            if let Some(keys) = by_aor.get(aor) {
+                let mut bindings: Vec<Binding> = current(keys, now_ms).collect();
+                bindings.sort_by(|a, b| a.uri.cmp(&b.uri));
+                rows.extend(bindings);
+            }
+        }
+        (matched, rows)
+    }
+
+    /// [`Location::counts`], made now for a small table; for a large one, as last made (at
+    /// most a second old while someone asks, see [`Location::refresh_counts`]).
+    pub fn counts_recent(&self, now_ms: u64) -> Counts {
+        use std::sync::atomic::Ordering;
+        if self.aor_count() < COUNT_INLINE_BELOW {
+            return self.counts(now_ms);
+        }
+        self.counts_wanted_ms.store(now_ms, Ordering::Relaxed);
+        let cache = self.counts_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, counts)) = cache.as_ref() {
+            if now_ms.saturating_sub(*at) <= COUNTS_MAX_AGE_MS {
+                return counts.clone();
+            }
+        }
+        drop(cache);
+        self.refresh_counts(now_ms);
+        self.counts_recent_cached().unwrap_or_default()
+    }
+
+    fn counts_recent_cached(&self) -> Option<Counts> {
+        let cache = self.counts_cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.as_ref().map(|(_, c)| c.clone())
+    }
+
+    /// Makes the counts of a large table again if they were asked for in the last 10 s
+    /// (called every second by the housekeeping, off the runtime's workers).
+    pub fn refresh_counts_if_wanted(&self, now_ms: u64) {
+        use std::sync::atomic::Ordering;
+        let wanted = self.counts_wanted_ms.load(Ordering::Relaxed);
+        if wanted > 0 && now_ms.saturating_sub(wanted) < 10_000 {
+            self.refresh_counts(now_ms);
+        }
+    }
+
+    fn refresh_counts(&self, now_ms: u64) {
+        let counts = self.counts(now_ms);
+        *self.counts_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((now_ms, counts));
     }
 }
 
@@ -342,6 +440,38 @@ mod tests {
             conn: None,
             removed: false,
         }
+    }
+
+    #[test]
+    fn pages_follow_the_aors_in_order_as_they_come_and_go() {
+        let loc = Location::new(1);
+        let put = |owner: usize, user: &str| {
+            let mut b = binding(owner, 10, 1_000_000);
+            b.aor = format!("sip:{user}@lab.example");
+            b.uri = format!("sip:{user}@10.0.0.5:5060");
+            loc.apply(owner, &b.key(), Some(&b.encode()));
+            b.key()
+        };
+        let users = |page: &[Binding]| -> Vec<String> {
+            page.iter().map(|b| b.aor.clone()).collect()
+        };
+        for (k, u) in ["carol", "alice", "dave", "bob"].iter().enumerate() {
+            put(k % 2 + 1, u);
+        }
+        let (matched, page) = loc.page_of_aors(100, "", 1, 2);
+        assert_eq!(matched, 4);
+        assert_eq!(users(&page), ["sip:bob@lab.example", "sip:carol@lab.example"]);
+        let (matched, page) = loc.page_of_aors(100, "o", 0, 10);
+        assert_eq!(matched, 2, "bob and carol");
+        assert_eq!(users(&page), ["sip:bob@lab.example", "sip:carol@lab.example"]);
+        let bob = put(2, "bob");
+        loc.apply(2, &bob, None);
+        assert_eq!(loc.page_of_aors(100, "bob", 0, 10).0, 0, "gone when its last binding went");
+        loc.clear_owner(2);
+        let (matched, page) = loc.page_of_aors(100, "", 0, 10);
+        assert_eq!(matched, 2, "peer 2's stream replaced whole");
+        assert_eq!(users(&page), ["sip:carol@lab.example", "sip:dave@lab.example"]);
+        assert!(loc.page_of_aors(2_000_000, "", 0, 10).1.is_empty(), "expired");
     }
 
     #[test]

@@ -500,6 +500,13 @@ impl SipService {
             self.sweep_transactions();
             self.auth.sweep(&self.config().guard);
             self.licences.refresh(&self.peers(), &self.tasks);
+            // Counts of a large registration table, for the pages and /metrics (a pass over
+            // every binding: not on a worker).
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                me.location.refresh_counts_if_wanted(unix_ms_now())
+            })
+            .await;
             let stale = self.location.stale_own(unix_ms_now());
             if !stale.is_empty() {
                 let changes = stale
@@ -530,7 +537,7 @@ impl causeway_cluster::Service for SipService {
     }
 
     fn status(&self) -> serde_json::Value {
-        let (per_owner, aors) = self.location.counts(unix_ms_now());
+        let (per_owner, aors) = self.location.counts_recent(unix_ms_now());
         serde_json::json!({
             "registered_aors": aors,
             "bindings": per_owner.values().sum::<usize>(),

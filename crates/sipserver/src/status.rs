@@ -42,8 +42,9 @@ pub struct RegistrationsStatus {
     pub rows: Vec<BindingRow>,
 }
 
-/// `?q=&peer=&offset=&limit=` of the registrations and calls lists: rows containing `q`
-/// (AOR or contact; caller or callee), of one peer, one page.
+/// `?q=&peer=&offset=&limit=` of the registrations and calls lists: one page of what
+/// contains `q` (an AOR; a call's caller or callee), of one peer if given. A registrations
+/// page without a peer is `limit` AORs with their bindings; otherwise `limit` rows.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ListQuery {
     #[serde(default)]
@@ -112,25 +113,36 @@ pub struct CallsStatus {
 }
 
 impl SipService {
+    /// The cluster's registrations: the counts (at most a second old for a large table),
+    /// and one page. Without a peer, a page is `limit` AORs in order (those containing `q`)
+    /// with their bindings, read from the kept order; with a peer, it is `limit` bindings of
+    /// that peer, found by a pass over every binding.
     pub fn registrations_status(&self, query: &ListQuery) -> RegistrationsStatus {
         let now = unix_ms_now();
-        let listing = self.location.listing(
-            now,
-            |b| query.matches(b.owner, &[&b.aor, &b.uri]),
-            query.offset,
-            query.limit.min(ROWS),
-        );
-        let mut per_peer: Vec<(usize, usize)> = listing.per_owner.into_iter().collect();
+        let limit = query.limit.min(ROWS);
+        let (per_owner, aors) = self.location.counts_recent(now);
+        let (matched, page) = if query.peer().is_none() {
+            self.location
+                .page_of_aors(now, query.q.trim(), query.offset, limit)
+        } else {
+            let listing = self.location.listing(
+                now,
+                |b| query.matches(b.owner, &[&b.aor, &b.uri]),
+                query.offset,
+                limit,
+            );
+            (listing.matched, listing.page)
+        };
+        let mut per_peer: Vec<(usize, usize)> = per_owner.into_iter().collect();
         per_peer.sort();
         RegistrationsStatus {
             peer: self.self_index,
-            aors: listing.aors,
+            aors,
             bindings: per_peer.iter().map(|p| p.1).sum(),
             per_peer,
             licences: self.licences.current().registrations,
-            matched: listing.matched,
-            rows: listing
-                .page
+            matched,
+            rows: page
                 .into_iter()
                 .map(|b| BindingRow {
                     expires_in_s: b.expires_at_ms.saturating_sub(now).div_ceil(1000),
@@ -182,7 +194,7 @@ impl SipService {
     /// The SIP part of a scrape of `/metrics`.
     fn encode_metrics(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
         let now = unix_ms_now();
-        let (per_owner, aors) = self.location.counts(now);
+        let (per_owner, aors) = self.location.counts_recent(now);
         let bindings: usize = per_owner.values().sum();
         let calls: usize = self.admission.usage().iter().map(|p| p.1).sum();
         let (servers, clients) = self.transaction_count();

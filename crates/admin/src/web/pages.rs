@@ -719,7 +719,7 @@ pub(super) async fn registrations(
                     span { (v["aors"].as_u64().unwrap_or(0)) " AORs" }
                     @for (peer, n) in &per_peer { span { "Peer " (peer) ": " (n) } }
                 }
-                (search_form("/ui/registrations", &q.q, &q.peer, "AOR or contact containing"))
+                (search_form("/ui/registrations", &q.q, &q.peer, "AOR containing"))
                 table class="list" {
                     thead { tr { th { "AOR" } th { "Contact" } th { "Peer" } th { "Transport" } th { "From" } th { "Expires in" } } }
                     tbody {
