@@ -224,7 +224,12 @@ pub(crate) struct LoginRefused(pub StatusCode, pub &'static str);
 impl AuthState {
     /// Checks a user name and password from `ip`, with the failed-login throttle shared by
     /// the API's Basic authentication and the web pages' login form.
-    pub(crate) async fn login(&self, ip: IpAddr, user: &str, password: &str) -> Result<(), LoginRefused> {
+    pub(crate) async fn login(
+        &self,
+        ip: IpAddr,
+        user: &str,
+        password: &str,
+    ) -> Result<(), LoginRefused> {
         {
             // Counted as a failure before the check and given back if it succeeds: concurrent
             // wrong logins from one address get MAX_FAILURES checks, not one each.
@@ -242,7 +247,11 @@ impl AuthState {
             entry.0 += 1;
         }
         // PBKDF2 is deliberately slow: keep it off the async workers.
-        let (dir, u, p) = (self.data_dir.clone(), user.to_string(), password.to_string());
+        let (dir, u, p) = (
+            self.data_dir.clone(),
+            user.to_string(),
+            password.to_string(),
+        );
         let login = tokio::task::spawn_blocking(move || users::check(&dir, &u, &p))
             .await
             .unwrap_or(users::Login::Refused);
@@ -258,7 +267,10 @@ impl AuthState {
             users::Login::NoUsers => Err(LoginRefused(StatusCode::UNAUTHORIZED, NO_USERS)),
             _ => {
                 tracing::warn!(target: "management.admin", event = "Admin login failed", src_ip = %ip, user = user, "");
-                Err(LoginRefused(StatusCode::UNAUTHORIZED, "wrong user name or password"))
+                Err(LoginRefused(
+                    StatusCode::UNAUTHORIZED,
+                    "wrong user name or password",
+                ))
             }
         }
     }
@@ -272,7 +284,9 @@ async fn authenticate(
 ) -> Response {
     // The pages keep their own sessions (a login form and a cookie, crate::web).
     if crate::web::is_page_path(request.uri().path()) {
-        request.extensions_mut().insert(crate::web::ClientIp(from.ip()));
+        request
+            .extensions_mut()
+            .insert(crate::web::ClientIp(from.ip()));
         return next.run(request).await;
     }
     let credentials = request

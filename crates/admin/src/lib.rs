@@ -7,8 +7,8 @@ mod api;
 pub mod client;
 mod https;
 mod syslog;
-pub mod web;
 pub mod users;
+pub mod web;
 
 pub use api::{refused, router};
 pub use https::serve_https;

@@ -193,7 +193,10 @@ pub fn up(peers: usize, dir: &Path, database: bool) -> anyhow::Result<()> {
         peer_dir(&dir, 2).display()
     );
     println!("  curl --cacert {}/ca/ca.crt -u admin:$(cat {}/admin-password) https://127.0.0.1:8443/api/v1/status/cluster", dir.display(), dir.display());
-    println!("  web pages: https://127.0.0.1:8443/ (user admin, password in {}/admin-password)", dir.display());
+    println!(
+        "  web pages: https://127.0.0.1:8443/ (user admin, password in {}/admin-password)",
+        dir.display()
+    );
     println!(
         "  causeway --node {} xstatus registrations",
         peer_dir(&dir, 3).display()

@@ -194,10 +194,7 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
     log_in(&b, 1, PASSWORD).await;
     assert_eq!(b.current_url().await.unwrap().path(), "/ui/overview");
     for k in 1..=3 {
-        let row = b
-            .find(Locator::Css(&format!("tr#peer-{k}")))
-            .await
-            .unwrap();
+        let row = b.find(Locator::Css(&format!("tr#peer-{k}"))).await.unwrap();
         assert_eq!(row.attr("class").await.unwrap().as_deref(), Some("up"));
     }
 
@@ -214,34 +211,41 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
         .await
         .unwrap();
     let input = b
-        .find(Locator::Css("form.item input[name=value][aria-label='sip.domains']"))
+        .find(Locator::Css(
+            "form.item input[name=value][aria-label='sip.domains']",
+        ))
         .await
         .unwrap();
     input.clear().await.unwrap();
     input.send_keys("web.example.com").await.unwrap();
-    b.find(Locator::Css(
-        "tr[id='item-sip.domains'] button[value=set]",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    b.find(Locator::Css("tr[id='item-sip.domains'] button[value=set]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     let saved = text(&b, "p.saved").await;
-    assert!(saved.contains("sip.domains set to web.example.com"), "{saved:?}");
+    assert!(
+        saved.contains("sip.domains set to web.example.com"),
+        "{saved:?}"
+    );
     log_in(&b, 3, PASSWORD).await;
-    until(20, "peer 3's Configuration page to show the new sip.domains", || async {
-        b.goto(&format!("{}/ui/configuration?filter=sip.domains", base(3)))
-            .await
-            .unwrap();
-        match b
-            .find(Locator::Css("input[aria-label='sip.domains']"))
-            .await
-        {
-            Ok(e) => e.prop("value").await.ok().flatten().as_deref() == Some("web.example.com"),
-            Err(_) => false,
-        }
-    })
+    until(
+        20,
+        "peer 3's Configuration page to show the new sip.domains",
+        || async {
+            b.goto(&format!("{}/ui/configuration?filter=sip.domains", base(3)))
+                .await
+                .unwrap();
+            match b
+                .find(Locator::Css("input[aria-label='sip.domains']"))
+                .await
+            {
+                Ok(e) => e.prop("value").await.ok().flatten().as_deref() == Some("web.example.com"),
+                Err(_) => false,
+            }
+        },
+    )
     .await;
 
     // A change posted without the session's CSRF token is refused and changes nothing.
@@ -284,21 +288,27 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
     .await;
     screenshot(&b, "alarms").await;
     b.switch_to_window(overview).await.unwrap();
-    until(30, "peer 2 red and 20004 on the open Overview page", || async {
-        let down = match b.find(Locator::Css("tr#peer-2")).await {
-            Ok(row) => row.attr("class").await.ok().flatten().as_deref() == Some("down"),
-            Err(_) => false,
-        };
-        down && !b
-            .find_all(Locator::Css("tr.alarm[data-id='20004']"))
-            .await
-            .unwrap_or_default()
-            .is_empty()
-    })
+    until(
+        30,
+        "peer 2 red and 20004 on the open Overview page",
+        || async {
+            let down = match b.find(Locator::Css("tr#peer-2")).await {
+                Ok(row) => row.attr("class").await.ok().flatten().as_deref() == Some("down"),
+                Err(_) => false,
+            };
+            down && !b
+                .find_all(Locator::Css("tr.alarm[data-id='20004']"))
+                .await
+                .unwrap_or_default()
+                .is_empty()
+        },
+    )
     .await;
     assert_eq!(b.current_url().await.unwrap().path(), "/ui/overview");
     screenshot(&b, "overview-peer2-down").await;
-    b.goto(&format!("{}/ui/configuration", base(1))).await.unwrap();
+    b.goto(&format!("{}/ui/configuration", base(1)))
+        .await
+        .unwrap();
     screenshot(&b, "configuration").await;
 
     // Logging out ends the session.

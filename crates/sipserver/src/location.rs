@@ -452,26 +452,41 @@ mod tests {
             loc.apply(owner, &b.key(), Some(&b.encode()));
             b.key()
         };
-        let users = |page: &[Binding]| -> Vec<String> {
-            page.iter().map(|b| b.aor.clone()).collect()
-        };
+        let users =
+            |page: &[Binding]| -> Vec<String> { page.iter().map(|b| b.aor.clone()).collect() };
         for (k, u) in ["carol", "alice", "dave", "bob"].iter().enumerate() {
             put(k % 2 + 1, u);
         }
         let (matched, page) = loc.page_of_aors(100, "", 1, 2);
         assert_eq!(matched, 4);
-        assert_eq!(users(&page), ["sip:bob@lab.example", "sip:carol@lab.example"]);
+        assert_eq!(
+            users(&page),
+            ["sip:bob@lab.example", "sip:carol@lab.example"]
+        );
         let (matched, page) = loc.page_of_aors(100, "o", 0, 10);
         assert_eq!(matched, 2, "bob and carol");
-        assert_eq!(users(&page), ["sip:bob@lab.example", "sip:carol@lab.example"]);
+        assert_eq!(
+            users(&page),
+            ["sip:bob@lab.example", "sip:carol@lab.example"]
+        );
         let bob = put(2, "bob");
         loc.apply(2, &bob, None);
-        assert_eq!(loc.page_of_aors(100, "bob", 0, 10).0, 0, "gone when its last binding went");
+        assert_eq!(
+            loc.page_of_aors(100, "bob", 0, 10).0,
+            0,
+            "gone when its last binding went"
+        );
         loc.clear_owner(2);
         let (matched, page) = loc.page_of_aors(100, "", 0, 10);
         assert_eq!(matched, 2, "peer 2's stream replaced whole");
-        assert_eq!(users(&page), ["sip:carol@lab.example", "sip:dave@lab.example"]);
-        assert!(loc.page_of_aors(2_000_000, "", 0, 10).1.is_empty(), "expired");
+        assert_eq!(
+            users(&page),
+            ["sip:carol@lab.example", "sip:dave@lab.example"]
+        );
+        assert!(
+            loc.page_of_aors(2_000_000, "", 0, 10).1.is_empty(),
+            "expired"
+        );
     }
 
     #[test]

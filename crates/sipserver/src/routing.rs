@@ -90,7 +90,9 @@ impl SearchRule {
             value.split_once(' ').ok_or_else(|| SHAPE.to_string())?
         };
         if pattern_text.len() > MAX_PATTERN {
-            return Err(format!("has a pattern longer than {MAX_PATTERN} characters"));
+            return Err(format!(
+                "has a pattern longer than {MAX_PATTERN} characters"
+            ));
         }
         let mut words = rest.split_whitespace();
         let target = match words.next() {
@@ -147,13 +149,22 @@ impl SearchRule {
                         .filter(|n| *n <= 64)
                         .ok_or("has strip= that is not a number from 0 to 64")?
                 }
-                "prepend" if val.chars().all(|c| c.is_ascii_alphanumeric() || "+-_.".contains(c)) => {
+                "prepend"
+                    if val
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-_.".contains(c)) =>
+                {
                     rule.prepend = val.to_string()
                 }
                 "replace" if matches!(rule.pattern, Pattern::Regex(_)) && !val.is_empty() => {
                     rule.replace = Some(val.to_string())
                 }
-                "replace" => return Err("has replace= on a rule whose pattern is not a /regex/ (or an empty one)".into()),
+                "replace" => {
+                    return Err(
+                        "has replace= on a rule whose pattern is not a /regex/ (or an empty one)"
+                            .into(),
+                    )
+                }
                 "continue" if val.is_empty() => rule.go_on = true,
                 "stop" if val.is_empty() => rule.go_on = false,
                 "auth" if val.is_empty() => rule.auth_only = true,
@@ -331,7 +342,11 @@ impl Routing {
             let zone = match &r.target {
                 RuleTarget::Local => None,
                 RuleTarget::Zone(z) => {
-                    match self.zones.get_key_value(z).filter(|(_, z)| !z.addresses.is_empty()) {
+                    match self
+                        .zones
+                        .get_key_value(z)
+                        .filter(|(_, z)| !z.addresses.is_empty())
+                    {
                         Some((name, zone)) => Some((name.as_str(), zone)),
                         None => {
                             plan.trace.push(format!(
@@ -377,7 +392,12 @@ mod tests {
     }
 
     /// (rule name, zone or "local", user@host) of each step.
-    fn steps(r: &Routing, user: &str, host: &str, authenticated: bool) -> Vec<(String, String, String)> {
+    fn steps(
+        r: &Routing,
+        user: &str,
+        host: &str,
+        authenticated: bool,
+    ) -> Vec<(String, String, String)> {
         r.plan(user, host, authenticated)
             .steps
             .iter()
@@ -404,19 +424,28 @@ mod tests {
             ("zones.london.address", "198.18.1.20:5060"),
             ("zones.uk.address", "198.18.1.21:5060"),
             ("zones.uk.transport", "TCP"),
-            ("zones.paris.address", "paris.example:5061,paris2.example:5061"),
+            (
+                "zones.paris.address",
+                "paris.example:5061,paris2.example:5061",
+            ),
             ("sip.domains", "example.com"),
         ]);
         // 9 before 10: the wider rule wins, as the operator ordered them.
         let plan = r.plan("+442071234567", "example.com", false);
         assert_eq!(plan.steps.len(), 1, "the first match stops the search");
         let (name, zone) = plan.steps[0].zone.unwrap();
-        assert_eq!((plan.steps[0].rule.name.as_str(), name, zone.proto), ("9", "uk", Some(Proto::Tcp)));
+        assert_eq!(
+            (plan.steps[0].rule.name.as_str(), name, zone.proto),
+            ("9", "uk", Some(Proto::Tcp))
+        );
         assert_eq!(
             steps(&r, "bob", "PARTNER.example", false),
             [step("30", "paris", "bob@PARTNER.example")]
         );
-        assert!(steps(&r, "bob", "other.example", false).is_empty(), "exact, with its host");
+        assert!(
+            steps(&r, "bob", "other.example", false).is_empty(),
+            "exact, with its host"
+        );
         assert!(steps(&r, "alice", "example.com", false).is_empty());
     }
 
@@ -440,7 +469,10 @@ mod tests {
         // A regex takes the whole alias, not a part of it.
         assert_eq!(
             steps(&r, "+4413", "example.com", false),
-            [step("1", "trunk", "013@example.com"), step("3", "trunk", "013@example.com")]
+            [
+                step("1", "trunk", "013@example.com"),
+                step("3", "trunk", "013@example.com")
+            ]
         );
         let trace = r.plan("+442071234567", "example.com", false).trace;
         assert_eq!(
@@ -456,15 +488,23 @@ mod tests {
     fn a_rule_for_authenticated_requests_only_is_skipped_for_others_and_local_is_a_target() {
         let r = routing(&[
             ("routing.rules.1", "9* pstn strip=1 auth"),
-            ("routing.rules.2", "/ext-(\\d{4})@.*/ local replace=$1@example.com"),
+            (
+                "routing.rules.2",
+                "/ext-(\\d{4})@.*/ local replace=$1@example.com",
+            ),
             ("zones.pstn.address", "198.18.1.50:5060"),
         ]);
-        assert_eq!(steps(&r, "912345", "example.com", true), [step("1", "pstn", "12345@example.com")]);
+        assert_eq!(
+            steps(&r, "912345", "example.com", true),
+            [step("1", "pstn", "12345@example.com")]
+        );
         assert!(steps(&r, "912345", "example.com", false).is_empty());
         assert_eq!(
             r.plan("912345", "example.com", false).trace,
-            ["Search rule 1 '9* pstn strip=1 auth': for authenticated requests only: skipped",
-             "Search rule 2 '/ext-(\\d{4})@.*/ local replace=$1@example.com': does not match"]
+            [
+                "Search rule 1 '9* pstn strip=1 auth': for authenticated requests only: skipped",
+                "Search rule 2 '/ext-(\\d{4})@.*/ local replace=$1@example.com': does not match"
+            ]
         );
         assert_eq!(
             steps(&r, "ext-1234", "Old.Example", false),
@@ -487,7 +527,11 @@ mod tests {
                 "Search rule 2 '+1555* us': matches: to zone us at 198.18.1.30:5060",
             ]
         );
-        assert_eq!(r.plan("+44", "x", false).trace.len(), 3, "every rule tried, none took it");
+        assert_eq!(
+            r.plan("+44", "x", false).trace.len(),
+            3,
+            "every rule tried, none took it"
+        );
     }
 
     #[test]
@@ -521,6 +565,9 @@ mod tests {
             ("routing.rules.2", "+1* us"),
             ("zones.us.address", "198.18.1.30:5060"),
         ]);
-        assert_eq!(steps(&r, "+15551234", "x", false), [step("2", "us", "+15551234@x")]);
+        assert_eq!(
+            steps(&r, "+15551234", "x", false),
+            [step("2", "us", "+15551234@x")]
+        );
     }
 }

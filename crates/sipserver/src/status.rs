@@ -366,7 +366,9 @@ impl SipService {
                     .is_ok_and(|a| !self.zones.is_up(&a))
             };
             for a in zone.addresses.iter().filter(|a| down(a)) {
-                steps.push(format!("Zone {zone_name} address {a}: down (no answer to OPTIONS)"));
+                steps.push(format!(
+                    "Zone {zone_name} address {a}: down (no answer to OPTIONS)"
+                ));
             }
             if let Some(at) = zone.addresses.iter().find(|a| !down(a)) {
                 found = Some(format!(

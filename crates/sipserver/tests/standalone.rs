@@ -316,7 +316,12 @@ async fn the_registrar_follows_rfc_3261_section_10() {
     let contacts = r.values(HeaderKind::Contact);
     assert_eq!(contacts.len(), 1);
     assert!(contacts[0].contains("127.0.60.11"));
-    assert_eq!(s.svc.registrations_status(&causeway_sipserver::status::ListQuery::first(10)).bindings, 1);
+    assert_eq!(
+        s.svc
+            .registrations_status(&causeway_sipserver::status::ListQuery::first(10))
+            .bindings,
+        1
+    );
 
     // '*' needs Expires: 0; then every binding goes.
     ep.send(&register("alice", "c1", 4, &["*"], "")).await;
@@ -326,7 +331,12 @@ async fn the_registrar_follows_rfc_3261_section_10() {
     let r = ep.recv().await;
     assert_eq!(r.status(), Some(200));
     assert!(r.values(HeaderKind::Contact).is_empty());
-    assert_eq!(s.svc.registrations_status(&causeway_sipserver::status::ListQuery::first(10)).bindings, 0);
+    assert_eq!(
+        s.svc
+            .registrations_status(&causeway_sipserver::status::ListQuery::first(10))
+            .bindings,
+        0
+    );
 
     // A query (no Contact) lists what is there; another domain is not served here.
     ep.send(&register("alice", "c2", 1, &[], "")).await;
@@ -339,7 +349,10 @@ async fn the_registrar_follows_rfc_3261_section_10() {
         .await;
     assert_eq!(ep.recv().await.status(), Some(200));
     assert_eq!(
-        s.svc.registrations_status(&causeway_sipserver::status::ListQuery::first(10)).rows[0].aor,
+        s.svc
+            .registrations_status(&causeway_sipserver::status::ListQuery::first(10))
+            .rows[0]
+            .aor,
         "sip:bob@test.example"
     );
 }
@@ -577,16 +590,27 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
             "carol@partner.example london".to_string(),
         ),
         // The neighbour dials international numbers as 00…
-        ("routing.rules.30", "+1* london strip=1 prepend=00".to_string()),
+        (
+            "routing.rules.30",
+            "+1* london strip=1 prepend=00".to_string(),
+        ),
         ("zones.london.address", neighbour.addr().to_string()),
     ] {
         s.node.set_configuration(path, Some(&value)).await.unwrap();
     }
     let caller = Ep::new("127.0.67.10", s.addr).await;
     for (to, call, arrives_as) in [
-        ("+442071234567@test.example", "z1", "sip:+442071234567@test.example"),
+        (
+            "+442071234567@test.example",
+            "z1",
+            "sip:+442071234567@test.example",
+        ),
         ("carol@partner.example", "z2", "sip:carol@partner.example"),
-        ("+15551234@test.example", "z5", "sip:0015551234@test.example"),
+        (
+            "+15551234@test.example",
+            "z5",
+            "sip:0015551234@test.example",
+        ),
     ] {
         let user = to.split_once('@').unwrap().0;
         caller
@@ -676,7 +700,11 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
         .locate("+4420999", true)
         .result
         .starts_with("Found: 1 local binding(s)"));
-    assert!(s.svc.locate("+33155", true).result.starts_with("Not found: 480"));
+    assert!(s
+        .svc
+        .locate("+33155", true)
+        .result
+        .starts_with("Not found: 480"));
 }
 
 /// Waits (up to 5 s) for Locate of +442071234567 to start with `want`.

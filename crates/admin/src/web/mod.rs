@@ -461,7 +461,10 @@ mod tests {
             "POST",
             "/login",
             &format!("{LOGIN_COOKIE}={token}"),
-            &format!("user=admin&password={}&login_token={token}", password.replace(' ', "+")),
+            &format!(
+                "user=admin&password={}&login_token={token}",
+                password.replace(' ', "+")
+            ),
         )
         .await
     }
@@ -509,7 +512,9 @@ mod tests {
         let a = log_in(&app, "wrong password!").await;
         assert_eq!(a.status, StatusCode::UNAUTHORIZED);
         assert!(a.body.contains("wrong user name or password"), "{}", a.body);
-        assert!(set_cookies(&a).iter().all(|c| !c.starts_with(SESSION_COOKIE)));
+        assert!(set_cookies(&a)
+            .iter()
+            .all(|c| !c.starts_with(SESSION_COOKIE)));
         let a = log_in(&app, PASSWORD).await;
         assert_eq!(a.status, StatusCode::SEE_OTHER);
         let session = set_cookies(&a)
@@ -570,7 +575,11 @@ mod tests {
         )
         .await;
         assert_eq!(a.status, StatusCode::OK, "{}", a.body);
-        assert!(a.body.contains("sip.domains set to b.example"), "{}", a.body);
+        assert!(
+            a.body.contains("sip.domains set to b.example"),
+            "{}",
+            a.body
+        );
         assert_eq!(changes.load(Ordering::SeqCst), 1);
         // Logging out with the token ends the session.
         let a = send(&app, "POST", "/logout", &cookie, &format!("csrf={csrf}")).await;

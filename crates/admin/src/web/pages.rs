@@ -123,9 +123,7 @@ fn problem(why: &str) -> Markup {
 }
 
 async fn cluster_status(web: &Shared) -> Result<ClusterStatus, String> {
-    let v = web
-        .api(Method::GET, "/api/v1/status/cluster", None)
-        .await?;
+    let v = web.api(Method::GET, "/api/v1/status/cluster", None).await?;
     serde_json::from_value(v).map_err(|e| format!("the cluster status did not parse: {e}"))
 }
 
@@ -690,11 +688,7 @@ fn limit_of(v: &Value) -> Option<u64> {
     v.as_u64()
 }
 
-pub(super) async fn registrations(
-    State(web): State<Shared>,
-    who: Authed,
-    q: ListParams,
-) -> Markup {
+pub(super) async fn registrations(State(web): State<Shared>, who: Authed, q: ListParams) -> Markup {
     let path = format!(
         "/api/v1/status/registrations?q={}&peer={}&offset={}&limit={PAGE_ROWS}",
         urlencode(&q.q),
@@ -704,9 +698,7 @@ pub(super) async fn registrations(
     let body = match web.api(Method::GET, &path, None).await {
         Ok(v) => {
             let rows = v["rows"].as_array().cloned().unwrap_or_default();
-            let matched = v["matched"]
-                .as_u64()
-                .unwrap_or(rows.len() as u64) as usize;
+            let matched = v["matched"].as_u64().unwrap_or(rows.len() as u64) as usize;
             let per_peer: BTreeMap<u64, u64> = v["per_peer"]
                 .as_array()
                 .into_iter()
@@ -753,9 +745,7 @@ pub(super) async fn calls(State(web): State<Shared>, who: Authed, q: ListParams)
     let body = match web.api(Method::GET, &path, None).await {
         Ok(v) => {
             let rows = v["rows"].as_array().cloned().unwrap_or_default();
-            let matched = v["matched"]
-                .as_u64()
-                .unwrap_or(rows.len() as u64) as usize;
+            let matched = v["matched"].as_u64().unwrap_or(rows.len() as u64) as usize;
             html! {
                 div class="figures" {
                     (usage("Calls in the cluster", v["calls"].as_u64().unwrap_or(0), limit_of(&v["calls_max"]).or(limit_of(&v["licences"]))))

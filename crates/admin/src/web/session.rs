@@ -45,8 +45,7 @@ pub fn random_token() -> String {
 /// Equal strings, compared in time that does not depend on where they differ.
 pub fn same_token(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
