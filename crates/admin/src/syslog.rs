@@ -52,7 +52,6 @@ async fn syslog(Query(params): Query<Params>) -> Response {
     let state = Stream {
         first: (!first.is_empty()).then_some(first),
         follower,
-        stopping: Box::pin(stopping()),
     };
     let body = futures_util::stream::unfold(state, |mut s| async move {
         let chunk = s.next_chunk().await?;
@@ -83,7 +82,6 @@ fn missed(n: u64) -> String {
 struct Stream {
     first: Option<String>,
     follower: Follower,
-    stopping: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 impl Stream {
@@ -92,10 +90,7 @@ impl Stream {
         if let Some(first) = self.first.take() {
             return Some(first);
         }
-        let mut out = tokio::select! {
-            next = self.follower.next() => piece(next)?,
-            _ = &mut self.stopping => return None,
-        };
+        let mut out = piece(self.follower.next().await)?;
         // Whatever else is already waiting goes in the same chunk.
         while out.len() < CHUNK {
             match self.follower.try_next() {
@@ -115,24 +110,6 @@ fn piece(next: Followed) -> Option<String> {
         Followed::Line(line) => Some(format!("{line}\n")),
         Followed::Missed(n) => Some(missed(n)),
         Followed::Closed => None,
-    }
-}
-
-/// Resolves when the process is asked to stop (the node stops on SIGTERM or SIGINT).
-async fn stopping() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        // No signal handling here: the follow lasts until the client goes away.
-        _ => std::future::pending().await,
     }
 }
 

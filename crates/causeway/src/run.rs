@@ -161,6 +161,8 @@ async fn serve(config: NodeConfig, identity: Option<NodeIdentity>) -> anyhow::Re
     crate::sdnotify::spawn_watchdog(cancel.clone());
     wait_for_signal().await;
     tracing::info!(target: "management.node", "Node shutting down");
+    // `syslog follow` streams end, so the admin servers can finish.
+    causeway_common::logging::tap().close_followers();
     crate::sdnotify::stopping();
     node.shutdown().await;
     cancel.cancel();

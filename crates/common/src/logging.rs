@@ -84,6 +84,9 @@ pub struct Tap {
     ring: Mutex<VecDeque<Arc<str>>>,
     keep: usize,
     tx: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// True once the node stops: every follower ends (an open follow must not hold up the
+    /// shutdown of the server that streams it).
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// What a [`Follower`] gets next.
@@ -92,29 +95,39 @@ pub enum Followed {
     Line(Arc<str>),
     /// The follower fell this many lines behind; they are gone, it goes on with newer ones.
     Missed(u64),
-    /// The tap is gone (never, for the global one).
+    /// The node is stopping ([`Tap::close_followers`]).
     Closed,
 }
 
 /// New lines from a [`Tap`], from the moment it was made.
 pub struct Follower {
     rx: tokio::sync::broadcast::Receiver<Arc<str>>,
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Follower {
     /// Waits for the next line.
     pub async fn next(&mut self) -> Followed {
         use tokio::sync::broadcast::error::RecvError;
-        match self.rx.recv().await {
-            Ok(line) => Followed::Line(line),
-            Err(RecvError::Lagged(n)) => Followed::Missed(n),
-            Err(RecvError::Closed) => Followed::Closed,
+        if *self.closing.borrow() {
+            return Followed::Closed;
+        }
+        tokio::select! {
+            next = self.rx.recv() => match next {
+                Ok(line) => Followed::Line(line),
+                Err(RecvError::Lagged(n)) => Followed::Missed(n),
+                Err(RecvError::Closed) => Followed::Closed,
+            },
+            _ = self.closing.wait_for(|closing| *closing) => Followed::Closed,
         }
     }
 
     /// The next line if one is waiting.
     pub fn try_next(&mut self) -> Option<Followed> {
         use tokio::sync::broadcast::error::TryRecvError;
+        if *self.closing.borrow() {
+            return Some(Followed::Closed);
+        }
         match self.rx.try_recv() {
             Ok(line) => Some(Followed::Line(line)),
             Err(TryRecvError::Lagged(n)) => Some(Followed::Missed(n)),
@@ -132,7 +145,13 @@ impl Tap {
             ring: Mutex::new(VecDeque::with_capacity(keep.min(TAP_LINES))),
             keep,
             tx,
+            closing: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Ends every follower, now and later (the node is stopping).
+    pub fn close_followers(&self) {
+        self.closing.send_replace(true);
     }
 
     pub fn push(&self, line: &str) {
@@ -175,7 +194,13 @@ impl Tap {
             .collect();
         let rx = self.tx.subscribe();
         drop(ring);
-        (recent, Follower { rx })
+        (
+            recent,
+            Follower {
+                rx,
+                closing: self.closing.subscribe(),
+            },
+        )
     }
 
     /// Followers now listening.

@@ -292,22 +292,8 @@ impl Location {
 
     /// Live bindings per owner, and the number of AORs with one.
     pub fn counts(&self, now_ms: u64) -> Counts {
-        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
-        let mut per_owner = HashMap::new();
-        let mut aors = 0;
-        for keys in by_aor.values() {
-            let mut any = false;
-            for b in keys
-                .values()
-                .filter_map(|c| newest(c))
-                .filter(|b| b.live(now_ms))
-            {
-                *per_owner.entry(b.owner).or_insert(0) += 1;
-                any = true;
-            }
-            aors += usize::from(any);
-        }
-        (per_owner, aors)
+        let listing = self.listing(now_ms, |_| false, 0, 0);
+        (listing.per_owner, listing.aors)
     }
 
     /// Drops every record of stream `owner` (its stream was replaced whole).

@@ -133,14 +133,19 @@ fn peer_ok(p: &PeerStatus) -> bool {
 
 // ---- Overview -------------------------------------------------------------------------
 
-pub(super) async fn overview(State(web): State<Shared>, who: Authed) -> Markup {
-    let live = overview_body(&web).await;
+/// A page whose body htmx fetches again from `live` every [`LIVE_EVERY`].
+fn live_page(web: &Shared, who: &Authed, title: &str, live: &str, body: Markup) -> Markup {
     layout(
-        &web,
-        &who,
-        "Overview",
-        html! { div hx-get="/ui/overview/live" hx-trigger=(LIVE_EVERY) hx-swap="innerHTML" id="live" { (live) } },
+        web,
+        who,
+        title,
+        html! { div hx-get=(live) hx-trigger=(LIVE_EVERY) hx-swap="innerHTML" id="live" { (body) } },
     )
+}
+
+pub(super) async fn overview(State(web): State<Shared>, who: Authed) -> Markup {
+    let body = overview_body(&web).await;
+    live_page(&web, &who, "Overview", "/ui/overview/live", body)
 }
 
 pub(super) async fn overview_live(State(web): State<Shared>, _who: Authed) -> Markup {
@@ -264,13 +269,8 @@ fn alarm_table(v: &Value, details: bool) -> Markup {
 // ---- Alarms ---------------------------------------------------------------------------
 
 pub(super) async fn alarms(State(web): State<Shared>, who: Authed) -> Markup {
-    let live = alarms_body(&web).await;
-    layout(
-        &web,
-        &who,
-        "Alarms",
-        html! { div hx-get="/ui/alarms/live" hx-trigger=(LIVE_EVERY) hx-swap="innerHTML" id="live" { (live) } },
-    )
+    let body = alarms_body(&web).await;
+    live_page(&web, &who, "Alarms", "/ui/alarms/live", body)
 }
 
 pub(super) async fn alarms_live(State(web): State<Shared>, _who: Authed) -> Markup {
@@ -786,12 +786,13 @@ pub(super) async fn service(
     let Some(page) = web.pages().iter().find(|p| p.slug == slug).cloned() else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let live = service_body(&web, &page).await;
-    layout(
+    let body = service_body(&web, &page).await;
+    live_page(
         &web,
         &who,
         page.title,
-        html! { div hx-get=(format!("/ui/service/{slug}/live")) hx-trigger=(LIVE_EVERY) hx-swap="innerHTML" id="live" { (live) } },
+        &format!("/ui/service/{slug}/live"),
+        body,
     )
     .into_response()
 }
