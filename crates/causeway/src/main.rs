@@ -293,6 +293,12 @@ enum Xstatus {
         #[arg(long)]
         json: bool,
     },
+    /// Neighbour zones as this peer sees them: each address up or down by its keep-alive,
+    /// and the search rules that send requests there.
+    Zones {
+        #[arg(long)]
+        json: bool,
+    },
     /// Calls in progress and the cluster-wide call and bandwidth usage.
     Calls {
         #[arg(long)]
@@ -476,6 +482,7 @@ fn main() -> ExitCode {
                 Xstatus::Alarms { json } => show::alarms(&socket, json),
                 Xstatus::Registrations { json } => show::registrations(&socket, json),
                 Xstatus::Calls { json } => show::calls(&socket, json),
+                Xstatus::Zones { json } => show::zones(&socket, json),
                 Xstatus::Services { json } => show::services(&socket, json),
             }
         }

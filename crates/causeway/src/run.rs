@@ -222,7 +222,7 @@ async fn start_sip(
         min_expires: section.min_expires,
         max_expires: section.max_expires,
         default_expires: 3600.min(section.max_expires),
-        zone_keepalive: std::time::Duration::from_secs(10),
+        zone_keepalive: std::time::Duration::from_millis(section.zone_keepalive_ms),
     };
     causeway_sipserver::SipService::start(node, settings, cancel).await
 }

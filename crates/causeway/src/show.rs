@@ -524,6 +524,40 @@ pub fn registrations(socket: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn zones(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let Some(value) = sip_status(socket, "/api/v1/status/zones", json)? else {
+        return Ok(());
+    };
+    let s: causeway_sipserver::status::ZonesStatus = serde_json::from_value(value)?;
+    print!("{}", render_zones(&s));
+    Ok(())
+}
+
+pub fn render_zones(s: &causeway_sipserver::status::ZonesStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Neighbour zones (as seen by Peer {})", s.peer);
+    if s.zones.is_empty() {
+        let _ = writeln!(out, "  none: set zones.<name>.address");
+    }
+    for z in &s.zones {
+        let state = if z.up { "Up" } else { "Down" };
+        let _ = writeln!(out, "\n  {}  ({})  {state}", z.name, z.transport);
+        for a in &z.addresses {
+            let resolved = match &a.resolved {
+                Some(r) if *r != a.address => format!(" ({r})"),
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "    {}{resolved}  {}", a.address, a.state);
+        }
+        if z.rules.is_empty() {
+            let _ = writeln!(out, "    Search rules: none sends requests here");
+        } else {
+            let _ = writeln!(out, "    Search rules: {}", z.rules.join(", "));
+        }
+    }
+    out
+}
+
 pub fn render_registrations(s: &causeway_sipserver::status::RegistrationsStatus) -> String {
     let mut out = String::new();
     let per_peer: Vec<String> = s

@@ -1338,3 +1338,134 @@ fn a_required_extension_and_an_unknown_method_to_the_system_get_their_rfc_answer
     let unknown = ask(format!("NEWMETHOD sip:test.example SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-newmethod\r\nFrom: <sip:t@test.example>;tag=1\r\nTo: <sip:test.example>\r\nCall-ID: newmethod\r\nCSeq: 1 NEWMETHOD\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"));
     assert!(unknown.starts_with("SIP/2.0 501"), "{unknown}");
 }
+
+/// `xstatus zones --json` of peer `k`: (zone up, [(address, up)]) of zone `name`.
+fn zone_state(c: &TestCluster, k: usize, name: &str) -> Option<(bool, Vec<(String, bool)>)> {
+    let s = c.xstatus(k, "zones")?;
+    let z = s["zones"]
+        .as_array()?
+        .iter()
+        .find(|z| z["name"] == name)?
+        .clone();
+    let addresses = z["addresses"]
+        .as_array()?
+        .iter()
+        .map(|a| {
+            (
+                a["address"].as_str().unwrap_or("").to_string(),
+                a["up"] == true,
+            )
+        })
+        .collect();
+    Some((z["up"] == true, addresses))
+}
+
+/// A SIPp UAS stands for a neighbour system (a call manager) on the second address of zone
+/// `trunk`; nothing answers on the first. A rule sends `+44…` there: a call reaches it
+/// through whichever peer the caller used, over the address that answers its keep-alive;
+/// with the neighbour gone, every peer shows the zone down and a call gets 503.
+#[test]
+fn a_call_by_search_rule_reaches_the_neighbour_through_any_peer_and_fails_clearly_when_it_is_gone()
+{
+    const NET: u8 = 92;
+    let c = TestCluster::start(NET, 3, "Enforce", |_, config, _, _| {
+        config.push_str("\n[sip]\nzone_keepalive_ms = 300\n");
+    });
+    wait_for(30, "cluster formed", || c.formed());
+    set(&c, 1, "sip.domains", "test.example");
+    let (silent, neighbour_ip) = (addr(NET, 30), addr(NET, 31));
+    set(
+        &c,
+        2,
+        "zones.trunk.address",
+        &format!("{silent}:5090,{neighbour_ip}:5090"),
+    );
+    set(&c, 3, "routing.rules.10", "+44* trunk");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let neighbour = Sipp::start(
+        dir,
+        "neighbour",
+        &[
+            "-sf",
+            &scenario("neighbour.xml"),
+            "-i",
+            &neighbour_ip,
+            "-p",
+            "5090",
+            "-t",
+            "u1",
+        ],
+    );
+    let first_down_second_up = |k: usize| {
+        zone_state(&c, k, "trunk").is_some_and(|(up, a)| {
+            up && a
+                == [
+                    (format!("{silent}:5090"), false),
+                    (format!("{neighbour_ip}:5090"), true),
+                ]
+        })
+    };
+    for k in 1..=3 {
+        wait_for(
+            15,
+            "every peer to see the first address down, the second up",
+            || first_down_second_up(k),
+        );
+    }
+    let users = csv(dir, "number.csv", &["+442071234567"]);
+    for (k, port) in [(2usize, 5100u16), (3, 5102)] {
+        let (ok, failed) = call(
+            (&addr(NET, 20), port),
+            &addr(NET, k),
+            &users,
+            "u1",
+            1,
+            100,
+            dir,
+        )
+        .finish(30);
+        assert_eq!(
+            (ok, failed),
+            (1, 0),
+            "a call through peer {k}: {}",
+            sipp_logs(dir, "errors")
+        );
+    }
+    let seen = sipp_logs(dir, "neighbour_");
+    assert_eq!(
+        seen.matches("INVITE sip:+442071234567@").count(),
+        2,
+        "both calls reached the neighbour, once each"
+    );
+    // Zones page and CLI say the same as the JSON.
+    let (ok, text, _) = c.cli(1, &["xstatus", "zones"]);
+    assert!(ok && text.contains("trunk  (UDP)  Up"), "{text}");
+    assert!(text.contains("Search rules: 10 '+44* trunk'"), "{text}");
+
+    drop(neighbour);
+    for k in 1..=3 {
+        wait_for(15, "every peer to see the zone down", || {
+            zone_state(&c, k, "trunk").is_some_and(|(up, _)| !up)
+        });
+    }
+    wait_for(5, "30020 for the zone with no address answering", || {
+        c.alarm_raised(1, 30020, "zone trunk")
+    });
+    let (ok, failed) = call(
+        (&addr(NET, 20), 5104),
+        &addr(NET, 1),
+        &users,
+        "u1",
+        1,
+        100,
+        dir,
+    )
+    .finish(30);
+    assert_eq!((ok, failed), (0, 1));
+    let errors = sipp_logs(dir, "errors");
+    assert!(
+        errors.contains("SIP/2.0 503 Service Unavailable (zone trunk: no address answers)"),
+        "{errors}"
+    );
+}

@@ -241,6 +241,10 @@ pub struct SipSection {
     pub min_expires: u32,
     #[serde(default = "max_expires")]
     pub max_expires: u32,
+    /// How often each neighbour zone's addresses get an OPTIONS keep-alive (two unanswered
+    /// in a row: down).
+    #[serde(default = "zone_keepalive_ms")]
+    pub zone_keepalive_ms: u64,
 }
 
 impl Default for SipSection {
@@ -256,6 +260,7 @@ impl Default for SipSection {
             max_connections_per_source: max_connections_per_source(),
             min_expires: min_expires(),
             max_expires: max_expires(),
+            zone_keepalive_ms: zone_keepalive_ms(),
         }
     }
 }
@@ -330,6 +335,10 @@ fn min_expires() -> u32 {
 }
 fn max_expires() -> u32 {
     7_200
+}
+
+fn zone_keepalive_ms() -> u64 {
+    10_000
 }
 
 /// A syntactically valid IP address or DNS name (RFC 1123 labels).
@@ -482,6 +491,12 @@ impl NodeConfig {
                         "{} is also sip.tcp_port: TLS needs a port of its own",
                         sip.tls_port
                     ),
+                ));
+            }
+            if !(200..=600_000).contains(&sip.zone_keepalive_ms) {
+                return Err(self.field(
+                    "sip.zone_keepalive_ms",
+                    "must be from 200 (0.2 s) to 600000 (10 minutes)".to_string(),
                 ));
             }
             if sip.min_expires == 0 || sip.min_expires > sip.max_expires {

@@ -124,7 +124,7 @@ fn server_key(via: &Via, method: &str) -> String {
 
 /// `host:port` to one address: an IP as it is, a name through the system's resolver
 /// (logged when it does not resolve).
-async fn resolve(address: &str) -> Option<SocketAddr> {
+pub(crate) async fn resolve(address: &str) -> Option<SocketAddr> {
     if let Ok(a) = address.parse::<SocketAddr>() {
         return Some(a);
     }

@@ -273,6 +273,10 @@ pub fn router(svc: Arc<SipService>) -> Router {
             ),
         )
         .route(
+            "/api/v1/status/zones",
+            get(|State(s): State<Arc<SipService>>| async move { Json(s.zones_status().await) }),
+        )
+        .route(
             "/api/v1/command/locate",
             axum::routing::post(
                 |State(s): State<Arc<SipService>>, Json(req): Json<LocateRequest>| async move {
@@ -281,6 +285,73 @@ pub fn router(svc: Arc<SipService>) -> Router {
             ),
         )
         .with_state(svc)
+}
+
+/// `xstatus zones`: each neighbour zone as this peer sees it (its own network path).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ZonesStatus {
+    pub peer: usize,
+    pub zones: Vec<ZoneRow>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ZoneRow {
+    pub name: String,
+    pub transport: String,
+    /// Up while one address answers its keep-alive.
+    pub up: bool,
+    pub addresses: Vec<ZoneAddress>,
+    /// The search rules that send requests to it.
+    pub rules: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ZoneAddress {
+    pub address: String,
+    /// What the address resolved to, if it did.
+    pub resolved: Option<String>,
+    pub up: bool,
+    pub state: String,
+}
+
+impl SipService {
+    pub async fn zones_status(&self) -> ZonesStatus {
+        let config = self.config();
+        let mut zones = Vec::new();
+        for (name, zone) in &config.routing.zones {
+            let mut addresses = Vec::new();
+            for a in &zone.addresses {
+                let resolved = crate::proxy::resolve(a).await;
+                let (up, state) = match resolved {
+                    Some(addr) => self.zones.describe(&addr),
+                    None => (false, "Does not resolve".to_string()),
+                };
+                addresses.push(ZoneAddress {
+                    address: a.clone(),
+                    resolved: resolved.map(|r| r.to_string()),
+                    up,
+                    state,
+                });
+            }
+            zones.push(ZoneRow {
+                name: name.clone(),
+                transport: zone.proto.unwrap_or(crate::Proto::Udp).name().to_string(),
+                up: addresses.iter().any(|a| a.up),
+                addresses,
+                rules: config
+                    .routing
+                    .rules
+                    .iter()
+                    .filter(|r| r.target == crate::routing::RuleTarget::Zone(name.clone()))
+                    .map(|r| format!("{} '{}'", r.name, r.text))
+                    .collect(),
+            });
+        }
+        ZonesStatus {
+            peer: self.self_index,
+            zones,
+        }
+    }
 }
 
 #[derive(Deserialize)]

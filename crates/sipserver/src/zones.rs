@@ -48,6 +48,16 @@ impl ZoneHealth {
         self.lock().get(addr).is_none_or(|p| p.up)
     }
 
+    /// An address's state in words, for `xstatus zones` and the Zones page.
+    pub(crate) fn describe(&self, addr: &SocketAddr) -> (bool, String) {
+        match self.lock().get(addr) {
+            None => (true, "Not probed yet".into()),
+            Some(p) if !p.up => (false, format!("Down ({} keep-alives unanswered)", p.misses)),
+            Some(p) if p.misses > 0 => (true, format!("Up ({} keep-alive unanswered)", p.misses)),
+            Some(_) => (true, "Up".into()),
+        }
+    }
+
     /// One round of probes to `addrs`: a probe still outstanding from the last round is a
     /// miss. Returns the branch to send to each. Addresses no zone names any more are
     /// forgotten.

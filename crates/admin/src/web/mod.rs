@@ -83,6 +83,8 @@ pub(crate) fn router(api: Router, auth: AuthState, pages: Vec<ServicePage>) -> R
         .route("/ui/alarms/live", get(pages::alarms_live))
         .route("/ui/registrations", get(pages::registrations))
         .route("/ui/calls", get(pages::calls))
+        .route("/ui/zones", get(pages::zones))
+        .route("/ui/zones/live", get(pages::zones_live))
         .route(
             "/ui/configuration",
             get(pages::configuration).post(pages::save_configuration),
@@ -479,6 +481,7 @@ mod tests {
             "/ui/alarms",
             "/ui/registrations",
             "/ui/calls",
+            "/ui/zones",
             "/ui/configuration",
             "/ui/service/ha",
         ] {

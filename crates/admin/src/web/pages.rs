@@ -80,6 +80,7 @@ fn layout(web: &Shared, who: &Authed, title: &str, body: Markup) -> Markup {
         ("Alarms", "/ui/alarms"),
         ("Registrations", "/ui/registrations"),
         ("Calls", "/ui/calls"),
+        ("Zones", "/ui/zones"),
         ("Configuration", "/ui/configuration"),
     ]
     .iter()
@@ -774,6 +775,51 @@ pub(super) async fn calls(State(web): State<Shared>, who: Authed, q: ListParams)
         Err(e) => problem(&e),
     };
     layout(&web, &who, "Calls", body)
+}
+
+// ---- Zones -----------------------------------------------------------------------------
+
+pub(super) async fn zones(State(web): State<Shared>, who: Authed) -> Markup {
+    let body = zones_body(&web).await;
+    live_page(&web, &who, "Zones", "/ui/zones/live", body)
+}
+
+pub(super) async fn zones_live(State(web): State<Shared>, _who: Authed) -> Markup {
+    zones_body(&web).await
+}
+
+async fn zones_body(web: &Shared) -> Markup {
+    let v = match web.api(Method::GET, "/api/v1/status/zones", None).await {
+        Ok(v) => v,
+        Err(e) => return problem(&e),
+    };
+    let zones = v["zones"].as_array().cloned().unwrap_or_default();
+    html! {
+        p class="hint" { "Each peer probes every zone address with an OPTIONS keep-alive; this is the view from this peer. Zones and search rules are set on the Configuration page (zones.*, routing.rules.*)." }
+        @if zones.is_empty() { p { "No neighbour zone is configured." } }
+        table class="list zones" {
+            thead { tr { th { "Zone" } th { "Transport" } th { "State" } th { "Addresses" } th { "Search rules" } } }
+            tbody {
+                @for z in &zones {
+                    tr id=(format!("zone-{}", z["name"].as_str().unwrap_or(""))) class=(if z["up"] == true { "up" } else { "down" }) {
+                        td { (z["name"].as_str().unwrap_or("")) }
+                        td { (z["transport"].as_str().unwrap_or("")) }
+                        td { (state(z["up"] == true, if z["up"] == true { "Up" } else { "Down" })) }
+                        td {
+                            @for a in z["addresses"].as_array().into_iter().flatten() {
+                                div { code { (a["address"].as_str().unwrap_or("")) } " " (state(a["up"] == true, a["state"].as_str().unwrap_or(""))) }
+                            }
+                        }
+                        td {
+                            @for r in z["rules"].as_array().into_iter().flatten() {
+                                div { code { (r.as_str().unwrap_or("")) } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 // ---- Service pages --------------------------------------------------------------------
