@@ -26,6 +26,9 @@ const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
 /// How long an INVITE branch may ring before it is cancelled (Timer C, §16.6 step 11).
 const TIMER_C: Duration = Duration::from_secs(180);
+/// A branch to a zone address with another address after it moves on when nothing at all
+/// has answered by then (RFC 3263 §4.3: the next target on a timeout), not after timer B.
+const FAILOVER_AFTER: Duration = Duration::from_secs(4);
 /// How long a finished transaction absorbs retransmissions (Timer J, 64·T1).
 /// The methods this system handles (as registrar, as proxy, or answering itself).
 const ALLOW: &[&str] = &[
@@ -83,6 +86,9 @@ struct ClientTx {
     state: BranchState,
     invite: bool,
     started: Instant,
+    /// Further addresses of the same zone, in order: tried one at a time when this one
+    /// fails (503, no connection, no answer).
+    next: Vec<Target>,
 }
 
 #[derive(Default)]
@@ -167,6 +173,8 @@ struct Hop {
     routes: Vec<String>,
     /// The endpoint's connection on this peer: recorded in our Record-Route.
     flow: Option<u64>,
+    /// Where to try next when `target` fails (a zone's further addresses).
+    next: Vec<Target>,
 }
 
 impl Hop {
@@ -177,6 +185,7 @@ impl Hop {
             target,
             routes: vec![],
             flow: target.conn,
+            next: vec![],
         }
     }
 }
@@ -499,6 +508,7 @@ impl SipService {
                     state: BranchState::Trying,
                     invite,
                     started: now,
+                    next: hop.next,
                 },
             );
             branch_ids.push(branch);
@@ -593,21 +603,27 @@ impl SipService {
                 ));
                 continue;
             };
+            // Every address not known down, in order: the first now, the others if it fails.
+            let mut targets = Vec::new();
             for address in &zone.addresses {
                 let Some(addr) = resolve(address).await else {
                     continue;
                 };
-                if !self.zones.is_up(&addr) {
-                    continue;
+                if self.zones.is_up(&addr) {
+                    targets.push(Target {
+                        proto: zone.proto.unwrap_or(Proto::Udp),
+                        addr,
+                        conn: None,
+                        local: None,
+                    });
                 }
-                debug!(target: LOG, rule = %step.rule.name, zone = %zone_name, dst = %addr,
+            }
+            if !targets.is_empty() {
+                let first = targets.remove(0);
+                debug!(target: LOG, rule = %step.rule.name, zone = %zone_name, dst = %first.addr,
                     "Search rule matched");
-                let mut hop = Hop::direct(Target {
-                    proto: zone.proto.unwrap_or(Proto::Udp),
-                    addr,
-                    conn: None,
-                    local: None,
-                });
+                let mut hop = Hop::direct(first);
+                hop.next = targets;
                 if rewritten {
                     let mut to = uri.clone();
                     to.user = Some(step.user.clone());
@@ -744,6 +760,7 @@ impl SipService {
                 target,
                 routes: std::mem::take(&mut routes),
                 flow: None,
+                next: vec![],
             });
         }
         if b.owner == self.self_index {
@@ -758,6 +775,7 @@ impl SipService {
                     },
                     routes: vec![],
                     flow: Some(conn),
+                    next: vec![],
                 });
             }
         } else if let (Some(conn), None) = (b.conn, flow) {
@@ -776,6 +794,7 @@ impl SipService {
                         "<sip:{ip}:{port};transport=tcp;lr;{FLOW_PARAM}={conn}>"
                     )],
                     flow: None,
+                    next: vec![],
                 });
             }
         }
@@ -796,6 +815,7 @@ impl SipService {
             target,
             routes: vec![],
             flow: None,
+            next: vec![],
         })
     }
 
@@ -937,6 +957,9 @@ impl SipService {
             }
         }
         if status == 100 {
+            return;
+        }
+        if status == 503 && self.try_next_address(&mut st, &branch) {
             return;
         }
         let Some(tx) = st.servers.get_mut(&server_key) else {
@@ -1085,6 +1108,76 @@ impl SipService {
         }
     }
 
+    /// The failed `branch` had further addresses of its zone: the request goes to the next
+    /// one on a new branch of the same transaction. False when there is none (or the
+    /// transaction has its answer already).
+    fn try_next_address(self: &Arc<Self>, st: &mut ProxyState, branch: &str) -> bool {
+        let Some(c) = st.clients.get_mut(branch) else {
+            return false;
+        };
+        if c.next.is_empty() {
+            return false;
+        }
+        let target = c.next.remove(0);
+        let rest = std::mem::take(&mut c.next);
+        let (server, sent, invite, from) = (c.server.clone(), c.sent.clone(), c.invite, c.target);
+        if st
+            .servers
+            .get(&server)
+            .is_none_or(|tx| tx.final_status.is_some() || tx.cancelled)
+        {
+            return false;
+        }
+        let new_branch = format!("{COOKIE}cw{}", self.unique());
+        let Some(local) = from.local else {
+            return false;
+        };
+        let bytes = build::rewrite(
+            &sent,
+            &Edit {
+                pop_via: true,
+                prepend: vec![self.via_line(target.proto, local, &new_branch)],
+                ..Edit::default()
+            },
+        );
+        let Ok(resent) = Message::parse(
+            bytes.clone(),
+            causeway_sip::Transport::Stream,
+            &Default::default(),
+        ) else {
+            return false;
+        };
+        debug!(target: LOG, from = %from.addr, to = %target.addr,
+            "Zone address failed: trying the next one");
+        let target = Target {
+            local: from.local,
+            ..target
+        };
+        let on_fail = {
+            let svc = self.clone();
+            let b = new_branch.clone();
+            move || svc.branch_failed(&b)
+        };
+        self.transports.send_or(&target, bytes, on_fail);
+        st.clients.insert(
+            new_branch.clone(),
+            ClientTx {
+                server: server.clone(),
+                target,
+                sent: resent,
+                state: BranchState::Trying,
+                invite,
+                started: Instant::now(),
+                next: rest,
+            },
+        );
+        if let Some(tx) = st.servers.get_mut(&server) {
+            tx.branches.push(new_branch.clone());
+        }
+        self.tasks.spawn(self.clone().branch_timer(new_branch));
+        true
+    }
+
     /// A branch's connection could not be opened: it is over (RFC 3261 §8.1.3.1).
     fn branch_failed(self: &Arc<Self>, branch: &str) {
         let mut st = self.proxy_lock();
@@ -1096,6 +1189,9 @@ impl SipService {
         }
         c.state = BranchState::Done;
         let server = c.server.clone();
+        if self.try_next_address(&mut st, branch) {
+            return;
+        }
         if let Some(tx) = st.servers.get_mut(&server) {
             tx.unreachable = true;
         }
@@ -1117,8 +1213,16 @@ impl SipService {
             } else {
                 T1 * 64
             };
+            let silent = c.state == BranchState::Trying;
             match c.state {
                 BranchState::Done => return,
+                _ if silent && !c.next.is_empty() && elapsed >= FAILOVER_AFTER => {
+                    if let Some(c) = st.clients.get_mut(&branch) {
+                        c.state = BranchState::Done;
+                    }
+                    self.try_next_address(&mut st, &branch);
+                    return;
+                }
                 _ if elapsed >= limit => {
                     if c.invite && c.state == BranchState::Proceeding {
                         if let Some(cancel) = make_cancel_or_ack(&c.sent, "CANCEL", None) {
@@ -1128,6 +1232,9 @@ impl SipService {
                     let server = c.server.clone();
                     if let Some(c) = st.clients.get_mut(&branch) {
                         c.state = BranchState::Done;
+                    }
+                    if silent && self.try_next_address(&mut st, &branch) {
+                        return;
                     }
                     self.finish_if_done(&mut st, &server);
                     return;
@@ -1151,6 +1258,14 @@ impl SipService {
                     // doubled wait would end at 63.5 s, not 32 s).
                     interval =
                         interval.min(limit.saturating_sub(elapsed).max(Duration::from_millis(1)));
+                    if silent && !c.next.is_empty() {
+                        // And at the moment to move on to the zone's next address.
+                        interval = interval.min(
+                            FAILOVER_AFTER
+                                .saturating_sub(elapsed)
+                                .max(Duration::from_millis(1)),
+                        );
+                    }
                 }
             }
         }

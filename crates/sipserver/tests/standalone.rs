@@ -778,6 +778,83 @@ async fn a_zone_whose_first_address_is_down_is_reached_at_the_second_and_alarmed
     panic!("30020 still raised after the zone answered again");
 }
 
+impl Neighbour {
+    /// The next INVITE of call `call_id` (ACKs and retransmissions of others passed over).
+    async fn invite_of(&mut self, call_id: &str) -> Message {
+        loop {
+            let (m, _) = self.next().await;
+            if m.method() == Some("INVITE") && m.call_id().as_deref() == Some(call_id) {
+                return m;
+            }
+        }
+    }
+}
+
+/// Both addresses of a zone answer their keep-alive; within one call, the first refusing
+/// (503) or not answering at all hands the INVITE to the second (RFC 3263 §4.3).
+#[tokio::test]
+async fn within_one_call_a_zone_address_that_refuses_or_stays_silent_hands_it_to_the_next() {
+    let s = solo(69).await;
+    let mut first = Neighbour::new("127.0.69.20").await;
+    let mut second = Neighbour::new("127.0.69.21").await;
+    for (path, value) in [
+        ("routing.rules.10", "+4420* london".to_string()),
+        (
+            "zones.london.address",
+            format!("{},{}", first.addr(), second.addr()),
+        ),
+    ] {
+        s.node.set_configuration(path, Some(&value)).await.unwrap();
+    }
+    wait_located(
+        &s,
+        "Found: search rule 10 sends it to zone london at 127.0.69.20",
+    )
+    .await;
+    let caller = Ep::new("127.0.69.10", s.addr).await;
+    let answer = |inv: &Message| build::response(inv, 200, "OK", Some("n"), &[]);
+
+    caller.send(&invite("+442071234567", "n1")).await;
+    let refused = first.invite_of("n1").await;
+    first
+        .sock
+        .send_to(
+            &build::response(&refused, 503, "Service Unavailable", Some("a"), &[]),
+            s.addr,
+        )
+        .await
+        .unwrap();
+    let retried = second.invite_of("n1").await;
+    let branch = |m: &Message| m.value(HeaderKind::Via).unwrap_or_default();
+    assert_ne!(
+        branch(&retried),
+        branch(&refused),
+        "a new branch of the same call"
+    );
+    second
+        .sock
+        .send_to(&answer(&retried), s.addr)
+        .await
+        .unwrap();
+    assert_eq!(caller.recv_final().await.status(), Some(200));
+
+    caller.send(&invite("+442071234567", "n2")).await;
+    let sent = std::time::Instant::now();
+    first.invite_of("n2").await;
+    let retried = second.invite_of("n2").await;
+    assert!(
+        sent.elapsed() >= Duration::from_secs(3),
+        "the silent first address had its time: {:?}",
+        sent.elapsed()
+    );
+    second
+        .sock
+        .send_to(&answer(&retried), s.addr)
+        .await
+        .unwrap();
+    assert_eq!(caller.recv_final().await.status(), Some(200));
+}
+
 #[tokio::test]
 async fn cancel_reaches_every_ringing_branch_and_the_caller_gets_487() {
     let s = solo(63).await;
