@@ -154,6 +154,9 @@ enum Command {
         /// Stop after this many seconds.
         #[arg(long)]
         duration: Option<u64>,
+        /// A port to capture (repeat for more); default: 4372, 5060, 5061, 5432, 8008, 9899.
+        #[arg(long = "port")]
+        ports: Vec<u16>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
@@ -594,7 +597,8 @@ fn main() -> ExitCode {
             interface,
             out,
             duration,
-        } => pcap::capture(&interface, out.as_deref(), duration),
+            ports,
+        } => pcap::capture(&interface, out.as_deref(), duration, &ports),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(

@@ -3,7 +3,7 @@
 //! Captures TCP and UDP packets (IPv4 and IPv6) to or from the cluster's ports, [`PORTS`]:
 //! the mesh (4372, the default `[cluster] port`), SIP (5060 UDP/TCP, 5061 TLS), and the
 //! database cluster (PostgreSQL 5432, the local endpoint 9899, the health port 8008) — the
-//! defaults; a node configured with other ports is not followed (there is no `--port` yet).
+//! defaults; `--port` (repeated) names others, for a node configured with other ports.
 //! `any` captures on every interface.
 //!
 //! It reads an `AF_PACKET` socket (root or CAP_NET_RAW) and filters in user space: no BPF
@@ -52,7 +52,13 @@ const POLL: Duration = Duration::from_millis(200);
 /// The largest packet read (GSO packets on loopback reach 64 KiB; more is cut).
 const BUFFER: usize = 256 * 1024;
 
-pub fn capture(interface: &str, out: Option<&Path>, duration: Option<u64>) -> anyhow::Result<()> {
+pub fn capture(
+    interface: &str,
+    out: Option<&Path>,
+    duration: Option<u64>,
+    ports: &[u16],
+) -> anyhow::Result<()> {
+    let ports = if ports.is_empty() { &PORTS[..] } else { ports };
     let wanted = if interface == "any" {
         None
     } else {
@@ -103,10 +109,10 @@ pub fn capture(interface: &str, out: Option<&Path>, duration: Option<u64>) -> an
         .with_context(|| format!("creating the capture file {}", path.display()))?;
     let mut pcap = PcapWriter::new(std::io::BufWriter::new(file), link.linktype())
         .with_context(|| format!("writing {}", path.display()))?;
-    let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
+    let shown: Vec<String> = ports.iter().map(u16::to_string).collect();
     println!(
         "Capturing the cluster's traffic on {interface} (TCP and UDP ports {}) into {}: stop with Ctrl-C{}",
-        ports.join(", "),
+        shown.join(", "),
         path.display(),
         duration.map(|d| format!(" (or after {d} s)")).unwrap_or_default(),
     );
@@ -133,7 +139,7 @@ pub fn capture(interface: &str, out: Option<&Path>, duration: Option<u64>) -> an
             halen: from.halen(),
             addr: from.addr().unwrap_or_default(),
         };
-        if wanted.is_some_and(|i| i != meta.ifindex) || !keep(link, &meta, frame, &PORTS) {
+        if wanted.is_some_and(|i| i != meta.ifindex) || !keep(link, &meta, frame, ports) {
             continue;
         }
         let now = SystemTime::now()
