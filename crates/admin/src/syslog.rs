@@ -3,8 +3,9 @@
 //!
 //! `?lines=N` (default [`DEFAULT_LINES`], at most [`TAP_LINES`]) gives the last N lines,
 //! text/plain, one a line. `&follow=true` keeps the body open (chunked) and sends each new
-//! line as it is written, until the client goes away or the node stops (SIGTERM/SIGINT:
-//! the node's graceful shutdown waits for open responses, so a follow must end then). A
+//! line as it is written, until the client goes away or the node stops (it closes the
+//! tap's followers: the graceful shutdown waits for open responses, so a follow must end
+//! then). A
 //! follower that falls more than [`causeway_common::logging::TAP_BACKLOG`] lines behind
 //! gets one line saying how many it missed and goes on with newer ones: logging never
 //! waits for a reader.
