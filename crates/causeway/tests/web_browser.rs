@@ -311,6 +311,31 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
         .unwrap();
     screenshot(&b, "configuration").await;
 
+    // With the primary (peer 1) up and peer 2 down, the Clustering form moves the
+    // configuration primary to peer 3, as `xcommand SetPrimary 3` does.
+    b.goto(&format!("{}/ui/clustering", base(1))).await.unwrap();
+    let primary = b.find(Locator::Css("input[name=primary]")).await.unwrap();
+    primary.clear().await.unwrap();
+    primary.send_keys("3").await.unwrap();
+    b.find(Locator::Css("form.seed button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let saved = text(&b, "p.saved").await;
+    assert!(
+        saved.contains("Peer 3 is the configuration primary"),
+        "{saved:?}"
+    );
+    let primary_of = |k| {
+        cluster
+            .xstatus(k, "cluster")
+            .map(|s| s["configuration_primary"].clone())
+    };
+    assert_eq!(primary_of(1), Some(serde_json::json!(3)));
+    assert_eq!(primary_of(3), Some(serde_json::json!(3)));
+
     // Logging out ends the session.
     b.find(Locator::Css("form.logout button"))
         .await

@@ -474,6 +474,12 @@ pub(super) async fn save_clustering(
     }
     let mut saved = Vec::new();
     for (path, value) in changes {
+        // The primary moves for the whole cluster at once, as `xcommand SetPrimary` does.
+        let primary = value.as_deref().and_then(|v| v.parse::<usize>().ok());
+        if let ("cluster.configuration_primary", Some(peer)) = (path.as_str(), primary) {
+            saved.push(set_primary(&web, &who, peer).await);
+            continue;
+        }
         saved.push(apply(&web, &who, &path, value.as_deref()).await);
     }
     if saved.is_empty() {
@@ -481,6 +487,23 @@ pub(super) async fn save_clustering(
     }
     let body = clustering_body(&web, &who, &saved).await;
     layout(&web, &who, "Clustering", body).into_response()
+}
+
+/// `xcommand SetPrimary <peer>` through the API, logged with the account that asked.
+async fn set_primary(web: &Shared, who: &Authed, peer: usize) -> Saved {
+    let body = json!({ "peer": peer });
+    match web
+        .api(Method::POST, "/api/v1/command/setprimary", Some(&body))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(target: "management.admin", event = "Configuration primary set", user = %who.user, via = "web", peer = peer, "");
+            Saved::Done(format!(
+                "Peer {peer} is the configuration primary on every reachable peer"
+            ))
+        }
+        Err(why) => Saved::Refused(format!("configuration primary: {why}")),
+    }
 }
 
 /// One item set (or unset) through the API, logged with the account that asked.
