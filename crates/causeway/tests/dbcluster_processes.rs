@@ -919,6 +919,10 @@ fn asynchronous_replication_commits_without_a_standby_and_synchronous_waits_for_
     db.wait_states(1);
     let master = format!("{}:9899", db.a(1));
     sql(&master, &db.client, "CREATE TABLE w (n int PRIMARY KEY)").unwrap();
+    // "In Sync" is the standby's lag; the master names it synchronous at its next reload.
+    wait_for(20, "the master to run with its standby synchronous", || {
+        sql(&master, &db.client, "SHOW synchronous_standby_names").is_ok_and(|s| !s.is_empty())
+    });
     db.kill_node(2);
     // Synchronous (the default): a commit waits for the lost standby.
     let e = sql_within(&master, &db.client, "INSERT INTO w VALUES (1)", 3).unwrap_err();
