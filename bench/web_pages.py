@@ -21,13 +21,16 @@ Needs: apt-get install -y sip-tester curl; cargo build --release.
 import argparse, glob, http.client, json, os, platform, re, shutil, signal, socket, ssl
 import subprocess, sys, tempfile, time, urllib.parse
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The process bookkeeping and the metric reader are sip.py's (one list of what was started).
+from sip import log, metric, start, stop_all  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "causeway")
 NET = "127.0.52"
 SIPP_IP = f"{NET}.100"  # SIPp's own address; peers are .1-.3
 SIPP_PORT = 5201  # + peer index - 1
 PASSWORD = "bench-web-pages-pw"
-STARTED = []
 
 # SIPp scenario: one REGISTER per call, the AOR from the injection file, Expires 3600
 # (outlives the run). Same shape as ../shared/anchors/kamailio/register.xml.
@@ -55,37 +58,9 @@ SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 """
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def start(cmd, **kw):
-    p = subprocess.Popen(cmd, **kw)
-    STARTED.append(p)
-    return p
-
-
-def stop_all():
-    for p in reversed(STARTED):
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
 def cli(node_dir, *args, stdin=None):
     return subprocess.run([BIN, "--node", node_dir, *args], capture_output=True, text=True,
                           timeout=60, input=stdin)
-
-
-def metric(node_dir, name):
-    out = subprocess.run(["curl", "-s", "--unix-socket", os.path.join(node_dir, "admin.sock"),
-                          "http://peer/metrics"], capture_output=True, text=True, timeout=10).stdout
-    m = re.search(rf"^{name} ([0-9.e+]+)$", out, re.M)
-    return float(m.group(1)) if m else None
 
 
 def proc_stat(pid):

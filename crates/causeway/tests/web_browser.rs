@@ -137,26 +137,50 @@ async fn screenshot(b: &Client, name: &str) {
     }
 }
 
-async fn log_in(b: &Client, k: usize, password: &str) {
-    b.goto(&format!("{}/login", base(k))).await.unwrap();
-    b.find(Locator::Css("input[name=user]"))
-        .await
-        .unwrap()
-        .send_keys("admin")
-        .await
-        .unwrap();
-    b.find(Locator::Css("input[name=password]"))
-        .await
-        .unwrap()
-        .send_keys(password)
-        .await
-        .unwrap();
-    b.find(Locator::Css("form button[type=submit]"))
+/// Replaces the text of the field `css` with `text`.
+async fn fill(b: &Client, css: &str, text: &str) {
+    let field = b.find(Locator::Css(css)).await.unwrap();
+    field.clear().await.unwrap();
+    field.send_keys(text).await.unwrap();
+}
+
+/// What a save said, once its answer is shown (the click may return before).
+async fn save_answer(b: &Client) -> String {
+    until(15, "the answer to the save", || async {
+        !b.find_all(Locator::Css("p.saved, p.error"))
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    })
+    .await;
+    text(b, "p.saved").await
+}
+
+async fn click(b: &Client, css: &str) {
+    b.find(Locator::Css(css))
         .await
         .unwrap()
         .click()
         .await
         .unwrap();
+}
+
+async fn log_in(b: &Client, k: usize, password: &str) {
+    b.goto(&format!("{}/login", base(k))).await.unwrap();
+    fill(b, "input[name=user]", "admin").await;
+    fill(b, "input[name=password]", password).await;
+    click(b, "form button[type=submit]").await;
+    // The click may return before the answer is shown: wait for the next page, or for the
+    // login form's refusal.
+    until(10, "the answer to the login form", || async {
+        let away = b.current_url().await.is_ok_and(|u| u.path() != "/login");
+        away || !b
+            .find_all(Locator::Css("p.error"))
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,21 +234,14 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
     b.goto(&format!("{}/ui/configuration?filter=sip.domains", base(2)))
         .await
         .unwrap();
-    let input = b
-        .find(Locator::Css(
-            "form.item input[name=value][aria-label='sip.domains']",
-        ))
-        .await
-        .unwrap();
-    input.clear().await.unwrap();
-    input.send_keys("web.example.com").await.unwrap();
-    b.find(Locator::Css("tr[id='item-sip.domains'] button[value=set]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let saved = text(&b, "p.saved").await;
+    fill(
+        &b,
+        "form.item input[name=value][aria-label='sip.domains']",
+        "web.example.com",
+    )
+    .await;
+    click(&b, "tr[id='item-sip.domains'] button[value=set]").await;
+    let saved = save_answer(&b).await;
     assert!(
         saved.contains("sip.domains set to web.example.com"),
         "{saved:?}"
@@ -314,16 +331,9 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
     // With the primary (peer 1) up and peer 2 down, the Clustering form moves the
     // configuration primary to peer 3, as `xcommand SetPrimary 3` does.
     b.goto(&format!("{}/ui/clustering", base(1))).await.unwrap();
-    let primary = b.find(Locator::Css("input[name=primary]")).await.unwrap();
-    primary.clear().await.unwrap();
-    primary.send_keys("3").await.unwrap();
-    b.find(Locator::Css("form.seed button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let saved = text(&b, "p.saved").await;
+    fill(&b, "input[name=primary]", "3").await;
+    click(&b, "form.seed button[type=submit]").await;
+    let saved = save_answer(&b).await;
     assert!(
         saved.contains("Peer 3 is the configuration primary"),
         "{saved:?}"
@@ -337,12 +347,7 @@ async fn an_operator_runs_the_cluster_from_the_pages_in_a_real_browser() {
     assert_eq!(primary_of(3), Some(serde_json::json!(3)));
 
     // Logging out ends the session.
-    b.find(Locator::Css("form.logout button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "form.logout button").await;
     b.goto(&format!("{}/ui/alarms", base(1))).await.unwrap();
     assert_eq!(b.current_url().await.unwrap().path(), "/login");
     b.close().await.unwrap();

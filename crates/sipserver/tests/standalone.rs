@@ -583,21 +583,23 @@ async fn a_caller_gets_408_after_timer_b_when_the_callee_never_answers() {
 async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
     let s = solo(67).await;
     let mut neighbour = Neighbour::new("127.0.67.20").await;
-    for (path, value) in [
-        ("routing.rules.10", "+4420* london".to_string()),
-        (
-            "routing.rules.20",
-            "carol@partner.example london".to_string(),
-        ),
-        // The neighbour dials international numbers as 00…
-        (
-            "routing.rules.30",
-            "+1* london strip=1 prepend=00".to_string(),
-        ),
-        ("zones.london.address", neighbour.addr().to_string()),
-    ] {
-        s.node.set_configuration(path, Some(&value)).await.unwrap();
-    }
+    configure(
+        &s,
+        &[
+            ("routing.rules.10", "+4420* london".to_string()),
+            (
+                "routing.rules.20",
+                "carol@partner.example london".to_string(),
+            ),
+            // The neighbour dials international numbers as 00…
+            (
+                "routing.rules.30",
+                "+1* london strip=1 prepend=00".to_string(),
+            ),
+            ("zones.london.address", neighbour.addr().to_string()),
+        ],
+    )
+    .await;
     let caller = Ep::new("127.0.67.10", s.addr).await;
     for (to, call, arrives_as) in [
         (
@@ -731,15 +733,7 @@ async fn a_zone_whose_first_address_is_down_is_reached_at_the_second_and_alarmed
     let first = Neighbour::new("127.0.68.20").await;
     let mut second = Neighbour::new("127.0.68.21").await;
     first.answer_keepalives(false);
-    for (path, value) in [
-        ("routing.rules.10", "+4420* london".to_string()),
-        (
-            "zones.london.address",
-            format!("{},{}", first.addr(), second.addr()),
-        ),
-    ] {
-        s.node.set_configuration(path, Some(&value)).await.unwrap();
-    }
+    london_zone(&s, &first, &second).await;
     wait_located(
         &s,
         "Found: search rule 10 sends it to zone london at 127.0.68.21",
@@ -778,6 +772,28 @@ async fn a_zone_whose_first_address_is_down_is_reached_at_the_second_and_alarmed
     panic!("30020 still raised after the zone answered again");
 }
 
+/// Sets the cluster-wide items, each as an operator would.
+async fn configure(s: &Solo, items: &[(&str, String)]) {
+    for (path, value) in items {
+        s.node.set_configuration(path, Some(value)).await.unwrap();
+    }
+}
+
+/// Rule 10 sends `+4420…` to zone london, whose addresses are `first`, then `second`.
+async fn london_zone(s: &Solo, first: &Neighbour, second: &Neighbour) {
+    configure(
+        s,
+        &[
+            ("routing.rules.10", "+4420* london".to_string()),
+            (
+                "zones.london.address",
+                format!("{},{}", first.addr(), second.addr()),
+            ),
+        ],
+    )
+    .await;
+}
+
 impl Neighbour {
     /// The next INVITE of call `call_id` (ACKs and retransmissions of others passed over).
     async fn invite_of(&mut self, call_id: &str) -> Message {
@@ -797,15 +813,7 @@ async fn within_one_call_a_zone_address_that_refuses_or_stays_silent_hands_it_to
     let s = solo(69).await;
     let mut first = Neighbour::new("127.0.69.20").await;
     let mut second = Neighbour::new("127.0.69.21").await;
-    for (path, value) in [
-        ("routing.rules.10", "+4420* london".to_string()),
-        (
-            "zones.london.address",
-            format!("{},{}", first.addr(), second.addr()),
-        ),
-    ] {
-        s.node.set_configuration(path, Some(&value)).await.unwrap();
-    }
+    london_zone(&s, &first, &second).await;
     wait_located(
         &s,
         "Found: search rule 10 sends it to zone london at 127.0.69.20",
