@@ -708,21 +708,33 @@ fn usage(label: &str, used: u64, limit: Option<u64>) -> Markup {
     }
 }
 
+/// A limit of the API's answer; 0 and absent both mean none.
 fn limit_of(v: &Value) -> Option<u64> {
-    v.as_u64()
+    v.as_u64().filter(|l| *l > 0)
 }
 
-pub(super) async fn registrations(State(web): State<Shared>, who: Authed, q: ListParams) -> Markup {
+/// One page of a list API (`registrations`, `calls`) for the page's query: the answer, its
+/// rows, and how many match in all.
+async fn list_page(
+    web: &Shared,
+    list: &str,
+    q: &super::ListQuery,
+) -> Result<(Value, Vec<Value>, usize), String> {
     let path = format!(
-        "/api/v1/status/registrations?q={}&peer={}&offset={}&limit={PAGE_ROWS}",
+        "/api/v1/status/{list}?q={}&peer={}&offset={}&limit={PAGE_ROWS}",
         urlencode(&q.q),
         urlencode(&q.peer),
         q.page * PAGE_ROWS
     );
-    let body = match web.api(Method::GET, &path, None).await {
-        Ok(v) => {
-            let rows = v["rows"].as_array().cloned().unwrap_or_default();
-            let matched = v["matched"].as_u64().unwrap_or(rows.len() as u64) as usize;
+    let v = web.api(Method::GET, &path, None).await?;
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let matched = v["matched"].as_u64().unwrap_or(rows.len() as u64) as usize;
+    Ok((v, rows, matched))
+}
+
+pub(super) async fn registrations(State(web): State<Shared>, who: Authed, q: ListParams) -> Markup {
+    let body = match list_page(&web, "registrations", &q).await {
+        Ok((v, rows, matched)) => {
             let per_peer: BTreeMap<u64, u64> = v["per_peer"]
                 .as_array()
                 .into_iter()
@@ -760,16 +772,8 @@ pub(super) async fn registrations(State(web): State<Shared>, who: Authed, q: Lis
 }
 
 pub(super) async fn calls(State(web): State<Shared>, who: Authed, q: ListParams) -> Markup {
-    let path = format!(
-        "/api/v1/status/calls?q={}&peer={}&offset={}&limit={PAGE_ROWS}",
-        urlencode(&q.q),
-        urlencode(&q.peer),
-        q.page * PAGE_ROWS
-    );
-    let body = match web.api(Method::GET, &path, None).await {
-        Ok(v) => {
-            let rows = v["rows"].as_array().cloned().unwrap_or_default();
-            let matched = v["matched"].as_u64().unwrap_or(rows.len() as u64) as usize;
+    let body = match list_page(&web, "calls", &q).await {
+        Ok((v, rows, matched)) => {
             html! {
                 div class="figures" {
                     (usage("Calls in the cluster", v["calls"].as_u64().unwrap_or(0), limit_of(&v["calls_max"]).or(limit_of(&v["licences"]))))
