@@ -216,6 +216,19 @@ impl Drop for Lab {
             .args(["lab", "ha", "down", "--dir"])
             .arg(self.dir.path())
             .output();
+        // A failed test keeps the nodes' logs and events for the post-mortem.
+        if std::thread::panicking() {
+            let kept = std::env::temp_dir().join(format!("causeway-ha-failed-{}", self.prefix));
+            let copied = Command::new("cp")
+                .arg("-r")
+                .arg(self.dir.path())
+                .arg(&kept)
+                .status()
+                .is_ok_and(|s| s.success());
+            if copied {
+                eprintln!("the lab's files are kept in {}", kept.display());
+            }
+        }
     }
 }
 

@@ -40,6 +40,7 @@ fn boot_member(c: &mut Cluster, k: usize, observer: &Arc<Observer>) {
         .start_group(GROUP, node.leases().all_peers())
         .expect("the lease group starts");
     observer.watch(k, group.as_ref());
+    observer.watch_deadlines(k, group.hold());
     c.nodes[k - 1] = Some(node);
 }
 

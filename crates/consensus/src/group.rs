@@ -131,6 +131,14 @@ pub struct LeaseGroup {
     /// When this member last accepted a leader's append-entries (tokio's clock): how long
     /// the holder has been silent, as a voter sees it.
     last_heard_holder: Arc<Mutex<Option<Instant>>>,
+    /// Held (shared) while an append-entries is handled and `last_heard_holder` updated;
+    /// `stand_now` takes it alone, so its look at `last_heard_holder` and its election
+    /// are one step that no append-entries can fall between.
+    append_gate: Arc<tokio::sync::RwLock<()>>,
+    /// The end of the hold of this member's last confirmed round. Until then it votes for
+    /// nobody, even after stepping down: its service (or the HA address keeper, which
+    /// cannot be told) may act on the lease until that instant.
+    promised_until: Arc<Mutex<Option<Instant>>>,
     /// The running Raft member; none during a quiet start (at start, and after `resign`).
     raft: Arc<RwLock<Option<Raft<TypeConfig>>>>,
     /// Stops the current Raft member's renewing and publishing: `resign` cancels it, and
@@ -213,6 +221,8 @@ impl LeaseGroup {
             state: watch::channel(LeaseState::nobody()).0,
             hold: watch::channel(None).0,
             last_heard_holder: Arc::new(Mutex::new(None)),
+            append_gate: Arc::default(),
+            promised_until: Arc::default(),
             raft: Arc::new(RwLock::new(None)),
             incarnation: Mutex::new(CancellationToken::new()),
             eligible: AtomicBool::new(true),
@@ -276,19 +286,33 @@ impl LeaseGroup {
         let starting = Arc::new(starting);
         let (r, s) = (self.raft.clone(), starting.clone());
         let reset = self.records_reset.clone();
+        let promised = self.promised_until.clone();
         self.rpc.serve(&self.endpoints.vote, move |from, req| {
-            let raft = match reset.borrow().as_ref() {
-                Some(why) => Err(format!("no vote: records reset ({why})")),
-                None => s(&r, from),
+            let held_until = *promised.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let raft = match (reset.borrow().as_ref(), held_until) {
+                (Some(why), _) => Err(format!("no vote: records reset ({why})")),
+                // openraft's own lease does not cover this: a leader that has seen a
+                // higher term steps down and its vote is no longer committed, so it would
+                // vote for the candidate at once, and the new holder could act before
+                // this member's last hold has run out.
+                (None, Some(until)) if now < until => Err(format!(
+                    "no vote: this member's hold runs {} ms more",
+                    (until - now).as_millis()
+                )),
+                (None, _) => s(&r, from),
             };
             async move { raft?.vote(req).await.map_err(|e| e.to_string()) }
         });
         let (r, s) = (self.raft.clone(), starting.clone());
         let heard = self.last_heard_holder.clone();
+        let gate = self.append_gate.clone();
         self.rpc.serve(&self.endpoints.append, move |from, req| {
             let raft = s(&r, from);
             let heard = heard.clone();
+            let gate = gate.clone();
             async move {
+                let _handling = gate.read_owned().await;
                 let resp = raft?.append_entries(req).await.map_err(|e| e.to_string())?;
                 // Accepted (even with a log conflict to repair): the sender leads a term
                 // this member does not dispute.
@@ -337,11 +361,27 @@ impl LeaseGroup {
     /// the holder is gone (its own failure detector agrees with a witness) saves the wait.
     /// It cannot make two holders: a voter refuses every vote for one lease time after the
     /// last append-entries it accepted, and a holder never stands. Returns why not when this
-    /// member is starting (quiet) or stopped.
+    /// member is starting (quiet), stopped, or heard a holder less than a lease time ago.
     pub async fn stand_now(&self) -> Result<(), String> {
         let raft = self
             .raft()
             .ok_or_else(|| "starting: quiet for one lease time".to_string())?;
+        // Standing is a vote for itself, and openraft holds a candidate's own vote to no
+        // lease: only other candidates are refused. A member that has just acknowledged
+        // the holder's round (perhaps its only acknowledgement, the witness being cut off
+        // from the holder) would otherwise win with the witness's vote while that round
+        // still holds: two holders until the next heartbeat. So it keeps the promise it
+        // makes to other candidates, and no append-entries may slip in between the look
+        // and the election (both go to openraft's one queue in this order).
+        let _alone = self.append_gate.write().await;
+        if let Some(heard) = self.last_heard_holder() {
+            if Instant::now() < heard + self.timing.lease() {
+                return Err(format!(
+                    "heard the holder less than one lease time ({} ms) ago",
+                    self.timing.lease().as_millis()
+                ));
+            }
+        }
         raft.trigger().elect().await.map_err(|e| e.to_string())
     }
 
@@ -482,6 +522,10 @@ async fn renew(
         let still = raft.metrics().borrow().current_term == term;
         if matches!(round, Ok(Ok(_))) && still {
             let until = t0 + g.timing.hold();
+            {
+                let mut promised = g.promised_until.lock().unwrap_or_else(|p| p.into_inner());
+                *promised = (*promised).max(Some(until));
+            }
             confirmed.send_if_modified(|c| match c {
                 Some((t, u)) if *t == term && *u >= until => false,
                 _ => {

@@ -1,6 +1,9 @@
 //! A test observer that sees every holder change of every member of a group and checks
-//! the one property a lease exists for: never two holders in the same instant.
+//! the one property a lease exists for: never two holders in the same instant. A holder
+//! holds until it lets go and, where its hold deadlines are watched too, until the last
+//! of them: a service that cannot be told (the HA address keeper) acts until then.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +25,8 @@ pub struct Held {
 #[derive(Default)]
 pub struct Observer {
     held: Mutex<Vec<Held>>,
+    /// The latest hold deadline each member was given in each generation.
+    deadlines: Mutex<HashMap<(usize, u64), Instant>>,
 }
 
 impl Observer {
@@ -60,12 +65,38 @@ impl Observer {
         })
     }
 
+    /// Follows the hold deadlines `member` is given (`LeaseGroup::hold`).
+    pub fn watch_deadlines(
+        self: &Arc<Self>,
+        member: usize,
+        mut rx: tokio::sync::watch::Receiver<Option<(u64, Instant)>>,
+    ) -> JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some((generation, until)) = *rx.borrow_and_update() {
+                    let mut deadlines = me.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+                    let d = deadlines.entry((member, generation)).or_insert(until);
+                    *d = (*d).max(until);
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
     /// Panics if two members' intervals overlap or one generation had two holders.
     pub fn check(&self) {
         let held = self.lock();
+        let deadlines = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
         let end = |h: &Held| {
-            h.until
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+            let lost = h
+                .until
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            deadlines
+                .get(&(h.member, h.generation))
+                .map_or(lost, |&d| lost.max(d))
         };
         for (i, a) in held.iter().enumerate() {
             for b in &held[i + 1..] {

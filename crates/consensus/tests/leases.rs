@@ -100,6 +100,8 @@ impl Lab {
         )
         .expect("the group starts");
         let watcher = self.observer.watch(k, group.as_ref());
+        // Ends with the group, like the watcher.
+        drop(self.observer.watch_deadlines(k, group.hold()));
         self.members[k - 1] = Some(Member {
             mesh,
             rpc,
@@ -467,5 +469,61 @@ async fn a_holder_that_resigns_is_replaced_and_never_holds_with_another() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(lab.holder(), Some(first));
     drop((group, other));
+    lab.stop().await;
+}
+
+/// The HA shape that once gave two holders for 15 ms. A new holder's first rounds are
+/// confirmed by one member alone (the witness cannot hear the holder), and that member
+/// stands at once, as an HA member whose failure detector had decided a moment earlier
+/// would. Its own vote and the witness's would elect it while the new holder, elected
+/// less than a lease time ago, refuses to step down: two holders until the new holder's
+/// next heartbeat. It must refuse to stand until its last acknowledgement has run out.
+#[tokio::test(start_paused = true)]
+async fn a_member_that_just_confirmed_the_holder_does_not_stand_beside_it() {
+    let lab = Lab::start(3);
+    let a = lab.wait_holder(Duration::from_secs(5), "first").await;
+    let (b, c) = match a {
+        1 => (2, 3),
+        2 => (1, 3),
+        _ => (1, 2),
+    };
+    let group = |k: usize| lab.members[k - 1].as_ref().unwrap().group.clone();
+    // Members stand only when told (as an HA pair's do), never on openraft's timer.
+    for k in 1..=3 {
+        group(k).set_eligible(false);
+    }
+    // Frames to and from `a` are lost (its connections stay up): after a lease time
+    // without it, `b` stands and wins with `c`'s vote.
+    let lose = |x: usize, y: usize, p: f64| {
+        lab.net.loss(ip(x), ip(y), p);
+        lab.net.loss(ip(y), ip(x), p);
+    };
+    lose(a, b, 1.0);
+    lose(a, c, 1.0);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    group(b).stand_now().await.expect("silent for a lease time: b stands");
+    let t = Instant::now();
+    let new = lab.wait_new_holder(a, t, failover_bound()).await;
+    assert_eq!(new, b);
+    // `c` hears `a` again, `a` can vote for it, and `b`'s rounds reach `c` only: `c`
+    // must not stand now. (Were it to, `b` would learn of it 30 ms late.)
+    lose(a, c, 0.0);
+    lab.net.delay(ip(c), ip(b), Duration::from_millis(30));
+    let refused = group(c).stand_now().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lab.observer.check();
+    assert_eq!(lab.holder(), Some(b));
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("heard the holder")),
+        "{refused:?}"
+    );
+    // Cut off from `b` too, `c` stands after one lease time of silence and wins.
+    lose(b, c, 1.0);
+    let t = Instant::now();
+    tokio::time::sleep(LeaseTiming::default().lease()).await;
+    group(c).stand_now().await.expect("silent for a lease time: c stands");
+    assert_eq!(lab.wait_new_holder(b, t, failover_bound()).await, c);
     lab.stop().await;
 }
