@@ -132,7 +132,7 @@ fn md5_hex(text: &str) -> String {
 }
 
 /// `Digest a="b", c=d` → map of lower-case names to unquoted values.
-fn parse_digest(value: &str) -> Option<HashMap<String, String>> {
+pub(crate) fn parse_digest(value: &str) -> Option<HashMap<String, String>> {
     let mut rest = value.trim().strip_prefix("Digest")?.trim_start();
     let mut out = HashMap::new();
     while !rest.is_empty() {

@@ -96,6 +96,23 @@ pub static ITEMS: &[ItemDef] = &[
         default: "",
     },
     ItemDef {
+        path: "zones.<name>.username",
+        kind: Kind::Checked {
+            what: "a username",
+            check: crate::routing::canonical_username,
+        },
+        restart: false,
+        about: "the username this cluster answers a neighbour zone's digest challenge with (with zones.<name>.password)",
+        default: "",
+    },
+    ItemDef {
+        path: "zones.<name>.password",
+        kind: Kind::Secret,
+        restart: false,
+        about: "the password this cluster answers a neighbour zone's digest challenge with",
+        default: "",
+    },
+    ItemDef {
         path: "routing.rules.<name>",
         kind: Kind::Checked {
             what: "rule: <pattern> <zone|local> [strip=N] [prepend=X] [replace=T] [continue] [auth]",

@@ -18,6 +18,7 @@ pub mod routing;
 mod service;
 pub mod status;
 pub mod transport;
+mod uac_auth;
 mod zones;
 
 pub use service::{SipService, SipSettings};

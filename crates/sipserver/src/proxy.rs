@@ -17,10 +17,12 @@ use causeway_common::time::unix_ms_now;
 use causeway_sip::build::{self, Edit};
 use causeway_sip::{HeaderKind, Message, NameAddr, SipUri, Via};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::routing::Credentials;
 use crate::service::{AuthPolicy, SipService, LOG};
 use crate::transport::{Incoming, Proto, Source, Target};
+use crate::uac_auth;
 
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
@@ -89,6 +91,13 @@ struct ClientTx {
     /// Further addresses of the same zone, in order: tried one at a time when this one
     /// fails (503, no connection, no answer).
     next: Vec<Target>,
+    /// The zone's credentials: a 401/407 from this address is answered once with them.
+    credentials: Option<Credentials>,
+    /// This branch's request has its credentials for this address already.
+    answered: bool,
+    /// How far the CSeq sent is above the caller's (each answered challenge adds one):
+    /// answers go back shifted down by it (`uac_auth.rs`).
+    cseq_shift: u32,
 }
 
 #[derive(Default)]
@@ -165,6 +174,31 @@ fn creates_dialog(method: &str) -> bool {
     matches!(method, "INVITE" | "SUBSCRIBE" | "REFER" | "NOTIFY")
 }
 
+/// What this peer's own Routes at the top of a request say.
+#[derive(Default)]
+struct OurRoutes {
+    popped: usize,
+    flow: Option<u64>,
+    /// A dialog whose INVITE was sent with credentials (`uac_auth.rs`): the shift, and the
+    /// hash of the caller's tag (only the caller's requests are shifted).
+    shift: Option<(u32, String)>,
+}
+
+impl OurRoutes {
+    /// How far `msg`'s CSeq goes up on its way through: the dialog's shift if it comes from
+    /// the caller.
+    fn shift_for(&self, msg: &Message) -> u32 {
+        let from_tag = msg
+            .value(HeaderKind::From)
+            .and_then(|f| NameAddr::parse(&f).ok())
+            .and_then(|f| f.tag().map(uac_auth::tag_hash));
+        match (&self.shift, from_tag) {
+            (Some((shift, caller)), Some(tag)) if *caller == tag => *shift,
+            _ => 0,
+        }
+    }
+}
+
 /// Where one forwarded copy goes: the Request-URI it carries, the next hop, Route lines to
 /// put first.
 struct Hop {
@@ -175,6 +209,8 @@ struct Hop {
     flow: Option<u64>,
     /// Where to try next when `target` fails (a zone's further addresses).
     next: Vec<Target>,
+    /// A zone's credentials, for its digest challenges.
+    credentials: Option<Credentials>,
 }
 
 impl Hop {
@@ -186,6 +222,7 @@ impl Hop {
             routes: vec![],
             flow: target.conn,
             next: vec![],
+            credentials: None,
         }
     }
 }
@@ -262,7 +299,9 @@ impl SipService {
         };
         // §16.4: Routes naming this peer are ours to remove.
         let routes = msg.values(HeaderKind::Route);
-        let (popped, flow) = self.our_routes(&routes);
+        let ours = self.our_routes(&routes);
+        let (popped, flow) = (ours.popped, ours.flow);
+        let dialog_shift = ours.shift_for(&msg);
         let uri = match msg.uri().map(SipUri::parse) {
             Some(Ok(u)) => u,
             _ => {
@@ -485,7 +524,13 @@ impl SipService {
                 pop_routes: popped,
                 max_forwards: Some(max_forwards.saturating_sub(1)),
             };
-            let bytes = build::rewrite(&msg, &edit);
+            let mut bytes = build::rewrite(&msg, &edit);
+            if dialog_shift > 0 {
+                match uac_auth::shift_cseq(&bytes, i64::from(dialog_shift)) {
+                    Some(shifted) => bytes = shifted,
+                    None => continue,
+                }
+            }
             let Ok(sent) = Message::parse(
                 bytes.clone(),
                 causeway_sip::Transport::Stream,
@@ -509,6 +554,9 @@ impl SipService {
                     invite,
                     started: now,
                     next: hop.next,
+                    credentials: hop.credentials,
+                    answered: false,
+                    cseq_shift: dialog_shift,
                 },
             );
             branch_ids.push(branch);
@@ -624,6 +672,7 @@ impl SipService {
                     "Search rule matched");
                 let mut hop = Hop::direct(first);
                 hop.next = targets;
+                hop.credentials = zone.credentials.clone();
                 if rewritten {
                     let mut to = uri.clone();
                     to.user = Some(step.user.clone());
@@ -761,6 +810,7 @@ impl SipService {
                 routes: std::mem::take(&mut routes),
                 flow: None,
                 next: vec![],
+            credentials: None,
             });
         }
         if b.owner == self.self_index {
@@ -776,6 +826,7 @@ impl SipService {
                     routes: vec![],
                     flow: Some(conn),
                     next: vec![],
+            credentials: None,
                 });
             }
         } else if let (Some(conn), None) = (b.conn, flow) {
@@ -795,6 +846,7 @@ impl SipService {
                     )],
                     flow: None,
                     next: vec![],
+            credentials: None,
                 });
             }
         }
@@ -816,13 +868,15 @@ impl SipService {
             routes: vec![],
             flow: None,
             next: vec![],
+            credentials: None,
         })
     }
 
     /// ACK for a 2xx and other requests outside a transaction: next Route or Request-URI.
     fn forward_stateless(&self, msg: &Message, source: &Source) {
         let routes = msg.values(HeaderKind::Route);
-        let (popped, flow) = self.our_routes(&routes);
+        let ours = self.our_routes(&routes);
+        let (popped, flow) = (ours.popped, ours.flow);
         if popped == 0 {
             debug!(target: LOG, "ACK not routed through this cluster dropped");
             return;
@@ -857,26 +911,36 @@ impl SipService {
                 ..Edit::default()
             },
         );
+        // The ACK of a 2xx carries its INVITE's number: shifted like the INVITE was.
+        let bytes = match ours.shift_for(msg) {
+            0 => bytes,
+            shift => match uac_auth::shift_cseq(&bytes, i64::from(shift)) {
+                Some(b) => b,
+                None => return,
+            },
+        };
         self.transports.send(&target, bytes);
     }
 
-    /// How many of the first Routes name this peer, and the flow token among them (the
-    /// connection a request continues on).
-    fn our_routes(&self, routes: &[String]) -> (usize, Option<u64>) {
-        let mut popped = 0;
-        let mut flow = None;
+    /// How many of the first Routes name this peer, the flow token among them (the
+    /// connection a request continues on), and the dialog's CSeq shift.
+    fn our_routes(&self, routes: &[String]) -> OurRoutes {
+        let mut ours = OurRoutes::default();
         for r in routes {
             match NameAddr::parse(r) {
                 Ok(na) if self.is_me(&na.uri) => {
-                    popped += 1;
+                    ours.popped += 1;
                     if let Some(Some(f)) = na.uri.param(FLOW_PARAM) {
-                        flow = f.parse::<u64>().ok();
+                        ours.flow = f.parse::<u64>().ok();
+                    }
+                    if let Some(Some(v)) = na.uri.param(uac_auth::CSEQ_PARAM) {
+                        ours.shift = uac_auth::parse_shift(v);
                     }
                 }
                 _ => break,
             }
         }
-        (popped, flow)
+        ours
     }
 
     fn is_me_target(&self, t: &Target) -> bool {
@@ -945,6 +1009,7 @@ impl SipService {
         let target = client.target;
         let server_key = client.server.clone();
         let was = client.state;
+        let shift = client.cseq_shift;
         if status < 200 {
             client.state = BranchState::Proceeding;
         } else {
@@ -959,9 +1024,22 @@ impl SipService {
         if status == 100 {
             return;
         }
+        if matches!(status, 401 | 407) && self.answer_challenge(&mut st, &branch, &msg) {
+            return;
+        }
         if status == 503 && self.try_next_address(&mut st, &branch) {
             return;
         }
+        // Upstream, the answer carries the caller's own CSeq.
+        let msg = match shift {
+            0 => msg,
+            shift => match uac_auth::shift_cseq(msg.raw(), -i64::from(shift)).and_then(|b| {
+                Message::parse(b, causeway_sip::Transport::Stream, &Default::default()).ok()
+            }) {
+                Some(m) => m,
+                None => return,
+            },
+        };
         let Some(tx) = st.servers.get_mut(&server_key) else {
             return;
         };
@@ -1108,6 +1186,146 @@ impl SipService {
         }
     }
 
+    /// A neighbour zone challenged `branch` (401/407), and the zone has credentials not yet
+    /// sent to this address: the request goes again on a new branch of the same
+    /// transaction, one CSeq higher, with them (`uac_auth.rs`). False: the challenge is an
+    /// answer like any other.
+    fn answer_challenge(
+        self: &Arc<Self>,
+        st: &mut ProxyState,
+        branch: &str,
+        challenge: &Message,
+    ) -> bool {
+        let Some(c) = st.clients.get(branch) else {
+            return false;
+        };
+        let Some(creds) = c.credentials.clone() else {
+            return false;
+        };
+        if c.answered {
+            warn!(target: LOG, dst = %c.target.addr, user = %creds.user,
+                "A neighbour zone refused this cluster's credentials");
+            return false;
+        }
+        if st
+            .servers
+            .get(&c.server)
+            .is_none_or(|tx| tx.final_status.is_some() || tx.cancelled)
+        {
+            return false;
+        }
+        let (ask, answer) = match challenge.status() {
+            Some(407) => ("Proxy-Authenticate", "Proxy-Authorization"),
+            _ => ("WWW-Authenticate", "Authorization"),
+        };
+        let challenges: Vec<String> = challenge
+            .headers()
+            .iter()
+            .filter(|h| {
+                challenge
+                    .header_name(h)
+                    .eq_ignore_ascii_case(ask.as_bytes())
+            })
+            .map(|h| String::from_utf8_lossy(challenge.header_value(h)).into_owned())
+            .collect();
+        let (Some(method), Some(uri), Some(local)) = (c.sent.method(), c.sent.uri(), c.target.local)
+        else {
+            return false;
+        };
+        let value = match uac_auth::authorization(&challenges, method, uri, &creds, &self.unique()) {
+            Ok(v) => v,
+            Err(reason) => {
+                warn!(target: LOG, dst = %c.target.addr, reason = %reason,
+                    "A neighbour zone's challenge cannot be answered");
+                return false;
+            }
+        };
+        let new_branch = format!("{COOKIE}cw{}", self.unique());
+        // Credentials for another address of the zone (a failover) are not this one's.
+        let without_old = uac_auth::drop_headers(c.sent.raw(), answer);
+        let Ok(unanswered) = Message::parse(
+            without_old,
+            causeway_sip::Transport::Stream,
+            &Default::default(),
+        ) else {
+            return false;
+        };
+        let bytes = build::rewrite(
+            &unanswered,
+            &Edit {
+                pop_via: true,
+                prepend: vec![
+                    self.via_line(c.target.proto, local, &new_branch),
+                    format!("{answer}: {value}"),
+                ],
+                ..Edit::default()
+            },
+        );
+        let shift = c.cseq_shift + 1;
+        let Some(mut bytes) = uac_auth::shift_cseq(&bytes, 1) else {
+            return false;
+        };
+        // The dialog keeps the shift in this peer's Record-Route: the caller's later
+        // requests in it go up by as much.
+        let caller = c
+            .sent
+            .value(HeaderKind::From)
+            .and_then(|f| NameAddr::parse(&f).ok())
+            .and_then(|f| f.tag().map(uac_auth::tag_hash));
+        if let Some(caller) = caller {
+            let marked = uac_auth::edit_headers(&bytes, "Record-Route", |v| {
+                let na = NameAddr::parse(v).ok()?;
+                self.is_me(&na.uri)
+                    .then(|| uac_auth::with_shift_param(v, shift, &caller))
+                    .flatten()
+            });
+            if let Some(m) = marked {
+                bytes = m;
+            }
+        }
+        let Ok(sent) = Message::parse(
+            bytes.clone(),
+            causeway_sip::Transport::Stream,
+            &Default::default(),
+        ) else {
+            return false;
+        };
+        let (server, target, invite) = (c.server.clone(), c.target, c.invite);
+        let next = st
+            .clients
+            .get_mut(branch)
+            .map(|c| std::mem::take(&mut c.next))
+            .unwrap_or_default();
+        info!(target: LOG, event = "Neighbour challenge answered", dst = %target.addr,
+            user = %creds.user, cseq_shift = shift, "");
+        let on_fail = {
+            let svc = self.clone();
+            let b = new_branch.clone();
+            move || svc.branch_failed(&b)
+        };
+        self.transports.send_or(&target, bytes, on_fail);
+        st.clients.insert(
+            new_branch.clone(),
+            ClientTx {
+                server: server.clone(),
+                target,
+                sent,
+                state: BranchState::Trying,
+                invite,
+                started: Instant::now(),
+                next,
+                credentials: Some(creds),
+                answered: true,
+                cseq_shift: shift,
+            },
+        );
+        if let Some(tx) = st.servers.get_mut(&server) {
+            tx.branches.push(new_branch.clone());
+        }
+        self.tasks.spawn(self.clone().branch_timer(new_branch));
+        true
+    }
+
     /// The failed `branch` had further addresses of its zone: the request goes to the next
     /// one on a new branch of the same transaction. False when there is none (or the
     /// transaction has its answer already).
@@ -1121,6 +1339,7 @@ impl SipService {
         let target = c.next.remove(0);
         let rest = std::mem::take(&mut c.next);
         let (server, sent, invite, from) = (c.server.clone(), c.sent.clone(), c.invite, c.target);
+        let (credentials, cseq_shift) = (c.credentials.clone(), c.cseq_shift);
         if st
             .servers
             .get(&server)
@@ -1169,6 +1388,10 @@ impl SipService {
                 invite,
                 started: Instant::now(),
                 next: rest,
+                // Another server: its own challenge is answered again.
+                credentials,
+                answered: false,
+                cseq_shift,
             },
         );
         if let Some(tx) = st.servers.get_mut(&server) {

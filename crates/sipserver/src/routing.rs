@@ -64,6 +64,19 @@ impl PartialEq for SearchRule {
 
 impl Eq for SearchRule {}
 
+/// A zone's username as stored: it goes into a quoted Digest parameter, so no quote,
+/// backslash or control character, and at most 128 bytes.
+pub fn canonical_username(value: &str) -> Result<String, String> {
+    let v = value.trim();
+    if v.len() > 128 {
+        return Err("is longer than 128 characters".into());
+    }
+    if v.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+        return Err("has a quote, a backslash or a control character".into());
+    }
+    Ok(v.to_string())
+}
+
 /// The item's value as stored, or why it is refused (the configuration check).
 pub fn canonical_rule(value: &str) -> Result<String, String> {
     SearchRule::parse("check", value).map(|r| r.text)
@@ -257,6 +270,23 @@ pub struct Zone {
     /// request or a keep-alive is sent).
     pub addresses: Vec<String>,
     pub proto: Option<Proto>,
+    /// What this cluster answers the neighbour's digest challenges with.
+    pub credentials: Option<Credentials>,
+}
+
+/// A username and password this cluster uses towards a neighbour (`zones.<name>.username`,
+/// `zones.<name>.password`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    /// Never the password: zones are logged and shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials {{ user: {:?} }}", self.user)
+    }
 }
 
 /// The rules in priority order and the zones they name.
@@ -294,6 +324,7 @@ impl Routing {
     /// rule that no longer parses (the configuration check refuses those when set).
     pub fn from_items<'a>(items: impl IntoIterator<Item = (&'a str, &'a str)>) -> Routing {
         let mut routing = Routing::default();
+        let (mut usernames, mut passwords) = (BTreeMap::new(), BTreeMap::new());
         for (key, value) in items {
             if let Some(name) = key.strip_prefix("routing.rules.") {
                 if let Ok(rule) = SearchRule::parse(name, value) {
@@ -309,7 +340,19 @@ impl Routing {
                         .collect();
                 } else if let Some(zone) = rest.strip_suffix(".transport") {
                     routing.zones.entry(zone.to_string()).or_default().proto = Proto::parse(value);
+                } else if let Some(zone) = rest.strip_suffix(".username") {
+                    usernames.insert(zone.to_string(), value.to_string());
+                } else if let Some(zone) = rest.strip_suffix(".password") {
+                    passwords.insert(zone.to_string(), value.to_string());
                 }
+            }
+        }
+        for (zone, user) in usernames {
+            // A username without a password answers with an empty one: the neighbour
+            // decides whether that is enough.
+            let password = passwords.remove(&zone).unwrap_or_default();
+            if let Some(z) = routing.zones.get_mut(&zone) {
+                z.credentials = Some(Credentials { user, password });
             }
         }
         routing.rules.sort_by_key(|r| priority(&r.name));

@@ -971,3 +971,145 @@ async fn copies_of_an_invite_handled_at_once_are_forwarded_once() {
         );
     }
 }
+
+/// The `name="value"` (or `name=value`) parameter of a Digest header.
+fn digest_param(header: &str, name: &str) -> String {
+    let at = header
+        .find(&format!("{name}="))
+        .unwrap_or_else(|| panic!("no {name} in {header}"));
+    let rest = &header[at + name.len() + 1..];
+    match rest.strip_prefix('"') {
+        Some(q) => q[..q.find('"').unwrap()].to_string(),
+        None => rest.split(',').next().unwrap().trim().to_string(),
+    }
+}
+
+/// A neighbour zone that challenges (407) gets the INVITE again with the zone's credentials
+/// and one CSeq higher. The caller sees its own CSeq on every answer; its ACK and BYE in the
+/// dialog reach the neighbour shifted like the INVITE, and the neighbour's own BYE is not
+/// shifted. With a wrong password the second challenge goes to the caller.
+#[tokio::test]
+async fn a_neighbours_challenge_is_answered_with_the_zones_credentials() {
+    let s = solo(78).await;
+    let mut trunk = Neighbour::new("127.0.78.20").await;
+    configure(
+        &s,
+        &[
+            ("routing.rules.10", "+4420* trunk".to_string()),
+            ("zones.trunk.address", trunk.addr().to_string()),
+            ("zones.trunk.username", "cluster1".to_string()),
+            ("zones.trunk.password", "s3cret".to_string()),
+        ],
+    )
+    .await;
+    wait_located(&s, "Found: search rule 10 sends it to zone trunk at 127.0.78.20").await;
+    let caller = Ep::new("127.0.78.10", s.addr).await;
+    let challenge = |m: &Message, nonce: &str| {
+        build::response(
+            m,
+            407,
+            "Proxy Authentication Required",
+            Some("t"),
+            &[format!(
+                "Proxy-Authenticate: Digest realm=\"trunk.example\", nonce=\"{nonce}\", qop=\"auth\", algorithm=MD5"
+            )],
+        )
+    };
+    // The next INVITE of `call`, ACKs of challenges passed over.
+    async fn next_invite(trunk: &mut Neighbour, call: &str) -> Message {
+        loop {
+            let (m, _) = trunk.next().await;
+            match m.method() {
+                Some("INVITE") if m.call_id().as_deref() == Some(call) => return m,
+                Some("ACK") => continue,
+                other => panic!("unexpected {other:?} at the neighbour"),
+            }
+        }
+    }
+
+    caller.send(&invite("+442071234567", "d1")).await;
+    let first = next_invite(&mut trunk, "d1").await;
+    assert_eq!(first.cseq().unwrap().0, 1);
+    assert!(first.value(HeaderKind::ProxyAuthorization).is_none());
+    trunk
+        .sock
+        .send_to(&challenge(&first, "n0nce1"), s.addr)
+        .await
+        .unwrap();
+    let answered = next_invite(&mut trunk, "d1").await;
+    assert_eq!(answered.cseq().unwrap().0, 2, "one higher than the challenged one");
+    let auth = answered
+        .value(HeaderKind::ProxyAuthorization)
+        .expect("the zone's credentials");
+    assert_eq!(digest_param(&auth, "username"), "cluster1");
+    let ha1 = md5_hex("cluster1:trunk.example:s3cret");
+    let ha2 = md5_hex(&format!("INVITE:{}", digest_param(&auth, "uri")));
+    let expected = md5_hex(&format!(
+        "{ha1}:n0nce1:{}:{}:auth:{ha2}",
+        digest_param(&auth, "nc"),
+        digest_param(&auth, "cnonce")
+    ));
+    assert_eq!(digest_param(&auth, "response"), expected, "{auth}");
+    // Accepted: the caller gets the 200 with its own CSeq and this peer's Record-Route.
+    let trunk_contact = format!("<sip:trunk@{}>", trunk.addr());
+    trunk
+        .sock
+        .send_to(
+            &build::response(
+                &answered,
+                200,
+                "OK",
+                Some("t"),
+                &[format!("Contact: {trunk_contact}")],
+            ),
+            s.addr,
+        )
+        .await
+        .unwrap();
+    let ok = caller.recv_final().await;
+    assert_eq!((ok.status(), ok.cseq().unwrap().0), (Some(200), 1));
+    let route = ok.values(HeaderKind::RecordRoute).join(", ");
+    assert!(route.contains("cw-cseq=1."), "{route}");
+    // The caller's ACK and BYE go up by one; the answer to its BYE comes back down.
+    let trunk_addr = trunk.addr();
+    let in_dialog = |method: &str, cseq: u32| {
+        format!(
+            "{method} sip:trunk@{} SIP/2.0\r\nVia: SIP/2.0/UDP {{me}};branch=z9hG4bKd1{method}\r\nMax-Forwards: 70\r\nRoute: {route}\r\nFrom: <sip:caller@test.example>;tag=caller1\r\nTo: <sip:+442071234567@test.example>;tag=t\r\nCall-ID: d1\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n",
+            trunk_addr
+        )
+    };
+    caller.send(&in_dialog("ACK", 1)).await;
+    let (ack, _) = trunk.next().await;
+    assert_eq!(
+        (ack.method(), ack.cseq().unwrap().0),
+        (Some("ACK"), 2),
+        "the ACK of the 2xx carries the answered INVITE's number"
+    );
+    caller.send(&in_dialog("BYE", 2)).await;
+    let (bye, _) = trunk.next().await;
+    assert_eq!((bye.method(), bye.cseq().unwrap().0), (Some("BYE"), 3));
+    trunk
+        .sock
+        .send_to(&build::response(&bye, 200, "OK", None, &[]), s.addr)
+        .await
+        .unwrap();
+    let bye_ok = caller.recv_final().await;
+    assert_eq!((bye_ok.status(), bye_ok.cseq().unwrap().0), (Some(200), 2));
+
+    // Wrong credentials: challenged again, the challenge reaches the caller.
+    caller.send(&invite("+442071234567", "d2")).await;
+    let first = next_invite(&mut trunk, "d2").await;
+    trunk
+        .sock
+        .send_to(&challenge(&first, "n0nce2"), s.addr)
+        .await
+        .unwrap();
+    let again = next_invite(&mut trunk, "d2").await;
+    trunk
+        .sock
+        .send_to(&challenge(&again, "n0nce3"), s.addr)
+        .await
+        .unwrap();
+    let refused = caller.recv_final().await;
+    assert_eq!((refused.status(), refused.cseq().unwrap().0), (Some(407), 1));
+}
