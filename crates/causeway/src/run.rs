@@ -223,6 +223,12 @@ async fn start_sip(
         max_expires: section.max_expires,
         default_expires: 3600.min(section.max_expires),
         zone_keepalive: std::time::Duration::from_millis(section.zone_keepalive_ms),
+        // Checked when the node file was read.
+        dns_servers: section
+            .dns_servers
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
     };
     causeway_sipserver::SipService::start(node, settings, cancel).await
 }

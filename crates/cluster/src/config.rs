@@ -245,6 +245,10 @@ pub struct SipSection {
     /// in a row: down).
     #[serde(default = "zone_keepalive_ms")]
     pub zone_keepalive_ms: u64,
+    /// Name servers for DNS zones (`ip:port`, at most 4); none: the system's
+    /// (/etc/resolv.conf).
+    #[serde(default)]
+    pub dns_servers: Vec<String>,
 }
 
 impl Default for SipSection {
@@ -261,6 +265,7 @@ impl Default for SipSection {
             min_expires: min_expires(),
             max_expires: max_expires(),
             zone_keepalive_ms: zone_keepalive_ms(),
+            dns_servers: vec![],
         }
     }
 }
@@ -497,6 +502,22 @@ impl NodeConfig {
                 return Err(self.field(
                     "sip.zone_keepalive_ms",
                     "must be from 200 (0.2 s) to 600000 (10 minutes)".to_string(),
+                ));
+            }
+            if sip.dns_servers.len() > 4 {
+                return Err(self.field(
+                    "sip.dns_servers",
+                    format!("{} servers: at most 4", sip.dns_servers.len()),
+                ));
+            }
+            if let Some(bad) = sip
+                .dns_servers
+                .iter()
+                .find(|s| s.parse::<std::net::SocketAddr>().is_err())
+            {
+                return Err(self.field(
+                    "sip.dns_servers",
+                    format!("'{bad}' is not ip:port (for example \"192.0.2.53:53\")"),
                 ));
             }
             if sip.min_expires == 0 || sip.min_expires > sip.max_expires {

@@ -51,6 +51,7 @@ pub struct Status {
 
 impl DbService {
     pub fn status_json(&self) -> Status {
+        let synchronous = self.synchronous();
         let saved = self.saved();
         let me = self.my_report();
         let mut reports: Vec<(Report, bool)> = self
@@ -91,15 +92,19 @@ impl DbService {
                         )
                     }
                     Some((r, true)) => {
-                        let lag = master.as_ref().and_then(|mm| {
-                            mm.replicas
-                                .iter()
-                                .find(|x| x.peer == r.peer)
-                                .map(|x| x.flush_lag)
-                        });
+                        let replica = master
+                            .as_ref()
+                            .and_then(|mm| mm.replicas.iter().find(|x| x.peer == r.peer));
+                        // Synchronous replication: "In Sync" only once the master counts
+                        // this standby for its commits (sync_state sync or quorum). Caught
+                        // up is not enough: until the master has reloaded with it in
+                        // synchronous_standby_names, a commit there waits for nobody.
+                        let counted = !synchronous
+                            || replica.is_some_and(|x| matches!(x.sync_state.as_str(), "sync" | "quorum"));
                         let in_sync = r.role == Role::Standby
                             && r.streaming
-                            && lag.is_some_and(|l| l <= IN_SYNC_BYTES);
+                            && counted
+                            && replica.is_some_and(|x| x.flush_lag <= IN_SYNC_BYTES);
                         let state = match r.role {
                             Role::Standby if in_sync => "Connected Slave ( In Sync )",
                             Role::Standby | Role::Busy => "Connected Slave ( Out Of Sync )",

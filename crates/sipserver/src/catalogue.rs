@@ -16,6 +16,9 @@ pub const AUTH_POLICIES: &[&str] = &[
 
 /// How a neighbour zone is reached.
 pub const ZONE_TRANSPORTS: &[&str] = &["UDP", "TCP", "TLS"];
+/// A neighbour zone is reached at its own addresses; a DNS zone at whatever RFC 3263 finds
+/// for the request's domain.
+pub const ZONE_TYPES: &[&str] = &["Neighbour", "DNS"];
 
 pub static ITEMS: &[ItemDef] = &[
     ItemDef {
@@ -93,6 +96,13 @@ pub static ITEMS: &[ItemDef] = &[
         kind: Kind::Choice(ZONE_TRANSPORTS),
         restart: false,
         about: "how a neighbour zone is reached: UDP, TCP or TLS (unset: UDP)",
+        default: "",
+    },
+    ItemDef {
+        path: "zones.<name>.type",
+        kind: Kind::Choice(ZONE_TYPES),
+        restart: false,
+        about: "Neighbour (reached at zones.<name>.address) or DNS (the request's domain resolved by RFC 3263: NAPTR, SRV, A/AAAA); unset: Neighbour",
         default: "",
     },
     ItemDef {

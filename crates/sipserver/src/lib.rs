@@ -5,6 +5,8 @@ pub mod admission;
 mod auth;
 mod authenticator;
 pub mod catalogue;
+pub mod dns;
+pub mod dns_responder;
 mod guard;
 pub mod licences;
 pub mod location;

@@ -100,6 +100,26 @@ struct ClientTx {
     cseq_shift: u32,
 }
 
+/// The proxy's own state: its transactions, the neighbour zones' health as this peer sees
+/// it, and the resolver DNS zones ask. The registrar's is in `location`, admission's in
+/// `admission`; what they share (the node, the transports, the configuration) is the
+/// service's.
+pub(crate) struct Proxy {
+    pub(crate) transactions: std::sync::Mutex<ProxyState>,
+    pub(crate) zones: crate::zones::ZoneHealth,
+    pub(crate) resolver: crate::dns::SipResolver,
+}
+
+impl Proxy {
+    pub(crate) fn new(resolver: crate::dns::SipResolver) -> Proxy {
+        Proxy {
+            transactions: Default::default(),
+            zones: Default::default(),
+            resolver,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct ProxyState {
     servers: HashMap<String, ServerTx>,
@@ -167,6 +187,18 @@ fn uri_target(uri: &SipUri) -> Option<Target> {
         conn: None,
         local: None,
     })
+}
+
+/// The answer when a DNS zone finds nowhere to send a request: 404 when the domain has no
+/// SIP server in DNS, 503 when DNS itself could not be asked (a server silent or failing:
+/// the caller may try again later).
+pub(crate) fn dns_failure(zone: &str, reason: &str) -> (u16, String) {
+    let unavailable = reason.contains("timed out") || reason.contains("failed");
+    if unavailable {
+        (503, format!("Service Unavailable (zone {zone}: {reason})"))
+    } else {
+        (404, format!("Not Found (zone {zone}: {reason})"))
+    }
 }
 
 /// Methods that create a dialog and so are record-routed when they have no To tag.
@@ -417,8 +449,8 @@ impl SipService {
                 // The cluster's own registrations first; then the search rules.
                 match self.zone_hop(&uri, authenticated, flow).await {
                     Ok(hops) if !hops.is_empty() => hops,
-                    Err(reason) => {
-                        self.respond(&msg, &source, 503, &reason, &[]);
+                    Err((status, reason)) => {
+                        self.respond(&msg, &source, status, &reason, &[]);
                         return;
                     }
                     Ok(_) => {
@@ -445,8 +477,8 @@ impl SipService {
             };
             match zone {
                 Ok(hops) if !hops.is_empty() => hops,
-                Err(reason) => {
-                    self.respond(&msg, &source, 503, &reason, &[]);
+                Err((status, reason)) => {
+                    self.respond(&msg, &source, status, &reason, &[]);
                     return;
                 }
                 Ok(_) => return refuse_relay(),
@@ -588,7 +620,7 @@ impl SipService {
     }
 
     fn proxy_lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {
-        self.proxy.lock().unwrap_or_else(|p| p.into_inner())
+        self.proxy.transactions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The Via of a request this peer sends from its address `local`.
@@ -620,13 +652,14 @@ impl SipService {
     /// Where the search rules send a request no binding of this cluster takes: each rule
     /// that takes it in priority order, until one whose target can (a zone with an address
     /// that answers its keep-alive, or local bindings of the rewritten alias). Empty: no rule
-    /// takes it. Err: the last target that was tried cannot be reached (503).
+    /// takes it. Err: the answer for the last target that was tried and cannot take it (480
+    /// no local binding, 503 no zone address answers, 404 or 503 for what DNS found).
     async fn zone_hop(
         &self,
         uri: &SipUri,
         authenticated: bool,
         flow: Option<u64>,
-    ) -> Result<Vec<Hop>, String> {
+    ) -> Result<Vec<Hop>, (u16, String)> {
         let config = self.config();
         let plan = config
             .routing
@@ -645,19 +678,46 @@ impl SipService {
                 if !hops.is_empty() {
                     return Ok(hops);
                 }
-                failure = Some(format!(
-                    "Temporarily Unavailable (search rule {}: no binding of {}@{})",
-                    step.rule.name, step.user, step.host
+                failure = Some((
+                    480,
+                    format!(
+                        "Temporarily Unavailable (search rule {}: no binding of {}@{})",
+                        step.rule.name, step.user, step.host
+                    ),
                 ));
                 continue;
             };
             // Every address not known down, in order: the first now, the others if it fails.
             let mut targets = Vec::new();
+            if zone.dns {
+                // The request's (rewritten) domain, as RFC 3263 finds it: each target in
+                // order, the next on a timeout, a transport error or a 503 (§4.3).
+                let transport = uri.transport().and_then(|t| Proto::parse(&t));
+                match self
+                    .proxy
+                    .resolver
+                    .targets(&step.host, uri.port, transport, uri.secure)
+                    .await
+                {
+                    Ok(found) => targets.extend(found.into_iter().map(|t| Target {
+                        proto: t.proto,
+                        addr: t.addr,
+                        conn: None,
+                        local: None,
+                    })),
+                    Err(reason) => {
+                        debug!(target: LOG, zone = %zone_name, reason = %reason,
+                            "DNS zone found no target");
+                        failure = Some(dns_failure(zone_name, &reason));
+                        continue;
+                    }
+                }
+            }
             for address in &zone.addresses {
                 let Some(addr) = resolve(address).await else {
                     continue;
                 };
-                if self.zones.is_up(&addr) {
+                if self.proxy.zones.is_up(&addr) {
                     targets.push(Target {
                         proto: zone.proto.unwrap_or(Proto::Udp),
                         addr,
@@ -681,8 +741,9 @@ impl SipService {
                 }
                 return Ok(vec![hop]);
             }
-            failure = Some(format!(
-                "Service Unavailable (zone {zone_name}: no address answers)"
+            failure = Some((
+                503,
+                format!("Service Unavailable (zone {zone_name}: no address answers)"),
             ));
         }
         match failure {
@@ -740,7 +801,7 @@ impl SipService {
                 zones.push((name.clone(), zone.proto.unwrap_or(Proto::Udp), addrs));
             }
             let all: Vec<SocketAddr> = zones.iter().flat_map(|z| z.2.clone()).collect();
-            let sent = self.zones.round(&all, || {
+            let sent = self.proxy.zones.round(&all, || {
                 format!("{}{}", crate::zones::KEEPALIVE_BRANCH, self.unique())
             });
             for (addr, branch) in sent {
@@ -762,7 +823,7 @@ impl SipService {
             let mut now_down = std::collections::HashSet::new();
             for (name, _, addrs) in &zones {
                 let subject = format!("zone {name}");
-                if !addrs.is_empty() && addrs.iter().all(|a| !self.zones.is_up(a)) {
+                if !addrs.is_empty() && addrs.iter().all(|a| !self.proxy.zones.is_up(a)) {
                     let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
                     if alarms.raise(
                         30020,
@@ -985,7 +1046,7 @@ impl SipService {
         };
         if branch.starts_with(crate::zones::KEEPALIVE_BRANCH) {
             if status >= 200 {
-                self.zones.answered(&branch, status);
+                self.proxy.zones.answered(&branch, status);
             }
             return;
         }

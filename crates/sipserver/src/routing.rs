@@ -272,6 +272,8 @@ pub struct Zone {
     pub proto: Option<Proto>,
     /// What this cluster answers the neighbour's digest challenges with.
     pub credentials: Option<Credentials>,
+    /// A DNS zone: no addresses of its own; the request's domain is looked up (RFC 3263).
+    pub dns: bool,
 }
 
 /// A username and password this cluster uses towards a neighbour (`zones.<name>.username`,
@@ -340,6 +342,9 @@ impl Routing {
                         .collect();
                 } else if let Some(zone) = rest.strip_suffix(".transport") {
                     routing.zones.entry(zone.to_string()).or_default().proto = Proto::parse(value);
+                } else if let Some(zone) = rest.strip_suffix(".type") {
+                    routing.zones.entry(zone.to_string()).or_default().dns =
+                        value.eq_ignore_ascii_case("DNS");
                 } else if let Some(zone) = rest.strip_suffix(".username") {
                     usernames.insert(zone.to_string(), value.to_string());
                 } else if let Some(zone) = rest.strip_suffix(".password") {
@@ -388,7 +393,7 @@ impl Routing {
                     match self
                         .zones
                         .get_key_value(z)
-                        .filter(|(_, z)| !z.addresses.is_empty())
+                        .filter(|(_, z)| z.dns || !z.addresses.is_empty())
                     {
                         Some((name, zone)) => Some((name.as_str(), zone)),
                         None => {
@@ -401,6 +406,7 @@ impl Routing {
                 }
             };
             let to = match zone {
+                Some((name, z)) if z.dns => format!("zone {name} (DNS: {h} looked up)"),
                 Some((name, z)) => format!("zone {name} at {}", z.addresses.join(", ")),
                 None => "the local registrations".into(),
             };

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use causeway_cluster::Node;
@@ -20,7 +20,7 @@ use tracing::warn;
 use crate::admission::CallAdmission;
 use crate::location::{self, Location};
 use crate::metrics::Metrics;
-use crate::proxy::ProxyState;
+use crate::proxy::Proxy;
 use crate::transport::{Caps, Incoming, Proto, Source, Target, Transports};
 
 pub(crate) const LOG: &str = "network.sip";
@@ -31,6 +31,8 @@ pub struct SipSettings {
     pub listen: IpAddr,
     /// How often every neighbour zone's addresses are sent an OPTIONS keep-alive.
     pub zone_keepalive: Duration,
+    /// The name servers DNS zones ask; none: the system's.
+    pub dns_servers: Vec<SocketAddr>,
     /// More addresses to answer on, with the same ports: the secondary of two HA pairs
     /// answers on the second pair's virtual IP too.
     pub also_listen: Vec<IpAddr>,
@@ -105,7 +107,7 @@ pub struct SipService {
     pub(crate) location: Location,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: RwLock<Arc<SipConfig>>,
-    pub(crate) proxy: Mutex<ProxyState>,
+    pub(crate) proxy: Proxy,
     pub(crate) admission: Arc<CallAdmission>,
     pub(crate) licences: crate::licences::LicencePool,
     pub(crate) self_index: usize,
@@ -115,8 +117,6 @@ pub struct SipService {
     pub(crate) auth: crate::authenticator::Authenticator,
     /// The keys that mark requests relayed between peers (this peer's and the others').
     pub(crate) relay: crate::relay::RelayKeys,
-    /// Which neighbour zone addresses answer their keep-alive.
-    pub(crate) zones: crate::zones::ZoneHealth,
     pub(crate) cancel: CancellationToken,
     /// Every task of the service, so `stop` ends them all.
     pub(crate) tasks: TaskTracker,
@@ -180,6 +180,16 @@ impl SipService {
             metrics.clone(),
             tasks.clone(),
         ));
+        let resolver = if settings.dns_servers.is_empty() {
+            crate::dns::SipResolver::system().unwrap_or_else(|e| {
+                // DNS zones then fail each request with this reason; nothing else needs DNS.
+                warn!(target: LOG, reason = %e,
+                    "The system's DNS configuration cannot be read: using none");
+                crate::dns::SipResolver::with_servers(&[])
+            })
+        } else {
+            crate::dns::SipResolver::with_servers(&settings.dns_servers)
+        };
         let svc = Arc::new(SipService {
             node: node.clone(),
             settings,
@@ -187,7 +197,7 @@ impl SipService {
             location: Location::new(self_index),
             metrics,
             config: RwLock::new(Arc::new(SipConfig::default())),
-            proxy: Mutex::new(ProxyState::default()),
+            proxy: Proxy::new(resolver),
             admission,
             licences: crate::licences::LicencePool::new(node.clone(), self_index),
             self_index,
@@ -195,7 +205,6 @@ impl SipService {
             counter: AtomicU64::new(1),
             auth: crate::authenticator::Authenticator::new(node.clone()),
             relay: crate::relay::RelayKeys::generate(self_index),
-            zones: Default::default(),
             cancel,
             tasks,
         });

@@ -280,7 +280,7 @@ pub fn router(svc: Arc<SipService>) -> Router {
             "/api/v1/command/locate",
             axum::routing::post(
                 |State(s): State<Arc<SipService>>, Json(req): Json<LocateRequest>| async move {
-                    Json(s.locate(&req.alias, req.authenticated))
+                    Json(s.locate(&req.alias, req.authenticated).await)
                 },
             ),
         )
@@ -323,7 +323,7 @@ impl SipService {
             for a in &zone.addresses {
                 let resolved = crate::proxy::resolve(a).await;
                 let (up, state) = match resolved {
-                    Some(addr) => self.zones.describe(&addr),
+                    Some(addr) => self.proxy.zones.describe(&addr),
                     None => (false, "Does not resolve".to_string()),
                 };
                 addresses.push(ZoneAddress {
@@ -333,10 +333,16 @@ impl SipService {
                     state,
                 });
             }
+            let transport = if zone.dns {
+                "DNS (RFC 3263: NAPTR, SRV, A/AAAA of each request's domain)".to_string()
+            } else {
+                zone.proto.unwrap_or(crate::Proto::Udp).name().to_string()
+            };
             zones.push(ZoneRow {
                 name: name.clone(),
-                transport: zone.proto.unwrap_or(crate::Proto::Udp).name().to_string(),
-                up: addresses.iter().any(|a| a.up),
+                transport,
+                // A DNS zone has no addresses to probe: each request finds its own.
+                up: zone.dns || addresses.iter().any(|a| a.up),
                 addresses,
                 rules: config
                     .routing
@@ -378,7 +384,7 @@ impl SipService {
     /// Where a request for `alias` (`user@host`, or a user of the cluster's own domain) would
     /// go from this peer: the cluster's own registrations first, then the search rules in
     /// order, as for an `authenticated` request or not. Nothing is sent.
-    pub fn locate(&self, alias: &str, authenticated: bool) -> Located {
+    pub async fn locate(&self, alias: &str, authenticated: bool) -> Located {
         let alias = alias.trim().trim_start_matches("sip:");
         let (user, host) = match alias.split_once('@') {
             Some((u, h)) => (u.to_string(), h.to_string()),
@@ -430,11 +436,43 @@ impl SipService {
                 ));
                 continue;
             };
+            if zone.dns {
+                // Asked now, as a request would (RFC 3263); nothing is sent.
+                match self.proxy.resolver.targets(&step.host, None, None, false).await {
+                    Ok(targets) => {
+                        for t in &targets {
+                            steps.push(format!(
+                                "Zone {zone_name} (DNS) target {} {}: {}",
+                                t.proto.name(),
+                                t.addr,
+                                t.how
+                            ));
+                        }
+                        if let Some(first) = targets.first() {
+                            found = Some(format!(
+                                "Found: search rule {} sends it to zone {zone_name} (DNS) at {} ({}) as {}@{}",
+                                step.rule.name,
+                                first.addr,
+                                first.proto.name(),
+                                step.user,
+                                step.host
+                            ));
+                            break;
+                        }
+                    }
+                    Err(reason) => {
+                        let (status, text) = crate::proxy::dns_failure(zone_name, &reason);
+                        steps.push(format!("Zone {zone_name} (DNS): {reason}"));
+                        failure = Some(format!("Not found: {status} {text}"));
+                    }
+                }
+                continue;
+            }
             // An address known down (by its keep-alive) is passed over; a name is resolved
             // only when a request is sent.
             let down = |a: &String| {
                 a.parse::<std::net::SocketAddr>()
-                    .is_ok_and(|a| !self.zones.is_up(&a))
+                    .is_ok_and(|a| !self.proxy.zones.is_up(&a))
             };
             for a in zone.addresses.iter().filter(|a| down(a)) {
                 steps.push(format!(

@@ -29,11 +29,16 @@ impl Drop for Solo {
 }
 
 async fn solo(net: u8) -> Solo {
-    solo_also_on(net, &[]).await
+    solo_with(net, &[], &[]).await
 }
 
-/// A standalone node on `127.0.{net}.1` that answers on `also_listen` too.
 async fn solo_also_on(net: u8, also_listen: &[&str]) -> Solo {
+    solo_with(net, also_listen, &[]).await
+}
+
+/// A standalone node on `127.0.{net}.1` that answers on `also_listen` too and asks
+/// `dns_servers` for DNS zones.
+async fn solo_with(net: u8, also_listen: &[&str], dns_servers: &[SocketAddr]) -> Solo {
     let tmp = tempfile::tempdir().unwrap();
     let ip = format!("127.0.{net}.1");
     let path = tmp.path().join("causeway.toml");
@@ -70,6 +75,7 @@ async fn solo_also_on(net: u8, also_listen: &[&str]) -> Solo {
         default_expires: 3600,
         // Fast, so a zone's address is found down within a second.
         zone_keepalive: Duration::from_millis(200),
+        dns_servers: dns_servers.to_vec(),
     };
     let svc = SipService::start(node.clone(), settings, cancel.clone())
         .await
@@ -646,7 +652,7 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
     );
 
     // Locate shows the same path, sending nothing.
-    let london = s.svc.locate("+442071234567", true);
+    let london = s.svc.locate("+442071234567", true).await;
     assert_eq!(
         london.steps,
         [
@@ -664,13 +670,13 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
         "{}",
         london.result
     );
-    let partner = s.svc.locate("carol@partner.example", true);
+    let partner = s.svc.locate("carol@partner.example", true).await;
     assert_eq!(
         partner.steps[0],
         "partner.example is not a domain of this cluster"
     );
     assert!(partner.result.contains("rule 20"), "{}", partner.result);
-    let rewritten = s.svc.locate("+15551234", true);
+    let rewritten = s.svc.locate("+15551234", true).await;
     assert_eq!(
         rewritten.steps[3],
         format!(
@@ -683,7 +689,7 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
         "{}",
         rewritten.result
     );
-    let nowhere = s.svc.locate("dave@partner.example", true);
+    let nowhere = s.svc.locate("dave@partner.example", true).await;
     assert_eq!(
         nowhere.steps.len(),
         4,
@@ -699,12 +705,12 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
     registered.register_as("+4420999", "r67").await;
     assert!(s
         .svc
-        .locate("+4420999", true)
+        .locate("+4420999", true).await
         .result
         .starts_with("Found: 1 local binding(s)"));
     assert!(s
         .svc
-        .locate("+33155", true)
+        .locate("+33155", true).await
         .result
         .starts_with("Not found: 480"));
 }
@@ -712,14 +718,14 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
 /// Waits (up to 5 s) for Locate of +442071234567 to start with `want`.
 async fn wait_located(s: &Solo, want: &str) {
     for _ in 0..50 {
-        if s.svc.locate("+442071234567", true).result.starts_with(want) {
+        if s.svc.locate("+442071234567", true).await.result.starts_with(want) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!(
         "Locate never said '{want}': {}",
-        s.svc.locate("+442071234567", true).result
+        s.svc.locate("+442071234567", true).await.result
     );
 }
 
@@ -1112,4 +1118,86 @@ async fn a_neighbours_challenge_is_answered_with_the_zones_credentials() {
         .unwrap();
     let refused = caller.recv_final().await;
     assert_eq!((refused.status(), refused.cseq().unwrap().0), (Some(407), 1));
+}
+
+/// A DNS zone: a call to `sip:x@other.test` goes where RFC 3263 finds it (NAPTR → SRV →
+/// A, served by an in-process DNS server): first to the SRV target of the lowest
+/// priority, then, when that one does not answer, to the next. A domain DNS knows nothing
+/// of gets a 404 naming it. Locate shows the targets in order.
+#[tokio::test]
+async fn a_dns_zone_sends_a_call_to_the_srv_targets_in_priority_order() {
+    use causeway_sipserver::dns_responder::{DnsResponder, TestRecord};
+    let mut first = Neighbour::new("127.0.79.21").await;
+    let mut second = Neighbour::new("127.0.79.22").await;
+    let dns = DnsResponder::start(
+        "127.0.79.53:0".parse().unwrap(),
+        vec![
+            TestRecord::naptr("other.test", 10, 10, "s", "SIP+D2U", "_sip._udp.other.test"),
+            TestRecord::srv("_sip._udp.other.test", 20, 10, second.addr().port(), "sip2.other.test"),
+            TestRecord::srv("_sip._udp.other.test", 10, 10, first.addr().port(), "sip1.other.test"),
+            TestRecord::a("sip1.other.test", "127.0.79.21".parse().unwrap()),
+            TestRecord::a("sip2.other.test", "127.0.79.22".parse().unwrap()),
+        ],
+    )
+    .await
+    .unwrap();
+    let s = solo_with(79, &[], &[dns.addr]).await;
+    configure(
+        &s,
+        &[
+            ("routing.rules.10", r"/.+@(other|none)\.test/ dns".to_string()),
+            ("zones.dns.type", "DNS".to_string()),
+        ],
+    )
+    .await;
+    let located = s.svc.locate("x@other.test", false).await;
+    assert!(
+        located.result.starts_with(&format!(
+            "Found: search rule 10 sends it to zone dns (DNS) at {}",
+            first.addr()
+        )),
+        "{located:?}"
+    );
+    let targets: Vec<&String> = located.steps.iter().filter(|l| l.contains("target")).collect();
+    assert_eq!(targets.len(), 2, "{located:?}");
+    assert!(targets[0].contains(&first.addr().to_string()) && targets[0].contains("SRV"));
+    assert!(targets[1].contains(&second.addr().to_string()));
+
+    let caller = Ep::new("127.0.79.10", s.addr).await;
+    caller
+        .send(&invite("x", "dns1").replace("x@test.example", "x@other.test"))
+        .await;
+    let sent = std::time::Instant::now();
+    let silent = first.invite_of("dns1").await;
+    assert_eq!(silent.uri(), Some("sip:x@other.test"));
+    assert!(
+        sent.elapsed() < Duration::from_secs(2) && second.quiet().await,
+        "the lowest priority first, the other only after it: {:?}",
+        sent.elapsed()
+    );
+    let answered = second.invite_of("dns1").await;
+    assert!(
+        sent.elapsed() >= Duration::from_secs(3),
+        "the first target had its time: {:?}",
+        sent.elapsed()
+    );
+    second
+        .sock
+        .send_to(&build::response(&answered, 200, "OK", Some("o"), &[]), s.addr)
+        .await
+        .unwrap();
+    assert_eq!(caller.recv_final().await.status(), Some(200));
+
+    caller
+        .send(&invite("y", "dns2").replace("y@test.example", "y@none.test"))
+        .await;
+    let nowhere = caller.recv_final().await;
+    assert_eq!(nowhere.status(), Some(404));
+    let reason = String::from_utf8_lossy(nowhere.raw()).lines().next().unwrap_or("").to_string();
+    assert!(reason.contains("none.test"), "{reason}");
+    assert!(
+        dns.queries().iter().any(|(name, kind)| name.starts_with("other.test") && kind == "NAPTR"),
+        "{:?}",
+        dns.queries()
+    );
 }
