@@ -220,13 +220,17 @@ impl OurRoutes {
     /// How far `msg`'s CSeq goes up on its way through: the dialog's shift if it comes from
     /// the caller.
     fn shift_for(&self, msg: &Message) -> u32 {
+        let Some((shift, caller)) = &self.shift else {
+            return 0;
+        };
         let from_tag = msg
             .value(HeaderKind::From)
             .and_then(|f| NameAddr::parse(&f).ok())
             .and_then(|f| f.tag().map(uac_auth::tag_hash));
-        match (&self.shift, from_tag) {
-            (Some((shift, caller)), Some(tag)) if *caller == tag => *shift,
-            _ => 0,
+        if from_tag.as_ref() == Some(caller) {
+            *shift
+        } else {
+            0
         }
     }
 }

@@ -107,7 +107,10 @@ pub(crate) fn authorization(
     let mut out = format!(
         "Digest username=\"{}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{response}\", algorithm={}",
         creds.user,
-        get("algorithm").is_empty().then_some("MD5").unwrap_or(get("algorithm"))
+        match get("algorithm") {
+            "" => "MD5",
+            named => named,
+        }
     );
     if qop {
         out.push_str(&format!(", qop=auth, nc={nc}, cnonce=\"{cnonce}\""));
