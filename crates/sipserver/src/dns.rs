@@ -598,6 +598,23 @@ fn too_long(name: &Name) -> Halt {
     Halt(format!("{} is too long for an SRV name", plain(name)))
 }
 
+/// Whether a `targets` error means DNS could not be asked (a server silent or failing, the
+/// resolver not started, the answers too slow or too many), rather than that the domain
+/// has no SIP server: the proxy answers the first 503, the second 404. The words are this
+/// file's own messages', kept in one place with them.
+pub fn is_unavailable(reason: &str) -> bool {
+    [
+        "timed out",
+        "failed",
+        "too slow",
+        "gave up after",
+        "starting the DNS resolver",
+        "the system's DNS configuration",
+    ]
+    .iter()
+    .any(|w| reason.contains(w))
+}
+
 fn timed_out(name: &Name, kind: &str) -> String {
     format!("DNS server timed out looking up {kind} {}", plain(name))
 }
@@ -1003,6 +1020,7 @@ mod tests {
             error,
             "sip:nowhere.test: nowhere.test does not exist (NXDOMAIN)"
         );
+        assert!(!is_unavailable(&error), "a 404, not a 503");
         // NXDOMAIN for the host: nothing below it is asked.
         assert_eq!(asked_types(&responder), ["NAPTR"]);
 
@@ -1032,6 +1050,7 @@ mod tests {
             error,
             "sip:other.test: no NAPTR, SRV or A/AAAA record for other.test"
         );
+        assert!(!is_unavailable(&error));
     }
 
     #[tokio::test]
@@ -1052,6 +1071,7 @@ mod tests {
         );
         assert!(took < Duration::from_secs(2), "took {took:?}");
         assert!(took >= Duration::from_millis(300), "took {took:?}");
+        assert!(is_unavailable(&error), "a 503, not a 404");
     }
 
     #[tokio::test]
@@ -1062,6 +1082,7 @@ mod tests {
             .await
             .expect_err("no server to ask");
         assert!(error.starts_with("sip:other.test: "), "{error}");
+        assert!(is_unavailable(&error), "{error}");
     }
 
     #[tokio::test]

@@ -193,8 +193,7 @@ fn uri_target(uri: &SipUri) -> Option<Target> {
 /// SIP server in DNS, 503 when DNS itself could not be asked (a server silent or failing:
 /// the caller may try again later).
 pub(crate) fn dns_failure(zone: &str, reason: &str) -> (u16, String) {
-    let unavailable = reason.contains("timed out") || reason.contains("failed");
-    if unavailable {
+    if crate::dns::is_unavailable(reason) {
         (503, format!("Service Unavailable (zone {zone}: {reason})"))
     } else {
         (404, format!("Not Found (zone {zone}: {reason})"))
