@@ -623,7 +623,10 @@ impl SipService {
     }
 
     fn proxy_lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {
-        self.proxy.transactions.lock().unwrap_or_else(|p| p.into_inner())
+        self.proxy
+            .transactions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The Via of a request this peer sends from its address `local`.
@@ -874,7 +877,7 @@ impl SipService {
                 routes: std::mem::take(&mut routes),
                 flow: None,
                 next: vec![],
-            credentials: None,
+                credentials: None,
             });
         }
         if b.owner == self.self_index {
@@ -890,7 +893,7 @@ impl SipService {
                     routes: vec![],
                     flow: Some(conn),
                     next: vec![],
-            credentials: None,
+                    credentials: None,
                 });
             }
         } else if let (Some(conn), None) = (b.conn, flow) {
@@ -910,7 +913,7 @@ impl SipService {
                     )],
                     flow: None,
                     next: vec![],
-            credentials: None,
+                    credentials: None,
                 });
             }
         }
@@ -1292,11 +1295,13 @@ impl SipService {
             })
             .map(|h| String::from_utf8_lossy(challenge.header_value(h)).into_owned())
             .collect();
-        let (Some(method), Some(uri), Some(local)) = (c.sent.method(), c.sent.uri(), c.target.local)
+        let (Some(method), Some(uri), Some(local)) =
+            (c.sent.method(), c.sent.uri(), c.target.local)
         else {
             return false;
         };
-        let value = match uac_auth::authorization(&challenges, method, uri, &creds, &self.unique()) {
+        let value = match uac_auth::authorization(&challenges, method, uri, &creds, &self.unique())
+        {
             Ok(v) => v,
             Err(reason) => {
                 warn!(target: LOG, dst = %c.target.addr, reason = %reason,
@@ -1338,10 +1343,11 @@ impl SipService {
             .and_then(|f| f.tag().map(uac_auth::tag_hash));
         if let Some(caller) = caller {
             let marked = uac_auth::edit_headers(&bytes, "Record-Route", |v| {
-                let na = NameAddr::parse(v).ok()?;
-                self.is_me(&na.uri)
-                    .then(|| uac_auth::with_shift_param(v, shift, &caller))
-                    .flatten()
+                let ours = NameAddr::parse(v).is_ok_and(|na| self.is_me(&na.uri));
+                match ours.then(|| uac_auth::with_shift_param(v, shift, &caller)) {
+                    Some(Some(marked)) => uac_auth::LineEdit::Replace(marked),
+                    _ => uac_auth::LineEdit::Keep,
+                }
             });
             if let Some(m) = marked {
                 bytes = m;
@@ -1362,32 +1368,41 @@ impl SipService {
             .unwrap_or_default();
         info!(target: LOG, event = "Neighbour challenge answered", dst = %target.addr,
             user = %creds.user, cseq_shift = shift, "");
+        let client = ClientTx {
+            server,
+            target,
+            sent,
+            state: BranchState::Trying,
+            invite,
+            started: Instant::now(),
+            next,
+            credentials: Some(creds),
+            answered: true,
+            cseq_shift: shift,
+        };
+        self.add_branch(st, new_branch, client, bytes);
+        true
+    }
+
+    /// Sends `bytes` as a new branch of `client.server`'s transaction, and keeps it there.
+    fn add_branch(
+        self: &Arc<Self>,
+        st: &mut ProxyState,
+        branch: String,
+        client: ClientTx,
+        bytes: Bytes,
+    ) {
         let on_fail = {
             let svc = self.clone();
-            let b = new_branch.clone();
+            let b = branch.clone();
             move || svc.branch_failed(&b)
         };
-        self.transports.send_or(&target, bytes, on_fail);
-        st.clients.insert(
-            new_branch.clone(),
-            ClientTx {
-                server: server.clone(),
-                target,
-                sent,
-                state: BranchState::Trying,
-                invite,
-                started: Instant::now(),
-                next,
-                credentials: Some(creds),
-                answered: true,
-                cseq_shift: shift,
-            },
-        );
-        if let Some(tx) = st.servers.get_mut(&server) {
-            tx.branches.push(new_branch.clone());
+        self.transports.send_or(&client.target, bytes, on_fail);
+        if let Some(tx) = st.servers.get_mut(&client.server) {
+            tx.branches.push(branch.clone());
         }
-        self.tasks.spawn(self.clone().branch_timer(new_branch));
-        true
+        st.clients.insert(branch.clone(), client);
+        self.tasks.spawn(self.clone().branch_timer(branch));
     }
 
     /// The failed `branch` had further addresses of its zone: the request goes to the next
@@ -1436,32 +1451,20 @@ impl SipService {
             local: from.local,
             ..target
         };
-        let on_fail = {
-            let svc = self.clone();
-            let b = new_branch.clone();
-            move || svc.branch_failed(&b)
+        let client = ClientTx {
+            server,
+            target,
+            sent: resent,
+            state: BranchState::Trying,
+            invite,
+            started: Instant::now(),
+            next: rest,
+            // Another server: its own challenge is answered again.
+            credentials,
+            answered: false,
+            cseq_shift,
         };
-        self.transports.send_or(&target, bytes, on_fail);
-        st.clients.insert(
-            new_branch.clone(),
-            ClientTx {
-                server: server.clone(),
-                target,
-                sent: resent,
-                state: BranchState::Trying,
-                invite,
-                started: Instant::now(),
-                next: rest,
-                // Another server: its own challenge is answered again.
-                credentials,
-                answered: false,
-                cseq_shift,
-            },
-        );
-        if let Some(tx) = st.servers.get_mut(&server) {
-            tx.branches.push(new_branch.clone());
-        }
-        self.tasks.spawn(self.clone().branch_timer(new_branch));
+        self.add_branch(st, new_branch, client, bytes);
         true
     }
 

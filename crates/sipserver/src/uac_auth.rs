@@ -67,7 +67,10 @@ pub(crate) fn authorization(
             }
         };
         if let Some(qop) = params.get("qop") {
-            if !qop.split(',').any(|q| q.trim().eq_ignore_ascii_case("auth")) {
+            if !qop
+                .split(',')
+                .any(|q| q.trim().eq_ignore_ascii_case("auth"))
+            {
                 refused.push(format!("qop \"{qop}\" offers no \"auth\""));
                 continue;
             }
@@ -121,13 +124,20 @@ pub(crate) fn authorization(
     Ok(out)
 }
 
-/// The message with `edit` applied to the value of every header line named `name` (any
-/// case) that it returns `Some` for. Folded lines are left as they are; the body is kept
-/// byte for byte. None: no header line was changed.
+/// What to do with one header line.
+pub(crate) enum LineEdit {
+    Keep,
+    Replace(String),
+    Drop,
+}
+
+/// The message with `edit` applied to every header line named `name` (any case), given the
+/// line's value. Folded lines are left as they are; the body is kept byte for byte. None: no
+/// line was changed.
 pub(crate) fn edit_headers(
     raw: &[u8],
     name: &str,
-    mut edit: impl FnMut(&str) -> Option<String>,
+    mut edit: impl FnMut(&str) -> LineEdit,
 ) -> Option<Bytes> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 2;
     let mut out = BytesMut::with_capacity(raw.len() + 64);
@@ -139,21 +149,21 @@ pub(crate) fn edit_headers(
             .position(|w| w == b"\r\n")
             .map_or(end, |p| at + p);
         let line = &raw[at..line_end];
-        let edited = std::str::from_utf8(line).ok().and_then(|text| {
-            let (n, v) = text.split_once(':')?;
-            if !n.trim().eq_ignore_ascii_case(name) {
-                return None;
-            }
-            edit(v.trim()).map(|new| format!("{}: {new}", n.trim()))
-        });
-        match edited {
-            Some(new) => {
-                out.put_slice(new.as_bytes());
+        let named = std::str::from_utf8(line)
+            .ok()
+            .and_then(|text| text.split_once(':'))
+            .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name));
+        match named.map(|(n, v)| (n, edit(v.trim()))) {
+            Some((n, LineEdit::Replace(new))) => {
+                out.put_slice(format!("{}: {new}\r\n", n.trim()).as_bytes());
                 changed = true;
             }
-            None => out.put_slice(line),
+            Some((_, LineEdit::Drop)) => changed = true,
+            _ => {
+                out.put_slice(line);
+                out.put_slice(b"\r\n");
+            }
         }
-        out.put_slice(b"\r\n");
         at = line_end + 2;
     }
     out.put_slice(&raw[end.min(raw.len())..]);
@@ -162,35 +172,7 @@ pub(crate) fn edit_headers(
 
 /// The message without any header line named `name` (any case); as it was if none.
 pub(crate) fn drop_headers(raw: &Bytes, name: &str) -> Bytes {
-    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 2) else {
-        return raw.clone();
-    };
-    let mut out = BytesMut::with_capacity(raw.len());
-    let mut dropped = false;
-    let mut at = 0;
-    while at < end {
-        let line_end = raw[at..end]
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map_or(end, |p| at + p);
-        let line = &raw[at..line_end];
-        let named = line
-            .iter()
-            .position(|&b| b == b':')
-            .is_some_and(|colon| line[..colon].trim_ascii().eq_ignore_ascii_case(name.as_bytes()));
-        if named {
-            dropped = true;
-        } else {
-            out.put_slice(line);
-            out.put_slice(b"\r\n");
-        }
-        at = line_end + 2;
-    }
-    if !dropped {
-        return raw.clone();
-    }
-    out.put_slice(&raw[end.min(raw.len())..]);
-    out.freeze()
+    edit_headers(raw, name, |_| LineEdit::Drop).unwrap_or_else(|| raw.clone())
 }
 
 /// A `Record-Route` value of this peer's (`<sip:…;lr…>`) with the dialog's shift in it, in
@@ -215,12 +197,15 @@ pub(crate) fn with_shift_param(value: &str, shift: u32, caller: &str) -> Option<
 
 /// The message with its CSeq number moved by `shift` (down when negative).
 pub(crate) fn shift_cseq(raw: &[u8], shift: i64) -> Option<Bytes> {
-    edit_headers(raw, "CSeq", |v| {
+    let shifted = |v: &str| {
         let (number, method) = v.split_once(char::is_whitespace)?;
         let n = number.parse::<i64>().ok()?.checked_add(shift)?;
         u32::try_from(n)
             .ok()
             .map(|n| format!("{n} {}", method.trim()))
+    };
+    edit_headers(raw, "CSeq", |v| {
+        shifted(v).map_or(LineEdit::Keep, LineEdit::Replace)
     })
 }
 
@@ -286,7 +271,9 @@ mod tests {
         // RFC 7616 §3.9.1's SHA-256 response.
         assert!(a.contains("algorithm=SHA-256"), "{a}");
         assert!(
-            a.contains("response=\"753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1\""),
+            a.contains(
+                "response=\"753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1\""
+            ),
             "{a}"
         );
     }
@@ -311,9 +298,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("auth-int"), "{e}");
-        assert!(authorization(&["Basic realm=\"r\"".into()], "INVITE", "sip:x", &creds(), "c")
-            .is_err());
-        assert!(!format!("{:?}", creds()).contains("Circle"), "no password in logs");
+        assert!(authorization(
+            &["Basic realm=\"r\"".into()],
+            "INVITE",
+            "sip:x",
+            &creds(),
+            "c"
+        )
+        .is_err());
+        assert!(
+            !format!("{:?}", creds()).contains("Circle"),
+            "no password in logs"
+        );
     }
 
     #[test]
@@ -325,7 +321,10 @@ mod tests {
             &b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\ncseq: 42 INVITE\r\nContent-Length: 4\r\n\r\nCSeq"[..]
         );
         assert_eq!(&shift_cseq(&up, -1).unwrap()[..], &raw[..]);
-        assert!(shift_cseq(b"X\r\nCSeq: 0 BYE\r\n\r\n", -1).is_none(), "never below 0");
+        assert!(
+            shift_cseq(b"X\r\nCSeq: 0 BYE\r\n\r\n", -1).is_none(),
+            "never below 0"
+        );
         assert!(shift_cseq(b"no header end", 1).is_none());
     }
 
@@ -340,7 +339,10 @@ mod tests {
         assert_eq!(drop_headers(&none, "Authorization"), none);
         let rr = "<sip:127.0.0.1:5060;transport=udp;lr;cw-flow=3>";
         let once = with_shift_param(rr, 1, "abcd0123").unwrap();
-        assert_eq!(once, "<sip:127.0.0.1:5060;transport=udp;lr;cw-flow=3;cw-cseq=1.abcd0123>");
+        assert_eq!(
+            once,
+            "<sip:127.0.0.1:5060;transport=udp;lr;cw-flow=3;cw-cseq=1.abcd0123>"
+        );
         assert_eq!(
             with_shift_param(&once, 2, "abcd0123").unwrap(),
             "<sip:127.0.0.1:5060;transport=udp;lr;cw-flow=3;cw-cseq=2.abcd0123>"
