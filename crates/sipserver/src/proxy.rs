@@ -705,12 +705,30 @@ impl SipService {
                     .targets(&step.host, uri.port, transport, uri.secure)
                     .await
                 {
-                    Ok(found) => targets.extend(found.into_iter().map(|t| Target {
-                        proto: t.proto,
-                        addr: t.addr,
-                        conn: None,
-                        local: None,
-                    })),
+                    Ok(found) => {
+                        // DNS that names this cluster would send the request round in a
+                        // loop until Max-Forwards runs out: those targets are left out.
+                        let away = |t: &crate::dns::DnsTarget| {
+                            !self.is_own_address(t.addr.ip()) && !self.is_cluster_peer(t.addr.ip())
+                        };
+                        let n = found.len();
+                        targets.extend(found.into_iter().filter(away).map(|t| Target {
+                            proto: t.proto,
+                            addr: t.addr,
+                            conn: None,
+                            local: None,
+                        }));
+                        if n > 0 && targets.is_empty() {
+                            failure = Some((
+                                482,
+                                format!(
+                                    "Loop Detected (zone {zone_name}: DNS sends {} to this cluster)",
+                                    step.host
+                                ),
+                            ));
+                            continue;
+                        }
+                    }
                     Err(reason) => {
                         debug!(target: LOG, zone = %zone_name, reason = %reason,
                             "DNS zone found no target");

@@ -705,12 +705,14 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
     registered.register_as("+4420999", "r67").await;
     assert!(s
         .svc
-        .locate("+4420999", true).await
+        .locate("+4420999", true)
+        .await
         .result
         .starts_with("Found: 1 local binding(s)"));
     assert!(s
         .svc
-        .locate("+33155", true).await
+        .locate("+33155", true)
+        .await
         .result
         .starts_with("Not found: 480"));
 }
@@ -718,7 +720,12 @@ async fn search_rules_send_what_no_binding_takes_to_a_neighbour_zone() {
 /// Waits (up to 5 s) for Locate of +442071234567 to start with `want`.
 async fn wait_located(s: &Solo, want: &str) {
     for _ in 0..50 {
-        if s.svc.locate("+442071234567", true).await.result.starts_with(want) {
+        if s.svc
+            .locate("+442071234567", true)
+            .await
+            .result
+            .starts_with(want)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1008,7 +1015,11 @@ async fn a_neighbours_challenge_is_answered_with_the_zones_credentials() {
         ],
     )
     .await;
-    wait_located(&s, "Found: search rule 10 sends it to zone trunk at 127.0.78.20").await;
+    wait_located(
+        &s,
+        "Found: search rule 10 sends it to zone trunk at 127.0.78.20",
+    )
+    .await;
     let caller = Ep::new("127.0.78.10", s.addr).await;
     let challenge = |m: &Message, nonce: &str| {
         build::response(
@@ -1043,7 +1054,11 @@ async fn a_neighbours_challenge_is_answered_with_the_zones_credentials() {
         .await
         .unwrap();
     let answered = next_invite(&mut trunk, "d1").await;
-    assert_eq!(answered.cseq().unwrap().0, 2, "one higher than the challenged one");
+    assert_eq!(
+        answered.cseq().unwrap().0,
+        2,
+        "one higher than the challenged one"
+    );
     let auth = answered
         .value(HeaderKind::ProxyAuthorization)
         .expect("the zone's credentials");
@@ -1117,7 +1132,10 @@ async fn a_neighbours_challenge_is_answered_with_the_zones_credentials() {
         .await
         .unwrap();
     let refused = caller.recv_final().await;
-    assert_eq!((refused.status(), refused.cseq().unwrap().0), (Some(407), 1));
+    assert_eq!(
+        (refused.status(), refused.cseq().unwrap().0),
+        (Some(407), 1)
+    );
 }
 
 /// A DNS zone: a call to `sip:x@other.test` goes where RFC 3263 finds it (NAPTR → SRV →
@@ -1133,10 +1151,24 @@ async fn a_dns_zone_sends_a_call_to_the_srv_targets_in_priority_order() {
         "127.0.79.53:0".parse().unwrap(),
         vec![
             TestRecord::naptr("other.test", 10, 10, "s", "SIP+D2U", "_sip._udp.other.test"),
-            TestRecord::srv("_sip._udp.other.test", 20, 10, second.addr().port(), "sip2.other.test"),
-            TestRecord::srv("_sip._udp.other.test", 10, 10, first.addr().port(), "sip1.other.test"),
+            TestRecord::srv(
+                "_sip._udp.other.test",
+                20,
+                10,
+                second.addr().port(),
+                "sip2.other.test",
+            ),
+            TestRecord::srv(
+                "_sip._udp.other.test",
+                10,
+                10,
+                first.addr().port(),
+                "sip1.other.test",
+            ),
             TestRecord::a("sip1.other.test", "127.0.79.21".parse().unwrap()),
             TestRecord::a("sip2.other.test", "127.0.79.22".parse().unwrap()),
+            // DNS that names this very node: a loop, refused.
+            TestRecord::a("loop.test", "127.0.79.1".parse().unwrap()),
         ],
     )
     .await
@@ -1145,7 +1177,10 @@ async fn a_dns_zone_sends_a_call_to_the_srv_targets_in_priority_order() {
     configure(
         &s,
         &[
-            ("routing.rules.10", r"/.+@(other|none)\.test/ dns".to_string()),
+            (
+                "routing.rules.10",
+                r"/.+@(other|none|loop)\.test/ dns".to_string(),
+            ),
             ("zones.dns.type", "DNS".to_string()),
         ],
     )
@@ -1158,7 +1193,11 @@ async fn a_dns_zone_sends_a_call_to_the_srv_targets_in_priority_order() {
         )),
         "{located:?}"
     );
-    let targets: Vec<&String> = located.steps.iter().filter(|l| l.contains("target")).collect();
+    let targets: Vec<&String> = located
+        .steps
+        .iter()
+        .filter(|l| l.contains("target"))
+        .collect();
     assert_eq!(targets.len(), 2, "{located:?}");
     assert!(targets[0].contains(&first.addr().to_string()) && targets[0].contains("SRV"));
     assert!(targets[1].contains(&second.addr().to_string()));
@@ -1183,7 +1222,10 @@ async fn a_dns_zone_sends_a_call_to_the_srv_targets_in_priority_order() {
     );
     second
         .sock
-        .send_to(&build::response(&answered, 200, "OK", Some("o"), &[]), s.addr)
+        .send_to(
+            &build::response(&answered, 200, "OK", Some("o"), &[]),
+            s.addr,
+        )
         .await
         .unwrap();
     assert_eq!(caller.recv_final().await.status(), Some(200));
@@ -1193,10 +1235,24 @@ async fn a_dns_zone_sends_a_call_to_the_srv_targets_in_priority_order() {
         .await;
     let nowhere = caller.recv_final().await;
     assert_eq!(nowhere.status(), Some(404));
-    let reason = String::from_utf8_lossy(nowhere.raw()).lines().next().unwrap_or("").to_string();
+    let reason = String::from_utf8_lossy(nowhere.raw())
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
     assert!(reason.contains("none.test"), "{reason}");
+    caller
+        .send(&invite("z", "dns3").replace("z@test.example", "z@loop.test"))
+        .await;
+    assert_eq!(
+        caller.recv_final().await.status(),
+        Some(482),
+        "not sent to itself"
+    );
     assert!(
-        dns.queries().iter().any(|(name, kind)| name.starts_with("other.test") && kind == "NAPTR"),
+        dns.queries()
+            .iter()
+            .any(|(name, kind)| name.starts_with("other.test") && kind == "NAPTR"),
         "{:?}",
         dns.queries()
     );
