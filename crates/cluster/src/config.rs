@@ -718,6 +718,30 @@ tls_verification = "Enforce"
         );
     }
 
+    #[test]
+    fn dns_servers_are_ip_and_port_and_at_most_four() {
+        let ok = parse(&format!(
+            "{GOOD}[sip]\ndns_servers = [\"127.0.0.53:53\", \"[::1]:5353\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.sip.unwrap().dns_servers.len(), 2);
+        let e = parse(&format!("{GOOD}[sip]\ndns_servers = [\"ns1.example\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sip.dns_servers") && e.contains("'ns1.example' is not ip:port"),
+            "{e}"
+        );
+        let five = (1..=5)
+            .map(|k| format!("\"127.0.0.{k}:53\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let e = parse(&format!("{GOOD}[sip]\ndns_servers = [{five}]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 4"), "{e}");
+    }
+
     proptest::proptest! {
         /// A node file damaged anywhere (bytes replaced, cut, inserted) loads or is refused
         /// with an error naming the file; it never panics.
