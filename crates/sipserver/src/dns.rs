@@ -52,19 +52,27 @@ pub struct SipResolver {
 }
 
 impl SipResolver {
-    /// The system's resolver (/etc/resolv.conf); error text says what failed.
-    pub fn system() -> Result<SipResolver, String> {
-        let mut builder = TokioResolver::builder_tokio().map_err(|e| {
-            format!("reading the system's DNS configuration (/etc/resolv.conf): {e}")
-        })?;
-        tune(builder.options_mut(), DEFAULT_TIMEOUT);
-        let resolver = builder
-            .build()
-            .map_err(|e| format!("starting the DNS resolver: {e}"))?;
-        Ok(SipResolver {
-            resolver: Ok(resolver),
+    /// The system's resolver (/etc/resolv.conf). One that cannot be read gives a resolver
+    /// that answers every resolution with why (see [`SipResolver::unusable`]): nothing but
+    /// DNS zones needs it, so the service starts anyway.
+    pub fn system() -> SipResolver {
+        let resolver = TokioResolver::builder_tokio()
+            .map_err(|e| format!("reading the system's DNS configuration (/etc/resolv.conf): {e}"))
+            .and_then(|mut builder| {
+                tune(builder.options_mut(), DEFAULT_TIMEOUT);
+                builder
+                    .build()
+                    .map_err(|e| format!("starting the DNS resolver: {e}"))
+            });
+        SipResolver {
+            resolver,
             timeout: DEFAULT_TIMEOUT,
-        })
+        }
+    }
+
+    /// Why this resolver cannot resolve anything, if it cannot.
+    pub fn unusable(&self) -> Option<&str> {
+        self.resolver.as_ref().err().map(String::as_str)
     }
 
     /// Only these name servers (UDP, and TCP for an answer too long for a datagram), e.g. a

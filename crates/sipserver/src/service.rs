@@ -181,15 +181,15 @@ impl SipService {
             tasks.clone(),
         ));
         let resolver = if settings.dns_servers.is_empty() {
-            crate::dns::SipResolver::system().unwrap_or_else(|e| {
-                // DNS zones then fail each request with this reason; nothing else needs DNS.
-                warn!(target: LOG, reason = %e,
-                    "The system's DNS configuration cannot be read: using none");
-                crate::dns::SipResolver::with_servers(&[])
-            })
+            crate::dns::SipResolver::system()
         } else {
             crate::dns::SipResolver::with_servers(&settings.dns_servers)
         };
+        if let Some(why) = resolver.unusable() {
+            // DNS zones then answer each request 503 with this reason; nothing else needs it.
+            warn!(target: LOG, reason = %why,
+                "DNS zones cannot resolve: set [sip] dns_servers or fix the system's resolver");
+        }
         let svc = Arc::new(SipService {
             node: node.clone(),
             settings,
