@@ -1,6 +1,7 @@
 //! One stream: a keyed map with one writer, its header, and how it is kept in the store.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use causeway_store::{Op, Store, StoreError};
 
@@ -109,14 +110,21 @@ struct LegacyStoredRecord {
     sealed: bool,
 }
 
+/// A record's key, as both of a stream's indexes hold it: one allocation, not one each.
+type Key = Arc<str>;
+
+/// A record's seq and its value (`None`: a tombstone). A boxed slice, not a `Vec`: a
+/// stream of registrations holds one per binding, and a capacity word is of no use here.
+type Entry = (u64, Option<Box<[u8]>>);
+
 #[derive(Debug, Default)]
 pub struct Stream {
     pub id: StreamId,
     pub header: Header,
     /// key → (seq, value or tombstone)
-    records: BTreeMap<String, (u64, Option<Vec<u8>>)>,
+    records: BTreeMap<Key, Entry>,
     /// seq → key: what changed after a given seq, in order.
-    by_seq: BTreeMap<u64, String>,
+    by_seq: BTreeMap<u64, Key>,
     /// Seqs whose records a later one replaced since the last `store_ops`: their rows go.
     replaced: Vec<u64>,
 }
@@ -154,7 +162,7 @@ impl Stream {
     pub fn entries(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.records
             .iter()
-            .filter_map(|(k, (_, v))| v.as_deref().map(|v| (k.as_str(), v)))
+            .filter_map(|(k, (_, v))| v.as_deref().map(|v| (&**k, v)))
     }
 
     pub fn live_len(&self) -> usize {
@@ -166,27 +174,28 @@ impl Stream {
     pub fn apply(&mut self, records: &[Record]) -> Vec<Applied> {
         let mut out = Vec::with_capacity(records.len());
         for r in records {
-            let old = self.records.remove(&r.key);
-            let old_value = match old {
-                Some((old_seq, old_value)) => {
+            let (key, old_value) = match self.records.remove_entry(r.key.as_str()) {
+                Some((key, (old_seq, old_value))) => {
                     self.by_seq.remove(&old_seq);
                     self.replaced.push(old_seq);
                     if let Some(v) = &old_value {
                         xor(&mut self.header.hash, &record_hash(&r.key, v, old_seq));
                     }
-                    old_value
+                    (key, old_value)
                 }
-                None => None,
+                None => (Key::from(r.key.as_str()), None),
             };
             if let Some(v) = &r.value {
                 xor(&mut self.header.hash, &record_hash(&r.key, v, r.seq));
             }
-            self.by_seq.insert(r.seq, r.key.clone());
-            self.records.insert(r.key.clone(), (r.seq, r.value.clone()));
-            if old_value != r.value {
+            let changed = old_value.as_deref() != r.value.as_deref();
+            self.by_seq.insert(r.seq, key.clone());
+            self.records
+                .insert(key, (r.seq, r.value.as_deref().map(Box::from)));
+            if changed {
                 out.push(Applied {
                     key: r.key.clone(),
-                    old: old_value,
+                    old: old_value.map(Vec::from),
                     new: r.value.clone(),
                 });
             }
@@ -200,8 +209,8 @@ impl Stream {
             .range(after_seq.saturating_add(1)..)
             .filter_map(|(seq, key)| {
                 self.records.get(key).map(|(_, v)| Record {
-                    key: key.clone(),
-                    value: v.clone(),
+                    key: key.to_string(),
+                    value: v.as_deref().map(<[u8]>::to_vec),
                     seq: *seq,
                 })
             })
@@ -266,7 +275,7 @@ impl Stream {
         // A record replaced within the same batch is not written at all.
         let current = records
             .iter()
-            .filter(|r| self.by_seq.get(&r.seq) == Some(&r.key));
+            .filter(|r| self.by_seq.get(&r.seq).is_some_and(|k| **k == *r.key));
         for r in current {
             let value = StoredRecord {
                 key: r.key.clone(),

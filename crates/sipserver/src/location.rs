@@ -8,9 +8,9 @@
 //! `removed` set that shadows older copies until they expire. Expiry is absolute wall-clock
 //! time, so every peer agrees on it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -78,8 +78,85 @@ pub fn stream_owner(name: &str) -> Option<usize> {
     name.strip_prefix("peer")?.parse().ok()
 }
 
-/// The copies of one binding key, by the peer whose stream holds each.
-type Copies = Vec<(usize, Binding)>;
+/// One copy of a binding as the table keeps it: the record's bytes as its stream holds them,
+/// decoded only when a binding is asked for, and beside them the few fields that choosing
+/// the newest copy, counting and sweeping read. One allocation per copy: a decoded
+/// [`Binding`] in a map of its own per AOR took five, and five times the bytes
+/// (`bench/RESULTS.md`, "Memory per binding").
+struct Held {
+    /// A hash of the record's key (`AOR|id`): the copies of one binding share it. The
+    /// registrar writes each record under its binding's key, so the key is not kept: it
+    /// is [`Binding::key`] of the decoded record.
+    key_hash: u64,
+    registered_at_ms: u64,
+    expires_at_ms: u64,
+    /// The peer whose stream holds this copy.
+    stream: u16,
+    /// The peer that accepted the REGISTER ([`Binding::owner`]).
+    owner: u16,
+    removed: bool,
+    record: Box<[u8]>,
+}
+
+impl Held {
+    /// None for bytes that are not a binding (or name a peer no cluster has).
+    fn new(stream: usize, key_hash: u64, record: &[u8]) -> Option<Held> {
+        let b = Binding::decode(record)?;
+        Some(Held {
+            key_hash,
+            registered_at_ms: b.registered_at_ms,
+            expires_at_ms: b.expires_at_ms,
+            stream: u16::try_from(stream).ok()?,
+            owner: u16::try_from(b.owner).ok()?,
+            removed: b.removed,
+            record: record.into(),
+        })
+    }
+
+    fn live(&self, now_ms: u64) -> bool {
+        !self.removed && self.expires_at_ms > now_ms
+    }
+
+    /// Which of two copies of one key wins: registered last, then the higher peer.
+    fn rank(&self) -> (u64, u16) {
+        (self.registered_at_ms, self.owner)
+    }
+
+    /// The binding. Its bytes were decoded once when the copy was taken, so this does not
+    /// fail; a copy that did would be left out.
+    fn binding(&self) -> Option<Binding> {
+        Binding::decode(&self.record)
+    }
+}
+
+/// The hash that tells the keys of one AOR apart. Only the few keys of one AOR are compared,
+/// so two that share a 64-bit hash (and would be taken for one binding) do not happen by
+/// chance; the hash lives only in this process's memory.
+fn key_hash(key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Every copy of every binding of one AOR (usually one), of every stream.
+type Copies = Vec<Held>;
+
+/// An AOR as the table and the sweep's index share it (one allocation for both).
+type Aor = Arc<str>;
+
+/// The copies that count for an AOR's bindings: per key the newest (the last of equals, as
+/// `Iterator::max_by_key` chooses). Quadratic in the copies of one AOR, which are few.
+fn newest_per_key(copies: &[Held]) -> impl Iterator<Item = &Held> {
+    copies.iter().enumerate().filter_map(move |(i, c)| {
+        let beaten = copies.iter().enumerate().any(|(j, o)| {
+            j != i
+                && o.key_hash == c.key_hash
+                && (o.rank() > c.rank() || (o.rank() == c.rank() && j > i))
+        });
+        (!beaten).then_some(c)
+    })
+}
 
 /// What [`Location::listing`] finds.
 #[derive(Debug, Default)]
@@ -90,21 +167,19 @@ pub struct Listing {
     pub page: Vec<Binding>,
 }
 
-/// Every binding record of every stream: AOR → key → copies.
+/// Every binding record of every stream, by AOR in order (a page of the list is read from
+/// here, without sorting every binding).
 #[derive(Default)]
 pub struct Location {
-    by_aor: RwLock<HashMap<String, HashMap<String, Copies>>>,
+    by_aor: RwLock<BTreeMap<Aor, Copies>>,
     /// This peer's index: its own records are also kept by when they fall due.
     own: usize,
-    /// (due, key) of this peer's records: their expiry, or 0 once a newer copy elsewhere
-    /// replaced them. Entries are checked when they fall due (a refresh leaves the old
-    /// entry behind), so the sweep never scans every binding.
-    due: std::sync::Mutex<std::collections::BTreeSet<(u64, String)>>,
-    /// The AORs held, in order: a page of the list is read from here, not from a pass over
-    /// every binding (taken after `by_aor`, changed under its write lock).
-    order: RwLock<std::collections::BTreeSet<String>>,
+    /// (due, AOR) of this peer's records: their expiry, or 0 once a newer copy elsewhere
+    /// replaced one. When an entry falls due, the AOR's own copies are checked (a refresh
+    /// leaves the old entry behind), so the sweep never scans every binding.
+    due: Mutex<BTreeSet<(u64, Aor)>>,
     /// The last [`Location::counts`] of a large table, and when it was asked for.
-    counts_cache: std::sync::Mutex<Option<(u64, Counts)>>,
+    counts_cache: Mutex<Option<(u64, Counts)>>,
     counts_wanted_ms: std::sync::atomic::AtomicU64,
 }
 
@@ -125,54 +200,66 @@ impl Location {
         }
     }
 
-    fn due_lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(u64, String)>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Aor, Copies>> {
+        self.by_aor.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn due_lock(&self) -> MutexGuard<'_, BTreeSet<(u64, Aor)>> {
         self.due.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A record of stream `owner` changed (`None`: deleted).
+    /// A record of stream `owner` changed (`None`: deleted; bytes that are not a binding
+    /// count as deleted).
     pub fn apply(&self, owner: usize, key: &str, value: Option<&[u8]>) {
         let Some(aor) = key.split('|').next() else {
             return;
         };
+        let hash = key_hash(key);
         let mut by_aor = self.by_aor.write().unwrap_or_else(|p| p.into_inner());
-        match value.and_then(Binding::decode) {
-            Some(b) => {
-                if !by_aor.contains_key(aor) {
-                    self.order_write().insert(aor.to_string());
-                }
-                let copies = by_aor
-                    .entry(aor.to_string())
-                    .or_default()
-                    .entry(key.to_string())
-                    .or_default();
+        match value.and_then(|v| Held::new(owner, hash, v)) {
+            Some(held) => {
+                let aor: Aor = match by_aor.get_key_value(aor) {
+                    Some((known, _)) => known.clone(),
+                    None => Arc::from(aor),
+                };
+                let copies = by_aor.entry(aor.clone()).or_default();
+                let same_key = |c: &&Held| c.key_hash == hash;
                 if owner == self.own {
-                    let newer_elsewhere = copies
-                        .iter()
-                        .any(|(o, c)| *o != owner && c.registered_at_ms > b.registered_at_ms);
-                    let due = if newer_elsewhere { 0 } else { b.expires_at_ms };
-                    self.due_lock().insert((due, key.to_string()));
-                } else if copies
-                    .iter()
-                    .any(|(o, mine)| *o == self.own && mine.registered_at_ms < b.registered_at_ms)
-                {
-                    self.due_lock().insert((0, key.to_string()));
+                    let newer_elsewhere = copies.iter().filter(same_key).any(|c| {
+                        usize::from(c.stream) != owner && c.registered_at_ms > held.registered_at_ms
+                    });
+                    let due = if newer_elsewhere {
+                        0
+                    } else {
+                        held.expires_at_ms
+                    };
+                    self.due_lock().insert((due, aor));
+                } else if copies.iter().filter(same_key).any(|mine| {
+                    usize::from(mine.stream) == self.own
+                        && mine.registered_at_ms < held.registered_at_ms
+                }) {
+                    self.due_lock().insert((0, aor));
                 }
-                match copies.iter_mut().find(|(o, _)| *o == owner) {
-                    Some(slot) => slot.1 = b,
-                    None => copies.push((owner, b)),
+                match copies
+                    .iter_mut()
+                    .find(|c| c.key_hash == hash && c.stream == held.stream)
+                {
+                    Some(slot) => *slot = held,
+                    None => {
+                        // Exactly one more: a Vec grows by four at first, and most AORs
+                        // keep one binding.
+                        copies.reserve_exact(1);
+                        copies.push(held);
+                    }
                 }
             }
             None => {
-                if let Some(keys) = by_aor.get_mut(aor) {
-                    if let Some(copies) = keys.get_mut(key) {
-                        copies.retain(|(o, _)| *o != owner);
-                        if copies.is_empty() {
-                            keys.remove(key);
-                        }
-                    }
-                    if keys.is_empty() {
+                if let Some(copies) = by_aor.get_mut(aor) {
+                    copies.retain(|c| !(c.key_hash == hash && usize::from(c.stream) == owner));
+                    if copies.is_empty() {
                         by_aor.remove(aor);
-                        self.order_write().remove(aor);
+                    } else {
+                        copies.shrink_to_fit();
                     }
                 }
             }
@@ -182,12 +269,11 @@ impl Location {
     /// The current bindings of `aor`: per key the newest copy, if it is live; highest q
     /// first.
     pub fn lookup(&self, aor: &str, now_ms: u64) -> Vec<Binding> {
-        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
+        let by_aor = self.read();
         let mut out: Vec<Binding> = by_aor
             .get(aor)
-            .into_iter()
-            .flat_map(|keys| current(keys, now_ms))
-            .collect();
+            .map(|copies| current(copies, now_ms).collect())
+            .unwrap_or_default();
         out.sort_by(|a, b| {
             b.q.cmp(&a.q)
                 .then(a.registered_at_ms.cmp(&b.registered_at_ms))
@@ -197,43 +283,48 @@ impl Location {
 
     /// The newest copy of one key, live or not (a registrar checks Call-ID/CSeq against it).
     pub fn newest_of(&self, aor: &str, key: &str) -> Option<Binding> {
-        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
-        by_aor.get(aor)?.get(key).and_then(|c| newest(c)).cloned()
+        let hash = key_hash(key);
+        let by_aor = self.read();
+        let newest = newest_per_key(by_aor.get(aor)?)
+            .find(|c| c.key_hash == hash)
+            .and_then(Held::binding);
+        newest
     }
 
     /// This peer's keys that must go: expired (or a removal past what it shadowed), or
     /// superseded by a newer copy in another stream.
     pub fn stale_own(&self, now_ms: u64) -> Vec<String> {
-        let fallen: Vec<String> = {
+        let fallen: Vec<Aor> = {
             let mut due = self.due_lock();
             let mut fallen = Vec::new();
             while let Some(first) = due.first() {
                 if first.0 > now_ms {
                     break;
                 }
-                if let Some((_, key)) = due.pop_first() {
-                    fallen.push(key);
+                if let Some((_, aor)) = due.pop_first() {
+                    fallen.push(aor);
                 }
             }
             fallen
         };
-        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<String> = fallen
-            .into_iter()
-            .filter(|key| {
-                let aor = key.split('|').next().unwrap_or_default();
-                let Some(copies) = by_aor.get(aor).and_then(|k| k.get(key)) else {
-                    return false;
-                };
-                let Some((_, mine)) = copies.iter().find(|(o, _)| *o == self.own) else {
-                    return false;
-                };
-                mine.expires_at_ms <= now_ms
-                    || copies
-                        .iter()
-                        .any(|(o, b)| *o != self.own && b.registered_at_ms > mine.registered_at_ms)
-            })
-            .collect();
+        let by_aor = self.read();
+        let mut out: Vec<String> = Vec::new();
+        for aor in fallen {
+            let Some(copies) = by_aor.get(&aor) else {
+                continue;
+            };
+            for mine in copies.iter().filter(|c| usize::from(c.stream) == self.own) {
+                let stale = mine.expires_at_ms <= now_ms
+                    || copies.iter().any(|c| {
+                        c.key_hash == mine.key_hash
+                            && usize::from(c.stream) != self.own
+                            && c.registered_at_ms > mine.registered_at_ms
+                    });
+                if let Some(b) = mine.binding().filter(|_| stale) {
+                    out.push(b.key());
+                }
+            }
+        }
         out.sort();
         out.dedup();
         out
@@ -242,12 +333,13 @@ impl Location {
     /// How many AORs have a record (live or awaiting its sweep): the registration
     /// licences count this, without a scan.
     pub fn aor_count(&self) -> usize {
-        self.by_aor.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.read().len()
     }
 
-    /// In one pass over the live bindings: how many each owner holds and how many AORs have
-    /// one (as [`Location::counts`]), how many `matches` takes, and one page of those in AOR
-    /// order. Only references are gathered and only the page is cloned (`limit` 0: none).
+    /// In one pass over the live bindings, in AOR order: how many each owner holds and how
+    /// many AORs have one (as [`Location::counts`]), how many `matches` takes, and one
+    /// page of those in (AOR, contact) order (`limit` 0: none). Each live binding is
+    /// decoded for `matches`; only the page is kept.
     pub fn listing(
         &self,
         now_ms: u64,
@@ -255,66 +347,57 @@ impl Location {
         offset: usize,
         limit: usize,
     ) -> Listing {
-        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
+        let by_aor = self.read();
         let mut listing = Listing::default();
-        let mut hits: Vec<&Binding> = Vec::new();
-        for keys in by_aor.values() {
-            let mut any = false;
-            for b in keys
-                .values()
-                .filter_map(|c| newest(c))
-                .filter(|b| b.live(now_ms))
-            {
+        let end = offset.saturating_add(limit);
+        for copies in by_aor.values() {
+            let mut bindings: Vec<Binding> = current(copies, now_ms).collect();
+            if bindings.is_empty() {
+                continue;
+            }
+            listing.aors += 1;
+            bindings.sort_by(|a, b| a.uri.cmp(&b.uri));
+            for b in bindings {
                 *listing.per_owner.entry(b.owner).or_insert(0) += 1;
-                any = true;
-                if matches(b) {
-                    listing.matched += 1;
-                    if limit > 0 {
-                        hits.push(b);
+                if matches(&b) {
+                    if listing.matched >= offset && listing.matched < end {
+                        listing.page.push(b);
                     }
+                    listing.matched += 1;
                 }
             }
-            listing.aors += usize::from(any);
         }
-        let end = offset.saturating_add(limit).min(hits.len());
-        if offset >= end {
-            return listing;
-        }
-        let order = |a: &&Binding, b: &&Binding| (&a.aor, &a.uri).cmp(&(&b.aor, &b.uri));
-        if end < hits.len() {
-            hits.select_nth_unstable_by(end, order);
-            hits.truncate(end);
-        }
-        hits.sort_unstable_by(order);
-        listing.page = hits[offset..].iter().map(|b| (*b).clone()).collect();
         listing
     }
 
-    /// Live bindings per owner, and the number of AORs with one.
+    /// Live bindings per owner, and the number of AORs with one (no binding is decoded).
     pub fn counts(&self, now_ms: u64) -> Counts {
-        let listing = self.listing(now_ms, |_| false, 0, 0);
-        (listing.per_owner, listing.aors)
+        let by_aor = self.read();
+        let mut per_owner: HashMap<usize, usize> = HashMap::new();
+        let mut aors = 0;
+        for copies in by_aor.values() {
+            let mut any = false;
+            for c in newest_per_key(copies).filter(|c| c.live(now_ms)) {
+                *per_owner.entry(usize::from(c.owner)).or_insert(0) += 1;
+                any = true;
+            }
+            aors += usize::from(any);
+        }
+        (per_owner, aors)
     }
 
     /// Drops every record of stream `owner` (its stream was replaced whole).
     pub fn clear_owner(&self, owner: usize) {
         let mut by_aor = self.by_aor.write().unwrap_or_else(|p| p.into_inner());
-        for keys in by_aor.values_mut() {
-            for copies in keys.values_mut() {
-                copies.retain(|(o, _)| *o != owner);
-            }
-            keys.retain(|_, c| !c.is_empty());
-        }
-        by_aor.retain(|_, k| !k.is_empty());
-        *self.order_write() = by_aor.keys().cloned().collect();
-    }
-
-    fn order_write(&self) -> std::sync::RwLockWriteGuard<'_, std::collections::BTreeSet<String>> {
-        self.order.write().unwrap_or_else(|p| p.into_inner())
+        by_aor.retain(|_, copies| {
+            copies.retain(|c| usize::from(c.stream) != owner);
+            copies.shrink_to_fit();
+            !copies.is_empty()
+        });
     }
 
     /// One page of AORs in order (those containing `q`, if given) with their live bindings,
-    /// and how many AORs match. No pass over the bindings: the order is kept as they change.
+    /// and how many AORs match. No pass over the bindings: the table is kept in AOR order.
     pub fn page_of_aors(
         &self,
         now_ms: u64,
@@ -322,28 +405,28 @@ impl Location {
         offset: usize,
         limit: usize,
     ) -> (usize, Vec<Binding>) {
-        let by_aor = self.by_aor.read().unwrap_or_else(|p| p.into_inner());
-        let order = self.order.read().unwrap_or_else(|p| p.into_inner());
-        let (matched, page): (usize, Vec<&String>) = if q.is_empty() {
-            (order.len(), order.iter().skip(offset).take(limit).collect())
+        let by_aor = self.read();
+        let (matched, page): (usize, Vec<&Copies>) = if q.is_empty() {
+            (
+                by_aor.len(),
+                by_aor.values().skip(offset).take(limit).collect(),
+            )
         } else {
             let mut matched = 0;
             let mut page = Vec::new();
-            for aor in order.iter().filter(|a| a.contains(q)) {
+            for (_, copies) in by_aor.iter().filter(|(a, _)| a.contains(q)) {
                 if matched >= offset && page.len() < limit {
-                    page.push(aor);
+                    page.push(copies);
                 }
                 matched += 1;
             }
             (matched, page)
         };
         let mut rows = Vec::new();
-        for aor in page {
-            if let Some(keys) = by_aor.get(aor) {
-                let mut bindings: Vec<Binding> = current(keys, now_ms).collect();
-                bindings.sort_by(|a, b| a.uri.cmp(&b.uri));
-                rows.extend(bindings);
-            }
+        for copies in page {
+            let mut bindings: Vec<Binding> = current(copies, now_ms).collect();
+            bindings.sort_by(|a, b| a.uri.cmp(&b.uri));
+            rows.extend(bindings);
         }
         (matched, rows)
     }
@@ -389,18 +472,10 @@ impl Location {
 }
 
 /// An AOR's bindings that count now: per key the newest copy, if it is live.
-fn current(keys: &HashMap<String, Copies>, now_ms: u64) -> impl Iterator<Item = Binding> + '_ {
-    keys.values()
-        .filter_map(|copies| newest(copies))
-        .filter(move |b| b.live(now_ms))
-        .cloned()
-}
-
-fn newest(copies: &[(usize, Binding)]) -> Option<&Binding> {
-    copies
-        .iter()
-        .map(|(_, b)| b)
-        .max_by_key(|b| (b.registered_at_ms, b.owner))
+fn current(copies: &[Held], now_ms: u64) -> impl Iterator<Item = Binding> + '_ {
+    newest_per_key(copies)
+        .filter(move |c| c.live(now_ms))
+        .filter_map(Held::binding)
 }
 
 #[cfg(test)]
@@ -510,6 +585,64 @@ mod tests {
         apply(2, None);
         assert_eq!(loc.counts(0).1, 0);
         assert_eq!(loc.aor_count(), 0);
+    }
+
+    /// The table keeps each copy as its record's bytes: what comes out is what went in,
+    /// every field, and the keys of one AOR stay apart.
+    #[test]
+    fn each_key_of_an_aor_is_its_own_binding_and_comes_back_whole() {
+        let loc = Location::new(1);
+        let mut a = binding(1, 10, 100_000);
+        a.path = vec!["<sip:edge.lab.example;lr>".into()];
+        a.params = ";+sip.instance=\"<urn:uuid:1>\";reg-id=1".into();
+        a.instance = Some("<urn:uuid:1>".into());
+        a.reg_id = Some(1);
+        a.conn = Some(7);
+        a.proto = Proto::Tcp;
+        let mut b = binding(1, 20, 100_000);
+        b.uri = "sip:alice@10.0.0.6:5060".into();
+        b.q = 500;
+        loc.apply(1, &a.key(), Some(&a.encode()));
+        loc.apply(1, &b.key(), Some(&b.encode()));
+        assert_eq!(loc.lookup(&a.aor, 50), vec![a.clone(), b.clone()]);
+        assert_eq!(loc.newest_of(&a.aor, &b.key()), Some(b.clone()));
+        // The endpoint of b moved to peer 2: its copy there is the one found, and this
+        // peer's copy is stale.
+        let mut moved = b.clone();
+        moved.owner = 2;
+        moved.registered_at_ms = 30;
+        loc.apply(2, &b.key(), Some(&moved.encode()));
+        assert_eq!(loc.newest_of(&a.aor, &b.key()), Some(moved.clone()));
+        assert_eq!(loc.stale_own(50), vec![b.key()]);
+        loc.apply(1, &b.key(), None);
+        assert_eq!(loc.lookup(&a.aor, 50), vec![a.clone(), moved.clone()]);
+        loc.apply(1, &a.key(), None);
+        assert_eq!(loc.lookup(&a.aor, 50), vec![moved]);
+        assert_eq!(loc.aor_count(), 1);
+        // Bytes that are not a binding take the place of the copy they replace: none.
+        loc.apply(2, &b.key(), Some(b"not a binding"));
+        assert_eq!(loc.aor_count(), 0);
+        assert!(loc.lookup(&a.aor, 50).is_empty());
+    }
+
+    #[test]
+    fn a_listing_counts_every_live_binding_and_pages_the_matches_in_order() {
+        let loc = Location::new(1);
+        for (k, user) in ["dave", "alice", "carol", "bob"].iter().enumerate() {
+            let mut b = binding(k % 2 + 1, 10, 1_000 * (k as u64 + 1));
+            b.aor = format!("sip:{user}@lab.example");
+            b.uri = format!("sip:{user}@10.0.0.5:5060");
+            loc.apply(b.owner, &b.key(), Some(&b.encode()));
+        }
+        // dave: peer 1, expires at 1,000; alice: peer 2, 2,000; carol: 1, 3,000; bob: 2, 4,000.
+        let listing = loc.listing(500, |b| b.owner == 2 || b.aor.contains("carol"), 1, 2);
+        assert_eq!(listing.aors, 4);
+        assert_eq!(listing.per_owner, HashMap::from([(1, 2), (2, 2)]));
+        assert_eq!(listing.matched, 3, "alice, bob and carol");
+        let page: Vec<&str> = listing.page.iter().map(|b| b.aor.as_str()).collect();
+        assert_eq!(page, ["sip:bob@lab.example", "sip:carol@lab.example"]);
+        assert_eq!(loc.counts(1_500), (HashMap::from([(1, 1), (2, 2)]), 3));
+        assert!(loc.listing(500, |_| true, 4, 10).page.is_empty());
     }
 
     #[test]

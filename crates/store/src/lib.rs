@@ -62,14 +62,26 @@ pub struct RedbStore {
     path: PathBuf,
 }
 
+/// redb's page cache. Its default (1 GiB) keeps every page written until the cache is full:
+/// with the replicated registrations in the store, that was a fifth of a peer's memory per
+/// binding (`bench/RESULTS.md`, "Memory per binding"). The replication engine keeps its streams in
+/// memory and reads them from the store only at start-up, so for them the cache serves the
+/// write path: the pages a commit touches (the right edge of the log, kept by sequence
+/// number) and the few a refresh deletes from. The consensus log, read while running, is
+/// small and stays in it. A miss is a read from the OS page cache.
+pub const CACHE_BYTES: usize = 8 * 1024 * 1024;
+
 impl RedbStore {
     /// Opens the store file, creating it when it does not exist.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = redb::Database::create(path).map_err(|e| StoreError::Io {
-            path: path.display().to_string(),
-            doing: "opening",
-            reason: e.to_string(),
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| StoreError::Io {
+                path: path.display().to_string(),
+                doing: "opening",
+                reason: e.to_string(),
+            })?;
         Ok(Self {
             db,
             path: path.to_path_buf(),
