@@ -501,7 +501,10 @@ async fn a_member_that_just_confirmed_the_holder_does_not_stand_beside_it() {
     lose(a, b, 1.0);
     lose(a, c, 1.0);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    group(b).stand_now().await.expect("silent for a lease time: b stands");
+    group(b)
+        .stand_now()
+        .await
+        .expect("silent for a lease time: b stands");
     let t = Instant::now();
     let new = lab.wait_new_holder(a, t, failover_bound()).await;
     assert_eq!(new, b);
@@ -523,7 +526,10 @@ async fn a_member_that_just_confirmed_the_holder_does_not_stand_beside_it() {
     lose(b, c, 1.0);
     let t = Instant::now();
     tokio::time::sleep(LeaseTiming::default().lease()).await;
-    group(c).stand_now().await.expect("silent for a lease time: c stands");
+    group(c)
+        .stand_now()
+        .await
+        .expect("silent for a lease time: c stands");
     assert_eq!(lab.wait_new_holder(b, t, failover_bound()).await, c);
     lab.stop().await;
 }

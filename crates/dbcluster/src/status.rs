@@ -100,7 +100,9 @@ impl DbService {
                         // up is not enough: until the master has reloaded with it in
                         // synchronous_standby_names, a commit there waits for nobody.
                         let counted = !synchronous
-                            || replica.is_some_and(|x| matches!(x.sync_state.as_str(), "sync" | "quorum"));
+                            || replica.is_some_and(|x| {
+                                matches!(x.sync_state.as_str(), "sync" | "quorum")
+                            });
                         let in_sync = r.role == Role::Standby
                             && r.streaming
                             && counted

@@ -438,7 +438,12 @@ impl SipService {
             };
             if zone.dns {
                 // Asked now, as a request would (RFC 3263); nothing is sent.
-                match self.proxy.resolver.targets(&step.host, None, None, false).await {
+                match self
+                    .proxy
+                    .resolver
+                    .targets(&step.host, None, None, false)
+                    .await
+                {
                     Ok(targets) => {
                         for t in &targets {
                             steps.push(format!(
