@@ -307,6 +307,11 @@ impl Instance {
         }
     }
 
+    /// This member does not know who holds the lease (its quiet start, an election).
+    pub(crate) fn holder_unknown(&self) -> bool {
+        matches!(self.lease.state().holder, Holder::Nobody)
+    }
+
     fn vip(&self) -> Option<Vip> {
         self.settings().map(|s| Vip {
             interface: self.local.interface.clone(),

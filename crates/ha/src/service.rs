@@ -591,6 +591,14 @@ impl HaService {
                 "the secondary holds the virtual IP: fail back first ('causeway ha failback' on the primary)",
             ));
         }
+        if instance.role == Role::Primary && instance.holder_unknown() {
+            // Just after a switchover or a restart the primary may not know yet that the
+            // secondary holds it: unpairing then would leave the address to whichever
+            // member the election favours.
+            return Err(Refusal::conflict(
+                "no member is known to hold the virtual IP at this moment (an election or a restart is under way): try again in a few seconds",
+            ));
+        }
         let asked = self
             .node
             .leases()
