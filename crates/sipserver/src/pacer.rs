@@ -15,8 +15,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-/// Datagrams one destination may receive back to back.
+/// Datagrams one destination may receive back to back, at least.
 const BURST: f64 = 8.0;
+/// The sender waits on tokio's timer, whose waits last whole milliseconds: at a fast pace a
+/// destination may receive what the pace allows over this long back to back, or the
+/// timer's granularity would cap the pace below it.
+const TICK: Duration = Duration::from_millis(2);
 /// Sending pace as a multiple of the rate datagrams are queued for the destination. Low:
 /// answers arrive about as evenly as the client sends (a factor of 2 still overflowed
 /// SIPp's socket at 9,000 REGISTER/s, 1.3 did not; bench/RESULTS.md), yet the queue
@@ -70,7 +74,8 @@ impl Destination {
 
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.pace(now)).min(BURST);
+        let pace = self.pace(now);
+        self.tokens = (self.tokens + elapsed * pace).min(BURST.max(pace * TICK.as_secs_f64()));
         self.refilled = self.refilled.max(now);
     }
 

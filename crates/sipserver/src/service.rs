@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -120,6 +120,32 @@ pub struct SipService {
     pub(crate) cancel: CancellationToken,
     /// Every task of the service, so `stop` ends them all.
     pub(crate) tasks: TaskTracker,
+    /// Requests being handled now.
+    in_hand: AtomicUsize,
+}
+
+/// Requests being handled at once, at most (each waits up to `ack_timeout` when it writes).
+const MAX_REQUESTS_IN_HAND: usize = 16_384;
+
+/// One request in hand, until dropped.
+struct InHand<'a>(&'a AtomicUsize);
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The transports' handler: the service, once it exists.
+struct Dispatcher(std::sync::Weak<SipService>);
+
+impl crate::transport::Deliver for Dispatcher {
+    fn deliver(&self, incoming: Incoming) -> bool {
+        match self.0.upgrade() {
+            Some(svc) => svc.take(incoming),
+            None => false,
+        }
+    }
 }
 
 /// Feeds replicated changes of the SIP streams and the configuration to the service.
@@ -207,6 +233,7 @@ impl SipService {
             relay: crate::relay::RelayKeys::generate(self_index),
             cancel,
             tasks,
+            in_hand: AtomicUsize::new(0),
         });
         node.watch(Arc::new(Watcher(Arc::downgrade(&svc))));
         crate::admission::serve_admissions(&svc);
@@ -244,7 +271,11 @@ impl SipService {
         let publisher = svc.clone();
         svc.tasks
             .spawn(async move { publisher.licences.publish().await });
+        // Ready for requests: what was read meanwhile waits in `rx`, the rest goes straight
+        // to the handler.
         svc.tasks.spawn(svc.clone().dispatch(rx));
+        svc.transports
+            .set_handler(Box::new(Dispatcher(Arc::downgrade(&svc))));
         svc.tasks.spawn(svc.clone().housekeeping());
         svc.tasks.spawn(svc.clone().zone_keepalive());
         Ok(svc)
@@ -478,23 +509,39 @@ impl SipService {
         bytes
     }
 
+    /// The messages read before `start` set the handler (then none come here).
     async fn dispatch(self: Arc<Self>, mut rx: mpsc::Receiver<Incoming>) {
         loop {
             let incoming = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 m = rx.recv() => match m { Some(m) => m, None => return },
             };
-            if incoming.msg.is_request() {
-                self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-                // A REGISTER waits for the cluster to hold it, an INVITE may ask the
-                // primary for admission: never hold the dispatcher for either.
-                let svc = self.clone();
-                self.tasks
-                    .spawn(async move { svc.handle_request(incoming).await });
-            } else {
-                self.handle_response(incoming);
+            if !self.take(incoming) {
+                self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// A request becomes a task on the runtime of the thread that read it (a UDP reader's
+    /// own); a response is handled at once. False when too many requests are in hand.
+    fn take(self: &Arc<Self>, incoming: Incoming) -> bool {
+        if !incoming.msg.is_request() {
+            self.handle_response(incoming);
+            return true;
+        }
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        // A REGISTER waits for the cluster to hold it (up to ack_timeout): beyond this many
+        // at once, the service is behind, and UDP senders retransmit.
+        if self.in_hand.fetch_add(1, Ordering::Relaxed) >= MAX_REQUESTS_IN_HAND {
+            self.in_hand.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        let svc = self.clone();
+        self.tasks.spawn(async move {
+            let _done = InHand(&svc.in_hand);
+            svc.clone().handle_request(incoming).await;
+        });
+        true
     }
 
     /// Expired and superseded bindings of this peer are deleted, finished transactions

@@ -77,6 +77,14 @@ pub struct Incoming {
     pub source: Source,
 }
 
+/// Takes each message as it is read, on the thread that read it: a UDP request is then
+/// handled on its reader's thread, with no hand-off to another before it is answered
+/// (each costs a wake-up, a large part of a REGISTER's cost; bench/RESULTS.md).
+pub trait Deliver: Send + Sync {
+    /// False when the message is refused because the service is behind (counted as dropped).
+    fn deliver(&self, incoming: Incoming) -> bool;
+}
+
 /// Where to send: an open connection when there is one, else a new one (or a datagram).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -145,8 +153,15 @@ struct Conn {
 /// One SIP address of this system and the queue of its UDP sender.
 struct Face {
     ip: IpAddr,
-    /// Datagrams to send, paced per destination by this address's `sip-udp-send` thread.
-    udp_out: std::sync::mpsc::SyncSender<(Bytes, SocketAddr)>,
+    /// Datagrams to send, paced per destination, sent by a task on this address's reader
+    /// thread (`udp_send_loop`).
+    udp_out: Arc<UdpOut>,
+}
+
+/// Datagrams waiting to be sent from one address, and the sender's wake-up.
+struct UdpOut {
+    pacer: Mutex<crate::pacer::Pacer>,
+    queued: tokio::sync::Notify,
 }
 
 struct Bucket {
@@ -164,7 +179,10 @@ pub struct Transports {
     by_remote: Mutex<HashMap<(Proto, SocketAddr), u64>>,
     next_conn: AtomicU64,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Until the service sets `handler` (it exists only after its transports), messages
+    /// wait in this queue.
     incoming: mpsc::Sender<Incoming>,
+    handler: std::sync::OnceLock<Box<dyn Deliver>>,
     handshakes: Arc<tokio::sync::Semaphore>,
     tls: Option<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)>,
     metrics: Arc<Metrics>,
@@ -208,50 +226,6 @@ fn enlarge_receive_buffer(socket: &UdpSocket, bytes: usize) -> usize {
 /// Datagrams waiting for the sender; beyond, they are dropped (and counted) like a full
 /// socket buffer would: UDP senders retransmit.
 const UDP_QUEUE: usize = 65_536;
-
-/// Sends datagrams on a thread of its own, paced per destination (`pacer`), until the
-/// service stops (the thread holds the socket: it must not outlive the service).
-fn spawn_udp_sender(
-    sock: std::net::UdpSocket,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-) -> anyhow::Result<std::sync::mpsc::SyncSender<(Bytes, SocketAddr)>> {
-    use crate::pacer::{Next, Pacer};
-    use std::sync::mpsc::RecvTimeoutError;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(Bytes, SocketAddr)>(UDP_QUEUE);
-    std::thread::Builder::new()
-        .name("sip-udp-send".into())
-        .spawn(move || {
-            let mut pacer = Pacer::new(UDP_QUEUE);
-            let queue = |pacer: &mut Pacer, (bytes, to): (Bytes, SocketAddr)| {
-                if !pacer.push(to, bytes, std::time::Instant::now()) {
-                    metrics.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            };
-            while !cancel.is_cancelled() {
-                while let Ok(d) = rx.try_recv() {
-                    queue(&mut pacer, d);
-                }
-                let now = std::time::Instant::now();
-                let wait = match pacer.next(now) {
-                    Next::Send(to, bytes) => {
-                        if let Err(e) = sock.send_to(&bytes, to) {
-                            debug!(target: LOG, dst = %to, reason = %e, "UDP send failed");
-                        }
-                        continue;
-                    }
-                    Next::WaitUntil(t) => t.saturating_duration_since(now),
-                    Next::Idle => Duration::from_millis(200),
-                };
-                match rx.recv_timeout(wait) {
-                    Ok(d) => queue(&mut pacer, d),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-            }
-        })?;
-    Ok(tx)
-}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -352,11 +326,10 @@ impl Transports {
             udp_buffer = enlarge_receive_buffer(&s.udp, UDP_RECEIVE_BUFFER);
             faces.push(Face {
                 ip: s.ip,
-                udp_out: spawn_udp_sender(
-                    clone_std(&s.udp).context("starting the SIP UDP sender")?,
-                    metrics.clone(),
-                    cancel.clone(),
-                )?,
+                udp_out: Arc::new(UdpOut {
+                    pacer: Mutex::new(crate::pacer::Pacer::new(UDP_QUEUE)),
+                    queued: tokio::sync::Notify::new(),
+                }),
             });
         }
         let handshaking = SourceSlots::new(caps.max_handshakes_per_source);
@@ -374,6 +347,7 @@ impl Transports {
             next_conn: AtomicU64::new(1),
             buckets: Mutex::new(HashMap::new()),
             incoming,
+            handler: std::sync::OnceLock::new(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             tls: tls.map(|(_, server, client)| {
                 (
@@ -408,7 +382,8 @@ impl Transports {
 
     /// Reads `udp` (bound to `local`) on a thread of its own: a worker busy elsewhere (a
     /// store write, a burst of tasks) must not leave datagrams to overflow the socket's
-    /// receive buffer.
+    /// receive buffer. The requests it reads are handled there too (`Deliver`), and their
+    /// answers sent from there: a REGISTER crosses to another thread only to be saved.
     fn spawn_udp_reader(self: &Arc<Self>, udp: &UdpSocket, local: IpAddr) -> anyhow::Result<()> {
         use anyhow::Context as _;
         let reader = clone_std(udp).context("starting the SIP UDP reader")?;
@@ -429,13 +404,24 @@ impl Transports {
                 rt.block_on(async move {
                     // Registered with this thread's reactor.
                     match UdpSocket::from_std(reader) {
-                        Ok(sock) => receiver.udp_loop(sock, local).await,
+                        Ok(sock) => {
+                            let sock = Arc::new(sock);
+                            let out = receiver.face(Some(local)).udp_out.clone();
+                            // Ends with this runtime, when the reader returns.
+                            tokio::spawn(receiver.clone().udp_send_loop(out, sock.clone()));
+                            receiver.udp_loop(sock, local).await
+                        }
                         Err(e) => warn!(target: LOG, reason = %e, "SIP UDP reader could not start"),
                     }
                 });
             })
             .context("starting the SIP UDP reader")?;
         Ok(())
+    }
+
+    /// From now on every message read goes to `handler` (the first one set stays).
+    pub fn set_handler(&self, handler: Box<dyn Deliver>) {
+        let _ = self.handler.set(handler);
     }
 
     /// This system's SIP addresses, the first first.
@@ -527,7 +513,12 @@ impl Transports {
                         }
                     }
                 }
-                if self.incoming.try_send(Incoming { msg, source }).is_err() {
+                let incoming = Incoming { msg, source };
+                let taken = match self.handler.get() {
+                    Some(handler) => handler.deliver(incoming),
+                    None => self.incoming.try_send(incoming).is_ok(),
+                };
+                if !taken {
                     // The core is behind: drop; UDP senders retransmit, and a stream's
                     // sender gets no answer and times out rather than blocking every peer.
                     self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
@@ -554,7 +545,7 @@ impl Transports {
         }
     }
 
-    async fn udp_loop(self: Arc<Self>, udp: UdpSocket, local: IpAddr) {
+    async fn udp_loop(self: Arc<Self>, udp: Arc<UdpSocket>, local: IpAddr) {
         let mut buf = vec![0u8; 65_536];
         loop {
             let (n, from) = tokio::select! {
@@ -824,10 +815,55 @@ impl Transports {
             .unwrap_or(&self.faces[0])
     }
 
-    /// Queues a datagram for the sender thread of `from`; a full queue drops it, counted.
+    /// Queues a datagram for the sender of `from`; a full queue drops it, counted.
     fn send_datagram(&self, bytes: Bytes, to: SocketAddr, from: Option<IpAddr>) {
-        if self.face(from).udp_out.try_send((bytes, to)).is_err() {
+        let out = &self.face(from).udp_out;
+        if lock(&out.pacer).push(to, bytes, std::time::Instant::now()) {
+            // From the reader's own thread (an answer to a request it read), this only
+            // schedules the sender there: no other thread wakes up.
+            out.queued.notify_one();
+        } else {
             self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends `out`'s datagrams as the pacer lets them go, on the reader's runtime.
+    async fn udp_send_loop(self: Arc<Self>, out: Arc<UdpOut>, sock: Arc<UdpSocket>) {
+        use crate::pacer::Next;
+        loop {
+            let next = lock(&out.pacer).next(std::time::Instant::now());
+            let wait = match next {
+                Next::Send(to, bytes) => {
+                    loop {
+                        match sock.try_send_to(&bytes, to) {
+                            // The socket's send buffer is full: wait for room.
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                if sock.writable().await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                debug!(target: LOG, dst = %to, reason = %e, "UDP send failed");
+                                break;
+                            }
+                            Ok(_) => break,
+                        }
+                    }
+                    continue;
+                }
+                Next::WaitUntil(t) => Some(tokio::time::Instant::from_std(t)),
+                Next::Idle => None,
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = out.queued.notified() => {}
+                _ = async {
+                    match wait {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
         }
     }
 

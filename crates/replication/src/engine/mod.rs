@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use causeway_common::error::{ErrorCode, Refusal};
 use causeway_mesh::rpc::{CallError, Endpoint, PeerSend, Rpc};
 use causeway_mesh::SendError;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -82,8 +82,10 @@ pub struct EngineSettings {
     /// How often the synchronisation check is reported in the log, as the seed does (the
     /// check itself runs on every heartbeat).
     pub sync_report: Duration,
-    /// How long a group commit waits for more writers once several are queued.
-    pub gather: Duration,
+    /// Under load (at least `COMMIT_SIBLINGS` writes in hand), commits start at most this
+    /// often: the writes of one interval share one store transaction, one fsync and one
+    /// push per peer, for at most this much more latency. A lone writer never waits.
+    pub commit_interval: Duration,
 }
 
 impl EngineSettings {
@@ -96,7 +98,7 @@ impl EngineSettings {
             ack_timeout: Duration::from_secs(5),
             keyring: None,
             sync_report: Duration::from_secs(120),
-            gather: Duration::from_millis(1),
+            commit_interval: Duration::from_micros(std::env::var("CW_GATHER_US").ok().and_then(|v| v.parse().ok()).unwrap_or(10000)),
         }
     }
 }
@@ -201,7 +203,10 @@ pub struct Engine {
     keyring: std::sync::RwLock<Option<Arc<Keyring>>>,
     /// Writes queued for the next group commit, and who commits them.
     pending: Mutex<Vec<PendingWrite>>,
-    committer: tokio::sync::Mutex<()>,
+    /// Held by the writer committing; holds when the last commit started.
+    committer: tokio::sync::Mutex<Option<Instant>>,
+    /// Writes between their call and their answer (majority wait included).
+    writes_in_hand: std::sync::atomic::AtomicUsize,
     /// Bumped on every ack or digest: writes waiting for a majority look again.
     progress: watch::Sender<u64>,
     counters: Arc<EngineCounters>,
@@ -302,7 +307,8 @@ impl Engine {
             state: Mutex::new(state),
             keyring: std::sync::RwLock::new(keyring),
             pending: Mutex::new(Vec::new()),
-            committer: tokio::sync::Mutex::new(()),
+            committer: tokio::sync::Mutex::new(None),
+            writes_in_hand: Default::default(),
             progress: watch::channel(0).0,
             counters,
             saver,

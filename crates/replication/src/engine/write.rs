@@ -41,6 +41,27 @@ pub(super) struct PendingWrite {
     pub(super) done: oneshot::Sender<Result<Header, WriteError>>,
 }
 
+/// Writes in hand from which a commit waits for its interval: fewer are a writer or two
+/// writing one after the other, which a wait would only slow down (PostgreSQL's
+/// `commit_siblings` plays the same part).
+const COMMIT_SIBLINGS: usize = 4;
+
+/// One write in hand, until dropped.
+struct InHand<'a>(&'a AtomicUsize);
+
+impl<'a> InHand<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        InHand(count)
+    }
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Writes of one stream waiting for a majority, by position.
 pub(super) type MajorityWaiters = BTreeMap<(u64, u64), Vec<oneshot::Sender<()>>>;
 
@@ -102,6 +123,7 @@ impl Engine {
         if is_config(id) {
             self.wait_for_digests().await;
         }
+        let _in_hand = InHand::enter(&self.writes_in_hand);
         let (done, mut result) = oneshot::channel();
         self.pending_lock().push(PendingWrite {
             id: id.clone(),
@@ -117,19 +139,23 @@ impl Engine {
         let answer = match result.try_recv() {
             Ok(answer) => answer,
             Err(_) => {
-                let committer = self.committer.lock().await;
+                let mut committer = self.committer.lock().await;
                 match result.try_recv() {
                     // An earlier committer took this write and has saved it.
                     Ok(answer) => answer,
                     Err(_) => {
-                        // Let writers that are ready now join this commit. Under load
-                        // (writes already queued behind this one), wait a moment longer
-                        // for more: every commit costs a store transaction and a push to
-                        // every peer, whatever its size.
+                        // Let writers that are ready now join this commit.
                         tokio::task::yield_now().await;
-                        if self.pending_lock().len() > 1 && !self.settings.gather.is_zero() {
-                            tokio::time::sleep(self.settings.gather).await;
+                        // Under load, commits start at most every `commit_interval`: every
+                        // commit costs a store transaction, an fsync and a push to every
+                        // peer, whatever its size (docs/replication.md, "Group commit").
+                        if self.writes_in_hand.load(Ordering::Relaxed) >= COMMIT_SIBLINGS {
+                            if let Some(last) = *committer {
+                                tokio::time::sleep_until(last + self.settings.commit_interval)
+                                    .await;
+                            }
                         }
+                        *committer = Some(Instant::now());
                         if self.commit_pending() <= 1 {
                             drop(committer);
                         }
