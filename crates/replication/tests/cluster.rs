@@ -868,3 +868,72 @@ async fn a_subordinate_whose_disk_fails_raises_20009_acks_nothing_unsaved_and_ca
     c.start(3);
     assert_eq!(c.engine(3).header(&config_stream()).seq, 5);
 }
+
+/// The group commit's interval (docs/replication.md, "The commit interval"): a writer alone
+/// is committed at once, write after write; under load, commits start at most every
+/// `commit_interval`, so the writes of one interval share a commit, and none waits much
+/// longer than that.
+#[tokio::test(start_paused = true)]
+async fn under_load_commits_start_at_most_every_interval_and_a_lone_writer_never_waits() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = Cluster::new(3);
+    settle().await;
+    let primary = c.engine(1);
+    let interval = EngineSettings::new(1, 3, 1).commit_interval;
+    let commits = || primary.counters().commits.load(Relaxed);
+
+    // One writer, one write after the other: never held for the interval.
+    let (before, started) = (commits(), tokio::time::Instant::now());
+    for n in 0..20 {
+        let change = set("sip.max_calls", &n.to_string());
+        primary
+            .write(&config_stream(), change)
+            .await
+            .expect("lone write");
+    }
+    assert!(
+        started.elapsed() < interval,
+        "20 writes one after the other took {:?}: a lone writer waited for the interval",
+        started.elapsed()
+    );
+    assert_eq!(commits() - before, 20, "a lone writer is committed write by write");
+
+    // Writers in bursts of 5 every millisecond (5,000 writes/s) for 100 ms. Here a write
+    // takes no time at all (no disk, no network): only a burst overlaps.
+    let before = commits();
+    let mut writers = Vec::new();
+    for n in 0..500 {
+        let engine = primary.clone();
+        writers.push(tokio::spawn(async move {
+            let asked = tokio::time::Instant::now();
+            let outcome = engine
+                .write(&config_stream(), set(&format!("load.key{n}"), "v"))
+                .await
+                .expect("write under load");
+            (asked.elapsed(), outcome.confirmed)
+        }));
+        if n % 5 == 4 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let mut slowest = Duration::ZERO;
+    for w in writers {
+        let (took, confirmed) = w.await.expect("writer task");
+        assert!(confirmed >= 2, "answered before a majority held it");
+        slowest = slowest.max(took);
+    }
+    let made = commits() - before;
+    assert!(
+        made <= 100 / 10 + 4,
+        "500 writes over 100 ms took {made} commits: they should share one per {interval:?}"
+    );
+    assert!(made >= 5, "{made} commits for 100 ms of writes: some waited far too long");
+    assert!(
+        slowest <= interval * 2,
+        "a write under load waited {slowest:?}, more than twice the interval"
+    );
+    for key in ["load.key0", "load.key499"] {
+        c.converge(1, Duration::from_secs(5)).await;
+        assert_eq!(get(&c, 3, key).as_deref(), Some("v"));
+    }
+}

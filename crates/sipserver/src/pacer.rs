@@ -290,4 +290,30 @@ mod tests {
             "a full burst after a pause"
         );
     }
+
+    /// The sender wakes on tokio's timer, a whole millisecond at a time: at 11,000
+    /// datagrams/s to one destination (SIPp at the top of the ladder) it must still keep up,
+    /// which 8 per wake (8,000/s) would not.
+    #[test]
+    fn a_sender_woken_each_millisecond_keeps_up_with_a_fast_destination() {
+        let a = addr("192.0.2.1:5060");
+        let mut p = Pacer::new(100_000);
+        let t0 = Instant::now();
+        let (mut queued, mut sent) = (0, 0);
+        for ms in 0..1_000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            for _ in 0..11 {
+                assert!(p.push(a, Bytes::from_static(b"x"), now));
+                queued += 1;
+            }
+            while let Next::Send(..) = p.next(now) {
+                sent += 1;
+            }
+        }
+        assert!(
+            queued - sent <= 2 * BURST as usize,
+            "{} of {queued} still queued after a second: the pace fell behind",
+            queued - sent
+        );
+    }
 }

@@ -98,7 +98,7 @@ impl EngineSettings {
             ack_timeout: Duration::from_secs(5),
             keyring: None,
             sync_report: Duration::from_secs(120),
-            commit_interval: Duration::from_micros(std::env::var("CW_GATHER_US").ok().and_then(|v| v.parse().ok()).unwrap_or(10000)),
+            commit_interval: Duration::from_millis(10),
         }
     }
 }
