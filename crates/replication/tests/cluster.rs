@@ -896,7 +896,11 @@ async fn under_load_commits_start_at_most_every_interval_and_a_lone_writer_never
         "20 writes one after the other took {:?}: a lone writer waited for the interval",
         started.elapsed()
     );
-    assert_eq!(commits() - before, 20, "a lone writer is committed write by write");
+    assert_eq!(
+        commits() - before,
+        20,
+        "a lone writer is committed write by write"
+    );
 
     // Writers in bursts of 5 every millisecond (5,000 writes/s) for 100 ms. Here a write
     // takes no time at all (no disk, no network): only a burst overlaps.
@@ -927,7 +931,10 @@ async fn under_load_commits_start_at_most_every_interval_and_a_lone_writer_never
         made <= 100 / 10 + 4,
         "500 writes over 100 ms took {made} commits: they should share one per {interval:?}"
     );
-    assert!(made >= 5, "{made} commits for 100 ms of writes: some waited far too long");
+    assert!(
+        made >= 5,
+        "{made} commits for 100 ms of writes: some waited far too long"
+    );
     assert!(
         slowest <= interval * 2,
         "a write under load waited {slowest:?}, more than twice the interval"
