@@ -141,6 +141,17 @@ fn cluster_port() -> u16 {
 pub struct TimingSection {
     pub heartbeat_interval_ms: u64,
     pub failure_timeout_ms: u64,
+    /// Under load, replication commits start at most this often: the CPU a commit costs is
+    /// shared by every write of the interval, and each waits up to this much longer
+    /// (docs/replication.md, "The commit interval"). 0: back to back.
+    #[serde(default = "commit_interval_ms")]
+    pub commit_interval_ms: u64,
+}
+
+fn commit_interval_ms() -> u64 {
+    causeway_replication::EngineSettings::new(1, 1, 1)
+        .commit_interval
+        .as_millis() as u64
 }
 
 impl Default for TimingSection {
@@ -149,6 +160,7 @@ impl Default for TimingSection {
         Self {
             heartbeat_interval_ms: t.heartbeat_interval.as_millis() as u64,
             failure_timeout_ms: t.failure_timeout.as_millis() as u64,
+            commit_interval_ms: commit_interval_ms(),
         }
     }
 }
@@ -485,6 +497,15 @@ impl NodeConfig {
                 ),
             ));
         }
+        if t.commit_interval_ms > 100 {
+            return Err(self.field(
+                "cluster.timing.commit_interval_ms",
+                format!(
+                    "{} is outside 0 to 100: every write under load waits up to this long",
+                    t.commit_interval_ms
+                ),
+            ));
+        }
         if let Some(sip) = &self.sip {
             if sip.udp_port == 0 || sip.tcp_port == 0 {
                 return Err(self.field("sip.udp_port", "SIP ports must be 1 to 65535"));
@@ -772,6 +793,10 @@ tls_verification = "Enforce"
         assert_eq!(c.self_index(), Some(1));
         assert_eq!(c.cluster.port, 4372);
         assert_eq!(c.cluster_settings().unwrap().tls_mode, TlsMode::Enforce);
+        assert_eq!(c.cluster.timing.commit_interval_ms, 10, "the default");
+        let set = "[cluster.timing]\nheartbeat_interval_ms = 500\nfailure_timeout_ms = 5000\ncommit_interval_ms = 2\n[cluster]";
+        let c = parse(&GOOD.replace("[cluster]", set)).unwrap();
+        assert_eq!(c.cluster.timing.commit_interval_ms, 2);
     }
 
     #[test]
@@ -784,6 +809,7 @@ tls_verification = "Enforce"
             (GOOD.replace("[cluster]", "[cluster]\nbogus = 1"), "bogus"),
             (GOOD.replace("system_name = \"peer1\"", "system_name = \"\""), "node.system_name"),
             (GOOD.replace("[cluster]", "[cluster.timing]\nheartbeat_interval_ms = 500\nfailure_timeout_ms = 600\n[cluster]"), "failure_timeout_ms"),
+            (GOOD.replace("[cluster]", "[cluster.timing]\nheartbeat_interval_ms = 500\nfailure_timeout_ms = 5000\ncommit_interval_ms = 250\n[cluster]"), "cluster.timing.commit_interval_ms"),
         ];
         for (text, field) in cases {
             let err = parse(&text).unwrap_err().to_string();

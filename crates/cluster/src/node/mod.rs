@@ -176,6 +176,8 @@ impl Node {
         }
         let keys = store.keys;
         settings.keyring = keys.as_ref().map(|k| k.keyring.clone());
+        settings.commit_interval =
+            std::time::Duration::from_millis(config.cluster.timing.commit_interval_ms);
         let mut store = store.store;
         let engine = match Engine::open(
             settings.clone(),

@@ -149,7 +149,9 @@ impl Engine {
                         // Under load, commits start at most every `commit_interval`: every
                         // commit costs a store transaction, an fsync and a push to every
                         // peer, whatever its size (docs/replication.md, "Group commit").
-                        if self.writes_in_hand.load(Ordering::Relaxed) >= COMMIT_SIBLINGS {
+                        if !self.settings.commit_interval.is_zero()
+                            && self.writes_in_hand.load(Ordering::Relaxed) >= COMMIT_SIBLINGS
+                        {
                             if let Some(last) = *committer {
                                 tokio::time::sleep_until(last + self.settings.commit_interval)
                                     .await;
