@@ -172,6 +172,30 @@ pub(crate) async fn resolve(address: &str) -> Option<SocketAddr> {
     }
 }
 
+/// The host of `host:port` when it is a name, not an IP address.
+fn host_name(address: &str) -> Option<&str> {
+    let (host, _) = address.rsplit_once(':')?;
+    (host.parse::<std::net::IpAddr>().is_err() && !host.starts_with('[')).then_some(host)
+}
+
+impl SipService {
+    /// A zone's address, resolved; over TLS, a server at an address written as a name
+    /// must prove that name (else its certificate must name the IP address).
+    pub(crate) async fn resolve_zone_address(
+        &self,
+        proto: Option<Proto>,
+        address: &str,
+    ) -> Option<SocketAddr> {
+        let addr = resolve(address).await?;
+        if proto == Some(Proto::Tls) {
+            if let Some(name) = host_name(address) {
+                self.transports.expect_tls_name(addr, name);
+            }
+        }
+        Some(addr)
+    }
+}
+
 fn uri_target(uri: &SipUri) -> Option<Target> {
     let proto = match uri.transport() {
         Some(t) => Proto::parse(&t)?,
@@ -712,12 +736,19 @@ impl SipService {
                             !self.is_own_address(t.addr.ip()) && !self.is_cluster_peer(t.addr.ip())
                         };
                         let n = found.len();
-                        targets.extend(found.into_iter().filter(away).map(|t| Target {
-                            proto: t.proto,
-                            addr: t.addr,
-                            conn: None,
-                            local: None,
-                        }));
+                        for t in found.into_iter().filter(away) {
+                            if t.proto == Proto::Tls {
+                                // RFC 5922 §4: the server proves the domain asked for, not
+                                // the name an SRV record pointed to.
+                                self.transports.expect_tls_name(t.addr, &step.host);
+                            }
+                            targets.push(Target {
+                                proto: t.proto,
+                                addr: t.addr,
+                                conn: None,
+                                local: None,
+                            });
+                        }
                         if n > 0 && targets.is_empty() {
                             failure = Some((
                                 482,
@@ -738,7 +769,7 @@ impl SipService {
                 }
             }
             for address in &zone.addresses {
-                let Some(addr) = resolve(address).await else {
+                let Some(addr) = self.resolve_zone_address(zone.proto, address).await else {
                     continue;
                 };
                 if self.proxy.zones.is_up(&addr) {
@@ -820,7 +851,7 @@ impl SipService {
             for (name, zone) in &config.routing.zones {
                 let mut addrs = Vec::new();
                 for a in &zone.addresses {
-                    addrs.extend(resolve(a).await);
+                    addrs.extend(self.resolve_zone_address(zone.proto, a).await);
                 }
                 zones.push((name.clone(), zone.proto.unwrap_or(Proto::Udp), addrs));
             }

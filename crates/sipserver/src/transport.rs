@@ -179,6 +179,10 @@ pub struct Transports {
     by_remote: Mutex<HashMap<(Proto, SocketAddr), u64>>,
     next_conn: AtomicU64,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    /// The name a TLS server at an address must prove (a zone address written as a name,
+    /// the domain a DNS zone resolved: RFC 5922 §4). An address not here must be named by
+    /// its certificate as the IP address.
+    tls_names: Mutex<HashMap<SocketAddr, Arc<str>>>,
     /// Until the service sets `handler` (it exists only after its transports), messages
     /// wait in this queue.
     incoming: mpsc::Sender<Incoming>,
@@ -222,6 +226,9 @@ fn enlarge_receive_buffer(socket: &UdpSocket, bytes: usize) -> usize {
     }
     granted
 }
+
+/// Addresses whose TLS name is remembered, at most.
+const MAX_TLS_NAMES: usize = 4_096;
 
 /// Datagrams waiting for the sender; beyond, they are dropped (and counted) like a full
 /// socket buffer would: UDP senders retransmit.
@@ -346,6 +353,7 @@ impl Transports {
             by_remote: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             buckets: Mutex::new(HashMap::new()),
+            tls_names: Mutex::new(HashMap::new()),
             incoming,
             handler: std::sync::OnceLock::new(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
@@ -417,6 +425,30 @@ impl Transports {
             })
             .context("starting the SIP UDP reader")?;
         Ok(())
+    }
+
+    /// A TLS connection to `addr` opened from now on must prove `name` (a DNS name; an IP
+    /// address in text is checked as one).
+    pub fn expect_tls_name(&self, addr: SocketAddr, name: &str) {
+        let mut names = lock(&self.tls_names);
+        if names.get(&addr).is_some_and(|n| **n == *name) {
+            return;
+        }
+        // Zone addresses and DNS targets, re-set before each use: a table this full is
+        // hostile DNS, and starting it over only costs the names not used since.
+        if names.len() >= MAX_TLS_NAMES {
+            names.clear();
+        }
+        names.insert(addr, name.into());
+    }
+
+    /// What a TLS server at `addr` must prove it is.
+    fn tls_name(&self, addr: SocketAddr) -> rustls::pki_types::ServerName<'static> {
+        let ip = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        match lock(&self.tls_names).get(&addr) {
+            Some(name) => rustls::pki_types::ServerName::try_from(name.to_string()).unwrap_or(ip),
+            None => ip,
+        }
     }
 
     /// From now on every message read goes to `handler` (the first one set stays).
@@ -938,7 +970,7 @@ impl Transports {
                         failed();
                         return;
                     };
-                    let name = rustls::pki_types::ServerName::IpAddress(target.addr.ip().into());
+                    let name = t.tls_name(target.addr);
                     match connector.connect(name, stream).await {
                         Ok(s) => {
                             t.clone()
@@ -978,5 +1010,103 @@ mod tests {
             .unwrap();
         let asked = default * 4;
         assert_eq!(enlarge_receive_buffer(&sock, asked), asked.min(max));
+    }
+
+    /// A zone address written as a name (or a DNS zone's domain) is checked against the
+    /// name: a certificate that names only "localhost" is refused for 127.0.0.1 until
+    /// the transports are told the server there must prove "localhost", then accepted.
+    #[tokio::test]
+    async fn a_tls_server_must_prove_the_name_it_is_expected_to() {
+        use tokio::io::AsyncReadExt as _;
+        causeway_pki::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = causeway_pki::ca_init(dir.path(), "Test CA").unwrap();
+        let subject = causeway_pki::CsrSubject {
+            common_name: Some("localhost".into()),
+            fields: vec![],
+            alt_names: vec!["localhost".into()],
+        };
+        let (key, csr) = causeway_pki::csr(dir.path(), "neighbour", &subject).unwrap();
+        let crt = dir.path().join("neighbour.crt");
+        causeway_pki::sign_csr(&csr, &ca, 30, &crt).unwrap();
+        let server = Arc::new(
+            rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(
+                    causeway_pki::load_certs(&crt).unwrap(),
+                    causeway_pki::load_key(&key).unwrap(),
+                )
+                .unwrap(),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        for c in causeway_pki::load_certs(&ca.cert).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let client = Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+
+        // The neighbour: each connection's first bytes, once its handshake succeeds.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let neighbour = listener.local_addr().unwrap();
+        let (got_tx, mut got) = mpsc::unbounded_channel::<Vec<u8>>();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, got_tx) = (acceptor.clone(), got_tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(stream).await {
+                        let mut buf = vec![0u8; 4096];
+                        if let Ok(n) = tls.read(&mut buf).await {
+                            let _ = got_tx.send(buf[..n].to_vec());
+                        }
+                    }
+                });
+            }
+        });
+
+        let cancel = CancellationToken::new();
+        let (incoming, _rx) = mpsc::channel(16);
+        let transports = Transports::bind(
+            &["127.0.0.1".parse().unwrap()],
+            0,
+            0,
+            Some((0, server, client)),
+            Caps::default(),
+            incoming,
+            Arc::default(),
+            cancel.clone(),
+            TaskTracker::new(),
+        )
+        .await
+        .unwrap();
+        let target = Target {
+            proto: Proto::Tls,
+            addr: neighbour,
+            conn: None,
+            local: None,
+        };
+        let options = Bytes::from_static(b"OPTIONS sip:localhost SIP/2.0\r\n\r\n");
+        transports.send(&target, options.clone());
+        let refused = tokio::time::timeout(Duration::from_secs(2), got.recv()).await;
+        assert!(
+            refused.is_err(),
+            "a certificate that does not name 127.0.0.1 was accepted for it"
+        );
+
+        transports.expect_tls_name(neighbour, "localhost");
+        transports.send(&target, options);
+        let first = tokio::time::timeout(Duration::from_secs(5), got.recv())
+            .await
+            .expect("the server proving the expected name was reached")
+            .unwrap();
+        assert!(
+            first.starts_with(b"OPTIONS"),
+            "{:?}",
+            String::from_utf8_lossy(&first)
+        );
+        cancel.cancel();
     }
 }
