@@ -3,6 +3,7 @@
 //! heartbeat, fetched by range or snapshot when a peer is behind, persisted in the store.
 #![forbid(unsafe_code)]
 
+mod bytes_serde;
 mod engine;
 pub mod keyring;
 pub mod lifecycle;

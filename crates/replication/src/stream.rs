@@ -74,6 +74,7 @@ impl Header {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub key: String,
+    #[serde(with = "crate::bytes_serde::option_bytes")]
     pub value: Option<Vec<u8>>,
     pub seq: u64,
 }
@@ -97,6 +98,7 @@ struct StoredHeader {
 #[derive(Serialize, Deserialize)]
 struct StoredRecord {
     key: String,
+    #[serde(with = "crate::bytes_serde::option_bytes")]
     value: Option<Vec<u8>>,
     /// `value` is sealed with the node's system key (see `keyring`).
     sealed: bool,
@@ -106,6 +108,7 @@ struct StoredRecord {
 #[derive(Serialize, Deserialize)]
 struct LegacyStoredRecord {
     seq: u64,
+    #[serde(with = "crate::bytes_serde::option_bytes")]
     value: Option<Vec<u8>>,
     sealed: bool,
 }

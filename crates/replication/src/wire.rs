@@ -13,6 +13,7 @@ pub const RECORDS_PER_FRAME: usize = 2048;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     pub key: String,
+    #[serde(with = "crate::bytes_serde::option_bytes")]
     pub value: Option<Vec<u8>>,
 }
 
@@ -57,6 +58,7 @@ pub enum Message {
     /// A frame of the engine's typed requests (`causeway_mesh::rpc`), carried on the
     /// replication channel: a subordinate's write forwarded to the primary (EX-2).
     Rpc {
+        #[serde(with = "crate::bytes_serde::bytes")]
         frame: Vec<u8>,
     },
     SetPrimary {
