@@ -62,30 +62,17 @@ impl Keyring {
     }
 
     pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; NONCE_LEN];
-        // A nonce must never repeat under one key. SystemRandom fails only without an OS
-        // random source; then the clock and a counter still make it unique.
-        if SystemRandom::new().fill(&mut nonce).is_err() {
-            tracing::error!(target: "developer.replication", "No random source: sealing with a clock-and-counter nonce");
-            static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            nonce[..8].copy_from_slice(&nanos.to_be_bytes());
-            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            nonce[8..].copy_from_slice(&n.to_be_bytes());
-        }
+        let nonce = fresh_nonce();
         let mut out = Vec::with_capacity(4 + NONCE_LEN + plain.len() + 16);
         out.extend_from_slice(&self.current.id);
         out.extend_from_slice(&nonce);
-        let mut body = plain.to_vec();
-        match self.current.key.seal_in_place_append_tag(
+        out.extend_from_slice(plain);
+        match self.current.key.seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::empty(),
-            &mut body,
+            &mut out[4 + NONCE_LEN..],
         ) {
-            Ok(()) => out.extend_from_slice(&body),
+            Ok(tag) => out.extend_from_slice(tag.as_ref()),
             Err(_) => out.truncate(0),
         }
         out
@@ -119,6 +106,47 @@ impl Keyring {
             .map_err(|_| "a sealed value fails its integrity check".to_string())?;
         Ok(plain.to_vec())
     }
+}
+
+/// Random bytes drawn from the OS a pool at a time: one `getrandom` call per value sealed
+/// was a system call per REGISTER (each binding is sealed at rest). The pool is as random
+/// as the OS source; each nonce is taken out of it once.
+const NONCE_POOL: usize = 85 * NONCE_LEN;
+
+thread_local! {
+    static NONCES: std::cell::RefCell<([u8; NONCE_POOL], usize)> =
+        const { std::cell::RefCell::new(([0; NONCE_POOL], NONCE_POOL)) };
+}
+
+/// A nonce never used before under any key: a nonce must never repeat under one key.
+fn fresh_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    let drawn = NONCES.with(|pool| {
+        let (bytes, used) = &mut *pool.borrow_mut();
+        if *used + NONCE_LEN > NONCE_POOL {
+            SystemRandom::new().fill(bytes).ok()?;
+            *used = 0;
+        }
+        nonce.copy_from_slice(&bytes[*used..*used + NONCE_LEN]);
+        // Taken bytes are wiped, so a failed refill can never hand them out again.
+        bytes[*used..*used + NONCE_LEN].fill(0);
+        *used += NONCE_LEN;
+        Some(())
+    });
+    if drawn.is_none() {
+        // SystemRandom fails only without an OS random source; then the clock and a
+        // counter still make the nonce unique.
+        tracing::error!(target: "developer.replication", "No random source: sealing with a clock-and-counter nonce");
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        nonce[..8].copy_from_slice(&nanos.to_be_bytes());
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        nonce[8..].copy_from_slice(&n.to_be_bytes());
+    }
+    nonce
 }
 
 /// `data_dir/system.key`, and `system.key.new` while a key change is under way.
@@ -268,5 +296,26 @@ mod tests {
         let resealed = after.seal(b"s3cret");
         assert_eq!(next.open(&resealed).unwrap(), b"s3cret");
         assert!(after.open(&sealed).unwrap_err().contains("does not have"));
+    }
+
+    /// Nonces come from a pool refilled from the OS: across refills and threads, none
+    /// repeats, and none is the all-zero filler a taken slot is wiped to.
+    #[test]
+    fn nonces_never_repeat_across_pool_refills_and_threads() {
+        let draw = || (0..1000).map(|_| fresh_nonce()).collect::<Vec<_>>();
+        let other = std::thread::spawn(draw);
+        let mut all = draw();
+        all.extend(other.join().unwrap());
+        let distinct: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), 2000, "a nonce repeated");
+        assert!(!distinct.contains(&[0u8; NONCE_LEN]));
+        // The sealed layout is unchanged: [key id][nonce][ciphertext + tag], so values
+        // sealed by either build open with the other.
+        let dir = tempfile::tempdir().unwrap();
+        let (ring, _) = KeyFiles::in_dir(dir.path()).load_or_create().unwrap();
+        let sealed = ring.seal(b"value");
+        assert_eq!(sealed.len(), 4 + NONCE_LEN + 5 + 16);
+        assert_eq!(&sealed[..4], &ring.current.id);
+        assert_eq!(ring.open(&sealed).unwrap(), b"value");
     }
 }
