@@ -350,8 +350,9 @@ enum Xcommand {
     /// Make a new system key for this peer and reseal its stored values with it (EX-14).
     #[command(name = "ForceSystemKeyUpdate", alias = "forcesystemkeyupdate")]
     ForceSystemKeyUpdate,
-    /// Where a request for an alias (user@host, or a user of the cluster's domain) would go:
-    /// the local registrations, then each search rule, and where it ends. Sends nothing.
+    /// Where a request for an alias (user@host, or a user of the cluster's domain; a port,
+    /// `;transport=` or `sips:` as in a Request-URI) would go: the local registrations, then
+    /// each search rule, and where it ends. Sends nothing.
     #[command(name = "Locate", alias = "locate")]
     Locate {
         alias: String,

@@ -385,11 +385,27 @@ impl SipService {
     /// go from this peer: the cluster's own registrations first, then the search rules in
     /// order, as for an `authenticated` request or not. Nothing is sent.
     pub async fn locate(&self, alias: &str, authenticated: bool) -> Located {
-        let alias = alias.trim().trim_start_matches("sip:");
-        let (user, host) = match alias.split_once('@') {
-            Some((u, h)) => (u.to_string(), h.to_string()),
-            None => (alias.to_string(), self.realm()),
+        let alias = alias.trim();
+        // As a Request-URI: a port, `;transport=` or `sips:` change where RFC 3263 leads.
+        let written = if alias.starts_with("sip:") || alias.starts_with("sips:") {
+            alias.to_string()
+        } else if alias.contains('@') {
+            format!("sip:{alias}")
+        } else {
+            format!("sip:{alias}@{}", self.realm())
         };
+        let uri = causeway_sip::SipUri::parse(&written).ok();
+        let (user, host) = match &uri {
+            Some(uri) => (uri.user.clone().unwrap_or_default(), uri.host.clone()),
+            None => {
+                let bare = alias.trim_start_matches("sip:");
+                match bare.split_once('@') {
+                    Some((u, h)) => (u.to_string(), h.to_string()),
+                    None => (bare.to_string(), self.realm()),
+                }
+            }
+        };
+        let alias = alias.trim_start_matches("sip:");
         let mut steps = Vec::new();
         let local = self.is_local_domain(&host);
         if local {
@@ -438,10 +454,17 @@ impl SipService {
             };
             if zone.dns {
                 // Asked now, as a request would (RFC 3263); nothing is sent.
+                let (port, transport, secure) = uri.as_ref().map_or((None, None, false), |u| {
+                    (
+                        u.port,
+                        u.transport().and_then(|t| crate::Proto::parse(&t)),
+                        u.secure,
+                    )
+                });
                 match self
                     .proxy
                     .resolver
-                    .targets(&step.host, None, None, false)
+                    .targets(&step.host, port, transport, secure)
                     .await
                 {
                     Ok(targets) => {

@@ -1167,6 +1167,8 @@ async fn a_dns_zone_sends_a_call_to_the_srv_targets_in_priority_order() {
             ),
             TestRecord::a("sip1.other.test", "127.0.79.21".parse().unwrap()),
             TestRecord::a("sip2.other.test", "127.0.79.22".parse().unwrap()),
+            // Found only when a port is given (RFC 3263 §4.2: then no NAPTR or SRV).
+            TestRecord::a("other.test", "127.0.79.22".parse().unwrap()),
             // DNS that names this very node: a loop, refused.
             TestRecord::a("loop.test", "127.0.79.1".parse().unwrap()),
         ],
@@ -1201,6 +1203,29 @@ async fn a_dns_zone_sends_a_call_to_the_srv_targets_in_priority_order() {
     assert_eq!(targets.len(), 2, "{located:?}");
     assert!(targets[0].contains(&first.addr().to_string()) && targets[0].contains("SRV"));
     assert!(targets[1].contains(&second.addr().to_string()));
+    // The alias is read as a Request-URI, as the proxy reads one. With a port, RFC 3263
+    // looks up the host's address only (no NAPTR, no SRV):
+    let second_port = second.addr().port();
+    let with_port = s
+        .svc
+        .locate(&format!("x@other.test:{second_port}"), false)
+        .await;
+    assert!(
+        with_port.result.starts_with(&format!(
+            "Found: search rule 10 sends it to zone dns (DNS) at {}",
+            second.addr()
+        )),
+        "{with_port:?}"
+    );
+    // Over TCP, no NAPTR or SRV record applies (they are for UDP): the address record, on
+    // SIP's default port.
+    let over_tcp = s.svc.locate("x@other.test;transport=tcp", false).await;
+    assert!(
+        over_tcp.result.starts_with(
+            "Found: search rule 10 sends it to zone dns (DNS) at 127.0.79.22:5060 (TCP)"
+        ),
+        "{over_tcp:?}"
+    );
 
     let caller = Ep::new("127.0.79.10", s.addr).await;
     caller
