@@ -528,6 +528,8 @@ fn kill_9_of_the_registrar_keeps_its_udp_endpoint_callable_and_re_registering_mo
 fn the_call_limit_holds_for_the_cluster_when_calls_arrive_on_every_peer_at_once() {
     let c = sip_cluster(43, 3);
     set(&c, 2, "limits.calls.max", "2");
+    // Until a holder is elected each peer admits only its share (2 / 3 peers: none).
+    wait_for(10, "a lease holder", || admission_holder(&c, 1).is_some());
     let tmp = tempfile::tempdir().unwrap();
     let users = csv(tmp.path(), "frank.csv", &["frank"]);
     let callee = uas("127.0.43.20", 5090, "u1", 3, tmp.path());

@@ -45,6 +45,7 @@ pub fn lease_timing() -> LeaseTiming {
         renew: Duration::from_millis(200),
     }
 }
+
 /// A grant not yet seen in the peer's stream counts this long.
 const GRANT_TTL_MS: u64 = 10_000;
 /// A call with no BYE seen is dropped after this long (its endpoints crashed).
