@@ -23,9 +23,9 @@ const BURST: f64 = 8.0;
 const TICK: Duration = Duration::from_millis(2);
 /// Sending pace as a multiple of the rate datagrams are queued for the destination. Low:
 /// answers arrive about as evenly as the client sends (a factor of 2 overflowed SIPp's
-/// socket at 9,000 REGISTER/s, 1.3 at 15,000 in 3 runs of 6 while 1.1 did in none of 7;
-/// bench/RESULTS.md), yet the queue drains faster than it fills: a batch queued at once
-/// raises the current window's rate, and so its own pace.
+/// socket at 9,000 REGISTER/s; at 15,000, 1.3 in 3 runs of 6, 1.1 in none of 7 alone and
+/// in 1 of 3 beside the anchors; bench/RESULTS.md), yet the queue drains faster than it
+/// fills: a batch queued at once raises the current window's rate, and so its own pace.
 const PACE_FACTOR: f64 = 1.1;
 /// The pace is never slower than this (a quiet destination) nor faster than this (the
 /// default request cap per source, `sip.rate_per_source`).
