@@ -158,11 +158,9 @@ fn newest_per_key(copies: &[Held]) -> impl Iterator<Item = &Held> {
     })
 }
 
-/// What [`Location::listing`] finds.
+/// What [`Location::listing`] finds: how many match, and the page asked for.
 #[derive(Debug, Default)]
 pub struct Listing {
-    pub per_owner: HashMap<usize, usize>,
-    pub aors: usize,
     pub matched: usize,
     pub page: Vec<Binding>,
 }
@@ -336,30 +334,42 @@ impl Location {
         self.read().len()
     }
 
-    /// In one pass over the live bindings, in AOR order: how many each owner holds and how
-    /// many AORs have one (as [`Location::counts`]), how many `matches` takes, and one
-    /// page of those in (AOR, contact) order (`limit` 0: none). Each live binding is
-    /// decoded for `matches`; only the page is kept.
+    /// In one pass over the live bindings, in AOR order: how many of `owner`'s (any owner's
+    /// if none) have `q` in their AOR or contact, and one page of those in (AOR, contact)
+    /// order (`limit` 0: none). A binding is decoded only to be shown, to compare its
+    /// contact with `q` when its AOR does not match, or to order an AOR's several: with
+    /// 100,000 bindings, decoding every one was half the pass (23 ms against 8 for one
+    /// peer's, release build on this VM).
     pub fn listing(
         &self,
         now_ms: u64,
-        matches: impl Fn(&Binding) -> bool,
+        owner: Option<usize>,
+        q: &str,
         offset: usize,
         limit: usize,
     ) -> Listing {
         let by_aor = self.read();
         let mut listing = Listing::default();
         let end = offset.saturating_add(limit);
-        for copies in by_aor.values() {
-            let mut bindings: Vec<Binding> = current(copies, now_ms).collect();
-            if bindings.is_empty() {
+        let mut mine: Vec<&Held> = Vec::new();
+        for (aor, copies) in by_aor.iter() {
+            mine.clear();
+            mine.extend(
+                newest_per_key(copies)
+                    .filter(|c| c.live(now_ms) && owner.is_none_or(|o| o == usize::from(c.owner))),
+            );
+            let aor_matches = q.is_empty() || aor.contains(q);
+            if let ([one], true) = (mine.as_slice(), aor_matches) {
+                if listing.matched >= offset && listing.matched < end {
+                    listing.page.extend(one.binding());
+                }
+                listing.matched += 1;
                 continue;
             }
-            listing.aors += 1;
+            let mut bindings: Vec<Binding> = mine.iter().filter_map(|c| c.binding()).collect();
             bindings.sort_by(|a, b| a.uri.cmp(&b.uri));
             for b in bindings {
-                *listing.per_owner.entry(b.owner).or_insert(0) += 1;
-                if matches(&b) {
+                if aor_matches || b.uri.contains(q) {
                     if listing.matched >= offset && listing.matched < end {
                         listing.page.push(b);
                     }
@@ -626,7 +636,7 @@ mod tests {
     }
 
     #[test]
-    fn a_listing_counts_every_live_binding_and_pages_the_matches_in_order() {
+    fn a_listing_pages_the_bindings_of_a_peer_or_matching_a_text_in_order() {
         let loc = Location::new(1);
         for (k, user) in ["dave", "alice", "carol", "bob"].iter().enumerate() {
             let mut b = binding(k % 2 + 1, 10, 1_000 * (k as u64 + 1));
@@ -635,14 +645,35 @@ mod tests {
             loc.apply(b.owner, &b.key(), Some(&b.encode()));
         }
         // dave: peer 1, expires at 1,000; alice: peer 2, 2,000; carol: 1, 3,000; bob: 2, 4,000.
-        let listing = loc.listing(500, |b| b.owner == 2 || b.aor.contains("carol"), 1, 2);
-        assert_eq!(listing.aors, 4);
-        assert_eq!(listing.per_owner, HashMap::from([(1, 2), (2, 2)]));
-        assert_eq!(listing.matched, 3, "alice, bob and carol");
+        let listing = loc.listing(500, None, "", 1, 2);
+        assert_eq!(listing.matched, 4);
         let page: Vec<&str> = listing.page.iter().map(|b| b.aor.as_str()).collect();
         assert_eq!(page, ["sip:bob@lab.example", "sip:carol@lab.example"]);
         assert_eq!(loc.counts(1_500), (HashMap::from([(1, 1), (2, 2)]), 3));
-        assert!(loc.listing(500, |_| true, 4, 10).page.is_empty());
+        assert!(loc.listing(500, None, "", 4, 10).page.is_empty());
+        // One peer's.
+        let peer2 = loc.listing(500, Some(2), "", 0, 10);
+        assert_eq!(peer2.matched, 2);
+        let page: Vec<&str> = peer2.page.iter().map(|b| b.aor.as_str()).collect();
+        assert_eq!(page, ["sip:alice@lab.example", "sip:bob@lab.example"]);
+        assert_eq!(loc.listing(500, Some(9), "", 0, 10).matched, 0);
+        // `q` in the AOR, or only in the contact (decoded to be compared).
+        assert_eq!(loc.listing(500, None, "carol", 0, 10).matched, 1);
+        let mut other_contact = binding(1, 20, 5_000);
+        other_contact.aor = "sip:erin@lab.example".into();
+        other_contact.uri = "sip:desk-7@10.0.0.9:5060".into();
+        loc.apply(1, &other_contact.key(), Some(&other_contact.encode()));
+        let by_contact = loc.listing(500, Some(1), "desk-7", 0, 10);
+        assert_eq!(by_contact.matched, 1);
+        assert_eq!(by_contact.page[0].aor, "sip:erin@lab.example");
+        assert_eq!(loc.listing(500, Some(2), "desk-7", 0, 10).matched, 0);
+        // Two contacts of one AOR come in contact order, and a page may split them.
+        let mut second = other_contact.clone();
+        second.uri = "sip:desk-1@10.0.0.9:5060".into();
+        loc.apply(1, &second.key(), Some(&second.encode()));
+        let erin = loc.listing(500, None, "erin", 1, 1);
+        assert_eq!(erin.matched, 2);
+        assert_eq!(erin.page[0].uri, "sip:desk-7@10.0.0.9:5060");
     }
 
     #[test]

@@ -116,7 +116,7 @@ impl SipService {
     /// The cluster's registrations: the counts (at most a second old for a large table),
     /// and one page. Without a peer, a page is `limit` AORs in order (those containing `q`)
     /// with their bindings, read from the kept order; with a peer, it is `limit` bindings of
-    /// that peer, found by a pass over every binding.
+    /// that peer, found by a pass over every binding (decoding only that peer's).
     pub fn registrations_status(&self, query: &ListQuery) -> RegistrationsStatus {
         let now = unix_ms_now();
         let limit = query.limit.min(ROWS);
@@ -125,12 +125,9 @@ impl SipService {
             self.location
                 .page_of_aors(now, query.q.trim(), query.offset, limit)
         } else {
-            let listing = self.location.listing(
-                now,
-                |b| query.matches(b.owner, &[&b.aor, &b.uri]),
-                query.offset,
-                limit,
-            );
+            let listing =
+                self.location
+                    .listing(now, query.peer(), query.q.trim(), query.offset, limit);
             (listing.matched, listing.page)
         };
         let mut per_peer: Vec<(usize, usize)> = per_owner.into_iter().collect();

@@ -361,6 +361,22 @@ async fn the_registrar_follows_rfc_3261_section_10() {
             .aor,
         "sip:bob@test.example"
     );
+    // Filtered by peer: this one's rows, none of a peer that holds nothing; a text found
+    // only in the contact (its address) still finds the binding.
+    let of_peer = |peer: &str, q: &str| {
+        s.svc
+            .registrations_status(&causeway_sipserver::status::ListQuery {
+                q: q.into(),
+                peer: peer.into(),
+                offset: 0,
+                limit: 10,
+            })
+            .matched
+    };
+    assert_eq!(of_peer("1", ""), 1);
+    assert_eq!(of_peer("2", ""), 0);
+    assert_eq!(of_peer("1", "127.0.60.10:5070"), 1);
+    assert_eq!(of_peer("1", "nobody"), 0);
 }
 
 fn md5_hex(t: &str) -> String {
